@@ -1,0 +1,123 @@
+"""ONNX Runtime on the CPU (``runtime = "onnxruntime-cpu"``)."""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from profilers._base import Measurement, Profiler, random_inputs
+from profilers._cpuinfo import cpu_info
+from profilers._energy import RaplReader
+from search._errors import CandidateError
+from targets import Target
+
+# Kernels that compute on integers, as named in ORT's optimized graph (fused QDQ groups).
+_INT8_OPS = frozenset({
+    "QGemm", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
+    "QAttention", "DynamicQuantizeLSTM", "QEmbedLayerNormalization", "NhwcQLinearConv",
+})  # fmt: skip
+# Float kernels that do the bulk of the work; element-wise ops do not decide the precision.
+_FLOAT_OPS = frozenset({
+    "Conv", "ConvTranspose", "FusedConv", "NchwcConv", "MatMul", "FusedMatMul", "Gemm",
+    "FusedGemm", "Attention", "MultiHeadAttention", "GroupQueryAttention", "LSTM", "GRU", "RNN",
+    "Einsum",
+})  # fmt: skip
+_PRECISION_ORDER = ("int4-weight-only", "int8", "fp16", "bf16", "fp32")
+
+
+class OnnxRuntimeCpuProfiler(Profiler):
+    """One ``InferenceSession`` on ``CPUExecutionProvider`` with the target's intra-op threads,
+    one inter-op thread, sequential execution and every graph optimization but
+    ``WeightBiasQuantization``, which would quantize the float layers of a mixed-precision
+    graph. Energy comes from RAPL when it can be read."""
+
+    def __init__(self, target: Target, *, rapl: RaplReader | None = None, **timing: float) -> None:
+        super().__init__(target, **timing)
+        self._rapl = (rapl or RaplReader()) if target.power_sensor == "rapl" else None
+
+    def measure(
+        self, onnx_path: str | Path, inputs: Mapping[str, np.ndarray] | None = None
+    ) -> Measurement:
+        path = Path(onnx_path)
+        session, precision = self._session(path)
+        feeds = dict(inputs) if inputs is not None else random_inputs(path)
+        # ORT's errors share no base class but Exception.
+        try:
+            session.run(None, feeds)
+        except Exception as exc:
+            raise CandidateError(f"{path}: ONNX Runtime failed to run the model: {exc}") from exc
+        run = functools.partial(session.run, None, feeds)
+        self._warm_up(run)
+        before = self._rapl.read() if self._rapl else None
+        samples_ms, stable = self._time(run)
+        after = self._rapl.read() if self._rapl else None
+        return self._summarise(
+            samples_ms,
+            stable,
+            energy_mj_total=RaplReader.energy_mj(before, after) if before and after else None,
+            runtime=self.target.runtime,
+            runtime_version=ort.__version__,
+            precision=precision,
+            device={**cpu_info(), "threads": self.target.threads},
+        )
+
+    def _session(self, path: Path) -> tuple[ort.InferenceSession, str]:
+        """The session, and the precisions of the graph ORT will actually run (after fusing)."""
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.target.threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # saving an ORT_ENABLE_ALL graph always warns
+        with tempfile.TemporaryDirectory() as tmp:
+            optimized = Path(tmp) / "optimized.onnx"
+            options.optimized_model_filepath = str(optimized)
+            # Weights go to a side file: the graph is read for its node types only.
+            options.add_session_config_entry(
+                "session.optimized_model_external_initializers_file_name", "weights.bin"
+            )
+            try:
+                session = ort.InferenceSession(
+                    str(path),
+                    options,
+                    providers=["CPUExecutionProvider"],
+                    disabled_optimizers=["WeightBiasQuantization"],
+                )
+            except Exception as exc:
+                raise CandidateError(
+                    f"{path}: ONNX Runtime cannot build a CPU session: {exc}"
+                ) from exc
+            graph = onnx.load(str(optimized), load_external_data=False).graph
+        return session, graph_precision(graph)
+
+
+def graph_precision(graph: onnx.GraphProto) -> str:
+    """The precisions a graph computes in, such as ``"int8+fp32"``, judged from its heavy nodes.
+
+    Quantize/DequantizeLinear nodes left unfused do not count as int8: the layer between them
+    runs in float, which is what happens to some convolutions with int8 activations.
+    """
+    weight_types = {weight.name: weight.data_type for weight in graph.initializer}
+    found = set()
+    for node in graph.node:
+        if node.op_type in _INT8_OPS or node.op_type.startswith("QLinear"):
+            found.add("int8")
+        elif node.op_type == "MatMulNBits":
+            bits = next((a.i for a in node.attribute if a.name == "bits"), 4)
+            found.add(f"int{bits}-weight-only")
+        elif node.op_type in _FLOAT_OPS:
+            types = {weight_types.get(name) for name in node.input}
+            if onnx.TensorProto.FLOAT16 in types:
+                found.add("fp16")
+            elif onnx.TensorProto.BFLOAT16 in types:
+                found.add("bf16")
+            else:
+                found.add("fp32")
+    order = {precision: i for i, precision in enumerate(_PRECISION_ORDER)}
+    return "+".join(sorted(found, key=lambda p: order.get(p, -1))) or "fp32"

@@ -1,0 +1,57 @@
+"""``search.export``: write the Pareto-optimal models as deployable files, then re-measure them."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import optuna
+import pandas as pd
+
+from profilers import get_profiler
+from search._errors import UsageError
+from search._results import load_trials, open_study, pareto_front
+from targets import load_target
+
+FILES = ("model.onnx", "plan.json", "checkpoint.pt")
+
+
+def export(study: str | Path | optuna.Study, out: str | Path, study_name: str | None = None) -> pd.DataFrame:
+    """Copy each Pareto-optimal trial's ONNX file, plan JSON and PyTorch checkpoint to
+    ``out/trial-<number>/`` and re-measure the copied ONNX file on the study's target.
+
+    Returns one row per exported model: search-time and export-time latency side by side.
+    The checkpoint holds ``{"plan": json, "state_dict": ...}``; load it with ``weights_only=True``
+    into ``search.build_structure(teacher, Plan.from_json(plan), example_input)``.
+    """
+    if not isinstance(study, optuna.Study):
+        study = open_study(study, study_name)
+    front = pareto_front(load_trials(study))
+    if front.empty:
+        raise UsageError(f"study {study.study_name!r} has no feasible completed trial to export yet")
+    profiler = get_profiler(load_target(study.user_attrs["target_file"]))
+    rows = []
+    for _, trial in front.iterrows():
+        source, destination = Path(trial["artifacts"]), Path(out) / f"trial-{trial['number']:05d}"
+        missing = [f for f in FILES if not (source / f).exists()]
+        if missing:
+            raise UsageError(f"trial {trial['number']}: {', '.join(missing)} missing from {source}")
+        destination.mkdir(parents=True, exist_ok=True)
+        for name in FILES:
+            shutil.copy2(source / name, destination / name)
+        measurement = profiler.measure(destination / "model.onnx")
+        rows.append(
+            {
+                "number": trial["number"],
+                "path": str(destination / "model.onnx"),
+                "metric": trial["metric"],
+                "size_bytes": trial["size_bytes"],
+                "search_latency_ms": trial["latency_ms"],
+                "export_latency_ms": measurement.latency_ms,
+                "export_latency_p90_ms": measurement.latency_p90_ms,
+                "latency_source": f"{measurement.source}:{measurement.runtime}",
+                "energy_mj": measurement.energy_mj,
+                "energy_source": measurement.energy_source,
+            }
+        )
+    return pd.DataFrame(rows)

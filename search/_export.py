@@ -1,0 +1,184 @@
+"""Export a fine-tuned candidate to the ONNX file the target's runtime runs, and run such files.
+
+Layers at 8 bits or fewer become int8 Q/DQ in the form ONNX Runtime accelerates on CPUs: uint8
+activations, int8 symmetric per-channel weights, Q/DQ around every op that can take it (see
+RUNTIME_FACTS: int8 activations, or Q/DQ only at conv inputs, are slower or no faster than fp32).
+Bit widths the target cannot run (int4 and 1-bit on CPU) run at int8, the nearest precision it
+accelerates: their values lie on the int8 grid exactly, so nothing is lost by that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import logging
+import tempfile
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from search._errors import CandidateError
+from search._layers import compressible_layers
+from search._plan import Plan
+
+CALIBRATION_BATCHES = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportedModel:
+    path: Path
+    layer_precision: Mapping[str, str]  # what the runtime runs each planned layer at
+    onnx_bytes: int
+
+
+def runtime_precision(bits: int, precisions: Iterable[str]) -> str:
+    """The precision a layer of ``bits`` runs at: the narrowest accelerated one that holds it."""
+    return "int8" if bits <= 8 and "int8" in precisions else "fp32"
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporters report every pass on stdout and through warnings; a search runs hundreds."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        previous = logging.root.manager.disable
+        logging.disable(logging.WARNING)
+        try:
+            yield
+        finally:
+            logging.disable(previous)
+
+
+def export_float(model: nn.Module, example_input: torch.Tensor, path: Path) -> None:
+    """torch.export-based ONNX export, one file, dynamic batch dimension."""
+    model.eval()
+    try:
+        with _quiet(), torch.no_grad():
+            torch.onnx.export(
+                model,
+                (example_input,),
+                str(path),
+                dynamo=True,
+                external_data=False,
+                dynamic_shapes=({0: torch.export.Dim("batch")},),
+            )
+    except Exception as exc:  # the exporter raises many types; the trial records the reason
+        raise CandidateError(f"ONNX export failed: {type(exc).__name__}: {exc}".strip()) from exc
+
+
+def _weight_consumers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {node.input[1]: node for node in model.graph.node if len(node.input) > 1}
+
+
+class _Calibration:
+    """ONNX Runtime's CalibrationDataReader over the first batches of the training data."""
+
+    def __init__(self, input_name: str, batches: Iterable) -> None:
+        self._feeds = iter(
+            {input_name: _inputs_of(batch).numpy().astype(np.float32)}
+            for _, batch in zip(range(CALIBRATION_BATCHES), batches)
+        )
+
+    def get_next(self):
+        return next(self._feeds, None)
+
+
+def _inputs_of(batch) -> torch.Tensor:
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def export_candidate(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    path: Path,
+    *,
+    plan: Plan,
+    precisions: Iterable[str],
+    calibration: Iterable,
+) -> ExportedModel:
+    """Write ``path``: float ONNX, then int8 Q/DQ for the plan's int8-running layers if any."""
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
+
+    precisions = tuple(precisions)
+    wanted = {
+        name: runtime_precision(plan.layer(name).quantization.bits, precisions)
+        for name in compressible_layers(model)
+    }
+    path = Path(path)
+    if "int8" not in wanted.values():
+        export_float(model, example_input, path)
+        return ExportedModel(path, _layer_precision(path, wanted), path.stat().st_size)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        float_path, pre_path = Path(tmp, "float.onnx"), Path(tmp, "pre.onnx")
+        export_float(model, example_input, float_path)
+        try:
+            with _quiet():
+                quant_pre_process(str(float_path), str(pre_path))
+                pre = onnx.load(str(pre_path))
+                consumers = _weight_consumers(pre)
+                keep_float = [
+                    consumers[f"{name}.weight"].name
+                    for name, precision in wanted.items()
+                    if precision == "fp32" and f"{name}.weight" in consumers
+                ]
+                quantize_static(
+                    str(pre_path),
+                    str(path),
+                    _Calibration(pre.graph.input[0].name, calibration),
+                    quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    per_channel=True,
+                    nodes_to_exclude=keep_float,
+                    calibrate_method=CalibrationMethod.MinMax,
+                )
+        except Exception as exc:
+            raise CandidateError(f"int8 quantization failed: {type(exc).__name__}: {exc}") from exc
+    return ExportedModel(path, _layer_precision(path, wanted), path.stat().st_size)
+
+
+def _layer_precision(path: Path, wanted: Mapping[str, str]) -> dict[str, str]:
+    """Read back from the file which planned layers really are int8 (weight behind a DequantizeLinear)."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    dequantized = {node.input[0] for node in graph.node if node.op_type == "DequantizeLinear"}
+    return {
+        name: "int8" if f"{name}.weight_quantized" in dequantized else "fp32"
+        for name in wanted
+    }
+
+
+class OnnxModule(nn.Module):
+    """An exported ONNX file behind an ``nn.Module`` forward, so a task's metric scores the deployed model."""
+
+    def __init__(self, path: Path, threads: int | None = None) -> None:
+        super().__init__()
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(
+                str(path), options, providers=["CPUExecutionProvider"],
+                disabled_optimizers=["WeightBiasQuantization"],
+            )
+        except Exception as exc:
+            raise CandidateError(f"ONNX Runtime cannot load {Path(path).name}: {exc}") from exc
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feed = {self.input_name: x.detach().cpu().numpy().astype(np.float32)}
+        return torch.from_numpy(self.session.run(None, feed)[0])

@@ -1,0 +1,129 @@
+"""Reading a study back: the trials DataFrame, the Pareto front table and plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pandas as pd
+from optuna.trial import TrialState
+
+from search._errors import UsageError
+
+# Trial user attrs promoted to plain columns, in this order; the rest stay as user_attrs_*.
+COLUMNS = (
+    "metric", "metric_source", "metric_torch",
+    "latency_ms", "latency_p90_ms", "latency_runs", "latency_spread", "latency_stable", "latency_source",
+    "energy_mj", "energy_source", "size_bytes", "size_source", "onnx_bytes",
+    "precision", "runtime", "fail_reason", "artifacts",
+)  # fmt: skip
+SQLITE_FILE = "study.db"
+
+
+def open_study(study: str | Path, study_name: str | None = None, storage: str | None = None) -> optuna.Study:
+    """A study from a results folder (``results/<name>``), a name under ``results/``, or a storage URL."""
+    if storage is None and "://" in str(study):
+        storage, study = str(study), study_name
+    if storage is None:
+        folder = Path(study)
+        if not (folder / SQLITE_FILE).exists():
+            folder = Path("results") / str(study)
+        if not (folder / SQLITE_FILE).exists():
+            raise UsageError(
+                f"no study at {study!r}: expected a folder holding {SQLITE_FILE} (such as "
+                f"results/<study-name>), a study name under results/, or --storage URL"
+            )
+        storage = f"sqlite:///{folder.resolve() / SQLITE_FILE}"
+        study_name = study_name or folder.name
+    else:
+        study_name = study_name or (str(study) if study else None)
+    names = optuna.get_all_study_names(storage)
+    if study_name is None and len(names) == 1:
+        study_name = names[0]
+    if study_name not in names:
+        raise UsageError(f"study {study_name!r} is not in {storage}; it holds: {', '.join(names) or 'none'}")
+    return optuna.load_study(study_name=study_name, storage=storage)
+
+
+def _frame(study: optuna.Study) -> pd.DataFrame:
+    frame = study.trials_dataframe(multi_index=False)
+    if frame.empty:
+        return frame
+    renames = {f"user_attrs_{c}": c for c in COLUMNS}
+    frame = frame.rename(columns=renames)
+    frame = frame.drop(columns=[c for c in frame if c.startswith("values_") or c == "value"])
+    if "user_attrs_plan" in frame:
+        frame["plan"] = frame.pop("user_attrs_plan").map(lambda p: json.dumps(p) if isinstance(p, dict) else p)
+    frame["state"] = frame["state"].astype(str)
+    pareto = {t.number for t in study.best_trials} if study.get_trials(states=(TrialState.COMPLETE,)) else set()
+    frame["feasible"] = [
+        t.state == TrialState.COMPLETE and all(v <= 0 for v in t.constraints.values())
+        for t in study.get_trials(deepcopy=False)
+    ]
+    frame["pareto"] = frame["number"].isin(pareto)
+    first = ["number", "state", "pareto", "feasible", *[c for c in COLUMNS if c in frame]]
+    return frame[first + [c for c in frame if c not in first]]
+
+
+def load_trials(study: str | Path | optuna.Study, study_name: str | None = None) -> pd.DataFrame:
+    """One row per trial: per-layer plan columns (``params_<layer>.<knob>``), metric, latency
+    median/p90, energy, size, each with a ``*_source`` column, the state and a ``pareto`` flag.
+
+    ``study``: a results folder, a study name under ``results/``, a storage URL, or a Study.
+    """
+    if not isinstance(study, optuna.Study):
+        study = open_study(study, study_name)
+    return _frame(study)
+
+
+def write_parquet(study: optuna.Study) -> Path | None:
+    folder = study.user_attrs.get("results_dir")
+    if folder is None:
+        return None
+    path = Path(folder) / "trials.parquet"
+    frame = _frame(study)
+    for column in frame.columns[frame.dtypes == object]:
+        kinds = {type(v) for v in frame[column] if v is not None and v == v}
+        if len(kinds) > 1:  # e.g. sparsity choices 0.5 and "2:4": Parquet columns hold one type
+            frame[column] = frame[column].map(lambda v: None if v is None or v != v else str(v))
+    frame.to_parquet(path)
+    return path
+
+
+def pareto_front(frame: pd.DataFrame) -> pd.DataFrame:
+    if frame.empty:
+        return frame
+    return frame[frame["pareto"]].sort_values("latency_ms")
+
+
+def plot_front(study: optuna.Study, path: Path) -> Path:
+    """Metric against measured latency; every completed trial, the feasible front highlighted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frame = _frame(study)
+    done = frame[frame["state"] == "COMPLETE"] if not frame.empty else frame
+    baseline = study.user_attrs.get("baseline", {})
+    budget_ms = study.user_attrs.get("budget_ms")
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    if not done.empty:
+        other = done[~done["pareto"]]
+        axes.scatter(other["latency_ms"], other["metric"], c="0.6", s=18, label="trial")
+        front = done[done["pareto"]].sort_values("latency_ms")
+        axes.plot(front["latency_ms"], front["metric"], "o-", c="C0", label="Pareto front (feasible)")
+    if baseline:
+        axes.scatter([baseline["latency_ms"]], [baseline["metric"]], marker="*", s=160, c="C3", label="teacher")
+    if budget_ms:
+        axes.axvline(budget_ms, ls="--", c="C1", label=f"budget {budget_ms:.3g} ms")
+    runtime = done["runtime"].iloc[0] if not done.empty else "the target's runtime"
+    axes.set_xlabel(f"latency, median ms (measured: {runtime})")
+    axes.set_ylabel("metric (on the exported ONNX model)")
+    axes.set_title(f"{study.study_name}: {len(done)} completed trials")
+    axes.legend(loc="lower right", fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

@@ -1,0 +1,224 @@
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_static
+
+from profilers import (
+    Measurement,
+    OnnxRuntimeCpuProfiler,
+    Profiler,
+    RaplReader,
+    get_profiler,
+    random_inputs,
+)
+from search._errors import CandidateError, TargetUnavailableError
+from targets import load_target
+
+REPO = Path(__file__).resolve().parents[1]
+WIDTH = 256
+SHORT = {"warmup_s": 0.01, "min_runs": 50, "min_time_s": 0.05, "max_time_s": 1.0}
+LOCAL_PROFILERS = [OnnxRuntimeCpuProfiler]
+
+
+def two_matmuls(path):
+    """x[batch, 64, 256] -> MatMul -> Relu -> MatMul: about 70 us on one core."""
+    rng = np.random.default_rng(0)
+    weights = [
+        numpy_helper.from_array(rng.standard_normal((WIDTH, WIDTH)).astype(np.float32), name)
+        for name in ("w1", "w2")
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="first"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "w2"], ["y"], name="second"),
+    ]
+    shape = ["batch", 64, WIDTH]
+    graph = helper.make_graph(
+        nodes,
+        "two_matmuls",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+        weights,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, path)
+    return path
+
+
+def three_convs(path, channels=16):
+    """x[batch, 16, 32, 32] -> (Conv 3x3 -> Relu) x 3: about 80 us on one core."""
+    rng = np.random.default_rng(0)
+    weights, nodes, previous = [], [], "x"
+    for i in range(3):
+        kernel = (0.1 * rng.standard_normal((channels, channels, 3, 3))).astype(np.float32)
+        weights += [
+            numpy_helper.from_array(kernel, f"w{i}"),
+            numpy_helper.from_array(np.zeros(channels, np.float32), f"b{i}"),
+        ]
+        nodes += [
+            helper.make_node(
+                "Conv", [previous, f"w{i}", f"b{i}"], [f"c{i}"], name=f"conv{i}", pads=[1] * 4
+            ),
+            helper.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}"),
+        ]
+        previous = f"r{i}"
+    shape = ["batch", channels, 32, 32]
+    graph = helper.make_graph(
+        nodes,
+        "three_convs",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info(previous, TensorProto.FLOAT, shape)],
+        weights,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, path)
+    return path
+
+
+class Calibration(CalibrationDataReader):
+    def __init__(self, shape):
+        rng = np.random.default_rng(1)
+        self._batches = iter(
+            [{"x": rng.standard_normal(shape).astype(np.float32)} for _ in range(4)]
+        )
+
+    def get_next(self):
+        return next(self._batches, None)
+
+
+def quantized(fp32_path, path, exclude=()):
+    shape = random_inputs(fp32_path)["x"].shape
+    quantize_static(
+        str(fp32_path),
+        str(path),
+        Calibration(shape),
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        nodes_to_exclude=list(exclude),
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def fp32_model(tmp_path_factory):
+    return two_matmuls(tmp_path_factory.mktemp("models") / "fp32.onnx")
+
+
+@pytest.fixture(params=LOCAL_PROFILERS, ids=lambda cls: cls.__name__)
+def profiler(request) -> Profiler:
+    return request.param(load_target("cpu"), **SHORT)
+
+
+class TestProfilerContract:
+    def test_measures_latency(self, profiler, fp32_model):
+        result = profiler.measure(fp32_model)
+        assert isinstance(result, Measurement)
+        assert result.latency_ms > 0
+        assert result.latency_p90_ms >= result.latency_ms
+        assert result.runs >= SHORT["min_runs"]
+        assert len(result.samples_ms) == result.runs
+        assert result.spread >= 0
+        assert result.precision == "fp32"
+        assert result.runtime == profiler.target.runtime
+        assert result.runtime_version
+        assert result.device["threads"] == profiler.target.threads
+        assert result.source == "measured"
+
+    def test_energy_is_labelled(self, profiler, fp32_model):
+        result = profiler.measure(fp32_model)
+        assert result.energy_mj > 0
+        if RaplReader().read() is None:  # these machines: no readable RAPL
+            assert result.energy_source == "estimated:spec-power"
+            assert result.energy_mj == pytest.approx(profiler.target.power_w * result.latency_ms)
+        else:
+            assert result.energy_source == "measured:rapl"
+
+    def test_quantized_model_reports_int8(self, profiler, fp32_model, tmp_path):
+        result = profiler.measure(quantized(fp32_model, tmp_path / "int8.onnx"))
+        assert "int8" in result.precision.split("+")
+
+    def test_given_inputs_are_used(self, profiler, fp32_model):
+        inputs = {"x": np.ones((3, 64, WIDTH), np.float32)}
+        assert profiler.measure(fp32_model, inputs).latency_ms > 0
+        with pytest.raises(CandidateError, match="fp32.onnx"):
+            profiler.measure(fp32_model, {"not_x": inputs["x"]})
+
+    def test_file_that_is_not_onnx_fails_the_candidate(self, profiler, tmp_path):
+        path = tmp_path / "broken.onnx"
+        path.write_bytes(b"this is not a protobuf")
+        with pytest.raises(CandidateError, match="broken.onnx"):
+            profiler.measure(path)
+
+    def test_unstable_when_out_of_time(self, profiler, fp32_model):
+        profiler.min_runs, profiler.min_time_s, profiler.max_time_s = 10**6, 0.0, 0.05
+        result = profiler.measure(fp32_model)
+        assert not result.stable
+        assert 0 < result.runs < 10**6
+
+    def test_to_dict_is_json(self, profiler, fp32_model):
+        summary = profiler.measure(fp32_model).to_dict()
+        assert json.loads(json.dumps(summary)) == summary
+        assert "samples_ms" not in summary
+        assert summary["device"]["threads"] == profiler.target.threads
+
+
+def test_mixed_precision_keeps_float_layers_float(tmp_path):
+    """ORT's WeightBiasQuantization pass would turn the excluded middle conv into QLinearConv."""
+    convs = three_convs(tmp_path / "convs.onnx")
+    mixed = quantized(convs, tmp_path / "mixed.onnx", exclude=["conv1"])
+    result = OnnxRuntimeCpuProfiler(load_target("cpu"), **SHORT).measure(mixed)
+    assert result.precision == "int8+fp32"
+
+
+def test_rapl_energy_is_labelled_measured(fp32_model, tmp_path):
+    zone = tmp_path / "intel-rapl:0"
+    zone.mkdir()
+    (zone / "energy_uj").write_text("1000")
+    (zone / "max_energy_range_uj").write_text("1000000")
+    profiler = OnnxRuntimeCpuProfiler(load_target("cpu"), rapl=RaplReader(tmp_path), **SHORT)
+    result = profiler.measure(fp32_model)
+    assert result.energy_source == "measured:rapl"
+    assert result.energy_mj == 0.0  # the fake counter did not move
+
+
+def test_random_inputs_set_symbolic_dims_to_one(fp32_model):
+    inputs = random_inputs(fp32_model)
+    assert list(inputs) == ["x"]
+    assert inputs["x"].shape == (1, 64, WIDTH)
+    assert inputs["x"].dtype == np.float32
+
+
+def test_get_profiler_picks_by_runtime():
+    assert isinstance(get_profiler(load_target("cpu"), **SHORT), OnnxRuntimeCpuProfiler)
+
+
+@pytest.mark.parametrize("name", ["gpu", "jetson"])
+def test_tensorrt_target_is_unavailable_here(name):
+    with pytest.raises(TargetUnavailableError, match="TensorRT") as info:
+        get_profiler(load_target(name))
+    message = str(info.value)
+    assert "pip install '.[tensorrt]'" in message
+    assert "Known local targets: cpu" in message
+
+
+def test_profiler_service_is_unavailable_here():
+    target = replace(load_target("cpu"), service="192.168.1.20:7777")
+    with pytest.raises(TargetUnavailableError, match="192.168.1.20:7777"):
+        get_profiler(target)
+
+
+def test_import_loads_no_gpu_runtime():
+    code = "import sys, profilers; print(sorted({'tensorrt', 'pycuda'} & set(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert out.stdout.strip() == "[]"
