@@ -1,9 +1,12 @@
 """Hardware-aware compression search: an Optuna study over combined pruning, sparsity,
-quantization and distillation plans, each candidate built, fine-tuned and measured on the target."""
+quantization and distillation plans, each candidate built, fine-tuned and measured on the target.
 
-from search._budget import Budget, parse_budget
-from search._deploy import export
-from search._distill import Finetune
+Public names load on first use (PEP 562): ``targets`` and ``profilers`` import ``search._errors``,
+and ``search.run`` imports them, so an eager ``__init__`` would be a circular import.
+"""
+
+import importlib
+
 from search._errors import (
     CandidateError,
     SearchError,
@@ -12,36 +15,40 @@ from search._errors import (
     UnknownTargetError,
     UsageError,
 )
-from search._plan import ChannelPruning, LayerPlan, Plan, Quantization, WeightSparsity
-from search._results import load_trials, open_study
-from search._space import SearchSpace
-from search._study import run
-from search._task import Task, load_task, top1_accuracy
-from search._transforms import apply_plan, build_structure
 
-__all__ = [
-    "Budget",
-    "CandidateError",
-    "ChannelPruning",
-    "Finetune",
-    "LayerPlan",
-    "Plan",
-    "Quantization",
-    "SearchError",
-    "SearchSpace",
-    "TargetFileError",
-    "TargetUnavailableError",
-    "Task",
-    "UnknownTargetError",
-    "UsageError",
-    "WeightSparsity",
-    "apply_plan",
-    "build_structure",
-    "export",
-    "load_task",
-    "load_trials",
-    "open_study",
-    "parse_budget",
-    "run",
-    "top1_accuracy",
-]
+_LAZY = {
+    "search._budget": ("Budget", "parse_budget"),
+    "search._deploy": ("export",),
+    "search._distill": ("Finetune",),
+    "search._plan": ("ChannelPruning", "LayerPlan", "Plan", "Quantization", "WeightSparsity"),
+    "search._results": ("load_trials", "open_study"),
+    "search._space": ("SearchSpace",),
+    "search._study": ("run",),
+    "search._task": ("Task", "load_task", "top1_accuracy"),
+    "search._transforms": ("apply_plan", "build_structure"),
+}
+_HOME = {name: module for module, names in _LAZY.items() for name in names}
+
+__all__ = sorted(
+    [
+        *_HOME,
+        "CandidateError",
+        "SearchError",
+        "TargetFileError",
+        "TargetUnavailableError",
+        "UnknownTargetError",
+        "UsageError",
+    ]
+)
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module 'search' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOME[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
