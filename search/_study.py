@@ -77,11 +77,22 @@ def _storage(url: str) -> optuna.storages.BaseStorage:
     return optuna.storages.get_storage(url)
 
 
-class _MetricView:
-    """The study as a single-objective pruner sees it: the metric alone, maximised.
+def _curve_trial(trial: optuna.trial.FrozenTrial | None, curve: dict | None = None) -> optuna.trial.FrozenTrial:
+    """A trial as a single-objective pruner sees it: its fine-tune curve of the metric, nothing else."""
+    curve = curve if curve is not None else trial.user_attrs.get("finetune_curve", {})
+    return optuna.trial.create_trial(
+        state=TrialState.RUNNING if trial is None else trial.state,
+        values=trial.values if trial is not None and trial.state == TrialState.COMPLETE else None,
+        intermediate_values={int(step): value for step, value in curve.items()},
+    )
 
-    Optuna's pruners (and ``Trial.report``) reject multi-objective studies; a fine-tune that is
-    hopeless is hopeless on the metric, whatever its latency, so the pruner judges the metric curve.
+
+class _MetricView:
+    """The study as Optuna's single-objective pruners see it: the metric's fine-tune curves, maximised.
+
+    Optuna's pruners, and ``Trial.report``, reject multi-objective studies (and intermediate values
+    stored in one break TPE's handling of pruned trials), so the curves live in a user attr and the
+    pruner judges them here. A fine-tune that is hopeless is hopeless on the metric, whatever its latency.
     """
 
     direction = StudyDirection.MAXIMIZE
@@ -89,15 +100,17 @@ class _MetricView:
     def __init__(self, study: optuna.Study) -> None:
         self._study = study
 
-    def get_trials(self, *args, **kwargs):
-        return self._study.get_trials(*args, **kwargs)
+    def get_trials(self, deepcopy: bool = False, states=None) -> list[optuna.trial.FrozenTrial]:
+        return [_curve_trial(t) for t in self._study.get_trials(deepcopy=False, states=states)]
 
 
-def _report_and_maybe_prune(study: optuna.Study, trial: optuna.Trial, step: int, value: float) -> None:
-    # Trial.report refuses multi-objective studies; the storage call is what it would do.
-    study._storage.set_trial_intermediate_value(trial._trial_id, step, value)
-    if study.pruner.prune(_MetricView(study), study._storage.get_trial(trial._trial_id)):
-        raise optuna.TrialPruned(f"metric {value:.4f} at fine-tune step {step} is below the pruner's bar")
+def _report_and_maybe_prune(study: optuna.Study, trial: optuna.Trial, curve: dict, step: int, value: float) -> None:
+    curve[str(step)] = value
+    trial.set_user_attr("finetune_curve", curve)
+    if study.pruner.prune(_MetricView(study), _curve_trial(None, curve)):
+        reason = f"metric {value:.4f} at fine-tune step {step} is below the pruner's bar"
+        trial.set_user_attr("pruned_reason", reason)
+        raise optuna.TrialPruned(reason)
 
 
 @dataclasses.dataclass
@@ -139,8 +152,10 @@ class _Search:
 
         self._stage(trial, "fine-tune", seconds)
 
+        curve: dict[str, float] = {}
+
         def on_eval(step: int) -> None:
-            _report_and_maybe_prune(study, trial, step, task.score(candidate))
+            _report_and_maybe_prune(study, trial, curve, step, task.score(candidate))
 
         losses = distill(candidate, task.model, task.train, self.finetune, on_eval)
         trial.set_user_attr("finetune_loss_first_last", [losses[0], losses[-1]] if losses else [])
@@ -285,7 +300,8 @@ def run(
         study_name=study_name,
         directions=[OBJECTIVES[o][1] for o in objectives],
         sampler=sampler_obj,
-        pruner=pruner or optuna.pruners.PercentilePruner(25.0, n_startup_trials=5, n_warmup_steps=1),
+        pruner=pruner
+        or optuna.pruners.PercentilePruner(10.0, n_startup_trials=8, n_warmup_steps=finetune.steps // 2),
         load_if_exists=True,
     )
     _claim(study, "task", task.name)

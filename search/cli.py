@@ -1,0 +1,262 @@
+"""``search``: a thin Typer CLI over the Python API (``search.run``, ``load_trials``, ``export``)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Annotated, Optional
+
+import optuna
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+import profilers
+import targets
+from search._budget import parse_budget
+from search._deploy import export
+from search._distill import Finetune
+from search._errors import SearchError, UsageError
+from search._results import load_trials, open_study, pareto_front, plot_front
+from search._space import SearchSpace
+from search._study import OBJECTIVES, SAMPLERS, STAGES, run
+from search._task import DEFAULT_TASK, load_task
+
+app = typer.Typer(help="Hardware-aware compression search for PyTorch models.", no_args_is_help=True)
+console = Console()
+_debug = {"on": False}
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option(help="Show tracebacks for errors.")] = False) -> None:
+    _debug["on"] = debug
+
+
+@contextlib.contextmanager
+def _user_errors():
+    """The one place a library error becomes one line on stderr and exit status 1."""
+    try:
+        yield
+    except SearchError as exc:
+        if _debug["on"]:
+            raise
+        Console(stderr=True).print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False)
+        raise typer.Exit(1) from None
+
+
+def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: expected comma-separated numbers such as 1.0,0.75") from None
+
+
+def _space(path: Path | None, **flags) -> SearchSpace:
+    space = SearchSpace.from_toml(path) if path else SearchSpace()
+    return space.replace(**flags)
+
+
+StudyArg = Annotated[str, typer.Argument(help="results/<study> folder, study name under results/, or storage URL.")]
+StudyName = Annotated[Optional[str], typer.Option(help="Study name inside a storage URL.")]
+
+
+@app.command("run")
+def run_command(
+    task: Annotated[str, typer.Option(help="module:function returning a search.Task.")] = DEFAULT_TASK,
+    target: Annotated[str, typer.Option(help="Target name (see `search targets`) or a .toml file.")] = "cpu",
+    budget: Annotated[Optional[str], typer.Option(help="Latency budget: 5ms, 500us, 0.005s or 0.5x.")] = None,
+    objectives: Annotated[str, typer.Option(help=f"Comma-separated from {', '.join(OBJECTIVES)}.")] = "metric,latency",
+    trials: Annotated[int, typer.Option(help="Finished trials the study should hold.")] = 20,
+    timeout: Annotated[Optional[float], typer.Option(help="Stop starting trials after this many seconds.")] = None,
+    sampler: Annotated[str, typer.Option(help=f"One of {', '.join(SAMPLERS)}.")] = "tpe",
+    seed: Annotated[int, typer.Option()] = 0,
+    space: Annotated[Optional[Path], typer.Option(help="Search space TOML file.")] = None,
+    width: Annotated[Optional[str], typer.Option(help="Student widths, e.g. 1,0.75,0.5.")] = None,
+    bits: Annotated[Optional[str], typer.Option(help="Bit widths, e.g. 32,8,4,1.")] = None,
+    pruning: Annotated[Optional[str], typer.Option(help="Channel pruning ratios, e.g. 0,0.25,0.5.")] = None,
+    sparsity: Annotated[Optional[str], typer.Option(help="Weight sparsity ratios, e.g. 0,0.5.")] = None,
+    two_four: Annotated[Optional[bool], typer.Option("--two-four/--no-two-four", help="Offer 2:4 sparsity.")] = None,
+    steps: Annotated[int, typer.Option(help="Fine-tune steps per candidate.")] = Finetune.steps,
+    alpha: Annotated[float, typer.Option(help="Weight of the distillation (KL) term.")] = Finetune.alpha,
+    temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = Finetune.temperature,
+    lr: Annotated[float, typer.Option(help="Fine-tune learning rate.")] = Finetune.lr,
+    prune_trials: Annotated[bool, typer.Option("--pruner/--no-pruner", help="Stop weak fine-tunes early.")] = True,
+    storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL (default: SQLite in results/).")] = None,
+    study_name: Annotated[Optional[str], typer.Option(help="Default: <task>-<target>.")] = None,
+    results_dir: Annotated[Path, typer.Option(help="Where studies write.")] = Path("results"),
+    dry_run: Annotated[bool, typer.Option(help="Print the resolved run and exit.")] = False,
+) -> None:
+    """Search compression plans for a task on a target."""
+    with _user_errors():
+        target_spec = targets.load_target(target)
+        profilers.get_profiler(target_spec)  # an unreachable target fails before any work
+        budget_spec = parse_budget(budget) if budget is not None else None
+        space_spec = _space(
+            space,
+            width=_floats(width, "--width"),
+            bits=tuple(int(b) for b in _floats(bits, "--bits")) if bits else None,
+            pruning=_floats(pruning, "--pruning"),
+            sparsity=_floats(sparsity, "--sparsity"),
+            two_four=two_four,
+        )
+        try:
+            finetune = Finetune(steps=steps, alpha=alpha, temperature=temperature, lr=lr)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        spec = {
+            "task": task, "target": target_spec.name, "budget": str(budget_spec) if budget_spec else None,
+            "objectives": objectives.split(","), "trials": trials, "timeout": timeout, "sampler": sampler,
+            "seed": seed, "space": space_spec.to_dict(), "finetune": dataclasses.asdict(finetune),
+            "storage": storage, "study_name": study_name, "results_dir": str(results_dir),
+        }  # fmt: skip
+        if dry_run:
+            console.print_json(json.dumps(spec, default=str))
+            return
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        with console.status(f"loading task {task}…"):
+            task_obj = load_task(task)
+        progress = _Progress(trials)
+        with console.status("") as status:
+            progress.status = status
+            status.update(f"measuring the uncompressed teacher on {target_spec.name}…")
+            study = run(
+                task_obj, target=target_spec, budget=budget_spec, objectives=spec["objectives"],
+                trials=trials, timeout=timeout, sampler=sampler, seed=seed, space=space_spec,
+                finetune=finetune, pruner=None if prune_trials else optuna.pruners.NopPruner(),
+                storage=storage, study_name=study_name, results_dir=results_dir,
+                on_stage=progress.stage, callbacks=[progress.trial_done],
+            )  # fmt: skip
+        _print_front(study)
+        folder = Path(study.user_attrs["results_dir"])
+        console.print(
+            f"\nResults in [bold]{folder}[/]: study.db, trials.parquet, trials/<n>/model.onnx\n"
+            f"  search results {folder}        # front table and pareto.png\n"
+            f"  search export {folder} --out deploy\n"
+            f"  python -c \"import search; print(search.load_trials('{folder}'))\"\n"
+            f"  optuna-dashboard {storage or 'sqlite:///' + str(folder / 'study.db')}",
+            highlight=False,
+        )
+
+
+class _Progress:
+    """Live status: trials done, the running trial's stage, and the best feasible point so far."""
+
+    def __init__(self, trials: int) -> None:
+        self.trials = trials
+        self.status = None
+        self.best = "none yet"
+        self.started = time.monotonic()
+
+    def stage(self, number: int, stage: str) -> None:
+        step = STAGES.index(stage) + 1
+        self.status.update(
+            f"trial {number} · {stage} ({step}/{len(STAGES)}) · best feasible: {self.best} · "
+            f"{time.monotonic() - self.started:.0f}s"
+        )
+
+    def trial_done(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        attrs = trial.user_attrs
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            feasible = all(v <= 0 for v in trial.constraints.values())
+            console.print(
+                f"trial {trial.number:>3}  metric {attrs['metric']:.4f}  latency {attrs['latency_ms']:.4f} ms"
+                f"  size {attrs['size_bytes'] / 1024:.0f} KiB  {'within budget' if feasible else 'over budget'}",
+                highlight=False,
+            )
+        else:
+            reason = attrs.get("fail_reason") or attrs.get("pruned_reason") or trial.system_attrs.get("fail_reason", "")
+            console.print(f"trial {trial.number:>3}  {trial.state.name.lower()}  {reason}", highlight=False)
+        feasible = study.best_trials
+        if feasible:
+            top = max(feasible, key=lambda t: t.user_attrs["metric"])
+            self.best = f"metric {top.user_attrs['metric']:.4f} at {top.user_attrs['latency_ms']:.4f} ms"
+
+
+def _print_front(study: optuna.Study) -> None:
+    frame = load_trials(study)
+    baseline = study.user_attrs.get("baseline", {})
+    counts = frame["state"].value_counts().to_dict() if not frame.empty else {}
+    budget_ms = study.user_attrs.get("budget_ms")
+    title = (
+        f"{study.study_name}: Pareto front ({', '.join(f'{n} {s.lower()}' for s, n in counts.items()) or 'no trials'}"
+        f"; budget {f'{budget_ms:.4g} ms' if budget_ms else 'none'})"
+    )
+    runtime = frame["runtime"].dropna().iloc[0] if "runtime" in frame and frame["runtime"].notna().any() else "the target"
+    table = Table(title=title, caption=f"latency: median and p90, measured by {runtime}; * estimated, not measured")
+    for column in ("trial", "metric", "ms", "p90 ms", "speedup", "energy mJ", "KiB", "precision"):
+        table.add_column(column, justify="right")
+    base_ms = baseline.get("latency_ms")
+    rows = [("teacher", baseline, "fp32")] if baseline else []
+    rows += [(str(row["number"]), row, row["precision"]) for _, row in pareto_front(frame).iterrows()]
+    for label, row, precision in rows:
+        table.add_row(
+            label, f"{row['metric']:.4f}", f"{row['latency_ms']:.4f}", f"{row['latency_p90_ms']:.4f}",
+            f"{base_ms / row['latency_ms']:.2f}×" if base_ms else "",
+            _energy(row["energy_mj"], row["energy_source"]), f"{row['size_bytes'] / 1024:.0f}", precision,
+        )  # fmt: skip
+    console.print(table)
+
+
+def _energy(value: float | None, source: str) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.4f}*" if source.startswith("estimated") else f"{value:.4f}"
+
+
+@app.command("results")
+def results_command(study: StudyArg, study_name: StudyName = None) -> None:
+    """Print the Pareto front and trial counts; write pareto.png beside the study."""
+    with _user_errors():
+        opened = open_study(study, study_name)
+        _print_front(opened)
+        folder = Path(opened.user_attrs.get("results_dir", "."))
+        console.print(f"plot: {plot_front(opened, folder / 'pareto.png')}", highlight=False)
+
+
+@app.command("export")
+def export_command(
+    study: StudyArg,
+    out: Annotated[Path, typer.Option(help="Folder for the exported models.")] = Path("deploy"),
+    study_name: StudyName = None,
+) -> None:
+    """Write every Pareto-optimal model (ONNX, plan JSON, checkpoint) and re-measure it on the target."""
+    with _user_errors():
+        with console.status("exporting and re-measuring the Pareto front…"):
+            rows = export(study, out, study_name)
+        table = Table(title=f"exported to {out}")
+        for column in ("trial", "metric", "search-time ms", "re-measured ms", "p90 ms", "file"):
+            table.add_column(column, justify="right")
+        for _, row in rows.iterrows():
+            table.add_row(
+                str(row["number"]), f"{row['metric']:.4f}", f"{row['search_latency_ms']:.4f}",
+                f"{row['export_latency_ms']:.4f}", f"{row['export_latency_p90_ms']:.4f}", row["path"],
+            )  # fmt: skip
+        console.print(table)
+
+
+@app.command("targets")
+def targets_command() -> None:
+    """List the known targets and whether this machine can measure them."""
+    table = Table(title="targets (pass a name, or a path to your own .toml, to --target)")
+    for column in ("name", "runtime", "precisions", "threads", "power sensor", "measurable here"):
+        table.add_column(column)
+    for spec in targets.list_targets():
+        try:
+            profilers.get_profiler(spec)
+            reachable = "yes"
+        except SearchError:
+            reachable = "no: see --target"
+        table.add_row(spec.name, spec.runtime, ", ".join(spec.precisions), str(spec.threads), spec.power_sensor, reachable)
+    console.print(table)
+
+
+def main() -> None:
+    app()

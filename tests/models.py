@@ -1,0 +1,104 @@
+"""Tiny models shared by the tests, in one place (torchao ``testing/model_architectures.py``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SmallCNN(nn.Module):
+    """Conv2d + BatchNorm blocks and a Linear head, on 1×8×8 images (the digits task's shape)."""
+
+    input_shape = (1, 1, 8, 8)
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(32)
+        self.conv3 = nn.Conv2d(32, 32, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(32)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = torch.relu(self.bn3(self.conv3(x)))
+        return self.fc(self.pool(x).flatten(1))
+
+
+class Conv1dNet(nn.Module):
+    """Conv1d layers, one of them grouped (groups=4), and a Linear head, on 4-channel sequences of 32."""
+
+    input_shape = (1, 4, 32)
+
+    def __init__(self, classes: int = 5) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(4, 16, 3, padding=1)
+        self.grouped = nn.Conv1d(16, 32, 3, padding=1, groups=4)
+        self.conv3 = nn.Conv1d(32, 32, 1)
+        self.pool = nn.AdaptiveAvgPool1d(1)
+        self.fc = nn.Linear(32, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.grouped(x))
+        x = torch.relu(self.conv3(x))
+        return self.fc(self.pool(x).flatten(1))
+
+
+class _Block(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(x + self.bn2(self.conv2(out)))
+
+
+class ResidualNet(nn.Module):
+    """A stem conv, two residual blocks whose adds couple their channels, and a Linear head."""
+
+    input_shape = (1, 3, 8, 8)
+
+    def __init__(self, classes: int = 10, channels: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, channels, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+        self.block1 = _Block(channels)
+        self.block2 = _Block(channels)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.stem(x)))
+        x = self.block2(self.block1(x))
+        return self.fc(self.pool(x).flatten(1))
+
+
+def resnet18() -> nn.Module:
+    """torchvision ResNet-18 with random weights (no download), in eval mode."""
+    from torchvision.models import resnet18 as build
+
+    return build(weights=None).eval()
+
+
+def example_input(model: nn.Module, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    """A random input of the model's ``input_shape`` with ``batch`` samples."""
+    shape = (batch, *model.input_shape[1:])
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def settle(model: nn.Module, steps: int = 3, batch: int = 16, seed: int = 0) -> nn.Module:
+    """Run a few training-mode forwards so BatchNorm has non-trivial statistics, then eval mode."""
+    model.train()
+    with torch.no_grad():
+        for step in range(steps):
+            model(example_input(model, batch, seed + step))
+    return model.eval()

@@ -1,0 +1,110 @@
+import sys
+import textwrap
+import uuid
+
+import pytest
+import torch
+from torch import nn
+
+from search._errors import UsageError
+from search._task import Task, load_task, top1_accuracy
+
+TASK_MODULE = """
+import torch
+from torch import nn
+from search import Task
+
+def make():
+    x = torch.randn(8, 4)
+    y = torch.arange(8) % 3
+    return Task(model=nn.Linear(4, 3), train=[(x, y)], val=[(x, y)],
+                example_input=x[:1], name="from-cwd")
+
+def boom():
+    raise RuntimeError("teacher checkpoint missing")
+
+def wrong():
+    return 42
+
+not_callable = 7
+"""
+
+
+@pytest.fixture
+def task_module(tmp_path, monkeypatch):
+    """A task module written to tmp_path and made importable only as load_task would: from the cwd."""
+    name = f"user_task_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(TASK_MODULE))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # load_task puts the cwd on it: undo afterwards
+    yield name
+    sys.modules.pop(name, None)
+
+
+def test_a_task_module_in_the_cwd_loads(task_module):
+    task = load_task(f"{task_module}:make")
+    assert isinstance(task, Task)
+    assert task.name == "from-cwd"
+    assert task.example_input.shape == (1, 4)
+    assert isinstance(task.model, nn.Linear)
+
+
+def test_a_missing_module_is_a_usage_error():
+    with pytest.raises(UsageError, match="cannot import module 'nosuchmodule_for_tests'"):
+        load_task("nosuchmodule_for_tests:fn")
+
+
+@pytest.mark.parametrize(
+    "function, message",
+    [
+        ("boom", r"boom\(\) raised RuntimeError: teacher checkpoint missing"),
+        ("wrong", r"wrong\(\) returned int, not a search.Task"),
+        ("missing", "has no function 'missing'"),
+        ("not_callable", "has no function 'not_callable'"),
+    ],
+)
+def test_a_bad_task_function_is_a_usage_error(task_module, function, message):
+    with pytest.raises(UsageError, match=message) as info:
+        load_task(f"{task_module}:{function}")
+    assert f"{task_module}:{function}" in str(info.value)
+
+
+@pytest.mark.parametrize("spec", ["search.tasks", "search.tasks:", ":digits", ""])
+def test_a_spec_without_module_and_function_is_a_usage_error(spec):
+    with pytest.raises(UsageError, match="expected module:function, such as search.tasks:digits"):
+        load_task(spec)
+
+
+class _Constant(nn.Module):
+    """Always predicts class 1."""
+
+    def forward(self, x):
+        return torch.tensor([0.0, 1.0, 0.0]).expand(len(x), 3)
+
+
+def test_default_metric_is_top1_accuracy():
+    x = torch.zeros(4, 2)
+    val = [(x, torch.tensor([1, 1, 0, 2])), (x[:2], torch.tensor([1, 0]))]
+    task = Task(model=_Constant(), train=val, val=val, example_input=x[:1])
+    assert task.metric is top1_accuracy
+    assert task.score(task.model) == pytest.approx(3 / 6)
+
+
+def test_a_custom_metric_is_kept():
+    x = torch.zeros(2, 2)
+    task = Task(_Constant(), [], [(x, torch.tensor([0, 0]))], x[:1], metric=lambda model, val: -1.0)
+    assert task.score(task.model) == -1.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"model": "resnet18"}, "Task.model must be a torch.nn.Module, got str"),
+        ({"example_input": torch.zeros(2, 4)}, "batch size 1"),
+        ({"example_input": [[0.0] * 4]}, "batch size 1"),
+    ],
+)
+def test_a_malformed_task_is_a_usage_error(kwargs, message):
+    fields = {"model": nn.Linear(4, 3), "train": [], "val": [], "example_input": torch.zeros(1, 4), **kwargs}
+    with pytest.raises(UsageError, match=message):
+        Task(**fields)
