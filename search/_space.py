@@ -80,7 +80,7 @@ class SearchSpace:
 
 def _bits_for(layer: LayerInfo, space: SearchSpace) -> list[int]:
     allowed = [b for b in space.bits if not layer.edge or b >= space.edge_min_bits]
-    return allowed or [max(space.bits)]
+    return allowed or [max(BITS)]  # no offered width is wide enough for an edge layer: it stays float
 
 
 def suggest_plan(trial: optuna.Trial, space: SearchSpace, layers: Sequence[LayerInfo]) -> Plan:
