@@ -4,7 +4,8 @@ Layers at 8 bits or fewer become int8 Q/DQ in the form ONNX Runtime accelerates 
 activations, int8 symmetric per-channel weights, Q/DQ around every op that can take it (see
 RUNTIME_FACTS: int8 activations, or Q/DQ only at conv inputs, are slower or no faster than fp32).
 Bit widths the target cannot run (int4 and 1-bit on CPU) run at int8, the nearest precision it
-accelerates: their values lie on the int8 grid exactly, so nothing is lost by that.
+accelerates: 1-bit values (±alpha) are exact int8 levels; int4 levels move by at most half an int8
+step (0.4 % of the channel's largest weight).
 """
 
 from __future__ import annotations

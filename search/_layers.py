@@ -38,6 +38,7 @@ def output_layer(model: nn.Module) -> nn.Module:
     return list(layers.values())[-1]
 
 
+@torch.enable_grad()  # Torch-Pruning traces through autograd, even under a caller's no_grad
 def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
     was_training = model.training
     model.eval()  # tracing runs a forward pass: keep BatchNorm statistics untouched

@@ -10,14 +10,22 @@ size objective counts what a deployment format packing those bits would hold:
 from __future__ import annotations
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from search._layers import compressible_layers
 from search._plan import Plan
 
 
+def _stored_weight(module: nn.Module) -> nn.Parameter:
+    """The parameter behind ``module.weight``: under QAT that is the float original of a parametrization."""
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations.weight.original
+    return module.weight
+
+
 def packed_size_bytes(model: nn.Module, plan: Plan) -> int:
     layers = compressible_layers(model)
-    weights = {id(m.weight) for m in layers.values()}
+    weights = {id(_stored_weight(m)) for m in layers.values()}
     bits = sum(32 * p.numel() for p in model.parameters() if id(p) not in weights)
     for name, module in layers.items():
         layer = plan.layer(name)

@@ -65,7 +65,7 @@ class SearchSpace:
         for key, value in data.items():
             default = fields[key].default
             if isinstance(default, tuple):
-                if not isinstance(value, list):
+                if not isinstance(value, (list, tuple)):
                     raise UsageError(f"{source}: {key!r} must be a list, got {value!r}")
                 value = tuple(value)
             values[key] = value

@@ -261,6 +261,7 @@ def run(
     space: SearchSpace | None = None,
     finetune: Finetune | None = None,
     pruner: optuna.pruners.BasePruner | None = None,
+    profiler: Profiler | None = None,
     storage: str | None = None,
     study_name: str | None = None,
     results_dir: str | Path = "results",
@@ -271,13 +272,14 @@ def run(
 
     Re-running with the same study resumes it. Returns the Optuna study; :func:`search.load_trials`
     gives its DataFrame. User errors raise :class:`~search.UsageError` before any work starts.
+    ``profiler`` defaults to the target's own (:func:`profilers.get_profiler`).
     """
     if trials < 1:
         raise UsageError(f"trials must be at least 1, got {trials}")
     if timeout is not None and timeout <= 0:
         raise UsageError(f"timeout must be positive seconds, got {timeout}")
     target = target if isinstance(target, Target) else load_target(target)
-    profiler = get_profiler(target)
+    profiler = profiler or get_profiler(target)
     budget = parse_budget(budget) if isinstance(budget, str) else budget
     objectives = _check_objectives(objectives)
     sampler_obj = _sampler(sampler, seed)
@@ -300,8 +302,9 @@ def run(
         study_name=study_name,
         directions=[OBJECTIVES[o][1] for o in objectives],
         sampler=sampler_obj,
+        # Keep the top 80 %: prune a fine-tune whose metric from half-way on is in the bottom fifth.
         pruner=pruner
-        or optuna.pruners.PercentilePruner(10.0, n_startup_trials=8, n_warmup_steps=finetune.steps // 2),
+        or optuna.pruners.PercentilePruner(80.0, n_startup_trials=8, n_warmup_steps=finetune.steps // 2),
         load_if_exists=True,
     )
     _claim(study, "task", task.name)
@@ -310,6 +313,8 @@ def run(
     _claim(study, "objectives", list(objectives))
     _claim(study, "budget", str(budget) if budget else "none")
     study.set_metric_names([OBJECTIVES[o][0] for o in objectives])
+    # A resumed study must not replay the first session's random start-up plans.
+    study.sampler = _sampler(sampler, seed + len(study.trials)) if study.trials else sampler_obj
     study.set_user_attr("results_dir", str(directory.resolve()))
 
     if "baseline" not in study.user_attrs:

@@ -15,7 +15,7 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import parametrize
 
-from search._errors import UsageError
+from search._errors import CandidateError, UsageError
 from search._layers import compressible_layers, output_layer
 from search._plan import ChannelPruning, LayerPlan, Plan, Quantization, WeightSparsity
 from search._quant import BinarizeWeight, FakeQuantWeight, WeightMask, add_input_quant
@@ -34,6 +34,7 @@ def register_transform(config_type: type) -> Callable[[Transform], Transform]:
     return register
 
 
+@torch.enable_grad()  # Torch-Pruning traces through autograd, even under a caller's no_grad
 def _prune(model: nn.Module, example_input: torch.Tensor, **kwargs) -> None:
     was_training = model.training
     model.eval()
@@ -59,9 +60,19 @@ def shrink_width(model: nn.Module, width: float, example_input: torch.Tensor) ->
 
 @register_transform(ChannelPruning)
 def _channel_pruning_transform(model, configs: Mapping[str, ChannelPruning], example_input) -> None:
-    ratios = {model.get_submodule(n): c.ratio for n, c in configs.items() if c.ratio > 0}
-    if ratios:
-        _prune(model, example_input, pruning_ratio=0.0, pruning_ratio_dict=ratios)
+    ratios = {name: c.ratio for name, c in configs.items() if c.ratio > 0}
+    if not ratios:
+        return
+    before = {name: model.get_submodule(name).weight.shape[0] for name in ratios}
+    _prune(model, example_input, pruning_ratio=0.0, pruning_ratio_dict={model.get_submodule(n): r for n, r in ratios.items()})
+    # Torch-Pruning skips a group it cannot round to whole channel groups (e.g. a small layer
+    # feeding a grouped conv) without a word: a plan that asked for pruning must get it.
+    unpruned = [name for name in ratios if model.get_submodule(name).weight.shape[0] == before[name]]
+    if unpruned:
+        raise CandidateError(
+            f"Torch-Pruning left {', '.join(unpruned)} unpruned (channel groups or rounding to "
+            f"multiples of {ROUND_CHANNELS_TO} allow no smaller size)"
+        )
 
 
 def _two_four_mask(weight: torch.Tensor) -> torch.Tensor:
@@ -82,7 +93,7 @@ def _sparsity_transform(model, configs: Mapping[str, WeightSparsity], example_in
         weight = module.weight.detach()
         if config.pattern == "2:4":
             if weight.shape[1] % 4:
-                raise UsageError(
+                raise CandidateError(
                     f"layer {name!r} has {weight.shape[1]} input channels: 2:4 sparsity needs a multiple of 4"
                 )
             mask = _two_four_mask(weight)

@@ -24,7 +24,7 @@ from search._distill import Finetune
 from search._errors import SearchError, UsageError
 from search._results import load_trials, open_study, pareto_front, plot_front
 from search._space import SearchSpace
-from search._study import OBJECTIVES, SAMPLERS, STAGES, run
+from search._study import OBJECTIVES, SAMPLERS, STAGES, _check_objectives, _sampler, run
 from search._task import DEFAULT_TASK, load_task
 
 app = typer.Typer(help="Hardware-aware compression search for PyTorch models.", no_args_is_help=True)
@@ -73,8 +73,10 @@ def run_command(
     target: Annotated[str, typer.Option(help="Target name (see `search targets`) or a .toml file.")] = "cpu",
     budget: Annotated[Optional[str], typer.Option(help="Latency budget: 5ms, 500us, 0.005s or 0.5x.")] = None,
     objectives: Annotated[str, typer.Option(help=f"Comma-separated from {', '.join(OBJECTIVES)}.")] = "metric,latency",
-    trials: Annotated[int, typer.Option(help="Finished trials the study should hold.")] = 20,
-    timeout: Annotated[Optional[float], typer.Option(help="Stop starting trials after this many seconds.")] = None,
+    trials: Annotated[int, typer.Option(min=1, help="Finished trials the study should hold.")] = 20,
+    timeout: Annotated[
+        Optional[float], typer.Option(min=0.001, help="Stop starting trials after this many seconds.")
+    ] = None,
     sampler: Annotated[str, typer.Option(help=f"One of {', '.join(SAMPLERS)}.")] = "tpe",
     seed: Annotated[int, typer.Option()] = 0,
     space: Annotated[Optional[Path], typer.Option(help="Search space TOML file.")] = None,
@@ -83,7 +85,7 @@ def run_command(
     pruning: Annotated[Optional[str], typer.Option(help="Channel pruning ratios, e.g. 0,0.25,0.5.")] = None,
     sparsity: Annotated[Optional[str], typer.Option(help="Weight sparsity ratios, e.g. 0,0.5.")] = None,
     two_four: Annotated[Optional[bool], typer.Option("--two-four/--no-two-four", help="Offer 2:4 sparsity.")] = None,
-    steps: Annotated[int, typer.Option(help="Fine-tune steps per candidate.")] = Finetune.steps,
+    steps: Annotated[int, typer.Option(min=0, help="Fine-tune steps per candidate.")] = Finetune.steps,
     alpha: Annotated[float, typer.Option(help="Weight of the distillation (KL) term.")] = Finetune.alpha,
     temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = Finetune.temperature,
     lr: Annotated[float, typer.Option(help="Fine-tune learning rate.")] = Finetune.lr,
@@ -98,6 +100,8 @@ def run_command(
         target_spec = targets.load_target(target)
         profilers.get_profiler(target_spec)  # an unreachable target fails before any work
         budget_spec = parse_budget(budget) if budget is not None else None
+        objective_names = _check_objectives(objectives.split(","))
+        _sampler(sampler, seed)
         space_spec = _space(
             space,
             width=_floats(width, "--width"),
@@ -112,7 +116,7 @@ def run_command(
             raise UsageError(str(exc)) from None
         spec = {
             "task": task, "target": target_spec.name, "budget": str(budget_spec) if budget_spec else None,
-            "objectives": objectives.split(","), "trials": trials, "timeout": timeout, "sampler": sampler,
+            "objectives": list(objective_names), "trials": trials, "timeout": timeout, "sampler": sampler,
             "seed": seed, "space": space_spec.to_dict(), "finetune": dataclasses.asdict(finetune),
             "storage": storage, "study_name": study_name, "results_dir": str(results_dir),
         }  # fmt: skip

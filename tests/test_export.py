@@ -1,0 +1,196 @@
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, numpy_helper
+from torch import nn
+
+from models import example_input
+from search._errors import CandidateError
+from search._export import OnnxModule, export_candidate, export_float, runtime_precision
+from search._plan import ChannelPruning, LayerPlan, Plan, Quantization, WeightSparsity
+from search._quant import bake
+from search._transforms import apply_plan
+
+CPU = ("fp32", "int8")
+
+
+def _calibration(model, batches=4):
+    return [(example_input(model, batch=8, seed=50 + i), torch.zeros(8, dtype=torch.long)) for i in range(batches)]
+
+
+def _export(tmp_path, teacher, plan, precisions=CPU):
+    """apply_plan → one QAT-like step → bake → export_candidate, as a trial does."""
+    x = example_input(teacher)
+    candidate = apply_plan(teacher, plan, x)
+    candidate.train()
+    with torch.no_grad():  # input quantizers see data, BatchNorm keeps learning
+        candidate(example_input(teacher, batch=16, seed=1))
+    bake(candidate).eval()
+    exported = export_candidate(
+        candidate, x, tmp_path / "model.onnx", plan=plan, precisions=precisions, calibration=_calibration(teacher)
+    )
+    return candidate, exported, onnx.load(str(exported.path))
+
+
+def _bits(**bits) -> Plan:
+    return Plan(layers={name: LayerPlan(quantization=Quantization(b)) for name, b in bits.items()})
+
+
+def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {i.name: i for i in model.graph.initializer}
+
+
+def _dequantized_inputs(model: onnx.ModelProto) -> set[str]:
+    return {node.input[0] for node in model.graph.node if node.op_type == "DequantizeLinear"}
+
+
+def _weight_of(model: onnx.ModelProto, layer: str) -> np.ndarray:
+    """A layer's exported weight as float: read the initializer, dequantize it if it is int8."""
+    inits = _initializers(model)
+    if f"{layer}.weight_quantized" in inits:
+        q = numpy_helper.to_array(inits[f"{layer}.weight_quantized"]).astype(np.float32)
+        scale = numpy_helper.to_array(inits[f"{layer}.weight_scale"])
+        return q * scale.reshape(-1, *[1] * (q.ndim - 1))
+    return numpy_helper.to_array(inits[f"{layer}.weight"])
+
+
+def test_int8_plan_exports_qdq_with_uint8_activations_and_per_channel_int8_weights(tmp_path, cnn):
+    plan = _bits(conv1=8, conv2=8, conv3=8, fc=8)
+    _, exported, model = _export(tmp_path, cnn, plan)
+    ops = [node.op_type for node in model.graph.node]
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    assert dict(exported.layer_precision) == {"conv1": "int8", "conv2": "int8", "conv3": "int8", "fc": "int8"}
+    assert exported.onnx_bytes == exported.path.stat().st_size
+
+    inits = _initializers(model)
+    activation_quantizers = [
+        node for node in model.graph.node if node.op_type == "QuantizeLinear" and node.input[0] not in inits
+    ]
+    assert len(activation_quantizers) >= 4  # the input and every conv's input, at least
+    for node in activation_quantizers:
+        assert inits[node.input[2]].data_type == TensorProto.UINT8, node.name
+
+    for name, out_channels in (("conv1", 16), ("conv2", 32), ("conv3", 32), ("fc", 10)):
+        weight = inits[f"{name}.weight_quantized"]
+        assert weight.data_type == TensorProto.INT8
+        assert f"{name}.weight_quantized" in _dequantized_inputs(model)
+        assert list(inits[f"{name}.weight_scale"].dims) == [out_channels]  # one scale per output channel
+        assert not numpy_helper.to_array(inits[f"{name}.weight_zero_point"]).any()  # symmetric
+        assert f"{name}.weight" not in inits  # no float copy left behind
+
+
+def test_mixed_plan_keeps_fp32_layers_float(tmp_path, cnn):
+    _, exported, model = _export(tmp_path, cnn, _bits(conv2=8))
+    assert dict(exported.layer_precision) == {"conv1": "fp32", "conv2": "int8", "conv3": "fp32", "fc": "fp32"}
+    inits, dequantized = _initializers(model), _dequantized_inputs(model)
+    assert "conv2.weight_quantized" in dequantized
+    consumers = {name for node in model.graph.node for name in node.input}
+    for name in ("conv1", "conv3", "fc"):
+        assert inits[f"{name}.weight"].data_type == TensorProto.FLOAT
+        assert f"{name}.weight" in consumers
+        assert f"{name}.weight_quantized" not in inits
+        assert not any(i.startswith(f"{name}.weight") for i in dequantized)
+    weight_users = {n.op_type for n in model.graph.node for i in n.input if i in ("conv1.weight", "conv3.weight")}
+    assert weight_users == {"Conv"}
+
+
+def test_int4_and_binarized_layers_run_as_int8_on_the_cpu_target(tmp_path, cnn):
+    plan = _bits(conv2=4, conv3=1)
+    candidate, exported, model = _export(tmp_path, cnn, plan)
+    assert dict(exported.layer_precision) == {"conv1": "fp32", "conv2": "int8", "conv3": "int8", "fc": "fp32"}
+    expected = {}
+    for name, bn, levels in (("conv2", candidate.bn2, 15), ("conv3", candidate.bn3, 2)):
+        fold = (bn.weight / (bn.running_var + bn.eps).sqrt()).detach()  # the exporter folds BatchNorm in
+        expected[name] = (getattr(candidate, name).weight.detach() * fold.view(-1, 1, 1, 1)).numpy()
+        exported_weight = _weight_of(model, name)
+        # int4 levels k·max/7 are not all int8 levels j·max/127: each moves by at most half an int8 step
+        half_step = np.abs(expected[name]).reshape(len(exported_weight), -1).max(1) / 127 / 2
+        error = np.abs(exported_weight - expected[name]).reshape(len(exported_weight), -1).max(1)
+        assert (error <= half_step * 1.001).all(), name
+        assert all(len(np.unique(row)) <= levels for row in exported_weight)
+    np.testing.assert_allclose(_weight_of(model, "conv3"), expected["conv3"], rtol=1e-5)  # ±alpha: exact
+
+
+@pytest.mark.parametrize(
+    "bits, precisions, expected",
+    [(8, CPU, "int8"), (4, CPU, "int8"), (1, CPU, "int8"), (32, CPU, "fp32"), (8, ("fp32",), "fp32")],
+)
+def test_runtime_precision(bits, precisions, expected):
+    assert runtime_precision(bits, precisions) == expected
+
+
+def test_a_target_without_int8_gets_a_float_file(tmp_path, cnn):
+    _, exported, model = _export(tmp_path, cnn, _bits(conv2=8), precisions=("fp32",))
+    assert set(exported.layer_precision.values()) == {"fp32"}
+    assert not any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in model.graph.node)
+
+
+def test_sparse_layers_export_at_least_their_planned_zeros(tmp_path, cnn):
+    plan = Plan(
+        layers={
+            "conv2": LayerPlan(sparsity=WeightSparsity(0.75), quantization=Quantization(8)),
+            "conv3": LayerPlan(sparsity=WeightSparsity(0.5, "2:4")),
+            "fc": LayerPlan(sparsity=WeightSparsity(0.5)),
+        }
+    )
+    _, exported, model = _export(tmp_path, cnn, plan)
+    assert exported.layer_precision["conv2"] == "int8" and exported.layer_precision["conv3"] == "fp32"
+    assert (_weight_of(model, "conv2") == 0).mean() >= 0.75
+    assert (_weight_of(model, "fc") == 0).mean() >= 0.5
+    conv3 = _weight_of(model, "conv3")
+    assert (conv3 == 0).mean() >= 0.5
+    assert ((np.moveaxis(conv3, 1, -1).reshape(-1, 4) == 0).sum(1) >= 2).all()  # 2 of every 4 inputs
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [Plan(width=0.5, layers={"conv2": LayerPlan(ChannelPruning(0.5))}), _bits(conv2=8, conv3=8)],
+    ids=["pruned-fp32", "int8"],
+)
+def test_onnx_module_agrees_with_the_torch_model(tmp_path, cnn, plan):
+    candidate, exported, _ = _export(tmp_path, cnn, plan)
+    x = example_input(cnn, batch=128, seed=9)
+    with torch.no_grad():
+        expected = candidate(x)
+    got = OnnxModule(exported.path, threads=1)(x)
+    assert got.shape == expected.shape and got.dtype == torch.float32
+    assert (got.argmax(1) == expected.argmax(1)).float().mean() >= 0.9
+    if not any(layer.quantization.bits < 32 for layer in plan.layers.values()):
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)
+
+
+class _DataDependentBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        if x.sum() > 0:  # Python control flow on a tensor's value: torch.export cannot capture it
+            return self.fc(x)
+        return -self.fc(x)
+
+
+class _NumpyRoundTrip(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(torch.from_numpy(np.sort(x.detach().numpy(), axis=1)))
+
+
+@pytest.mark.parametrize("model", [_DataDependentBranch(), _NumpyRoundTrip()], ids=["branch", "numpy"])
+def test_an_unexportable_model_is_a_candidate_error(tmp_path, model):
+    x = torch.ones(1, 4)
+    with pytest.raises(CandidateError, match="ONNX export failed"):
+        export_float(model, x, tmp_path / "float.onnx")
+    with pytest.raises(CandidateError, match="ONNX export failed"):
+        export_candidate(model, x, tmp_path / "model.onnx", plan=_bits(fc=8), precisions=CPU, calibration=[(x, None)])
+
+
+def test_onnx_module_on_a_broken_file_is_a_candidate_error(tmp_path):
+    path = tmp_path / "broken.onnx"
+    path.write_bytes(b"not an onnx file")
+    with pytest.raises(CandidateError, match="cannot load broken.onnx"):
+        OnnxModule(path)

@@ -1,0 +1,65 @@
+"""Reading studies back (DataFrame, Parquet, plot) and exporting the front."""
+
+from __future__ import annotations
+
+import onnx
+import optuna
+import pytest
+import torch
+
+import search
+from search import Finetune, Plan, UsageError, build_structure, run
+from search._export import OnnxModule
+from search._results import plot_front
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_task, fast_profiler, tmp_path_factory):
+    results = tmp_path_factory.mktemp("results")
+    study = run(
+        tiny_task, budget="2x", trials=3, profiler=fast_profiler, results_dir=results,
+        finetune=Finetune(steps=6, eval_every=3), pruner=optuna.pruners.NopPruner(), study_name="done",
+    )  # fmt: skip
+    return study, results
+
+
+def test_load_trials_from_folder_name_url_and_study(finished, monkeypatch):
+    study, results = finished
+    by_folder = search.load_trials(results / "done")
+    by_url = search.load_trials(f"sqlite:///{results}/done/study.db", study_name="done")
+    monkeypatch.chdir(results.parent)
+    by_name = search.load_trials("done") if (results.parent / "results").exists() else by_folder
+    for frame in (by_url, by_name, search.load_trials(study)):
+        assert list(frame["number"]) == list(by_folder["number"])
+    for column in ("metric", "latency_ms", "latency_p90_ms", "energy_mj", "size_bytes", "pareto", "plan",
+                   "metric_source", "latency_source", "energy_source", "size_source", "params_width"):  # fmt: skip
+        assert column in by_folder
+
+
+def test_an_unknown_study_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="no study"):
+        search.load_trials(tmp_path / "nothing")
+
+
+def test_the_plot_is_written(finished, tmp_path):
+    study, _ = finished
+    path = plot_front(study, tmp_path / "front.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_export_writes_the_front_and_re_measures_it(finished, tiny_task, tmp_path):
+    study, _ = finished
+    rows = search.export(study, tmp_path / "deploy")
+    front = search.load_trials(study).query("pareto")
+    assert sorted(rows["number"]) == sorted(front["number"])
+    for _, row in rows.iterrows():
+        assert row["export_latency_ms"] > 0 and row["latency_source"] == "measured:onnxruntime-cpu"
+        onnx.checker.check_model(row["path"])
+        folder = tmp_path / "deploy" / f"trial-{row['number']:05d}"
+        checkpoint = torch.load(folder / "checkpoint.pt", weights_only=True)
+        plan = Plan.from_json(checkpoint["plan"])
+        model = build_structure(tiny_task.model, plan, tiny_task.example_input)
+        model.load_state_dict(checkpoint["state_dict"])
+        inputs = next(iter(tiny_task.val))[0]
+        agree = (model.eval()(inputs).argmax(1) == OnnxModule(row["path"])(inputs).argmax(1)).float().mean()
+        assert agree > 0.9  # the ONNX file adds uint8 activations; the checkpoint is its float twin
