@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -30,7 +29,7 @@ from search._task import Task
 from search._transforms import apply_plan
 from targets import Target, load_target
 
-# objective name -> (study metric name, direction, trial user attr holding the value)
+# objective name (--objectives) -> (study metric name and trial user attr, direction)
 OBJECTIVES = {
     "metric": ("metric", StudyDirection.MAXIMIZE),
     "latency": ("latency_ms", StudyDirection.MINIMIZE),
@@ -40,6 +39,7 @@ OBJECTIVES = {
 SAMPLERS = ("tpe", "nsga2", "random")
 STAGES = ("build", "fine-tune", "export", "evaluate", "measure")
 HEARTBEAT_S = 30
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)  # count towards --trials
 
 StageCallback = Callable[[int, str], None]
 
@@ -327,7 +327,7 @@ def run(
         task, target, profiler, space, layers, objectives, finetune, budget_ms, directory, seed,
         on_stage or (lambda number, stage: None),
     )  # fmt: skip
-    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)))
+    done = len(study.get_trials(deepcopy=False, states=FINISHED))
     if trials > done:
         study.optimize(
             lambda trial: search.objective(study, trial),

@@ -24,7 +24,7 @@ from search._distill import Finetune
 from search._errors import SearchError, UsageError
 from search._results import load_trials, open_study, pareto_front, plot_front
 from search._space import SearchSpace
-from search._study import OBJECTIVES, SAMPLERS, STAGES, _check_objectives, _sampler, run
+from search._study import FINISHED, OBJECTIVES, SAMPLERS, STAGES, _check_objectives, _sampler, run
 from search._task import DEFAULT_TASK, load_task
 
 app = typer.Typer(help="Hardware-aware compression search for PyTorch models.", no_args_is_help=True)
@@ -128,16 +128,23 @@ def run_command(
         with console.status(f"loading task {task}…"):
             task_obj = load_task(task)
         progress = _Progress(trials)
-        with console.status("") as status:
-            progress.status = status
-            status.update(f"measuring the uncompressed teacher on {target_spec.name}…")
-            study = run(
-                task_obj, target=target_spec, budget=budget_spec, objectives=spec["objectives"],
-                trials=trials, timeout=timeout, sampler=sampler, seed=seed, space=space_spec,
-                finetune=finetune, pruner=None if prune_trials else optuna.pruners.NopPruner(),
-                storage=storage, study_name=study_name, results_dir=results_dir,
-                on_stage=progress.stage, callbacks=[progress.trial_done],
-            )  # fmt: skip
+        try:
+            with console.status(f"measuring the uncompressed teacher on {target_spec.name}…") as status:
+                progress.status = status
+                study = run(
+                    task_obj, target=target_spec, budget=budget_spec, objectives=spec["objectives"],
+                    trials=trials, timeout=timeout, sampler=sampler, seed=seed, space=space_spec,
+                    finetune=finetune, pruner=None if prune_trials else optuna.pruners.NopPruner(),
+                    storage=storage, study_name=study_name, results_dir=results_dir,
+                    on_stage=progress.stage, callbacks=[progress.trial_done],
+                )  # fmt: skip
+        except KeyboardInterrupt:
+            console.print(
+                "interrupted: the running trial is marked failed, finished trials are kept. "
+                "Run the same command again to resume the study.",
+                highlight=False,
+            )
+            raise typer.Exit(130) from None
         _print_front(study)
         folder = Path(study.user_attrs["results_dir"])
         console.print(
@@ -157,13 +164,14 @@ class _Progress:
         self.trials = trials
         self.status = None
         self.best = "none yet"
+        self.done = "?"
         self.started = time.monotonic()
 
     def stage(self, number: int, stage: str) -> None:
         step = STAGES.index(stage) + 1
         self.status.update(
-            f"trial {number} · {stage} ({step}/{len(STAGES)}) · best feasible: {self.best} · "
-            f"{time.monotonic() - self.started:.0f}s"
+            f"{self.done}/{self.trials} trials done · trial {number}: {stage} ({step}/{len(STAGES)}) · "
+            f"best feasible: {self.best} · {time.monotonic() - self.started:.0f}s"
         )
 
     def trial_done(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -178,6 +186,7 @@ class _Progress:
         else:
             reason = attrs.get("fail_reason") or attrs.get("pruned_reason") or trial.system_attrs.get("fail_reason", "")
             console.print(f"trial {trial.number:>3}  {trial.state.name.lower()}  {reason}", highlight=False)
+        self.done = len(study.get_trials(deepcopy=False, states=FINISHED))
         feasible = study.best_trials
         if feasible:
             top = max(feasible, key=lambda t: t.user_attrs["metric"])

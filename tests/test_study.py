@@ -8,6 +8,8 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+import torch
+from models import Conv1dNet, ResidualNet, resnet18, settle
 
 import search
 from search import Finetune, SearchSpace, Task, TargetUnavailableError, UsageError, run
@@ -128,8 +130,45 @@ def test_bad_input_stops_before_any_work(tiny_task, tmp_path, kwargs, error, mes
 
 
 def test_a_model_without_compressible_layers_is_refused(tiny_task, tmp_path):
-    import torch
-
     task = Task(torch.nn.Sequential(torch.nn.Flatten()), tiny_task.train, tiny_task.val, tiny_task.example_input)
     with pytest.raises(UsageError, match="no Conv1d, Conv2d or Linear"):
         run(task, results_dir=tmp_path)
+
+
+def _random_task(model, input_shape, classes, name):
+    generator = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randn(8, *input_shape[1:], generator=generator), torch.randint(0, classes, (8,), generator=generator))
+        for _ in range(2)
+    ]
+    return Task(model.eval(), batches, batches[:1], batches[0][0][:1], name=name)
+
+
+@pytest.mark.parametrize(
+    "make, space",
+    [
+        # Conv1d with a grouped conv: pruning its 16-channel input layer is impossible (see
+        # test_transforms), so this space compresses it by int8 and sparsity.
+        (lambda: _random_task(settle(Conv1dNet()), Conv1dNet.input_shape, 5, "conv1d"),
+         SearchSpace(width=(1.0,), pruning=(0.0,), bits=(8,), sparsity=(0.5,), two_four=False)),
+        # Residual adds couple the blocks' channels: dependency-aware pruning must keep them equal.
+        (lambda: _random_task(settle(ResidualNet()), ResidualNet.input_shape, 10, "residual"),
+         SearchSpace(width=(0.75,), pruning=(0.5,), bits=(8,), sparsity=(0.0,), two_four=False)),
+        # ResNet-18, random weights, 32×32: latency only.
+        (lambda: _random_task(resnet18(), (1, 3, 32, 32), 1000, "resnet18"),
+         SearchSpace(width=(0.5,), pruning=(0.0,), bits=(8,), sparsity=(0.0,), two_four=False)),
+    ],
+    ids=["conv1d", "residual", "resnet18"],
+)  # fmt: skip
+def test_other_architectures_run_end_to_end(make, space, fast_profiler, tmp_path):
+    task = make()
+    study = run(
+        task, trials=1, space=space, profiler=fast_profiler, results_dir=tmp_path,
+        finetune=Finetune(steps=2, eval_every=1), pruner=optuna.pruners.NopPruner(),
+    )  # fmt: skip
+    trial = study.trials[0]
+    assert trial.state == optuna.trial.TrialState.COMPLETE, trial.user_attrs.get("fail_reason")
+    assert set(trial.user_attrs["layer_precision"].values()) == {"int8"}
+    assert "int8" in trial.user_attrs["precision"]
+    baseline = study.user_attrs["baseline"]
+    assert trial.user_attrs["size_bytes"] < baseline["size_bytes"] / 3  # int8 (+ pruning) vs fp32
