@@ -96,6 +96,8 @@ def run_command(
     dry_run: Annotated[bool, typer.Option(help="Print the resolved run and exit.")] = False,
 ) -> None:
     """Search compression plans for a task on a target."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     with _user_errors():
         target_spec = targets.load_target(target)
         profilers.get_profiler(target_spec)  # an unreachable target fails before any work
@@ -123,8 +125,6 @@ def run_command(
         if dry_run:
             console.print_json(json.dumps(spec, default=str))
             return
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         with console.status(f"loading task {task}…"):
             task_obj = load_task(task)
         progress = _Progress(trials)
