@@ -55,11 +55,11 @@ def _frame(study: optuna.Study) -> pd.DataFrame:
     frame = frame.drop(columns=[c for c in frame if c.startswith("values_") or c == "value"])
     if "user_attrs_plan" in frame:
         frame["plan"] = frame.pop("user_attrs_plan").map(lambda p: json.dumps(p) if isinstance(p, dict) else p)
-    frame["state"] = frame["state"].astype(str)
-    pareto = {t.number for t in study.best_trials} if study.get_trials(states=(TrialState.COMPLETE,)) else set()
+    trials = study.get_trials(deepcopy=False)
+    complete = any(t.state == TrialState.COMPLETE for t in trials)
+    pareto = {t.number for t in study.best_trials} if complete else set()
     frame["feasible"] = [
-        t.state == TrialState.COMPLETE and all(v <= 0 for v in t.constraints.values())
-        for t in study.get_trials(deepcopy=False)
+        t.state == TrialState.COMPLETE and all(v <= 0 for v in t.constraints.values()) for t in trials
     ]
     frame["pareto"] = frame["number"].isin(pareto)
     first = ["number", "state", "pareto", "feasible", *[c for c in COLUMNS if c in frame]]

@@ -64,7 +64,8 @@ def _channel_pruning_transform(model, configs: Mapping[str, ChannelPruning], exa
     if not ratios:
         return
     before = {name: model.get_submodule(name).weight.shape[0] for name in ratios}
-    _prune(model, example_input, pruning_ratio=0.0, pruning_ratio_dict={model.get_submodule(n): r for n, r in ratios.items()})
+    modules = {model.get_submodule(name): ratio for name, ratio in ratios.items()}
+    _prune(model, example_input, pruning_ratio=0.0, pruning_ratio_dict=modules)
     # Torch-Pruning skips a group it cannot round to whole channel groups (e.g. a small layer
     # feeding a grouped conv) without a word: a plan that asked for pruning must get it.
     unpruned = [name for name in ratios if model.get_submodule(name).weight.shape[0] == before[name]]
