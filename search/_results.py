@@ -16,6 +16,7 @@ COLUMNS = (
     "metric", "metric_source", "metric_torch",
     "latency_ms", "latency_p90_ms", "latency_runs", "latency_spread", "latency_stable", "latency_source",
     "energy_mj", "energy_source", "size_bytes", "size_source", "onnx_bytes",
+    "predicted_latency_ms", "predicted_latency_low_ms", "predicted_source", "pruned_by", "pruned_reason",
     "precision", "runtime", "fail_reason", "artifacts",
 )  # fmt: skip
 SQLITE_FILE = "study.db"
@@ -52,6 +53,9 @@ def _frame(study: optuna.Study) -> pd.DataFrame:
         return frame
     renames = {f"user_attrs_{c}": c for c in COLUMNS}
     frame = frame.rename(columns=renames)
+    for column in COLUMNS:  # one schema whatever the trials recorded
+        if column not in frame:
+            frame[column] = None
     frame = frame.drop(columns=[c for c in frame if c.startswith("values_") or c == "value"])
     if "user_attrs_plan" in frame:
         frame["plan"] = frame.pop("user_attrs_plan").map(lambda p: json.dumps(p) if isinstance(p, dict) else p)
@@ -62,7 +66,7 @@ def _frame(study: optuna.Study) -> pd.DataFrame:
         t.state == TrialState.COMPLETE and all(v <= 0 for v in t.constraints.values()) for t in trials
     ]
     frame["pareto"] = frame["number"].isin(pareto)
-    first = ["number", "state", "pareto", "feasible", *[c for c in COLUMNS if c in frame]]
+    first = ["number", "state", "pareto", "feasible", *COLUMNS]
     return frame[first + [c for c in frame if c not in first]]
 
 

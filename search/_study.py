@@ -16,6 +16,8 @@ from optuna.trial import TrialState
 
 from profilers import Profiler, get_profiler
 from search._budget import Budget, parse_budget
+from search._costgate import CostGate
+from search._costmodel import plan_features
 from search._distill import Finetune, distill
 from search._errors import CandidateError, UsageError
 from search._export import OnnxModule, export_candidate, export_float
@@ -109,6 +111,7 @@ def _report_and_maybe_prune(study: optuna.Study, trial: optuna.Trial, curve: dic
     trial.set_user_attr("finetune_curve", curve)
     if study.pruner.prune(_MetricView(study), _curve_trial(None, curve)):
         reason = f"metric {value:.4f} at fine-tune step {step} is below the pruner's bar"
+        trial.set_user_attr("pruned_by", "pruner")
         trial.set_user_attr("pruned_reason", reason)
         raise optuna.TrialPruned(reason)
 
@@ -128,6 +131,7 @@ class _Search:
     directory: Path
     seed: int
     on_stage: StageCallback
+    gate: CostGate | None
 
     def objective(self, study: optuna.Study, trial: optuna.Trial) -> tuple[float, ...]:
         try:
@@ -140,6 +144,23 @@ class _Search:
         seconds[stage] = time.perf_counter()
         self.on_stage(trial.number, stage)
 
+    def _veto_if_over_budget(self, study: optuna.Study, trial: optuna.Trial, features: dict) -> None:
+        """Skip fine-tuning and measuring a plan the cost model is confident will miss the budget."""
+        prediction = self.gate.predict(study, features)
+        if prediction is None:
+            return
+        for key, value in prediction.items():
+            trial.set_user_attr(key, value)
+        low = prediction["predicted_latency_low_ms"]
+        if self.budget_ms is not None and low > self.budget_ms:
+            reason = (
+                f"cost model predicts {prediction['predicted_latency_ms']:.4g} ms (lower bound {low:.4g} ms), "
+                f"over the {self.budget_ms:.4g} ms budget"
+            )
+            trial.set_user_attr("pruned_by", "cost-model")
+            trial.set_user_attr("pruned_reason", reason)
+            raise optuna.TrialPruned(reason)
+
     def _evaluate(self, study: optuna.Study, trial: optuna.Trial) -> tuple[float, ...]:
         task, seconds = self.task, {}
         plan = suggest_plan(trial, self.space, self.layers)
@@ -149,6 +170,10 @@ class _Search:
         candidate = apply_plan(task.model, plan, task.example_input)
         layers = compressible_layers(candidate)
         trial.set_user_attr("channels", {name: int(m.weight.shape[0]) for name, m in layers.items()})
+        features = plan_features(candidate, plan, task.example_input, self.target)
+        trial.set_user_attr("cost_features", features)
+        if self.gate is not None:
+            self._veto_if_over_budget(study, trial, features)
 
         self._stage(trial, "fine-tune", seconds)
 
@@ -262,6 +287,7 @@ def run(
     finetune: Finetune | None = None,
     pruner: optuna.pruners.BasePruner | None = None,
     profiler: Profiler | None = None,
+    cost_model: bool = True,
     storage: str | None = None,
     study_name: str | None = None,
     results_dir: str | Path = "results",
@@ -272,7 +298,8 @@ def run(
 
     Re-running with the same study resumes it. Returns the Optuna study; :func:`search.load_trials`
     gives its DataFrame. User errors raise :class:`~search.UsageError` before any work starts.
-    ``profiler`` defaults to the target's own (:func:`profilers.get_profiler`).
+    ``profiler`` defaults to the target's own (:func:`profilers.get_profiler`). ``cost_model``: predict
+    each plan's latency before fine-tuning it and skip plans confidently over the budget.
     """
     if trials < 1:
         raise UsageError(f"trials must be at least 1, got {trials}")
@@ -294,6 +321,9 @@ def run(
         )
 
     study_name = study_name or default_study_name(task, target)
+    gate = None
+    if cost_model:  # reads earlier studies' measurements: a stale file stops the run here
+        gate = CostGate(Path(results_dir) / "costmodel" / target.name / task.name, study_name, target.name, task.name)
     directory = Path(results_dir) / study_name
     directory.mkdir(parents=True, exist_ok=True)
     storage_url = storage or f"sqlite:///{directory.resolve() / 'study.db'}"
@@ -323,10 +353,18 @@ def run(
     budget_ms = budget.resolve(baseline["latency_ms"]) if budget else None
     study.set_user_attr("budget_ms", budget_ms)
 
+    if gate is not None:
+        study.set_user_attr("cost_model_warm_start", gate.warm_start)
     search = _Search(
         task, target, profiler, space, layers, objectives, finetune, budget_ms, directory, seed,
-        on_stage or (lambda number, stage: None),
+        on_stage or (lambda number, stage: None), gate,
     )  # fmt: skip
+
+    def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        write_parquet(study)
+        if gate is not None:
+            gate.save(study)
+
     done = len(study.get_trials(deepcopy=False, states=FINISHED))
     if trials > done:
         study.optimize(
@@ -334,7 +372,7 @@ def run(
             n_trials=trials - done,
             timeout=timeout,
             catch=(CandidateError,),
-            callbacks=[lambda study, trial: write_parquet(study), *callbacks],
+            callbacks=[after_trial, *callbacks],
         )
-    write_parquet(study)
+    after_trial(study, None)
     return study

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 import dataclasses
 import json
 import time
@@ -19,6 +20,7 @@ from rich.text import Text
 import profilers
 import targets
 from search._budget import parse_budget
+from search._costgate import cost_model_report
 from search._deploy import export
 from search._distill import Finetune
 from search._errors import SearchError, UsageError
@@ -26,6 +28,11 @@ from search._results import load_trials, open_study, pareto_front, plot_front
 from search._space import SearchSpace
 from search._study import FINISHED, OBJECTIVES, SAMPLERS, STAGES, _check_objectives, _sampler, run
 from search._task import DEFAULT_TASK, load_task
+
+class Switch(str, enum.Enum):
+    on = "on"
+    off = "off"
+
 
 app = typer.Typer(help="Hardware-aware compression search for PyTorch models.", no_args_is_help=True)
 console = Console()
@@ -90,6 +97,9 @@ def run_command(
     temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = Finetune.temperature,
     lr: Annotated[float, typer.Option(help="Fine-tune learning rate.")] = Finetune.lr,
     prune_trials: Annotated[bool, typer.Option("--pruner/--no-pruner", help="Stop weak fine-tunes early.")] = True,
+    cost_model: Annotated[
+        Switch, typer.Option(help="Skip plans the learned cost model is confident would miss the budget.")
+    ] = Switch.on,
     storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL (default: SQLite in results/).")] = None,
     study_name: Annotated[Optional[str], typer.Option(help="Default: <task>-<target>.")] = None,
     results_dir: Annotated[Path, typer.Option(help="Where studies write.")] = Path("results"),
@@ -120,7 +130,8 @@ def run_command(
             "task": task, "target": target_spec.name, "budget": str(budget_spec) if budget_spec else None,
             "objectives": list(objective_names), "trials": trials, "timeout": timeout, "sampler": sampler,
             "seed": seed, "space": space_spec.to_dict(), "finetune": dataclasses.asdict(finetune),
-            "storage": storage, "study_name": study_name, "results_dir": str(results_dir),
+            "cost_model": cost_model.value, "storage": storage, "study_name": study_name,
+            "results_dir": str(results_dir),
         }  # fmt: skip
         if dry_run:
             console.print_json(json.dumps(spec, default=str))
@@ -135,6 +146,7 @@ def run_command(
                     task_obj, target=target_spec, budget=budget_spec, objectives=spec["objectives"],
                     trials=trials, timeout=timeout, sampler=sampler, seed=seed, space=space_spec,
                     finetune=finetune, pruner=None if prune_trials else optuna.pruners.NopPruner(),
+                    cost_model=cost_model == Switch.on,
                     storage=storage, study_name=study_name, results_dir=results_dir,
                     on_stage=progress.stage, callbacks=[progress.trial_done],
                 )  # fmt: skip
@@ -253,6 +265,38 @@ def export_command(
                 f"{row['export_latency_ms']:.4f}", f"{row['export_latency_p90_ms']:.4f}", row["path"],
             )  # fmt: skip
         console.print(table)
+
+
+@app.command("costmodel")
+def costmodel_command(study: StudyArg, study_name: StudyName = None) -> None:
+    """How well the learned cost model predicts this study's measured latencies."""
+    with _user_errors():
+        opened = open_study(study, study_name)
+        report = cost_model_report(opened)
+        console.print(
+            f"{opened.study_name}: {report['measured']} measured trials, {report['predicted_online']} of them "
+            f"predicted before they ran; {opened.user_attrs.get('cost_model_warm_start', 0)} measurements "
+            "from earlier studies warm-started the model",
+            highlight=False,
+        )
+        table = Table(title="latency prediction error (predicted vs measured)")
+        for column in ("predictions", "within ±10 %", "within ±20 %", "MAPE", "Spearman"):
+            table.add_column(column, justify="right")
+        labels = {
+            "online": "during the search",
+            "held_out": "held out (5-fold)",
+            "held_out_flops_baseline": "FLOPs-only baseline, held out",
+        }
+        for key, label in labels.items():
+            if key in report:
+                scores = report[key]
+                table.add_row(
+                    label, f"{scores['within_10pct']:.0%}", f"{scores['within_20pct']:.0%}", f"{scores['mape']:.1%}",
+                    f"{scores['spearman']:.3f}",
+                )  # fmt: skip
+        console.print(table)
+        if "held_out" not in report:
+            console.print("too few measured trials for a held-out estimate (10 needed)")
 
 
 @app.command("targets")

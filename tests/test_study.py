@@ -108,7 +108,7 @@ def test_the_pruner_stops_weak_fine_tunes(tiny_task, fast_profiler, tmp_path):
     )  # fmt: skip
     frame = search.load_trials(study)
     assert list(frame["state"]) == ["PRUNED", "PRUNED"]
-    assert frame["user_attrs_pruned_reason"].str.contains("fine-tune step 3").all()
+    assert frame["pruned_reason"].str.contains("fine-tune step 3").all()
     assert all(t.user_attrs["finetune_curve"].keys() == {"3"} for t in study.trials)
 
 

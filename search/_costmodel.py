@@ -1,0 +1,587 @@
+"""A latency cost model: features of a candidate before fine-tuning, and a regressor on them.
+
+Every trial measures its candidate on the target; those measurements teach a model that predicts
+the latency of the next candidates from their structure alone (:func:`plan_features`, computed on
+the built candidate in one forward pass, before any fine-tuning). :class:`LatencyModel` predicts
+with a spread, so a caller can skip the fine-tune of a candidate that is *confidently* over budget
+(:meth:`LatencyModel.lower_bound` above the budget) and measure the rest.
+
+The measurements are the asset; the model is refitted from them (a forest on a few hundred rows
+takes well under a second). They persist as plain JSON (:func:`save_measurements`) tagged with the
+feature layout, so a file written under another layout is refused rather than misread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import numbers
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import scipy.stats
+import torch
+from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.ensemble import RandomForestRegressor
+from sklearn.utils.validation import check_is_fitted, validate_data
+from torch import nn
+
+from search._errors import UsageError
+from search._export import runtime_precision
+from search._layers import compressible_layers
+from search._plan import Plan
+
+if TYPE_CHECKING:
+    from targets import Target
+
+FEATURE_VERSION: int = 1
+
+# What `runtime_precision` can return: a layer runs at one of these. A new one changes the layout.
+RUNTIME_PRECISIONS = ("fp32", "int8")
+_BYTES = {"fp32": 4, "int8": 1}
+_KINDS = {nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Linear: "linear"}
+_CHANNEL_MULTIPLES = (8, 16, 32)
+
+FEATURE_NAMES: tuple[str, ...] = (
+    # per runtime precision, per sample: multiply-accumulates, weight bytes, activation bytes moved
+    *(f"macs_{p}" for p in RUNTIME_PRECISIONS),
+    *(f"param_bytes_{p}" for p in RUNTIME_PRECISIONS),
+    *(f"activation_bytes_{p}" for p in RUNTIME_PRECISIONS),
+    # the same totals, log1p'd, for models that are linear in their inputs
+    "log_macs",
+    "log_param_bytes",
+    "log_activation_bytes",
+    "int8_macs_share",
+    # layer counts
+    *(f"layers_{kind}" for kind in _KINDS.values()),
+    *(f"layers_{p}" for p in RUNTIME_PRECISIONS),
+    "precision_transitions",
+    # channels
+    "channels_total",
+    "channels_min",
+    "channels_mean",
+    *(f"channels_mult{m}_share" for m in _CHANNEL_MULTIPLES),
+    # sparsity and width
+    "sparsity_mean",
+    "two_four_share",
+    "width",
+    # analytical roofline from the target's datasheet figures (0.0 without figures)
+    "roofline_ms",
+)
+
+MACS_FEATURES: tuple[str, ...] = tuple(f"macs_{p}" for p in RUNTIME_PRECISIONS)
+
+MEASUREMENTS_FORMAT = "compression-search/cost-measurements"
+
+
+# --------------------------------------------------------------------------------------------
+# Features
+
+
+def plan_features(
+    model: nn.Module, plan: Plan, example_input: torch.Tensor, target: Target
+) -> dict[str, float]:
+    """Features of a candidate *before* fine-tuning, keyed (and ordered) by :data:`FEATURE_NAMES`.
+
+    ``model`` is the built candidate (:func:`~search.build_structure` or :func:`~search.apply_plan`
+    output; weight parametrizations and input-quant hooks are fine). One forward pass of
+    ``example_input`` in eval mode, under ``torch.no_grad``, records each Conv1d/Conv2d/Linear
+    layer's input and output sizes; counts are per sample (divided by the batch size). A layer
+    called twice counts twice; a layer the forward never calls counts its weights only.
+
+    Each layer runs at ``runtime_precision(bits, target.precisions)``: int4 and 1-bit layers count
+    as int8 on a target that accelerates int8, since that is what its runtime runs. Weights count
+    at that precision's width; biases at 4 bytes (fp32, or the int32 bias of an int8 layer).
+    """
+    layers = compressible_layers(model)
+    calls: list[tuple[str, int, int]] = []  # (name, input elements, output elements) per call
+
+    def record(name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            calls.append((name, args[0].numel(), output.numel()))
+
+        return hook
+
+    handles = [module.register_forward_hook(record(name)) for name, module in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+
+    batch = example_input.shape[0] if example_input.dim() > 0 and example_input.shape[0] > 0 else 1
+    precision = {}
+    for name in layers:
+        p = runtime_precision(plan.layer(name).quantization.bits, target.precisions)
+        if p not in RUNTIME_PRECISIONS:  # a new runtime precision needs a new feature layout
+            raise ValueError(f"runtime precision {p!r} has no features; known: {RUNTIME_PRECISIONS}")
+        precision[name] = p
+
+    with torch.no_grad():
+        shapes = {name: tuple(module.weight.shape) for name, module in layers.items()}
+    zeros = dict.fromkeys(RUNTIME_PRECISIONS, 0.0)
+    macs, param_bytes, act_bytes = dict(zeros), dict(zeros), dict(zeros)
+
+    for name, module in layers.items():
+        p = precision[name]
+        weight_numel = math.prod(shapes[name])
+        bias = getattr(module, "bias", None)
+        bias_numel = bias.numel() if isinstance(bias, torch.Tensor) else 0
+        param_bytes[p] += weight_numel * _BYTES[p] + bias_numel * 4
+
+    order: list[str] = []
+    for name, in_numel, out_numel in calls:
+        p = precision[name]
+        # every output element takes in_channels/groups x kernel (conv) or in_features (linear) MACs
+        macs[p] += out_numel / batch * math.prod(shapes[name][1:])
+        act_bytes[p] += (in_numel + out_numel) / batch * _BYTES[p]
+        if name not in order:
+            order.append(name)
+
+    features: dict[str, float] = {}
+    for p in RUNTIME_PRECISIONS:
+        features[f"macs_{p}"] = macs[p]
+    for p in RUNTIME_PRECISIONS:
+        features[f"param_bytes_{p}"] = param_bytes[p]
+    for p in RUNTIME_PRECISIONS:
+        features[f"activation_bytes_{p}"] = act_bytes[p]
+    total_macs = sum(macs.values())
+    features["log_macs"] = math.log1p(total_macs)
+    features["log_param_bytes"] = math.log1p(sum(param_bytes.values()))
+    features["log_activation_bytes"] = math.log1p(sum(act_bytes.values()))
+    features["int8_macs_share"] = macs["int8"] / total_macs if total_macs else 0.0
+
+    for kind in _KINDS.values():
+        features[f"layers_{kind}"] = float(sum(_kind(m) == kind for m in layers.values()))
+    for p in RUNTIME_PRECISIONS:
+        features[f"layers_{p}"] = float(sum(precision[name] == p for name in layers))
+    features["precision_transitions"] = float(
+        sum(precision[a] != precision[b] for a, b in itertools.pairwise(order))
+    )
+
+    channels = [shapes[name][0] for name in layers]
+    features["channels_total"] = float(sum(channels))
+    features["channels_min"] = float(min(channels, default=0))
+    features["channels_mean"] = float(np.mean(channels)) if channels else 0.0
+    for m in _CHANNEL_MULTIPLES:
+        share = sum(c % m == 0 for c in channels) / len(channels) if channels else 0.0
+        features[f"channels_mult{m}_share"] = float(share)
+
+    weights = {name: math.prod(shape) for name, shape in shapes.items()}
+    total_weights = sum(weights.values())
+    features["sparsity_mean"] = (
+        sum(plan.layer(name).sparsity.ratio * n for name, n in weights.items()) / total_weights
+        if total_weights
+        else 0.0
+    )
+    features["two_four_share"] = (
+        sum(plan.layer(name).sparsity.pattern == "2:4" for name in layers) / len(layers) if layers else 0.0
+    )
+    features["width"] = float(plan.width)
+    features["roofline_ms"] = roofline_ms(macs, {p: param_bytes[p] + act_bytes[p] for p in macs}, target)
+
+    assert tuple(features) == FEATURE_NAMES, "plan_features and FEATURE_NAMES disagree"
+    return {key: float(value) for key, value in features.items()}
+
+
+def _kind(module: nn.Module) -> str | None:
+    for cls, kind in _KINDS.items():
+        if isinstance(module, cls):
+            return kind
+    return None
+
+
+_OPS_UNITS = {"tops": 1e12, "tflops": 1e12, "gops": 1e9, "gflops": 1e9}
+
+
+def _peak_ops(target: Target, precision: str) -> float | None:
+    """Operations per second the target's datasheet gives for ``precision``, if any."""
+    for unit, scale in _OPS_UNITS.items():
+        value = target.peak.get(f"{precision}_{unit}")
+        if value:
+            return value * scale
+    return None
+
+
+def roofline_ms(macs: Mapping[str, float], moved_bytes: Mapping[str, float], target: Target) -> float:
+    """Sum over precisions of max(2·MACs / peak ops, bytes / memory bandwidth), in ms.
+
+    Peak figures come from the target's ``peak`` table: ``<precision>_{tops,tflops,gops,gflops}``
+    and ``memory_gbs``. A precision with no figure of its own uses the fp32 one; a missing term
+    counts 0, so a target without figures (the cpu target) gives 0.0.
+    """
+    bandwidth = target.peak.get("memory_gbs", 0.0) * 1e9
+    fp32_ops = _peak_ops(target, "fp32")
+    seconds = 0.0
+    for p, work in macs.items():
+        ops = _peak_ops(target, p) or fp32_ops
+        compute = 2.0 * work / ops if ops else 0.0
+        memory = moved_bytes.get(p, 0.0) / bandwidth if bandwidth else 0.0
+        seconds += max(compute, memory)
+    return seconds * 1e3
+
+
+# --------------------------------------------------------------------------------------------
+# Estimators
+
+MIN_OOB_SAMPLES = 5
+"""Below this many samples with out-of-bag predictions, the residual spread is not trusted."""
+
+UNCALIBRATED_LOG_SIGMA = math.log(1000.0)
+"""The log-space spread used while uncalibrated: a factor of 1000 either way, so no veto."""
+
+
+def _check_param(estimator: BaseEstimator, name: str, ok: bool, expected: str) -> None:
+    if not ok:
+        value = getattr(estimator, name)
+        raise ValueError(
+            f"The {name!r} parameter of {type(estimator).__name__} must be {expected}. Got {value!r} instead."
+        )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_positive_y(y: np.ndarray, who: str) -> None:
+    if np.any(y <= 0):
+        raise ValueError(f"{who} needs latencies > 0 ms; got min(y) = {float(np.min(y))!r}")
+
+
+class LatencyModel(RegressorMixin, BaseEstimator):
+    """Random forest on log latency; prediction spread = per-tree disagreement combined with the
+    out-of-bag residual spread, so it only vetoes when confident.
+
+    Parameters
+    ----------
+    n_estimators, min_samples_leaf, random_state
+        Passed to :class:`~sklearn.ensemble.RandomForestRegressor` (bootstrap, out-of-bag scored).
+    confidence
+        How many standard deviations (log space) :meth:`lower_bound` stays below the prediction.
+
+    The spread of a prediction, in log space, is ``sqrt(tree_std(x)**2 + log_sigma_**2)``:
+    ``tree_std`` is how much the trees disagree at ``x`` (high far from the data), ``log_sigma_``
+    the calibration floor, the root-mean-square out-of-bag residual inflated to its one-sided 95 %
+    upper confidence bound (chi-square, so a handful of samples gives a wide floor). With fewer
+    than :data:`MIN_OOB_SAMPLES` out-of-bag samples, ``log_sigma_`` is
+    :data:`UNCALIBRATED_LOG_SIGMA` and :meth:`lower_bound` stays far below any budget.
+
+    Attributes
+    ----------
+    estimator_ : RandomForestRegressor
+        The forest, fitted on ``log(y)``.
+    log_sigma_ : float
+        The calibration floor of the spread, in log space.
+    n_oob_ : int
+        How many training samples had an out-of-bag prediction.
+    n_features_in_, feature_names_in_
+        As in scikit-learn.
+    """
+
+    def __init__(self, n_estimators=200, min_samples_leaf=1, confidence=2.0, random_state=0):
+        self.n_estimators = n_estimators
+        self.min_samples_leaf = min_samples_leaf
+        self.confidence = confidence
+        self.random_state = random_state
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.positive_only = True  # a latency; the model fits its log
+        return tags
+
+    def _validate_params(self) -> None:
+        n_estimators, leaf, confidence = self.n_estimators, self.min_samples_leaf, self.confidence
+        _check_param(self, "n_estimators", _is_int(n_estimators) and n_estimators >= 1, "an int >= 1")
+        leaf_ok = (_is_int(leaf) and leaf >= 1) or (_is_real(leaf) and not _is_int(leaf) and 0 < leaf < 1)
+        _check_param(self, "min_samples_leaf", leaf_ok, "an int >= 1 or a float in (0, 1)")
+        _check_param(self, "confidence", _is_real(confidence) and confidence >= 0, "a finite number >= 0")
+
+    def fit(self, X, y):
+        """Fit the forest on ``log(y)``; ``y`` is latency in ms, every value > 0."""
+        self._validate_params()
+        X, y = validate_data(self, X, y, y_numeric=True, dtype=np.float64)
+        _check_positive_y(y, type(self).__name__)
+        log_y = np.log(y)
+        forest = RandomForestRegressor(
+            n_estimators=self.n_estimators,
+            min_samples_leaf=self.min_samples_leaf,
+            bootstrap=True,
+            oob_score=True,
+            random_state=self.random_state,
+        )
+        with warnings.catch_warnings():
+            # few samples: some (or all) have no out-of-bag tree, and R^2 is undefined;
+            # both are handled below through the coverage mask
+            warnings.simplefilter("ignore", UserWarning)
+            forest.fit(X, log_y)
+        self.estimator_ = forest
+
+        covered = np.zeros(len(y), dtype=bool)
+        for in_bag in forest.estimators_samples_:
+            out_of_bag = np.ones(len(y), dtype=bool)
+            out_of_bag[in_bag] = False
+            covered |= out_of_bag
+        self.n_oob_ = int(covered.sum())
+        if self.n_oob_ < MIN_OOB_SAMPLES:
+            self.log_sigma_ = UNCALIBRATED_LOG_SIGMA
+        else:
+            residuals = forest.oob_prediction_[covered] - log_y[covered]
+            rms = float(np.sqrt(np.mean(residuals**2)))
+            n = self.n_oob_
+            self.log_sigma_ = rms * math.sqrt(n / scipy.stats.chi2.ppf(0.05, n))
+        return self
+
+    def _log_predict(self, X) -> tuple[np.ndarray, np.ndarray]:
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=np.float64)
+        per_tree = np.stack([tree.predict(X) for tree in self.estimator_.estimators_])
+        mu = per_tree.mean(axis=0)
+        sigma = np.sqrt(per_tree.var(axis=0) + self.log_sigma_**2)
+        return mu, sigma
+
+    def predict(self, X, return_std=False):
+        """Latency in ms (the exp of the mean log prediction); with ``return_std``, also the
+        spread in log space (so ``exp(mu ± k·std)`` are multiplicative bounds)."""
+        mu, sigma = self._log_predict(X)
+        if return_std:
+            return np.exp(mu), sigma
+        return np.exp(mu)
+
+    def lower_bound(self, X) -> np.ndarray:
+        """``exp(mu - confidence·std)`` in ms: a candidate is confidently slower than a budget
+        only when this is above it."""
+        mu, sigma = self._log_predict(X)
+        return np.exp(mu - self.confidence * sigma)
+
+
+class FlopsBaseline(RegressorMixin, BaseEstimator):
+    """The published-style FLOPs-only predictor: linear regression of log latency on log total MACs.
+
+    Parameters
+    ----------
+    columns
+        The MAC columns of ``X``, summed into total MACs: names or positions. ``None`` means
+        :data:`MACS_FEATURES`, found by name in a DataFrame's columns, or by position when ``X``
+        has the :data:`FEATURE_NAMES` layout. Negative sums count as 0 (``log1p`` of MACs).
+
+    Attributes
+    ----------
+    columns_ : ndarray of int
+        Positions of the summed columns.
+    coef_, intercept_ : float
+        ``log(latency_ms) ≈ coef_ · log1p(total MACs) + intercept_``.
+    """
+
+    def __init__(self, columns=None):
+        self.columns = columns
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.positive_only = True
+        # one summed column by design: on generic data (scikit-learn's checks) R^2 stays low
+        tags.regressor_tags.poor_score = True
+        return tags
+
+    def _resolve_columns(self) -> np.ndarray:
+        columns = MACS_FEATURES if self.columns is None else tuple(self.columns)
+        if not columns:
+            raise ValueError("The 'columns' parameter of FlopsBaseline must name at least one column.")
+        names = getattr(self, "feature_names_in_", None)
+        if names is None and self.n_features_in_ == len(FEATURE_NAMES):
+            names = np.asarray(FEATURE_NAMES)
+        positions = []
+        for column in columns:
+            if _is_int(column):
+                if not 0 <= column < self.n_features_in_:
+                    raise ValueError(
+                        f"FlopsBaseline column {column} is out of range for X with "
+                        f"{self.n_features_in_} features"
+                    )
+                positions.append(int(column))
+            elif names is not None and column in list(names):
+                positions.append(list(names).index(column))
+            else:
+                raise ValueError(
+                    f"FlopsBaseline cannot find column {column!r}: X has {self.n_features_in_} "
+                    f"features{'' if names is None else ' named ' + ', '.join(map(str, names))}; "
+                    f"pass a DataFrame with the cost-model feature names, an X in the "
+                    f"{len(FEATURE_NAMES)}-feature FEATURE_NAMES layout, or columns=[positions]"
+                )
+        return np.asarray(positions, dtype=int)
+
+    def _log_macs(self, X: np.ndarray) -> np.ndarray:
+        return np.log1p(np.clip(X[:, self.columns_].sum(axis=1), 0.0, None))
+
+    def fit(self, X, y):
+        X, y = validate_data(self, X, y, y_numeric=True, dtype=np.float64)
+        _check_positive_y(y, type(self).__name__)
+        self.columns_ = self._resolve_columns()
+        x, log_y = self._log_macs(X), np.log(y)
+        spread = x - x.mean()
+        denominator = float(spread @ spread)
+        self.coef_ = float(spread @ (log_y - log_y.mean()) / denominator) if denominator > 0 else 0.0
+        self.intercept_ = float(log_y.mean() - self.coef_ * x.mean())
+        return self
+
+    def predict(self, X):
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=np.float64)
+        return np.exp(self.coef_ * self._log_macs(X) + self.intercept_)
+
+
+def accuracy(y_true_ms, y_pred_ms) -> dict[str, float]:
+    """How close predictions are to measurements.
+
+    ``within_10pct`` / ``within_20pct``: share of predictions within ±10 % / ±20 % of the measured
+    latency; ``mape``: mean absolute percentage error, as a fraction (0.05 = 5 %); ``spearman``:
+    rank correlation (what ranking candidates needs; NaN with fewer than 2 points or constant input).
+    """
+    true = np.asarray(y_true_ms, dtype=float).ravel()
+    pred = np.asarray(y_pred_ms, dtype=float).ravel()
+    if true.shape != pred.shape or true.size == 0:
+        raise ValueError(
+            f"accuracy needs as many predictions as measurements, at least one; "
+            f"got {true.size} measurements and {pred.size} predictions"
+        )
+    _check_positive_y(true, "accuracy")
+    error = np.abs(pred - true) / true
+    if true.size >= 2 and np.ptp(true) > 0 and np.ptp(pred) > 0:
+        spearman = float(scipy.stats.spearmanr(true, pred).statistic)
+    else:
+        spearman = float("nan")
+    return {
+        "within_10pct": float(np.mean(error <= 0.10 + 1e-12)),
+        "within_20pct": float(np.mean(error <= 0.20 + 1e-12)),
+        "mape": float(np.mean(error)),
+        "spearman": spearman,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Persistence
+
+
+def save_measurements(
+    path,
+    rows: Sequence[Mapping[str, float]],
+    latency_ms: Sequence[float],
+    *,
+    target: str,
+    task: str,
+) -> None:
+    """Write the measurements to ``path`` as plain JSON, atomically, replacing what was there.
+
+    Each row must hold exactly the :data:`FEATURE_NAMES` keys; the caller merges old and new rows.
+    """
+    path = Path(path)
+    if len(rows) != len(latency_ms):
+        raise ValueError(f"{len(rows)} feature rows but {len(latency_ms)} latencies")
+    matrix = []
+    for i, row in enumerate(rows):
+        if set(row) != set(FEATURE_NAMES):
+            missing = sorted(set(FEATURE_NAMES) - set(row))
+            extra = sorted(set(row) - set(FEATURE_NAMES))
+            raise ValueError(f"row {i} does not have the feature layout: missing {missing}, extra {extra}")
+        matrix.append([float(row[name]) for name in FEATURE_NAMES])
+    latencies = [float(v) for v in latency_ms]
+    if not all(math.isfinite(v) for r in matrix for v in r):
+        raise ValueError("feature rows must hold finite numbers")
+    if not all(math.isfinite(v) and v > 0 for v in latencies):
+        raise ValueError(f"latencies must be finite and > 0 ms, got {latencies}")
+    document = {
+        "format": MEASUREMENTS_FORMAT,
+        "feature_version": FEATURE_VERSION,
+        "features": list(FEATURE_NAMES),
+        "target": target,
+        "task": task,
+        "rows": matrix,
+        "latency_ms": latencies,
+    }
+    text = json.dumps(document, allow_nan=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def load_measurements(path, *, target: str, task: str) -> tuple[list[dict[str, float]], list[float]]:
+    """The rows and latencies in ``path``; empty lists when it does not exist.
+
+    Raises :class:`~search.UsageError` when the file is not a measurement file, was written with
+    another feature layout, or holds another target's or task's measurements.
+    """
+    path = Path(path)
+    afresh = "delete it or move it away to start afresh"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return [], []
+    except OSError as exc:
+        raise UsageError(f"cannot read cost measurements {path}: {exc.strerror or exc}") from exc
+    try:
+        document = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path} is not valid JSON ({exc}): {afresh}") from exc
+    if not isinstance(document, dict) or document.get("format") != MEASUREMENTS_FORMAT:
+        raise UsageError(f"{path} is not a {MEASUREMENTS_FORMAT} file: {afresh}")
+
+    version, names = document.get("feature_version"), document.get("features")
+    if version != FEATURE_VERSION or names != list(FEATURE_NAMES):
+        count = len(names) if isinstance(names, list) else "unknown number of"
+        detail = ""
+        if version == FEATURE_VERSION and isinstance(names, list):
+            difference = next(
+                (i for i, (a, b) in enumerate(zip(names, FEATURE_NAMES)) if a != b),
+                min(len(names), len(FEATURE_NAMES)),
+            )
+            stored = names[difference] if difference < len(names) else "(end)"
+            expected = FEATURE_NAMES[difference] if difference < len(FEATURE_NAMES) else "(end)"
+            detail = f" (feature {difference} is {stored!r}, expected {expected!r})"
+        raise UsageError(
+            f"{path} was written with feature layout v{version} ({count} features); this version "
+            f"uses v{FEATURE_VERSION} ({len(FEATURE_NAMES)} features){detail}: {afresh}"
+        )
+    if document.get("target") != target or document.get("task") != task:
+        raise UsageError(
+            f"{path} holds measurements of task {document.get('task')!r} on target "
+            f"{document.get('target')!r}, not of task {task!r} on target {target!r}: {afresh}"
+        )
+
+    rows, latencies = document.get("rows"), document.get("latency_ms")
+    if (
+        not isinstance(rows, list)
+        or not isinstance(latencies, list)
+        or len(rows) != len(latencies)
+        or not all(isinstance(row, list) and len(row) == len(FEATURE_NAMES) for row in rows)
+    ):
+        raise UsageError(
+            f"{path} is damaged: expected as many rows of {len(FEATURE_NAMES)} numbers as latencies: {afresh}"
+        )
+    try:
+        return (
+            [dict(zip(FEATURE_NAMES, map(float, row))) for row in rows],
+            [float(v) for v in latencies],
+        )
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{path} is damaged: {exc}: {afresh}") from exc

@@ -1,0 +1,105 @@
+"""The cost model inside the search: it vetoes confidently over-budget plans, and only those."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+
+import search
+from search import Finetune, UsageError, run
+from search._costgate import CostGate, cost_model_report
+from search._costmodel import FEATURE_NAMES
+
+QUICK = dict(finetune=Finetune(steps=1), pruner=optuna.pruners.NopPruner())
+
+
+@pytest.fixture(scope="module")
+def earlier(tiny_task, fast_profiler, tmp_path_factory):
+    """An earlier study on the same target and task: its measurements warm-start later ones."""
+    results = tmp_path_factory.mktemp("results")
+    study = run(tiny_task, trials=12, profiler=fast_profiler, results_dir=results, study_name="earlier", **QUICK)
+    return results, study
+
+
+def _trials(study):
+    return search.load_trials(study)
+
+
+def test_measurements_are_persisted_per_study_as_plain_json(earlier, tiny_task):
+    results, study = earlier
+    path = results / "costmodel" / "cpu" / tiny_task.name / "earlier.json"
+    data = json.loads(path.read_text())
+    assert data["features"] == list(FEATURE_NAMES)
+    assert len(data["latency_ms"]) == len(study.trials) == 12
+
+
+def test_a_plan_far_over_budget_is_vetoed_before_fine_tuning(earlier, tiny_task, fast_profiler):
+    results, _ = earlier
+    # Every plan of this tiny model takes microseconds: a 0.1 µs budget is far out of reach.
+    study = run(tiny_task, budget="0.1us", trials=3, profiler=fast_profiler, results_dir=results,
+                study_name="vetoed", **QUICK)  # fmt: skip
+    frame = _trials(study)
+    assert study.user_attrs["cost_model_warm_start"] == 12
+    assert list(frame["state"]) == ["PRUNED"] * 3
+    assert list(frame["pruned_by"]) == ["cost-model"] * 3
+    assert (frame["predicted_latency_low_ms"] > 0.0001).all()
+    assert frame["pruned_reason"].str.contains("over the 0.0001 ms budget").all()
+    assert frame["artifacts"].isna().all() and frame["latency_ms"].isna().all()  # nothing exported or measured
+    assert not (results / "vetoed" / "trials").exists()
+    assert frame["predicted_source"].str.startswith("predicted:cost-model").all()
+
+
+def test_the_same_plans_run_with_the_cost_model_off(earlier, tiny_task, fast_profiler):
+    results, _ = earlier
+    study = run(tiny_task, budget="0.1us", trials=2, profiler=fast_profiler, results_dir=results,
+                study_name="off", cost_model=False, **QUICK)  # fmt: skip
+    frame = _trials(study)
+    assert list(frame["state"]) == ["COMPLETE"] * 2
+    assert frame["predicted_latency_ms"].isna().all()
+
+
+def test_a_plan_within_budget_is_predicted_and_run(earlier, tiny_task, fast_profiler):
+    results, _ = earlier
+    study = run(tiny_task, budget="1s", trials=2, profiler=fast_profiler, results_dir=results,
+                study_name="within", **QUICK)  # fmt: skip
+    frame = _trials(study)
+    assert list(frame["state"]) == ["COMPLETE"] * 2
+    assert (frame["predicted_latency_ms"] > 0).all() and frame["pruned_by"].isna().all()
+    report = cost_model_report(study)
+    assert report["predicted_online"] == 2 and 0 <= report["online"]["within_20pct"] <= 1
+
+
+def test_with_too_few_measurements_nothing_is_vetoed(tiny_task, fast_profiler, tmp_path):
+    study = run(tiny_task, budget="0.1us", trials=3, profiler=fast_profiler, results_dir=tmp_path, **QUICK)
+    frame = _trials(study)
+    assert list(frame["state"]) == ["COMPLETE"] * 3
+    assert frame["predicted_latency_ms"].isna().all()
+
+
+def test_a_stale_measurements_file_is_refused_before_any_work(earlier, tiny_task, tmp_path):
+    results, _ = earlier
+    folder = tmp_path / "costmodel" / "cpu" / tiny_task.name
+    folder.mkdir(parents=True)
+    stale = json.loads((results / "costmodel" / "cpu" / tiny_task.name / "earlier.json").read_text())
+    stale["feature_version"] = 0
+    (folder / "old.json").write_text(json.dumps(stale))
+    with pytest.raises(UsageError, match="old.json.*delete it or move it away"):
+        run(tiny_task, trials=1, results_dir=tmp_path, study_name="new")
+    assert not (tmp_path / "new").exists()
+
+
+def test_the_held_out_report_compares_with_the_flops_baseline(earlier):
+    _, study = earlier
+    report = cost_model_report(study)
+    assert report["measured"] == 12
+    for key in ("held_out", "held_out_flops_baseline"):
+        assert set(report[key]) == {"within_10pct", "within_20pct", "mape", "spearman"}
+
+
+def test_the_gate_refits_only_when_measurements_grew(earlier, tiny_task):
+    results, study = earlier
+    gate = CostGate(results / "costmodel" / "cpu" / tiny_task.name, "solo", "cpu", tiny_task.name)
+    first = gate.model(study)
+    assert first is not None and gate.model(study) is first

@@ -1,0 +1,304 @@
+"""Cost-model features, the latency regressor and its baseline, accuracy figures, persistence."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.exceptions import NotFittedError
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from models import Conv1dNet, example_input
+from search._costmodel import (
+    FEATURE_NAMES,
+    FEATURE_VERSION,
+    MACS_FEATURES,
+    UNCALIBRATED_LOG_SIGMA,
+    FlopsBaseline,
+    LatencyModel,
+    accuracy,
+    load_measurements,
+    plan_features,
+    save_measurements,
+)
+from search._errors import UsageError
+from search._plan import ChannelPruning, LayerPlan, Plan, Quantization, WeightSparsity
+from search._transforms import apply_plan, build_structure
+from targets import load_target
+
+CNN_LAYERS = ("conv1", "conv2", "conv3", "fc")
+
+
+@pytest.fixture(scope="module")
+def cpu():
+    return load_target("cpu")
+
+
+def _features(cnn, cnn_input, plan, target):
+    return plan_features(apply_plan(cnn, plan, cnn_input), plan, cnn_input, target)
+
+
+def _bits(bits: dict[str, int]) -> Plan:
+    return Plan(layers={name: LayerPlan(quantization=Quantization(b)) for name, b in bits.items()})
+
+
+# --------------------------------------------------------------------------------------------
+# Features
+
+
+def test_keys_are_the_layout_and_model_is_left_as_found(cnn, cnn_input, cpu):
+    cnn.train()
+    features = plan_features(cnn, Plan(), cnn_input, cpu)
+    assert tuple(features) == FEATURE_NAMES
+    assert all(isinstance(v, float) and math.isfinite(v) for v in features.values())
+    assert cnn.training  # the training flag is restored
+    assert not any(m._forward_hooks for m in cnn.modules())  # hooks removed
+
+
+def test_conv1d_macs_and_bytes_by_hand(cpu):
+    model = Conv1dNet()
+    x = example_input(model, batch=2)  # counts are per sample
+    features = plan_features(model, Plan(), x, cpu)
+    # out elements × in_channels/groups × kernel; the grouped conv sees 16/4 inputs per output
+    macs = 16 * 32 * 4 * 3 + 32 * 32 * (16 // 4) * 3 + 32 * 32 * 32 * 1 + 5 * 32
+    assert features["macs_fp32"] == macs
+    assert features["macs_int8"] == 0
+    activations = (4 * 32 + 16 * 32) + (16 * 32 + 32 * 32) + (32 * 32 + 32 * 32) + (32 + 5)
+    assert features["activation_bytes_fp32"] == 4 * activations
+    params = sum(
+        m.weight.numel() + m.bias.numel() for m in (model.conv1, model.grouped, model.conv3, model.fc)
+    )
+    assert features["param_bytes_fp32"] == 4 * params
+    assert (features["layers_conv1d"], features["layers_conv2d"], features["layers_linear"]) == (3, 0, 1)
+
+
+def test_int8_plan_moves_macs_from_fp32_to_int8(cnn, cnn_input, cpu):
+    dense = _features(cnn, cnn_input, Plan(), cpu)
+    int8 = _features(cnn, cnn_input, _bits(dict.fromkeys(CNN_LAYERS, 8)), cpu)
+    assert dense["macs_int8"] == 0 and int8["macs_fp32"] == 0
+    assert int8["macs_int8"] == dense["macs_fp32"] > 0
+    # int8 weights are a quarter of fp32 ones (biases stay 4 bytes)
+    assert int8["param_bytes_int8"] < dense["param_bytes_fp32"] / 3
+    assert int8["activation_bytes_int8"] == dense["activation_bytes_fp32"] / 4
+    assert (int8["layers_int8"], int8["layers_fp32"], int8["int8_macs_share"]) == (4, 0, 1.0)
+
+
+def test_int4_and_binarized_layers_count_at_int8_on_cpu(cnn, cnn_input, cpu):
+    int8 = _features(cnn, cnn_input, _bits(dict.fromkeys(CNN_LAYERS, 8)), cpu)
+    low = _features(cnn, cnn_input, _bits({"conv1": 8, "conv2": 4, "conv3": 1, "fc": 8}), cpu)
+    assert low["macs_int8"] == int8["macs_int8"]
+    assert low["param_bytes_int8"] == int8["param_bytes_int8"]
+
+
+def test_channel_pruning_lowers_macs(cnn, cnn_input, cpu):
+    dense = _features(cnn, cnn_input, Plan(), cpu)
+    pruned = _features(cnn, cnn_input, Plan(layers={"conv2": LayerPlan(pruning=ChannelPruning(0.5))}), cpu)
+    assert pruned["macs_fp32"] < dense["macs_fp32"]
+    assert pruned["channels_total"] == dense["channels_total"] - 16
+    assert pruned["param_bytes_fp32"] < dense["param_bytes_fp32"]
+
+
+def test_width_lowers_total_channels(cnn, cnn_input, cpu):
+    dense = _features(cnn, cnn_input, Plan(), cpu)
+    student = plan_features(build_structure(cnn, Plan(width=0.5), cnn_input), Plan(width=0.5), cnn_input, cpu)
+    assert student["channels_total"] < dense["channels_total"]
+    assert student["macs_fp32"] < dense["macs_fp32"]
+    assert student["width"] == 0.5 and dense["width"] == 1.0
+    # 16, 32, 32, 10 output channels
+    assert dense["channels_min"] == 10 and dense["channels_mean"] == 22.5
+    assert dense["channels_mult8_share"] == 0.75 and dense["channels_mult32_share"] == 0.5
+
+
+def test_precision_transitions(cnn, cnn_input, cpu):
+    mixed = _features(cnn, cnn_input, _bits({"conv1": 8, "conv2": 32, "conv3": 8, "fc": 8}), cpu)
+    all_int8 = _features(cnn, cnn_input, _bits(dict.fromkeys(CNN_LAYERS, 8)), cpu)
+    assert mixed["precision_transitions"] == 2  # int8 → fp32 → int8
+    assert all_int8["precision_transitions"] == 0
+    assert 0 < mixed["int8_macs_share"] < 1
+
+
+def test_sparsity_features(cnn, cnn_input, cpu):
+    plan = Plan(
+        layers={
+            "conv2": LayerPlan(sparsity=WeightSparsity(0.5, "2:4")),
+            "conv3": LayerPlan(sparsity=WeightSparsity(0.75)),
+        }
+    )
+    features = _features(cnn, cnn_input, plan, cpu)
+    weights = {"conv1": 16 * 9, "conv2": 32 * 16 * 9, "conv3": 32 * 32 * 9, "fc": 10 * 32}
+    expected = (0.5 * weights["conv2"] + 0.75 * weights["conv3"]) / sum(weights.values())
+    assert features["sparsity_mean"] == pytest.approx(expected)
+    assert features["two_four_share"] == 0.25
+
+
+def test_roofline_needs_target_figures(cnn, cnn_input, cpu):
+    jetson = load_target("jetson")
+    assert _features(cnn, cnn_input, Plan(), cpu)["roofline_ms"] == 0.0  # peak = {}
+    fp32 = _features(cnn, cnn_input, Plan(), jetson)["roofline_ms"]
+    int8 = _features(cnn, cnn_input, _bits(dict.fromkeys(CNN_LAYERS, 8)), jetson)["roofline_ms"]
+    assert 0 < int8 < fp32
+
+
+# --------------------------------------------------------------------------------------------
+# Estimators
+
+
+def _synthetic(n: int, seed: int, noise: float = 0.03):
+    """Latency ∝ MACs (log-uniform over two decades) times ±3 % noise, in the FEATURE_NAMES layout."""
+    rng = np.random.default_rng(seed)
+    X = rng.uniform(0, 1, size=(n, len(FEATURE_NAMES)))
+    macs = 10 ** rng.uniform(5, 7, size=n)
+    share = rng.uniform(0, 1, size=n)
+    X[:, FEATURE_NAMES.index("macs_fp32")] = macs * (1 - share)
+    X[:, FEATURE_NAMES.index("macs_int8")] = macs * share
+    X[:, FEATURE_NAMES.index("log_macs")] = np.log1p(macs)
+    y = macs / 1e6 * np.exp(rng.normal(0, noise, size=n))
+    return X, y
+
+
+def test_latency_model_fits_a_monotone_relation():
+    X, y = _synthetic(300, seed=0)
+    X_test, y_test = _synthetic(50, seed=1)
+    model = LatencyModel(n_estimators=100).fit(X, y)
+    predicted = model.predict(X_test)
+    assert np.all(np.abs(predicted - y_test) / y_test < 0.20)
+    assert np.all(model.lower_bound(X_test) <= predicted)
+    mean, std = model.predict(X_test, return_std=True)
+    np.testing.assert_allclose(mean, predicted)
+    assert np.all(std >= model.log_sigma_) and np.all(std < 0.5)
+
+
+def test_latency_model_takes_a_dataframe():
+    X, y = _synthetic(40, seed=0)
+    frame = pd.DataFrame(X, columns=FEATURE_NAMES)
+    model = LatencyModel(n_estimators=20).fit(frame, y)
+    assert list(model.feature_names_in_) == list(FEATURE_NAMES)
+    np.testing.assert_allclose(model.predict(frame), LatencyModel(n_estimators=20).fit(X, y).predict(X))
+
+
+def test_sigma_shrinks_as_data_arrives():
+    X_test, _ = _synthetic(50, seed=1)
+    spreads = []
+    for n in (3, 20, 300):
+        X, y = _synthetic(n, seed=0)
+        model = LatencyModel(n_estimators=100).fit(X, y)
+        spreads.append(float(np.mean(model.predict(X_test, return_std=True)[1])))
+    assert spreads[0] > spreads[1] > spreads[2]
+    # three samples: uncalibrated, so the lower bound vetoes nothing
+    model = LatencyModel(n_estimators=100).fit(*_synthetic(3, seed=0))
+    assert model.log_sigma_ == UNCALIBRATED_LOG_SIGMA
+    assert np.all(model.lower_bound(X_test) < 1e-3 * model.predict(X_test))
+
+
+def test_latency_model_validates():
+    X, y = _synthetic(10, seed=0)
+    with pytest.raises(ValueError, match="latencies > 0"):
+        LatencyModel().fit(X, -y)
+    with pytest.raises(ValueError, match="'confidence' parameter of LatencyModel"):
+        LatencyModel(confidence=-1).fit(X, y)
+    with pytest.raises(NotFittedError):
+        LatencyModel().lower_bound(X)
+
+
+def test_flops_baseline():
+    X, y = _synthetic(100, seed=0, noise=0.0)
+    model = FlopsBaseline().fit(X, y)
+    # latency = MACs / 1e6 exactly: slope 1 on log(1 + MACs) ≈ log MACs
+    assert model.coef_ == pytest.approx(1.0, abs=1e-3)
+    np.testing.assert_array_equal(model.columns_, [FEATURE_NAMES.index(c) for c in MACS_FEATURES])
+    np.testing.assert_allclose(model.predict(X), y, rtol=1e-3)
+    # the other columns do not matter
+    shuffled = X.copy()
+    shuffled[:, FEATURE_NAMES.index("channels_total")] = 0
+    np.testing.assert_allclose(model.predict(shuffled), model.predict(X))
+    # by name through a DataFrame, even with other columns in another order
+    frame = pd.DataFrame(X, columns=FEATURE_NAMES)[["width", *MACS_FEATURES]]
+    np.testing.assert_allclose(FlopsBaseline().fit(frame, y).predict(frame), model.predict(X))
+    with pytest.raises(ValueError, match="cannot find column 'macs_fp32'"):
+        FlopsBaseline().fit(X[:, :3], y)
+
+
+@parametrize_with_checks(
+    # fewer trees: the contract does not depend on the count, and the checks fit dozens of times
+    [LatencyModel(n_estimators=10), FlopsBaseline(columns=[0])],
+)
+def test_sklearn_contract(estimator, check):
+    # No check is expected to fail: both set the `positive_only` target tag, so the checks
+    # generate strictly positive latencies for them.
+    check(estimator)
+
+
+# --------------------------------------------------------------------------------------------
+# Accuracy
+
+
+def test_accuracy_on_known_numbers():
+    result = accuracy([10, 10, 10, 10], [10.5, 9.0, 11.5, 13.0])  # errors 5, 10, 15, 30 %
+    assert result["within_10pct"] == 0.5
+    assert result["within_20pct"] == 0.75
+    assert result["mape"] == pytest.approx(0.15)
+    assert math.isnan(result["spearman"])  # constant measurements have no ranking
+    ranked = accuracy([1, 2, 3, 4], [1, 3, 2, 4])
+    assert ranked["spearman"] == pytest.approx(0.8)
+    with pytest.raises(ValueError, match="as many predictions"):
+        accuracy([1, 2], [1])
+
+
+# --------------------------------------------------------------------------------------------
+# Persistence
+
+
+def test_measurements_round_trip(tmp_path, cnn, cnn_input, cpu):
+    rows = [_features(cnn, cnn_input, plan, cpu) for plan in (Plan(), _bits(dict.fromkeys(CNN_LAYERS, 8)))]
+    path = tmp_path / "costmodel" / "cpu" / "digits.json"
+    save_measurements(path, rows, [1.5, 0.5], target="cpu", task="digits")
+    assert load_measurements(path, target="cpu", task="digits") == (rows, [1.5, 0.5])
+    document = json.loads(path.read_text())
+    assert document["format"] == "compression-search/cost-measurements"
+    assert document["feature_version"] == FEATURE_VERSION and document["features"] == list(FEATURE_NAMES)
+    assert [p.name for p in path.parent.iterdir()] == ["digits.json"]  # no temp file left
+    save_measurements(path, rows[:1], [2.0], target="cpu", task="digits")  # overwrites
+    assert load_measurements(path, target="cpu", task="digits") == (rows[:1], [2.0])
+    with pytest.raises(UsageError, match="not of task 'other' on target 'cpu'"):
+        load_measurements(path, target="cpu", task="other")
+
+
+def test_missing_file_loads_empty(tmp_path):
+    assert load_measurements(tmp_path / "none.json", target="cpu", task="digits") == ([], [])
+
+
+def _stale(path, **changes):
+    document = {
+        "format": "compression-search/cost-measurements",
+        "feature_version": FEATURE_VERSION,
+        "features": list(FEATURE_NAMES),
+        "target": "cpu",
+        "task": "digits",
+        "rows": [],
+        "latency_ms": [],
+    }
+    path.write_text(json.dumps({**document, **changes}))
+    return path
+
+
+def test_stale_layout_is_refused(tmp_path):
+    n = len(FEATURE_NAMES)
+    old = _stale(tmp_path / "old.json", feature_version=0, features=list(FEATURE_NAMES[:12]))
+    with pytest.raises(UsageError) as error:
+        load_measurements(old, target="cpu", task="digits")
+    message = str(error.value)
+    assert str(old) in message
+    assert "v0 (12 features)" in message and f"v{FEATURE_VERSION} ({n} features)" in message
+    assert "delete it or move it away" in message
+
+    renamed = _stale(tmp_path / "renamed.json", features=["flops", *FEATURE_NAMES[1:]])
+    with pytest.raises(
+        UsageError, match=rf"v{FEATURE_VERSION} \({n} features\).*'flops', expected 'macs_fp32'"
+    ):
+        load_measurements(renamed, target="cpu", task="digits")
+
+    with pytest.raises(UsageError, match="not a compression-search/cost-measurements file"):
+        load_measurements(_stale(tmp_path / "other.json", format="something"), target="cpu", task="digits")
