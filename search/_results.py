@@ -16,7 +16,8 @@ COLUMNS = (
     "metric", "metric_source", "metric_torch",
     "latency_ms", "latency_p90_ms", "latency_runs", "latency_spread", "latency_stable", "latency_source",
     "energy_mj", "energy_source", "size_bytes", "size_source", "onnx_bytes",
-    "predicted_latency_ms", "predicted_latency_low_ms", "predicted_source", "pruned_by", "pruned_reason",
+    "predicted_latency_ms", "predicted_latency_low_ms", "predicted_source", "latency_prediction_error",
+    "pruned_by", "pruned_reason",
     "precision", "runtime", "fail_reason", "artifacts",
 )  # fmt: skip
 SQLITE_FILE = "study.db"
@@ -56,6 +57,9 @@ def _frame(study: optuna.Study) -> pd.DataFrame:
     for column in COLUMNS:  # one schema whatever the trials recorded
         if column not in frame:
             frame[column] = None
+    frame["latency_prediction_error"] = (
+        pd.to_numeric(frame["predicted_latency_ms"]) / pd.to_numeric(frame["latency_ms"]) - 1.0
+    )
     frame = frame.drop(columns=[c for c in frame if c.startswith("values_") or c == "value"])
     if "user_attrs_plan" in frame:
         frame["plan"] = frame.pop("user_attrs_plan").map(lambda p: json.dumps(p) if isinstance(p, dict) else p)

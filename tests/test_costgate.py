@@ -103,3 +103,15 @@ def test_the_gate_refits_only_when_measurements_grew(earlier, tiny_task):
     gate = CostGate(results / "costmodel" / "cpu" / tiny_task.name, "solo", "cpu", tiny_task.name)
     first = gate.model(study)
     assert first is not None and gate.model(study) is first
+
+
+def test_the_costmodel_command_prints_the_errors(earlier):
+    from typer.testing import CliRunner
+
+    from search import cli
+
+    results, _ = earlier
+    result = CliRunner().invoke(cli.app, ["costmodel", str(results / "earlier")])
+    assert result.exit_code == 0, result.output
+    assert "12 measured trials" in result.output
+    assert "held out (5-fold)" in result.output and "FLOPs-only baseline" in result.output

@@ -223,7 +223,7 @@ def test_flops_baseline():
 
 @parametrize_with_checks(
     # fewer trees: the contract does not depend on the count, and the checks fit dozens of times
-    [LatencyModel(n_estimators=10), FlopsBaseline(columns=[0])],
+    [LatencyModel(n_estimators=10, base_columns=[0]), FlopsBaseline(columns=[0])],
 )
 def test_sklearn_contract(estimator, check):
     # No check is expected to fail: both set the `positive_only` target tag, so the checks

@@ -1,0 +1,155 @@
+"""Benchmark the learned cost model (prints figures; asserts nothing).
+
+    python benchmarks/cost_model.py accuracy [--task digits|resnet18] [--held-out 32]
+    python benchmarks/cost_model.py search [--trials 40] [--budget 0.15x]
+
+``accuracy``: random plans are built (no fine-tuning: weights do not change latency), exported and
+measured on the cpu target; the cost model and a FLOPs-only linear baseline are trained on the first
+16, 32 and 64 and scored on the held-out rest. ``search``: the default study with the cost model on
+and off, same seed and number of trials: work skipped, wall-clock, and the hypervolume of each front
+(metric × latency, reference point: metric 0 at the budget).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import optuna
+import torch
+
+import search
+from profilers import get_profiler
+from search._costmodel import FEATURE_NAMES, FlopsBaseline, LatencyModel, accuracy, plan_features
+from search._export import export_candidate
+from search._layers import describe_layers
+from search._quant import bake
+from search._space import SearchSpace, suggest_plan
+from search._transforms import apply_plan
+from search.tasks import digits
+from targets import load_target
+
+SIZES = (16, 32, 64)
+
+
+def _resnet18_task() -> search.Task:
+    from torchvision.models import resnet18
+
+    model = resnet18(weights=None).eval()
+    images = torch.randn(8, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    batches = [(images[i : i + 1], torch.zeros(1, dtype=torch.long)) for i in range(8)]
+    return search.Task(model, batches, batches, images[:1], name="resnet18")
+
+
+def _measure_random_plans(task: search.Task, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    target = load_target("cpu")
+    profiler = get_profiler(target)
+    layers = describe_layers(task.model, task.example_input)
+    space = SearchSpace()
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    features, latency = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(count):
+            trial = study.ask()
+            plan = suggest_plan(trial, space, layers)
+            try:
+                candidate = apply_plan(task.model, plan, task.example_input)
+            except search.CandidateError:
+                continue  # a plan Torch-Pruning cannot build
+            row = plan_features(candidate, plan, task.example_input, target)
+            with torch.no_grad():  # one calibration pass for the input quantizers' ranges
+                candidate.train()
+                candidate(next(iter(task.train))[0])
+            bake(candidate.eval())
+            path = Path(tmp, f"{i}.onnx")
+            export_candidate(candidate, task.example_input, path, plan=plan, precisions=target.precisions,
+                             calibration=task.train)  # fmt: skip
+            features.append([row[name] for name in FEATURE_NAMES])
+            latency.append(profiler.measure(path).latency_ms)
+            study.tell(trial, 0.0)
+            print(f"  plan {i + 1}/{count}: {latency[-1]:.4f} ms", flush=True)
+    return np.array(features), np.array(latency)
+
+
+def accuracy_benchmark(task_name: str, held_out: int, seed: int, cache: Path | None) -> None:
+    start = time.perf_counter()
+    if cache is not None and cache.exists():
+        data = np.load(cache)
+        x, y = data["x"], data["y"]
+    else:
+        task = digits() if task_name == "digits" else _resnet18_task()
+        x, y = _measure_random_plans(task, max(SIZES) + held_out, seed)
+        if cache is not None:
+            np.savez(cache, x=x, y=y)
+    print(f"{task_name}: {len(y)} plans, measured in {time.perf_counter() - start:.0f} s (0: from --cache); "
+          f"latency {y.min():.4f}–{y.max():.4f} ms; held out: the last {held_out}")  # fmt: skip
+    x_test, y_test = x[-held_out:], y[-held_out:]
+    for size in SIZES:
+        for name, model in (("cost model", LatencyModel()), ("FLOPs-only linear", FlopsBaseline())):
+            scores = accuracy(y_test, model.fit(x[:size], y[:size]).predict(x_test))
+            print(f"  after {size:>2} measurements, {name:<17}: within ±10% {scores['within_10pct']:.0%}, "
+                  f"±20% {scores['within_20pct']:.0%}, MAPE {scores['mape']:.1%}, "
+                  f"Spearman {scores['spearman']:.3f}")  # fmt: skip
+
+
+def hypervolume(metric: np.ndarray, latency: np.ndarray, budget_ms: float) -> float:
+    """Area dominated by the (metric up, latency down) points inside the budget, from (budget, 0)."""
+    points = sorted((l, m) for m, l in zip(metric, latency) if l <= budget_ms)
+    area, best = 0.0, 0.0
+    for i, (l, m) in enumerate(points):
+        best = max(best, m)
+        right = points[i + 1][0] if i + 1 < len(points) else budget_ms
+        area += (right - l) * best
+    return area
+
+
+def search_benchmark(trials: int, budget: str, seed: int) -> None:
+    task = digits()
+    for cost_model in (False, True):
+        with tempfile.TemporaryDirectory() as results:
+            start = time.perf_counter()
+            study = search.run(task, budget=budget, trials=trials, seed=seed, cost_model=cost_model,
+                               results_dir=results)  # fmt: skip
+            wall = time.perf_counter() - start
+            frame = search.load_trials(study)
+        vetoed = int((frame["pruned_by"] == "cost-model").sum())
+        measured = int(frame["latency_ms"].notna().sum())
+        done = frame[frame["state"] == "COMPLETE"]
+        volume = hypervolume(done["metric"].to_numpy(), done["latency_ms"].to_numpy(), study.user_attrs["budget_ms"])
+        print(f"cost model {'on ' if cost_model else 'off'}: {trials} trials in {wall:.0f} s; "
+              f"{vetoed} vetoed before fine-tuning ({vetoed / trials:.0%}), {measured} measured, "
+              f"{len(done[done['feasible']])} feasible; front {int(frame['pareto'].sum())} points, "
+              f"hypervolume {volume:.6f} (budget {study.user_attrs['budget_ms']:.4f} ms)")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    acc = sub.add_parser("accuracy")
+    acc.add_argument("--task", choices=("digits", "resnet18"), default="digits")
+    acc.add_argument("--held-out", type=int, default=32)
+    acc.add_argument("--seed", type=int, default=0)
+    acc.add_argument("--cache", type=Path, help="Save the measured plans here, or reuse them if present.")
+    srch = sub.add_parser("search")
+    srch.add_argument("--trials", type=int, default=40)
+    srch.add_argument("--budget", default="0.15x")
+    srch.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore")
+    from profilers._cpuinfo import cpu_info
+
+    info = cpu_info()
+    print(f"machine: {info['cpu']}, ISA {', '.join(info['isa'])}; ORT threads: {load_target('cpu').threads}")
+    if args.command == "accuracy":
+        accuracy_benchmark(args.task, args.held_out, args.seed, args.cache)
+    else:
+        search_benchmark(args.trials, args.budget, args.seed)
+
+
+if __name__ == "__main__":
+    main()
