@@ -34,7 +34,7 @@ def test_run_passes_the_parsed_flags_to_the_api(captured, tmp_path):
         cli.app,
         ["run", "--task", "mine:make", "--budget", "5ms", "--trials", "7", "--objectives", "metric,latency,size",
          "--bits", "32,8", "--width", "1,0.5", "--no-two-four", "--steps", "12", "--sampler", "random",
-         "--seed", "3", "--study-name", "s", "--results-dir", str(tmp_path)],
+         "--seed", "3", "--study-name", "s", "--results-dir", str(tmp_path), "--cost-model", "off"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     kwargs = captured["kwargs"]
@@ -45,6 +45,7 @@ def test_run_passes_the_parsed_flags_to_the_api(captured, tmp_path):
     assert kwargs["space"].bits == (32, 8) and kwargs["space"].width == (1.0, 0.5)
     assert kwargs["space"].two_four is False
     assert kwargs["finetune"].steps == 12
+    assert kwargs["cost_model"] is False
     assert kwargs["target"].name == "cpu" and kwargs["study_name"] == "s"
     assert "optuna-dashboard" in result.output
 
@@ -90,6 +91,7 @@ def test_dry_run_prints_the_resolved_run_and_does_nothing(captured):
     assert result.exit_code == 0
     spec = json.loads(result.output)
     assert spec["budget"] == "0.5x" and spec["target"] == "cpu" and spec["space"]["bits"] == [32, 8, 4, 1]
+    assert spec["cost_model"] == "on"
     assert "kwargs" not in captured
 
 
