@@ -1,44 +1,65 @@
 """Profilers measure a model's latency and energy on a target: one module per runtime,
-picked by :func:`get_profiler` from the target's ``runtime``."""
+picked by :func:`get_profiler` from the target's ``runtime``, or a :class:`RemoteProfiler`
+reaching the target's own through its profiler service (:func:`serve`)."""
+
+import os
 
 from profilers._base import Measurement, Profiler, random_inputs
 from profilers._energy import RaplReader
 from profilers._onnxruntime_cpu import OnnxRuntimeCpuProfiler
+from profilers._remote import RemoteProfiler
+from profilers._service import DEFAULT_PORT, create_app, serve
 from search._errors import TargetUnavailableError
 from targets import Target, list_targets
 
 __all__ = [
+    "DEFAULT_PORT",
     "Measurement",
     "OnnxRuntimeCpuProfiler",
     "Profiler",
     "RaplReader",
+    "RemoteProfiler",
+    "TOKEN_ENV",
+    "create_app",
     "get_profiler",
     "random_inputs",
+    "serve",
 ]
+
+TOKEN_ENV = "SEARCH_PROFILER_TOKEN"
 
 _LOCAL_PROFILERS: dict[str, type[Profiler]] = {"onnxruntime-cpu": OnnxRuntimeCpuProfiler}
 
 
-def get_profiler(target: Target, **timing: float) -> Profiler:
+def get_profiler(
+    target: Target, *, service: str | None = None, token: str | None = None, **timing: float
+) -> Profiler:
     """The profiler for ``target.runtime``, given the :class:`Profiler` ``timing`` knobs.
 
-    Raises :class:`~search._errors.TargetUnavailableError` for a target this build cannot
-    measure from here: one measured with TensorRT, or one that names a profiler service.
+    With a ``service`` address (``host:port``), or a target file that names one, a
+    :class:`RemoteProfiler` measuring through that profiler service, with ``token`` or else
+    the ``SEARCH_PROFILER_TOKEN`` environment variable.
+
+    Raises :class:`~search._errors.TargetUnavailableError` for a target this machine cannot
+    measure itself (one measured with TensorRT) and for a service without a token.
     """
-    local = ", ".join(
-        t.name for t in list_targets() if t.runtime in _LOCAL_PROFILERS and t.service is None
-    )
-    if target.service is not None:
-        raise TargetUnavailableError(
-            f"target '{target.name}' names the profiler service {target.service}, and this build "
-            f"has no client for one yet. Remove `service` from {target.path} to measure locally, "
-            f"or use a local target: {local}"
-        )
+    address = service or target.service
+    if address is not None:
+        token = token or os.environ.get(TOKEN_ENV)
+        if not token:
+            raise TargetUnavailableError(
+                f"target '{target.name}' is measured by the profiler service at {address}, which "
+                f"needs its token: pass --token or set {TOKEN_ENV}"
+            )
+        return RemoteProfiler(target, address, token, **timing)
     if target.runtime not in _LOCAL_PROFILERS:
+        local = ", ".join(
+            t.name for t in list_targets() if t.runtime in _LOCAL_PROFILERS and t.service is None
+        )
         raise TargetUnavailableError(
             f"target '{target.name}' is measured with TensorRT on the device itself; this machine "
-            f"cannot reach one. Run on the device with `pip install '.[tensorrt]'`, or run the "
-            f'profiler service there and set `service = "host:port"` in the target file. '
-            f"Known local targets: {local}"
+            f"cannot reach one. Run on the device with `pip install '.[tensorrt]'`, or run "
+            f"`search serve --target {target.name} --port N --token T` on the device and pass "
+            f"`--profiler host:port` (and the same `--token`) here. Known local targets: {local}"
         )
     return _LOCAL_PROFILERS[target.runtime](target, **timing)

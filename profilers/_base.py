@@ -9,11 +9,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 
 from targets import Target
+
+if TYPE_CHECKING:
+    from profilers._energy import EnergyWindow
 
 
 @dataclass(frozen=True)
@@ -142,20 +146,20 @@ class Profiler(abc.ABC):
         self,
         samples_ms: list[float],
         stable: bool,
-        energy_mj_total: float | None,
+        energy: EnergyWindow | None,
         **fields: object,
     ) -> Measurement:
-        """A :class:`Measurement` of ``samples_ms``. ``energy_mj_total`` is what the target's
-        power sensor read over all the timed runs, or None when it could not be read: the
-        energy is then estimated from the target's ``power_w``."""
+        """A :class:`Measurement` of ``samples_ms``. ``energy`` is the window the target's power
+        sensor read over all the timed runs (see :func:`~profilers._energy.energy_reader`); when
+        it is None or read nothing, the energy is estimated from the target's ``power_w``."""
         samples = np.asarray(samples_ms)
         median = float(np.median(samples))
-        if energy_mj_total is None:
+        if energy is None or energy.energy_mj is None:
             energy_mj = self.target.power_w * median  # W x ms = mJ
             energy_source = "estimated:spec-power"
         else:
-            energy_mj = energy_mj_total / len(samples)
-            energy_source = f"measured:{self.target.power_sensor}"
+            energy_mj = energy.energy_mj / len(samples)
+            energy_source = energy.source
         return Measurement(
             latency_ms=median,
             latency_p90_ms=float(np.percentile(samples, 90)),

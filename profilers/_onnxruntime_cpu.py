@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import tempfile
 from collections.abc import Mapping
@@ -13,7 +14,7 @@ import onnxruntime as ort
 
 from profilers._base import Measurement, Profiler, random_inputs
 from profilers._cpuinfo import cpu_info
-from profilers._energy import RaplReader
+from profilers._energy import EnergyReader, energy_reader
 from search._errors import CandidateError
 from targets import Target
 
@@ -37,9 +38,9 @@ class OnnxRuntimeCpuProfiler(Profiler):
     ``WeightBiasQuantization``, which would quantize the float layers of a mixed-precision
     graph. Energy comes from RAPL when it can be read."""
 
-    def __init__(self, target: Target, *, rapl: RaplReader | None = None, **timing: float) -> None:
+    def __init__(self, target: Target, *, energy: EnergyReader | None = None, **timing: float) -> None:
         super().__init__(target, **timing)
-        self._rapl = (rapl or RaplReader()) if target.power_sensor == "rapl" else None
+        self._energy = energy or energy_reader(target)
 
     def measure(
         self, onnx_path: str | Path, inputs: Mapping[str, np.ndarray] | None = None
@@ -54,13 +55,13 @@ class OnnxRuntimeCpuProfiler(Profiler):
             raise CandidateError(f"{path}: ONNX Runtime failed to run the model: {exc}") from exc
         run = functools.partial(session.run, None, feeds)
         self._warm_up(run)
-        before = self._rapl.read() if self._rapl else None
-        samples_ms, stable = self._time(run)
-        after = self._rapl.read() if self._rapl else None
+        window = self._energy.window() if self._energy else None
+        with window or contextlib.nullcontext():
+            samples_ms, stable = self._time(run)
         return self._summarise(
             samples_ms,
             stable,
-            energy_mj_total=RaplReader.energy_mj(before, after) if before and after else None,
+            window,
             runtime=self.target.runtime,
             runtime_version=ort.__version__,
             precision=precision,

@@ -18,7 +18,7 @@ COLUMNS = (
     "energy_mj", "energy_source", "size_bytes", "size_source", "onnx_bytes",
     "predicted_latency_ms", "predicted_latency_low_ms", "predicted_source", "latency_prediction_error",
     "pruned_by", "pruned_reason",
-    "precision", "runtime", "fail_reason", "artifacts",
+    "precision", "runtime", "measured_on", "fail_reason", "artifacts",
 )  # fmt: skip
 SQLITE_FILE = "study.db"
 

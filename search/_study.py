@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import socket
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -225,6 +226,7 @@ class _Search:
             "precision": measurement.precision,
             "layer_precision": dict(exported.layer_precision),
             "runtime": f"{measurement.runtime} {measurement.runtime_version}",
+            "measured_on": measurement.device.get("host", socket.gethostname()),
             "device": measurement.to_dict()["device"],
             "artifacts": str(trial_dir),
             "seconds": {s: round(seconds[n] - seconds[s], 3) for s, n in zip(stages, stages[1:])},

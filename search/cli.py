@@ -19,6 +19,7 @@ from rich.text import Text
 
 import profilers
 import targets
+from profilers import serve
 from search._budget import parse_budget
 from search._costgate import cost_model_report
 from search._deploy import export
@@ -103,6 +104,12 @@ def run_command(
     storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL (default: SQLite in results/).")] = None,
     study_name: Annotated[Optional[str], typer.Option(help="Default: <task>-<target>.")] = None,
     results_dir: Annotated[Path, typer.Option(help="Where studies write.")] = Path("results"),
+    profiler: Annotated[
+        Optional[str], typer.Option(help="host:port of a `search serve` profiler service measuring on the target.")
+    ] = None,
+    token: Annotated[
+        Optional[str], typer.Option(help=f"The profiler service's token (default: ${profilers.TOKEN_ENV}).")
+    ] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the resolved run and exit.")] = False,
 ) -> None:
     """Search compression plans for a task on a target."""
@@ -110,7 +117,8 @@ def run_command(
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     with _user_errors():
         target_spec = targets.load_target(target)
-        profilers.get_profiler(target_spec)  # an unreachable target fails before any work
+        # An unreachable target fails before any work.
+        measurer = profilers.get_profiler(target_spec, service=profiler, token=token)
         budget_spec = parse_budget(budget) if budget is not None else None
         objective_names = _check_objectives(objectives.split(","))
         _sampler(sampler, seed)
@@ -132,10 +140,14 @@ def run_command(
             "seed": seed, "space": space_spec.to_dict(), "finetune": dataclasses.asdict(finetune),
             "cost_model": cost_model.value, "storage": storage, "study_name": study_name,
             "results_dir": str(results_dir),
+            "profiler": getattr(measurer, "address", "local"),
         }  # fmt: skip
         if dry_run:
             console.print_json(json.dumps(spec, default=str))
             return
+        if isinstance(measurer, profilers.RemoteProfiler):
+            with console.status(f"checking the profiler service at {measurer.address}…"):
+                measurer.check()
         with console.status(f"loading task {task}…"):
             task_obj = load_task(task)
         progress = _Progress(trials)
@@ -146,7 +158,7 @@ def run_command(
                     task_obj, target=target_spec, budget=budget_spec, objectives=spec["objectives"],
                     trials=trials, timeout=timeout, sampler=sampler, seed=seed, space=space_spec,
                     finetune=finetune, pruner=None if prune_trials else optuna.pruners.NopPruner(),
-                    cost_model=cost_model == Switch.on,
+                    cost_model=cost_model == Switch.on, profiler=measurer,
                     storage=storage, study_name=study_name, results_dir=results_dir,
                     on_stage=progress.stage, callbacks=[progress.trial_done],
                 )  # fmt: skip
@@ -297,6 +309,24 @@ def costmodel_command(study: StudyArg, study_name: StudyName = None) -> None:
         console.print(table)
         if "held_out" not in report:
             console.print("too few measured trials for a held-out estimate (10 needed)")
+
+
+@app.command("serve")
+def serve_command(
+    target: Annotated[str, typer.Option(help="Target name (see `search targets`) or a .toml file.")] = "cpu",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = profilers.DEFAULT_PORT,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; another machine needs the device's address or 0.0.0.0.")
+    ] = "127.0.0.1",
+    token: Annotated[
+        Optional[str],
+        typer.Option(envvar=profilers.TOKEN_ENV, show_envvar=True, help="Token clients must send (required)."),
+    ] = None,
+) -> None:
+    """Measure models for other machines: run the target's profiler as a service (`search run --profiler`)."""
+    with _user_errors():
+        target_spec = targets.load_target(target)
+        serve(target_spec, host=host, port=port, token=token)
 
 
 @app.command("targets")

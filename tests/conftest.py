@@ -69,3 +69,16 @@ def fast_profiler():
     return get_profiler(
         load_target("cpu"), warmup_runs=2, warmup_s=0.01, min_runs=20, min_time_s=0.02, max_time_s=0.5
     )
+
+
+@pytest.fixture(scope="module")
+def loopback_service():
+    """The cpu target's ONNX Runtime profiler behind the profiler service on loopback, for one
+    module; yields its ``host:port`` (the token is ``loopback.TOKEN``). Clients send the timing."""
+    from loopback import serving
+
+    from profilers import OnnxRuntimeCpuProfiler
+    from targets import load_target
+
+    with serving(OnnxRuntimeCpuProfiler(load_target("cpu"))) as (_, address):
+        yield address

@@ -8,6 +8,7 @@ import optuna
 import pytest
 from typer.testing import CliRunner
 
+import profilers
 from search import cli
 from search._budget import Budget
 
@@ -93,6 +94,59 @@ def test_dry_run_prints_the_resolved_run_and_does_nothing(captured):
     assert spec["budget"] == "0.5x" and spec["target"] == "cpu" and spec["space"]["bits"] == [32, 8, 4, 1]
     assert spec["cost_model"] == "on"
     assert "kwargs" not in captured
+
+
+def test_run_with_a_profiler_service_parses(captured, monkeypatch):
+    monkeypatch.delenv("SEARCH_PROFILER_TOKEN", raising=False)
+    result = runner.invoke(cli.app, ["run", "--profiler", "127.0.0.1:1", "--token", "x", "--target", "cpu", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    spec = json.loads(result.output)
+    assert spec["profiler"] == "127.0.0.1:1" and "x" not in spec.values()  # the token is not printed
+    assert "kwargs" not in captured
+
+
+def test_run_passes_the_remote_profiler_to_the_api(captured, monkeypatch):
+    checked = []
+    monkeypatch.setattr(profilers.RemoteProfiler, "check", lambda self: checked.append(self.address))
+    monkeypatch.setenv("SEARCH_PROFILER_TOKEN", "from-env")
+    result = runner.invoke(cli.app, ["run", "--profiler", "10.0.0.2:8765"])
+    assert result.exit_code == 0, result.output
+    measurer = captured["kwargs"]["profiler"]
+    assert isinstance(measurer, profilers.RemoteProfiler) and measurer.address == "10.0.0.2:8765"
+    assert checked == ["10.0.0.2:8765"]  # the service is checked before any work
+
+
+def test_run_on_a_service_without_token_is_an_error(monkeypatch):
+    monkeypatch.delenv("SEARCH_PROFILER_TOKEN", raising=False)
+    result = runner.invoke(cli.app, ["run", "--profiler", "127.0.0.1:1", "--dry-run"])
+    assert result.exit_code == 1 and "SEARCH_PROFILER_TOKEN" in result.output
+
+
+def test_run_on_jetson_without_a_service_says_how_to_serve_it(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(cli.app, ["run", "--target", "jetson"])
+    message = " ".join(result.output.split())
+    assert result.exit_code == 1
+    assert "search serve --target jetson-orin-nano" in message and "--profiler host:port" in message
+
+
+def test_serve_passes_the_parsed_flags_to_the_api(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli, "serve", lambda target, **kwargs: calls.append((target, kwargs)))
+    monkeypatch.delenv("SEARCH_PROFILER_TOKEN", raising=False)
+    result = runner.invoke(cli.app, ["serve", "--target", "cpu", "--port", "9000", "--token", "T"])
+    assert result.exit_code == 0, result.output
+    target, kwargs = calls[0]
+    assert target.name == "cpu" and kwargs == {"host": "127.0.0.1", "port": 9000, "token": "T"}
+    monkeypatch.setenv("SEARCH_PROFILER_TOKEN", "from-env")
+    assert runner.invoke(cli.app, ["serve"]).exit_code == 0
+    assert calls[1][1] == {"host": "127.0.0.1", "port": 8765, "token": "from-env"}
+
+
+def test_serve_without_a_token_is_an_error(monkeypatch):
+    monkeypatch.delenv("SEARCH_PROFILER_TOKEN", raising=False)
+    result = runner.invoke(cli.app, ["serve"])
+    assert result.exit_code == 1 and "needs a token" in result.output and "Traceback" not in result.output
 
 
 def test_targets_lists_what_is_measurable_here():

@@ -15,11 +15,14 @@ from profilers import (
     OnnxRuntimeCpuProfiler,
     Profiler,
     RaplReader,
+    RemoteProfiler,
     get_profiler,
     random_inputs,
 )
 from search._errors import CandidateError, TargetUnavailableError
 from targets import load_target
+
+from loopback import TOKEN
 
 REPO = Path(__file__).resolve().parents[1]
 WIDTH = 256
@@ -113,8 +116,12 @@ def fp32_model(tmp_path_factory):
     return two_matmuls(tmp_path_factory.mktemp("models") / "fp32.onnx")
 
 
-@pytest.fixture(params=LOCAL_PROFILERS, ids=lambda cls: cls.__name__)
+@pytest.fixture(params=[*LOCAL_PROFILERS, RemoteProfiler], ids=lambda cls: cls.__name__)
 def profiler(request) -> Profiler:
+    """Every profiler; the remote one reaches the cpu target's through the service on loopback."""
+    if request.param is RemoteProfiler:
+        address = request.getfixturevalue("loopback_service")
+        return RemoteProfiler(load_target("cpu"), address, TOKEN, **SHORT)
     return request.param(load_target("cpu"), **SHORT)
 
 
@@ -125,7 +132,9 @@ class TestProfilerContract:
         assert result.latency_ms > 0
         assert result.latency_p90_ms >= result.latency_ms
         assert result.runs >= SHORT["min_runs"]
-        assert len(result.samples_ms) == result.runs
+        # The service sends no samples.
+        remote = isinstance(profiler, RemoteProfiler)
+        assert len(result.samples_ms) == (0 if remote else result.runs)
         assert result.spread >= 0
         assert result.precision == "fp32"
         assert result.runtime == profiler.target.runtime
@@ -148,6 +157,10 @@ class TestProfilerContract:
 
     def test_given_inputs_are_used(self, profiler, fp32_model):
         inputs = {"x": np.ones((3, 64, WIDTH), np.float32)}
+        if isinstance(profiler, RemoteProfiler):  # the service makes its own inputs
+            with pytest.raises(ValueError, match="inputs must be None"):
+                profiler.measure(fp32_model, inputs)
+            return
         assert profiler.measure(fp32_model, inputs).latency_ms > 0
         with pytest.raises(CandidateError, match="fp32.onnx"):
             profiler.measure(fp32_model, {"not_x": inputs["x"]})
@@ -184,7 +197,7 @@ def test_rapl_energy_is_labelled_measured(fp32_model, tmp_path):
     zone.mkdir()
     (zone / "energy_uj").write_text("1000")
     (zone / "max_energy_range_uj").write_text("1000000")
-    profiler = OnnxRuntimeCpuProfiler(load_target("cpu"), rapl=RaplReader(tmp_path), **SHORT)
+    profiler = OnnxRuntimeCpuProfiler(load_target("cpu"), energy=RaplReader(tmp_path), **SHORT)
     result = profiler.measure(fp32_model)
     assert result.energy_source == "measured:rapl"
     assert result.energy_mj == 0.0  # the fake counter did not move
@@ -207,13 +220,27 @@ def test_tensorrt_target_is_unavailable_here(name):
         get_profiler(load_target(name))
     message = str(info.value)
     assert "pip install '.[tensorrt]'" in message
+    assert f"search serve --target {load_target(name).name} --port N --token T" in message
+    assert "--profiler host:port" in message
     assert "Known local targets: cpu" in message
 
 
-def test_profiler_service_is_unavailable_here():
+def test_profiler_service_needs_a_token(monkeypatch):
+    monkeypatch.delenv("SEARCH_PROFILER_TOKEN", raising=False)
     target = replace(load_target("cpu"), service="192.168.1.20:7777")
-    with pytest.raises(TargetUnavailableError, match="192.168.1.20:7777"):
+    with pytest.raises(TargetUnavailableError, match="192.168.1.20:7777") as info:
         get_profiler(target)
+    assert "--token" in str(info.value) and "SEARCH_PROFILER_TOKEN" in str(info.value)
+
+
+def test_profiler_service_gives_a_remote_profiler(monkeypatch):
+    monkeypatch.setenv("SEARCH_PROFILER_TOKEN", "from-env")
+    from_file = get_profiler(replace(load_target("cpu"), service="192.168.1.20:7777"), **SHORT)
+    assert isinstance(from_file, RemoteProfiler) and from_file.address == "192.168.1.20:7777"
+    assert from_file._headers["Authorization"] == "Bearer from-env"
+    assert from_file.min_runs == SHORT["min_runs"]
+    given = get_profiler(load_target("jetson"), service="10.0.0.2:8765", token="given")
+    assert given.address == "10.0.0.2:8765" and given._headers["Authorization"] == "Bearer given"
 
 
 def test_import_loads_no_gpu_runtime():
