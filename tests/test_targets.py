@@ -52,15 +52,26 @@ def test_alias_resolves_to_the_target_it_names():
 
 def test_list_targets_shows_each_target_once():
     names = [target.name for target in list_targets()]
-    assert names == ["cpu", "gpu", "jetson-orin-nano"]
+    assert names == ["cpu", "gpu", "jetson-agx-orin", "jetson-orin-nano", "jetson-orin-nx"]
+
+
+@pytest.mark.parametrize(
+    "name, sparse_tops, memory_gbs",
+    [("jetson-orin-nano", 40.0, 68.0), ("jetson-orin-nx", 100.0, 102.4), ("jetson-agx-orin", 275.0, 204.8)],
+)
+def test_jetson_datasheet_figures(name, sparse_tops, memory_gbs):
+    target = load_target(name)
+    assert target.runtime == "tensorrt" and target.power_sensor == "ina3221"
+    assert target.peak["int8_sparse_tops"] == sparse_tops and target.peak["memory_gbs"] == memory_gbs
+    assert "Data Sheet" in target.source
 
 
 def test_unknown_name_lists_the_known_ones():
     with pytest.raises(UnknownTargetError) as info:
         load_target("jetsn")
     assert str(info.value) == (
-        "unknown target 'jetsn'; known: cpu, gpu, jetson, jetson-orin-nano "
-        "(or a path to a .toml file)"
+        "unknown target 'jetsn'; known: cpu, gpu, jetson, jetson-agx-orin, jetson-orin-nano, "
+        "jetson-orin-nx (or a path to a .toml file)"
     )
 
 
