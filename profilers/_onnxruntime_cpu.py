@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -46,7 +47,8 @@ class OnnxRuntimeCpuProfiler(Profiler):
         self, onnx_path: str | Path, inputs: Mapping[str, np.ndarray] | None = None
     ) -> Measurement:
         path = Path(onnx_path)
-        session, precision = self._session(path)
+        cpus = _measurement_cpus(self.target.threads)
+        session, precision = self._session(path, cpus)
         feeds = dict(inputs) if inputs is not None else random_inputs(path)
         # ORT's errors share no base class but Exception.
         try:
@@ -54,10 +56,11 @@ class OnnxRuntimeCpuProfiler(Profiler):
         except Exception as exc:
             raise CandidateError(f"{path}: ONNX Runtime failed to run the model: {exc}") from exc
         run = functools.partial(session.run, None, feeds)
-        self._warm_up(run)
-        window = self._energy.window() if self._energy else None
-        with window or contextlib.nullcontext():
-            samples_ms, stable = self._time(run)
+        with _pinned(cpus):
+            self._warm_up(run)
+            window = self._energy.window() if self._energy else None
+            with window or contextlib.nullcontext():
+                samples_ms, stable = self._time(run)
         return self._summarise(
             samples_ms,
             stable,
@@ -65,14 +68,17 @@ class OnnxRuntimeCpuProfiler(Profiler):
             runtime=self.target.runtime,
             runtime_version=ort.__version__,
             precision=precision,
-            device={**cpu_info(), "threads": self.target.threads},
+            device={**cpu_info(), "threads": self.target.threads, "pinned_cpus": list(cpus)},
         )
 
-    def _session(self, path: Path) -> tuple[ort.InferenceSession, str]:
+    def _session(self, path: Path, cpus: tuple[int, ...]) -> tuple[ort.InferenceSession, str]:
         """The session, and the precisions of the graph ORT will actually run (after fusing)."""
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.target.threads
         options.inter_op_num_threads = 1
+        if len(cpus) > 1:  # the calling thread is intra-op thread 1; pin the pool's others (1-based ids)
+            affinities = ";".join(str(cpu + 1) for cpu in cpus[1:])
+            options.add_session_config_entry("session.intra_op_thread_affinities", affinities)
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # saving an ORT_ENABLE_ALL graph always warns
@@ -96,6 +102,28 @@ class OnnxRuntimeCpuProfiler(Profiler):
                 ) from exc
             graph = onnx.load(str(optimized), load_external_data=False).graph
         return session, graph_precision(graph)
+
+
+def _measurement_cpus(threads: int) -> tuple[int, ...]:
+    """The last ``threads`` CPUs this thread may run on; empty where affinity is not supported."""
+    if not hasattr(os, "sched_getaffinity"):
+        return ()
+    return tuple(sorted(os.sched_getaffinity(0))[-threads:])
+
+
+@contextlib.contextmanager
+def _pinned(cpus: tuple[int, ...]):
+    """Pin the calling thread (ONNX Runtime's first intra-op thread) to ``cpus`` while timing, so
+    the scheduler cannot migrate it between runs; its affinity is restored afterwards."""
+    if not cpus:
+        yield
+        return
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus[:1])
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, allowed)
 
 
 def graph_precision(graph: onnx.GraphProto) -> str:

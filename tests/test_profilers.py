@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -249,3 +250,19 @@ def test_import_loads_no_gpu_runtime():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
     )
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux-only")
+def test_the_timed_runs_are_pinned_and_the_affinity_restored(fp32_model):
+    before = os.sched_getaffinity(0)
+    seen = []
+
+    class Watching(OnnxRuntimeCpuProfiler):
+        def _time(self, run):
+            seen.append(os.sched_getaffinity(0))
+            return super()._time(run)
+
+    result = Watching(load_target("cpu"), **SHORT).measure(fp32_model)
+    assert len(result.device["pinned_cpus"]) == load_target("cpu").threads
+    assert seen == [set(result.device["pinned_cpus"][:1])]
+    assert os.sched_getaffinity(0) == before
