@@ -8,7 +8,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 
-from profilers import get_profiler
+from profilers import Profiler, get_profiler
 from search._errors import UsageError
 from search._results import load_trials, open_study, pareto_front
 from targets import load_target
@@ -16,20 +16,27 @@ from targets import load_target
 FILES = ("model.onnx", "plan.json", "checkpoint.pt")
 
 
-def export(study: str | Path | optuna.Study, out: str | Path, study_name: str | None = None) -> pd.DataFrame:
+def export(
+    study: str | Path | optuna.Study,
+    out: str | Path,
+    study_name: str | None = None,
+    profiler: Profiler | None = None,
+) -> pd.DataFrame:
     """Copy each Pareto-optimal trial's ONNX file, plan JSON and PyTorch checkpoint to
     ``out/trial-<number>/`` and re-measure the copied ONNX file on the study's target.
 
     Returns one row per exported model: search-time and export-time latency side by side.
     The checkpoint holds ``{"plan": json, "state_dict": ...}``; load it with ``weights_only=True``
     into ``search.build_structure(teacher, Plan.from_json(plan), example_input)``.
+    ``profiler`` defaults to the study's target's own (a :class:`~profilers.RemoteProfiler` measures
+    on the device).
     """
     if not isinstance(study, optuna.Study):
         study = open_study(study, study_name)
     front = pareto_front(load_trials(study))
     if front.empty:
         raise UsageError(f"study {study.study_name!r} has no feasible completed trial to export yet")
-    profiler = get_profiler(load_target(study.user_attrs["target_file"]))
+    profiler = profiler or get_profiler(load_target(study.user_attrs["target_file"]))
     rows = []
     for _, trial in front.iterrows():
         source, destination = Path(trial["artifacts"]), Path(out) / f"trial-{trial['number']:05d}"

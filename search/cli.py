@@ -71,6 +71,12 @@ def _space(path: Path | None, **flags) -> SearchSpace:
     return space.replace(**flags)
 
 
+ProfilerAddress = Annotated[
+    Optional[str], typer.Option(help="host:port of a `search serve` profiler service measuring on the target.")
+]
+ProfilerToken = Annotated[
+    Optional[str], typer.Option(help=f"The profiler service's token (default: ${profilers.TOKEN_ENV}).")
+]
 StudyArg = Annotated[str, typer.Argument(help="results/<study> folder, study name under results/, or storage URL.")]
 StudyName = Annotated[Optional[str], typer.Option(help="Study name inside a storage URL.")]
 
@@ -104,12 +110,8 @@ def run_command(
     storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL (default: SQLite in results/).")] = None,
     study_name: Annotated[Optional[str], typer.Option(help="Default: <task>-<target>.")] = None,
     results_dir: Annotated[Path, typer.Option(help="Where studies write.")] = Path("results"),
-    profiler: Annotated[
-        Optional[str], typer.Option(help="host:port of a `search serve` profiler service measuring on the target.")
-    ] = None,
-    token: Annotated[
-        Optional[str], typer.Option(help=f"The profiler service's token (default: ${profilers.TOKEN_ENV}).")
-    ] = None,
+    profiler: ProfilerAddress = None,
+    token: ProfilerToken = None,
     dry_run: Annotated[bool, typer.Option(help="Print the resolved run and exit.")] = False,
 ) -> None:
     """Search compression plans for a task on a target."""
@@ -263,11 +265,16 @@ def export_command(
     study: StudyArg,
     out: Annotated[Path, typer.Option(help="Folder for the exported models.")] = Path("deploy"),
     study_name: StudyName = None,
+    profiler: ProfilerAddress = None,
+    token: ProfilerToken = None,
 ) -> None:
     """Write every Pareto-optimal model (ONNX, plan JSON, checkpoint) and re-measure it on the target."""
     with _user_errors():
+        opened = open_study(study, study_name)
+        target_spec = targets.load_target(opened.user_attrs["target_file"])
+        measurer = profilers.get_profiler(target_spec, service=profiler, token=token)
         with console.status("exporting and re-measuring the Pareto front…"):
-            rows = export(study, out, study_name)
+            rows = export(opened, out, profiler=measurer)
         table = Table(title=f"exported to {out}")
         for column in ("trial", "metric", "search-time ms", "re-measured ms", "p90 ms", "file"):
             table.add_column(column, justify="right")

@@ -63,3 +63,29 @@ def test_export_writes_the_front_and_re_measures_it(finished, tiny_task, tmp_pat
         inputs = next(iter(tiny_task.val))[0]
         agree = (model.eval()(inputs).argmax(1) == OnnxModule(row["path"])(inputs).argmax(1)).float().mean()
         assert agree > 0.9  # the ONNX file adds uint8 activations; the checkpoint is its float twin
+
+
+def test_the_export_command_re_measures_locally_or_through_a_service(finished, loopback_service, tmp_path):
+    from typer.testing import CliRunner
+
+    from loopback import TOKEN
+    from search import cli
+
+    _, results = finished
+    runner = CliRunner()
+    local = runner.invoke(cli.app, ["export", str(results / "done"), "--out", str(tmp_path / "a")])
+    assert local.exit_code == 0, local.output
+    remote = runner.invoke(
+        cli.app,
+        ["export", str(results / "done"), "--out", str(tmp_path / "b"), "--profiler", loopback_service,
+         "--token", TOKEN],
+    )  # fmt: skip
+    assert remote.exit_code == 0, remote.output
+    exported = sorted(p.name for p in (tmp_path / "b").iterdir())
+    assert exported == sorted(p.name for p in (tmp_path / "a").iterdir()) and exported
+    assert "re-measured ms" in " ".join(remote.output.split())
+    wrong = runner.invoke(
+        cli.app, ["export", str(results / "done"), "--out", str(tmp_path / "c"), "--profiler", "127.0.0.1:1",
+                  "--token", TOKEN],
+    )  # fmt: skip
+    assert wrong.exit_code == 1 and "search serve" in " ".join(wrong.output.split())
