@@ -1,6 +1,9 @@
 """Profilers measure a model's latency and energy on a target: one module per runtime,
 picked by :func:`get_profiler` from the target's ``runtime``, or a :class:`RemoteProfiler`
-reaching the target's own through its profiler service (:func:`serve`)."""
+reaching the target's own through its profiler service (:func:`serve`).
+
+Importing this package imports neither TensorRT nor CUDA: :func:`get_profiler` does, and only
+for a TensorRT target."""
 
 import os
 
@@ -9,6 +12,7 @@ from profilers._energy import RaplReader
 from profilers._onnxruntime_cpu import OnnxRuntimeCpuProfiler
 from profilers._remote import RemoteProfiler
 from profilers._service import DEFAULT_PORT, create_app, serve
+from profilers._tensorrt import TensorRTProfiler, default_timing, tensorrt_unavailable_reason
 from search._errors import TargetUnavailableError
 from targets import Target, list_targets
 
@@ -20,6 +24,7 @@ __all__ = [
     "RaplReader",
     "RemoteProfiler",
     "TOKEN_ENV",
+    "TensorRTProfiler",
     "create_app",
     "get_profiler",
     "random_inputs",
@@ -40,9 +45,15 @@ def get_profiler(
     :class:`RemoteProfiler` measuring through that profiler service, with ``token`` or else
     the ``SEARCH_PROFILER_TOKEN`` environment variable.
 
+    A TensorRT target (``gpu``, ``jetson*``) is measured here by a :class:`TensorRTProfiler`
+    when ``tensorrt`` and ``cuda-python`` import and CUDA sees a GPU; its timing knobs default to
+    :func:`~profilers._tensorrt.default_timing`'s, remotely too.
+
     Raises :class:`~search._errors.TargetUnavailableError` for a target this machine cannot
-    measure itself (one measured with TensorRT) and for a service without a token.
+    measure itself (a TensorRT one without TensorRT or a GPU) and for a service without a token.
     """
+    if target.runtime == "tensorrt":
+        timing = default_timing(target, **timing)
     address = service or target.service
     if address is not None:
         token = token or os.environ.get(TOKEN_ENV)
@@ -52,14 +63,20 @@ def get_profiler(
                 f"needs its token: pass --token or set {TOKEN_ENV}"
             )
         return RemoteProfiler(target, address, token, **timing)
+    why = ""
+    if target.runtime == "tensorrt":
+        reason = tensorrt_unavailable_reason()  # imports tensorrt, asks CUDA for its GPUs
+        if reason is None:
+            return TensorRTProfiler(target, **timing)
+        why = f" ({reason})"
     if target.runtime not in _LOCAL_PROFILERS:
         local = ", ".join(
             t.name for t in list_targets() if t.runtime in _LOCAL_PROFILERS and t.service is None
         )
         raise TargetUnavailableError(
             f"target '{target.name}' is measured with TensorRT on the device itself; this machine "
-            f"cannot reach one. Run on the device with `pip install '.[tensorrt]'`, or run "
-            f"`search serve --target {target.name} --port N --token T` on the device and pass "
+            f"cannot reach one{why}. Run on the device with `pip install '.[tensorrt]'`, or "
+            f"run `search serve --target {target.name} --port N --token T` on the device and pass "
             f"`--profiler host:port` (and the same `--token`) here. Known local targets: {local}"
         )
     return _LOCAL_PROFILERS[target.runtime](target, **timing)

@@ -28,6 +28,11 @@ class Measurement:
     the median had not settled before the time limit. ``energy_source`` says whether the
     energy was ``"measured:<sensor>"`` or ``"estimated:spec-power"`` (the target's
     ``power_w`` times the median latency).
+
+    ``layers`` is the runtime's per-layer report where it gives one (TensorRT), slowest first:
+    one mapping per engine layer with its ``name``, ``type``, ``ms`` per inference, ``share`` of
+    the summed layer time, ``precision``, ``tactic``, the ``onnx_nodes`` it came from and a
+    ``note`` saying why it may not be as fast as the plan wanted. Empty for other runtimes.
     """
 
     latency_ms: float
@@ -43,19 +48,33 @@ class Measurement:
     device: Mapping[str, object] = field(hash=False)
     samples_ms: tuple[float, ...]
     source: str = "measured"
+    layers: tuple[Mapping[str, object], ...] = field(default=(), hash=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "device", MappingProxyType(dict(self.device)))
         object.__setattr__(self, "samples_ms", tuple(self.samples_ms))
+        object.__setattr__(self, "layers", tuple(_frozen(layer) for layer in self.layers))
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-serialisable summary; the samples are left out to keep it small."""
         summary = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "samples_ms"}
-        summary["device"] = {
-            key: list(value) if isinstance(value, tuple) else value
-            for key, value in self.device.items()
-        }
+        summary["device"] = _plain(self.device)
+        summary["layers"] = [_plain(layer) for layer in self.layers]
         return summary
+
+
+def _frozen(mapping: Mapping[str, object]) -> Mapping[str, object]:
+    """A read-only copy of ``mapping`` whose list values are tuples (JSON gives lists back)."""
+    return MappingProxyType(
+        {key: tuple(value) if isinstance(value, list) else value for key, value in mapping.items()}
+    )
+
+
+def _plain(mapping: Mapping[str, object]) -> dict[str, object]:
+    """A dict copy of ``mapping`` whose tuple values are lists, as JSON has them."""
+    return {
+        key: list(value) if isinstance(value, tuple) else value for key, value in mapping.items()
+    }
 
 
 class Profiler(abc.ABC):
@@ -113,33 +132,40 @@ class Profiler(abc.ABC):
             if done or elapsed >= self.max_time_s:
                 return
 
-    def _time(self, run: Callable[[], object]) -> tuple[list[float], bool]:
+    def _time(
+        self, run: Callable[[], object], *, self_timed: bool = False
+    ) -> tuple[list[float], bool]:
         """Timed runs in rounds, each of about a tenth of ``min_runs``; returns the samples in
-        milliseconds and whether the median settled before ``max_time_s``."""
+        milliseconds and whether the median settled before ``max_time_s``.
+
+        Each run is timed on the host clock, unless ``self_timed``: then ``run`` returns its own
+        duration in milliseconds (a GPU runtime times itself with CUDA events on its stream, which
+        leaves out the launch and synchronisation overhead the host clock would add). The time
+        limits always follow the host clock."""
         round_runs = max(1, self.min_runs // 10)
-        samples_ns: list[int] = []
+        samples_ms: list[float] = []
         previous_median = None
         start = time.perf_counter_ns()
         deadline = start + int(self.max_time_s * 1e9)
         while True:
             for _ in range(round_runs):
                 t0 = time.perf_counter_ns()
-                run()
+                result = run()
                 t1 = time.perf_counter_ns()
-                samples_ns.append(t1 - t0)
+                samples_ms.append(float(result) if self_timed else (t1 - t0) / 1e6)
                 if t1 >= deadline:
                     break
             elapsed_s = (time.perf_counter_ns() - start) / 1e9
-            median = float(np.median(samples_ns))
+            median = float(np.median(samples_ms))
             if (
-                len(samples_ns) >= self.min_runs
+                len(samples_ms) >= self.min_runs
                 and elapsed_s >= self.min_time_s
                 and previous_median is not None
                 and abs(median - previous_median) < self.tolerance * previous_median
             ):
-                return [ns / 1e6 for ns in samples_ns], True
+                return samples_ms, True
             if elapsed_s >= self.max_time_s:
-                return [ns / 1e6 for ns in samples_ns], False
+                return samples_ms, False
             previous_median = median
 
     def _summarise(

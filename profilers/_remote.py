@@ -17,7 +17,16 @@ from targets import Target
 # Waiting for a connection is short whatever the timeout: an address that does not answer in
 # this time is not going to.
 _CONNECT_TIMEOUT_S = 10.0
-_MEASUREMENT_FIELDS = tuple(f.name for f in dataclasses.fields(Measurement) if f.name != "samples_ms")
+_MEASUREMENT_FIELDS = tuple(
+    f.name
+    for f in dataclasses.fields(Measurement)
+    if f.name != "samples_ms" and f.default is dataclasses.MISSING
+)
+# Fields with a default (the per-layer report, ...) are taken when the service sends them, so a
+# service from before a field was added still answers.
+_OPTIONAL_FIELDS = tuple(
+    f.name for f in dataclasses.fields(Measurement) if f.default is not dataclasses.MISSING
+)
 
 
 class RemoteProfiler(Profiler):
@@ -43,6 +52,7 @@ class RemoteProfiler(Profiler):
         if not token:
             raise UsageError("the profiler service needs a token (--token or SEARCH_PROFILER_TOKEN)")
         self.address = address
+        self.token = token  # handed on to local worker processes (search run --workers)
         self.timeout_s = timeout_s
         self._url = f"http://{address}"
         self._headers = {"Authorization": f"Bearer {token}"}
@@ -73,6 +83,7 @@ class RemoteProfiler(Profiler):
         self._check_target(answer.get("profiler"))
         try:
             fields = {key: answer[key] for key in _MEASUREMENT_FIELDS}
+            fields.update({key: answer[key] for key in _OPTIONAL_FIELDS if key in answer})
             fields["device"] = {**answer["device"], "host": answer["host"]}
         except (KeyError, TypeError) as exc:
             raise TargetUnavailableError(

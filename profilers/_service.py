@@ -1,10 +1,11 @@
 """The profiler service: a small HTTP server on the device that measures uploaded ONNX models
 with the device's own profiler, for a :class:`~profilers._remote.RemoteProfiler` elsewhere.
 
-``POST /measure`` takes the ONNX file as a raw ``application/octet-stream`` body and answers
-the :meth:`~profilers.Measurement.to_dict` summary plus ``host`` and ``profiler`` (the target
-name). Query parameters, all optional: ``name`` (the client's file name, used in error
-messages) and the :data:`TIMING_KNOBS`, which override the service's own for that request.
+``POST /measure`` takes the ONNX file as a raw ``application/octet-stream`` body (any other
+Content-Type, a form or JSON, gets 415) and answers the :meth:`~profilers.Measurement.to_dict`
+summary plus ``host`` and ``profiler`` (the target name). Query parameters, all optional: ``name``
+(the client's file name, used in error messages) and the :data:`TIMING_KNOBS` as finite numbers,
+which override the service's own for that request.
 ``GET /health`` answers the target, its runtime and the versions. Every request needs
 ``Authorization: Bearer <token>``. One measurement runs at a time, so concurrent clients never
 disturb each other's timings.
@@ -17,6 +18,7 @@ import dataclasses
 import hmac
 import importlib.metadata
 import logging
+import math
 import socket
 import tempfile
 import threading
@@ -35,6 +37,7 @@ __all__ = ["DEFAULT_PORT", "TIMING_KNOBS", "create_app", "serve"]
 
 DEFAULT_PORT = 8765
 MAX_BYTES = 256 * 2**20
+_BODY_TYPE = "application/octet-stream"
 # The Profiler timing knobs a client may set per request, with their types.
 TIMING_KNOBS = {
     "warmup_runs": int,
@@ -86,6 +89,7 @@ def create_app(profiler: Profiler, token: str, max_bytes: int = MAX_BYTES) -> Fa
         params = dict(request.query_params)
         name = params.pop("name", "model.onnx")
         knobs = _knobs(params)
+        _check_content_type(request.headers.get("content-type"))
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_bytes:
             raise HTTPException(413, f"the model is {length} bytes; this service takes at most {max_bytes}")
@@ -109,15 +113,37 @@ def create_app(profiler: Profiler, token: str, max_bytes: int = MAX_BYTES) -> Fa
     return app
 
 
+def _check_content_type(content_type: str | None) -> None:
+    """The body is the ONNX file itself: a form, JSON or any other encoding is refused unread.
+    No Content-Type at all is taken as raw bytes."""
+    media_type = (content_type or _BODY_TYPE).partition(";")[0].strip().lower()
+    if media_type != _BODY_TYPE:
+        raise HTTPException(
+            415, f"Content-Type {content_type!r}: expected {_BODY_TYPE}, the ONNX file as the raw body "
+                 f"(timing options go in the query string: name, {', '.join(TIMING_KNOBS)})",
+        )  # fmt: skip
+
+
 def _knobs(params: dict[str, str]) -> dict[str, float]:
     unknown = sorted(set(params) - set(TIMING_KNOBS))
     if unknown:
         raise HTTPException(400, f"unknown parameter(s) {', '.join(unknown)}; accepted: name, "
                                  f"{', '.join(TIMING_KNOBS)}")  # fmt: skip
-    try:
-        return {key: TIMING_KNOBS[key](value) for key, value in params.items()}
-    except ValueError:
-        raise HTTPException(400, f"timing parameters must be numbers, got {params}") from None
+    knobs = {}
+    for key, text in params.items():
+        kind = TIMING_KNOBS[key]
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        # an infinite time limit could let one request hold the measurement lock for ever
+        if value is None or not math.isfinite(value):
+            raise HTTPException(
+                400, f"timing parameter {key}={text!r}: expected a finite "
+                     f"{'whole number' if kind is int else 'number'}",
+            )  # fmt: skip
+        knobs[key] = value
+    return knobs
 
 
 def _measure(

@@ -102,8 +102,13 @@ def export_candidate(
     plan: Plan,
     precisions: Iterable[str],
     calibration: Iterable,
+    symmetric: bool = False,
 ) -> ExportedModel:
-    """Write ``path``: float ONNX, then int8 Q/DQ for the plan's int8-running layers if any."""
+    """Write ``path``: float ONNX, then int8 Q/DQ for the plan's int8-running layers if any.
+
+    Activations are uint8 with a zero point, the only form ONNX Runtime's CPU kernels run fast;
+    ``symmetric``: int8 activations with zero point 0, the only form TensorRT takes.
+    """
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -140,11 +145,12 @@ def export_candidate(
                     str(path),
                     _Calibration(pre.graph.input[0].name, calibration),
                     quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QUInt8,
+                    activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
                     weight_type=QuantType.QInt8,
                     per_channel=True,
                     nodes_to_exclude=keep_float,
                     calibrate_method=CalibrationMethod.MinMax,
+                    extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
                 )
         except Exception as exc:
             raise CandidateError(f"int8 quantization failed: {type(exc).__name__}: {exc}") from exc

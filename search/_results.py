@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import optuna
@@ -17,16 +18,25 @@ COLUMNS = (
     "latency_ms", "latency_p90_ms", "latency_runs", "latency_spread", "latency_stable", "latency_source",
     "energy_mj", "energy_source", "size_bytes", "size_source", "onnx_bytes",
     "predicted_latency_ms", "predicted_latency_low_ms", "predicted_source", "latency_prediction_error",
-    "pruned_by", "pruned_reason",
-    "precision", "runtime", "measured_on", "fail_reason", "artifacts",
+    "pruned_by", "pruned_reason", "duplicate_of",
+    "precision", "runtime", "measured_on", "fail_reason", "retry_of", "artifacts",
 )  # fmt: skip
 SQLITE_FILE = "study.db"
 
 
-def open_study(study: str | Path, study_name: str | None = None, storage: str | None = None) -> optuna.Study:
-    """A study from a results folder (``results/<name>``), a name under ``results/``, or a storage URL."""
-    if storage is None and "://" in str(study):
-        storage, study = str(study), study_name
+def storage_url(url: str) -> str:
+    """``postgresql://`` with the driver the ``postgres`` extra installs, whatever SQLAlchemy's default."""
+    if url.startswith("postgresql://"):
+        return "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    return url
+
+
+def locate_study(study: str | Path, study_name: str | None = None) -> tuple[str, str]:
+    """The storage URL and study name of a results folder (``results/<name>``), a name under
+    ``results/``, or a storage URL (with ``study_name``, unless the storage holds one study)."""
+    storage = None
+    if "://" in str(study):
+        storage, study = storage_url(str(study)), study_name
     if storage is None:
         folder = Path(study)
         if not (folder / SQLITE_FILE).exists():
@@ -45,6 +55,12 @@ def open_study(study: str | Path, study_name: str | None = None, storage: str | 
         study_name = names[0]
     if study_name not in names:
         raise UsageError(f"study {study_name!r} is not in {storage}; it holds: {', '.join(names) or 'none'}")
+    return storage, study_name
+
+
+def open_study(study: str | Path, study_name: str | None = None) -> optuna.Study:
+    """A study from a results folder (``results/<name>``), a name under ``results/``, or a storage URL."""
+    storage, study_name = locate_study(study, study_name)
     return optuna.load_study(study_name=study_name, storage=storage)
 
 
@@ -64,14 +80,32 @@ def _frame(study: optuna.Study) -> pd.DataFrame:
     if "user_attrs_plan" in frame:
         frame["plan"] = frame.pop("user_attrs_plan").map(lambda p: json.dumps(p) if isinstance(p, dict) else p)
     trials = study.get_trials(deepcopy=False)
+    frame["retry_of"] = [t.system_attrs.get("failed_trial") for t in trials]
+    frame["fail_reason"] = _fail_reasons(trials, frame["fail_reason"])
     complete = any(t.state == TrialState.COMPLETE for t in trials)
-    pareto = {t.number for t in study.best_trials} if complete else set()
+    # A duplicate repeats an earlier trial's result: the earlier one stands for both on the front.
+    pareto = {t.number for t in study.best_trials if "duplicate_of" not in t.user_attrs} if complete else set()
     frame["feasible"] = [
         t.state == TrialState.COMPLETE and all(v <= 0 for v in t.constraints.values()) for t in trials
     ]
     frame["pareto"] = frame["number"].isin(pareto)
     first = ["number", "state", "pareto", "feasible", *COLUMNS]
     return frame[first + [c for c in frame if c not in first]]
+
+
+def _fail_reasons(trials: list[optuna.trial.FrozenTrial], recorded: pd.Series) -> list:
+    """The recorded reasons, and for a trial whose worker died (it could record nothing) what the
+    study knows: the stage it was in and the trial that retried its plan."""
+    retries = {n: t.number for t in trials for n in t.system_attrs.get("retry_history", ())}
+    reasons = []
+    for trial, reason in zip(trials, recorded):
+        if trial.state == TrialState.FAIL:
+            if reason is None or reason != reason:
+                reason = f"its worker stopped (killed, crashed or lost) during {trial.user_attrs.get('stage', 'start-up')}"
+            if trial.number in retries:
+                reason += f"; retried as trial {retries[trial.number]}"
+        reasons.append(reason)
+    return reasons
 
 
 def load_trials(study: str | Path | optuna.Study, study_name: str | None = None) -> pd.DataFrame:
@@ -85,17 +119,17 @@ def load_trials(study: str | Path | optuna.Study, study_name: str | None = None)
     return _frame(study)
 
 
-def write_parquet(study: optuna.Study) -> Path | None:
-    folder = study.user_attrs.get("results_dir")
-    if folder is None:
-        return None
+def write_parquet(study: optuna.Study, folder: str | Path) -> Path:
+    """``folder/trials.parquet``, replaced atomically: a crash mid-write leaves the previous file."""
     path = Path(folder) / "trials.parquet"
     frame = _frame(study)
     for column in frame.columns[frame.dtypes == object]:
         kinds = {type(v) for v in frame[column] if v is not None and v == v}
         if len(kinds) > 1:  # e.g. sparsity choices 0.5 and "2:4": Parquet columns hold one type
             frame[column] = frame[column].map(lambda v: None if v is None or v != v else str(v))
-    frame.to_parquet(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per worker process
+    frame.to_parquet(temporary)
+    os.replace(temporary, path)
     return path
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -11,25 +12,38 @@ from pathlib import Path
 
 import optuna
 import torch
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import RDBStorage
 from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
-from profilers import Profiler, get_profiler
+from profilers import Profiler, RemoteProfiler, get_profiler
+from profilers._service import TIMING_KNOBS
 from search._budget import Budget, parse_budget
 from search._costgate import CostGate
 from search._costmodel import plan_features
 from search._distill import Finetune, distill
-from search._errors import CandidateError, UsageError
+from search._errors import CandidateError, SearchError, UsageError
 from search._export import OnnxModule, export_candidate, export_float
 from search._layers import LayerInfo, compressible_layers, describe_layers
 from search._plan import Plan
 from search._quant import bake
-from search._results import write_parquet
+from search._results import locate_study, storage_url, write_parquet
 from search._size import packed_size_bytes
 from search._space import SearchSpace, suggest_plan
-from search._task import Task
+from search._task import Task, load_task
 from search._transforms import apply_plan
+from search._workers import (
+    WORKER_ATTR,
+    RetryOnce,
+    Surplus,
+    claim_slot,
+    measuring_alone,
+    retry_interrupted,
+    spawn_workers,
+    stop_workers,
+    this_worker,
+    work_loop,
+)
 from targets import Target, load_target
 
 # objective name (--objectives) -> (study metric name and trial user attr, direction)
@@ -42,7 +56,10 @@ OBJECTIVES = {
 SAMPLERS = ("tpe", "nsga2", "random")
 STAGES = ("build", "fine-tune", "export", "evaluate", "measure")
 HEARTBEAT_S = 30
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)  # count towards --trials
+LAYER_TIMES_KEPT = 20  # slowest layers recorded on a trial; a large model has hundreds
+BASELINE_TRIES = 3  # measurements of the teacher before an unsettled one stops the run
+BASELINE_WAIT_S = 600  # how long a joining worker waits for the first process to measure the teacher
+OutOfMemory = (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
 
 StageCallback = Callable[[int, str], None]
 
@@ -69,13 +86,14 @@ def _sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
 
 
 def _storage(url: str) -> optuna.storages.BaseStorage:
+    url = storage_url(url)
     if url.startswith(("sqlite:", "postgresql", "mysql")):
         # Heartbeats: a trial whose process died is failed and its plan retried once.
         return RDBStorage(
             url,
             heartbeat_interval=HEARTBEAT_S,
             grace_period=4 * HEARTBEAT_S,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+            heartbeat_stale_trial_callback=RetryOnce(),
         )
     return optuna.storages.get_storage(url)
 
@@ -119,7 +137,7 @@ def _report_and_maybe_prune(study: optuna.Study, trial: optuna.Trial, curve: dic
 
 @dataclasses.dataclass
 class _Search:
-    """Everything one study's objective needs, built once before the first trial."""
+    """Everything one worker's objective needs, built once before its first trial."""
 
     task: Task
     target: Target
@@ -133,16 +151,30 @@ class _Search:
     seed: int
     on_stage: StageCallback
     gate: CostGate | None
+    trials: Callable[[], int]
+    current: int | None = None  # the number of the trial this worker runs or ran last
 
     def objective(self, study: optuna.Study, trial: optuna.Trial) -> tuple[float, ...]:
+        self.current = trial.number
+        trial.set_user_attr(WORKER_ATTR, this_worker())
+        claim_slot(study, trial, self.trials())
         try:
             return self._evaluate(study, trial)
         except CandidateError as exc:
             trial.set_user_attr("fail_reason", str(exc))
             raise
+        except OutOfMemory as exc:
+            reason = f"out of memory during {trial.user_attrs.get('stage', 'build')}: {exc}"
+            trial.set_user_attr("fail_reason", reason)
+            raise CandidateError(reason) from exc
+        except KeyboardInterrupt:
+            trial.set_user_attr("interrupted", True)
+            trial.set_user_attr("fail_reason", f"interrupted during {trial.user_attrs.get('stage', 'build')}")
+            raise
 
     def _stage(self, trial: optuna.Trial, stage: str, seconds: dict) -> None:
         seconds[stage] = time.perf_counter()
+        trial.set_user_attr("stage", stage)  # what a crashed trial was doing
         self.on_stage(trial.number, stage)
 
     def _veto_if_over_budget(self, study: optuna.Study, trial: optuna.Trial, features: dict) -> None:
@@ -165,6 +197,9 @@ class _Search:
     def _evaluate(self, study: optuna.Study, trial: optuna.Trial) -> tuple[float, ...]:
         task, seconds = self.task, {}
         plan = suggest_plan(trial, self.space, self.layers)
+        same = _same_plan(study, trial)
+        if same is not None:
+            return self._reuse(study, trial, same)
         trial.set_user_attr("plan", plan.to_dict())
         self._stage(trial, "build", seconds)
         torch.manual_seed(self.seed + trial.number)
@@ -194,6 +229,7 @@ class _Search:
         exported = export_candidate(
             candidate, task.example_input, trial_dir / "model.onnx",
             plan=plan, precisions=self.target.precisions, calibration=task.train,
+            symmetric=self.target.runtime == "tensorrt",
         )  # fmt: skip
         (trial_dir / "plan.json").write_text(plan.to_json())
         torch.save({"plan": plan.to_json(), "state_dict": candidate.state_dict()}, trial_dir / "checkpoint.pt")
@@ -204,8 +240,14 @@ class _Search:
             raise CandidateError(f"metric is {metric} on the exported model")
 
         self._stage(trial, "measure", seconds)
-        measurement = self.profiler.measure(exported.path)
+        with measuring_alone(self.target.name):
+            measurement = self.profiler.measure(exported.path)
         seconds["end"] = time.perf_counter()
+        if not measurement.stable:
+            raise CandidateError(
+                f"latency did not stabilise: the median still moved after {measurement.runs} runs in "
+                f"{self.profiler.max_time_s:g} s (spread {measurement.spread:.1%}); is the machine busy?"
+            )
 
         stages = list(seconds)
         record = {
@@ -228,6 +270,8 @@ class _Search:
             "runtime": f"{measurement.runtime} {measurement.runtime_version}",
             "measured_on": measurement.device.get("host", socket.gethostname()),
             "device": measurement.to_dict()["device"],
+            # The runtime's per-layer times (TensorRT), slowest first: why a plan is not faster.
+            "layer_times": measurement.to_dict()["layers"][:LAYER_TIMES_KEPT],
             "artifacts": str(trial_dir),
             "seconds": {s: round(seconds[n] - seconds[s], 3) for s, n in zip(stages, stages[1:])},
         }
@@ -237,8 +281,33 @@ class _Search:
             trial.set_constraint("latency_over_budget_ms", measurement.latency_ms - self.budget_ms)
         return tuple(record[OBJECTIVES[o][0]] for o in self.objectives)
 
+    def _reuse(self, study: optuna.Study, trial: optuna.Trial, same: optuna.trial.FrozenTrial) -> tuple[float, ...]:
+        """A plan some trial already evaluated: its results, not a second fine-tune and measurement.
 
-def _baseline(task: Task, profiler: Profiler, directory: Path) -> dict:
+        A plan another worker is evaluating right now is pruned instead (its result is not known yet).
+        """
+        if same.state == TrialState.RUNNING:
+            trial.set_user_attr("pruned_by", "duplicate")
+            trial.set_user_attr("pruned_reason", f"same plan as trial {same.number}, running in another worker")
+            raise optuna.TrialPruned(f"same plan as running trial {same.number}")
+        for key, value in same.user_attrs.items():
+            if key not in (WORKER_ATTR, "stage"):
+                trial.set_user_attr(key, value)
+        trial.set_user_attr("duplicate_of", same.number)
+        for key, value in same.constraints.items():
+            trial.set_constraint(key, value)
+        return tuple(same.values)
+
+
+def _same_plan(study: optuna.Study, trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
+    """An earlier trial, completed or running, with exactly this trial's parameters."""
+    for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
+        if other.number != trial.number and other.params == trial.params and "duplicate_of" not in other.user_attrs:
+            return other
+    return None
+
+
+def _baseline(task: Task, target: Target, profiler: Profiler, directory: Path) -> dict:
     """The uncompressed teacher exported as fp32, scored and measured on the target, once per study."""
     path = directory / "baseline" / "model.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -246,7 +315,17 @@ def _baseline(task: Task, profiler: Profiler, directory: Path) -> dict:
         export_float(task.model, task.example_input, path)
     except CandidateError as exc:
         raise UsageError(f"the task's model cannot be exported to ONNX: {exc}") from exc
-    measurement = profiler.measure(path)
+    with measuring_alone(target.name):
+        for _ in range(BASELINE_TRIES):
+            measurement = profiler.measure(path)
+            if measurement.stable:
+                break
+        else:
+            raise UsageError(
+                f"the teacher's latency did not stabilise in {BASELINE_TRIES} measurements (spread "
+                f"{measurement.spread:.1%}); the budget and every speedup are relative to it. Measure on a "
+                "quieter machine, or with a longer --profiler timing"
+            )
     return {
         "metric": task.score(OnnxModule(path)),
         "latency_ms": measurement.latency_ms,
@@ -259,20 +338,99 @@ def _baseline(task: Task, profiler: Profiler, directory: Path) -> dict:
     }
 
 
-def _claim(study: optuna.Study, key: str, value) -> None:
-    """Record a setting on a new study; refuse to resume one made with another setting."""
+def _claim(study: optuna.Study, key: str, value, hint: str | None = None) -> None:
+    """Record a setting on a new study; refuse to resume or join one made with another setting."""
     stored = study.user_attrs.get(key)
     if stored is None:
         study.set_user_attr(key, value)
     elif stored != value:
         raise UsageError(
             f"study {study.study_name!r} was made with {key} {stored!r}, not {value!r}; "
-            "resume it with the same settings or choose another --study-name"
+            + (hint or "resume it with the same settings or choose another --study-name")
         )
 
 
 def default_study_name(task: Task, target: Target) -> str:
     return f"{task.name}-{target.name}"
+
+
+def _pruner(name: str, finetune: Finetune) -> optuna.pruners.BasePruner:
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    # Keep the top 80 %: prune a fine-tune whose metric from half-way on is in the bottom fifth.
+    return optuna.pruners.PercentilePruner(80.0, n_startup_trials=8, n_warmup_steps=finetune.steps // 2)
+
+
+def _pruner_name(pruner: optuna.pruners.BasePruner | None) -> str:
+    if pruner is None:
+        return "percentile"
+    return "none" if isinstance(pruner, optuna.pruners.NopPruner) else "custom"
+
+
+def _trials_wanted(study: optuna.Study) -> Callable[[], int]:
+    """The study's ``--trials``, read afresh: a later ``search run --trials N`` raises it for every worker."""
+    return lambda: study.user_attrs["run_spec"]["trials"]
+
+
+def _work(study: optuna.Study, search: _Search, timeout: float | None, callbacks: Sequence[Callable]) -> None:
+    """This process's share of the study's trials; Ctrl-C queues the interrupted trial to run again."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        work_loop(
+            study,
+            lambda: study.optimize(
+                lambda trial: search.objective(study, trial),
+                n_trials=1,
+                catch=(CandidateError, Surplus),
+                callbacks=list(callbacks),
+            ),
+            search.trials,
+            deadline,
+        )
+    except KeyboardInterrupt:
+        retry_interrupted(study, search.current)
+        raise
+
+
+def _searcher(
+    study: optuna.Study,
+    task: Task,
+    target: Target,
+    profiler: Profiler,
+    directory: Path,
+    on_stage: StageCallback | None,
+    *,
+    space: SearchSpace,
+    finetune: Finetune,
+    gate: CostGate | None,
+    seed: int,
+) -> _Search:
+    """The objective of one worker of ``study``, which already holds its settings and baseline."""
+    layers = describe_layers(task.model, task.example_input)
+    if gate is not None:
+        study.set_user_attr("cost_model_warm_start", gate.warm_start)
+    budget = study.user_attrs["budget"]
+    budget_ms = parse_budget(budget).resolve(study.user_attrs["baseline"]["latency_ms"]) if budget != "none" else None
+    return _Search(
+        task, target, profiler, space, layers, tuple(study.user_attrs["objectives"]), finetune, budget_ms,
+        directory, seed, on_stage or (lambda number, stage: None), gate, _trials_wanted(study),
+    )  # fmt: skip
+
+
+def _gate(on: bool, results_dir: Path, study_name: str, target: Target, task: Task) -> CostGate | None:
+    """The cost model's gate; it reads earlier studies' measurements, so a stale file stops the run here."""
+    if not on:
+        return None
+    return CostGate(results_dir / "costmodel" / target.name / task.name, study_name, target.name, task.name)
+
+
+def _after_trial(directory: Path, gate: CostGate | None) -> Callable:
+    def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial | None) -> None:
+        write_parquet(study, directory)
+        if gate is not None:
+            gate.save(study)
+
+    return after_trial
 
 
 def run(
@@ -293,6 +451,7 @@ def run(
     storage: str | None = None,
     study_name: str | None = None,
     results_dir: str | Path = "results",
+    workers: int = 1,
     on_stage: StageCallback | None = None,
     callbacks: Sequence[Callable] = (),
 ) -> optuna.Study:
@@ -302,11 +461,23 @@ def run(
     gives its DataFrame. User errors raise :class:`~search.UsageError` before any work starts.
     ``profiler`` defaults to the target's own (:func:`profilers.get_profiler`). ``cost_model``: predict
     each plan's latency before fine-tuning it and skip plans confidently over the budget.
+    ``workers``: this process plus ``workers - 1`` ``search worker`` processes on this machine share
+    the study (the task must come from :func:`search.load_task`, so that they can load it too);
+    other machines join with :func:`work` on the same ``storage``.
     """
     if trials < 1:
         raise UsageError(f"trials must be at least 1, got {trials}")
     if timeout is not None and timeout <= 0:
         raise UsageError(f"timeout must be positive seconds, got {timeout}")
+    if workers < 1:
+        raise UsageError(f"workers must be at least 1, got {workers}")
+    if workers > 1 and task.spec is None:
+        raise UsageError(
+            "workers > 1 needs a task loaded by 'module:function' (search.load_task or --task), "
+            "so that every worker process can load it"
+        )
+    if workers > 1 and _pruner_name(pruner) == "custom":
+        raise UsageError("workers > 1 runs the default pruner or none: pass pruner=None or NopPruner()")
     target = target if isinstance(target, Target) else load_target(target)
     profiler = profiler or get_profiler(target)
     budget = parse_budget(budget) if isinstance(budget, str) else budget
@@ -323,20 +494,17 @@ def run(
         )
 
     study_name = study_name or default_study_name(task, target)
-    gate = None
-    if cost_model:  # reads earlier studies' measurements: a stale file stops the run here
-        gate = CostGate(Path(results_dir) / "costmodel" / target.name / task.name, study_name, target.name, task.name)
-    directory = Path(results_dir) / study_name
+    results_dir = Path(results_dir)
+    gate = _gate(cost_model, results_dir, study_name, target, task)
+    directory = results_dir / study_name
     directory.mkdir(parents=True, exist_ok=True)
-    storage_url = storage or f"sqlite:///{directory.resolve() / 'study.db'}"
+    url = storage or f"sqlite:///{directory.resolve() / 'study.db'}"
     study = optuna.create_study(
-        storage=_storage(storage_url),
+        storage=_storage(url),
         study_name=study_name,
         directions=[OBJECTIVES[o][1] for o in objectives],
         sampler=sampler_obj,
-        # Keep the top 80 %: prune a fine-tune whose metric from half-way on is in the bottom fifth.
-        pruner=pruner
-        or optuna.pruners.PercentilePruner(80.0, n_startup_trials=8, n_warmup_steps=finetune.steps // 2),
+        pruner=pruner or _pruner("percentile", finetune),
         load_if_exists=True,
     )
     _claim(study, "task", task.name)
@@ -344,37 +512,117 @@ def run(
     study.set_user_attr("target_file", target.path)
     _claim(study, "objectives", list(objectives))
     _claim(study, "budget", str(budget) if budget else "none")
+    _claim(
+        study, "teacher_sha256", task.fingerprint(),
+        "every worker must load the same trained teacher (copy its weights file to this machine)",
+    )  # fmt: skip
     study.set_metric_names([OBJECTIVES[o][0] for o in objectives])
     # A resumed study must not replay the first session's random start-up plans.
     study.sampler = _sampler(sampler, seed + len(study.trials)) if study.trials else sampler_obj
     study.set_user_attr("results_dir", str(directory.resolve()))
-
-    if "baseline" not in study.user_attrs:
-        study.set_user_attr("baseline", _baseline(task, profiler, directory))
-    baseline = study.user_attrs["baseline"]
-    budget_ms = budget.resolve(baseline["latency_ms"]) if budget else None
-    study.set_user_attr("budget_ms", budget_ms)
-
-    if gate is not None:
-        study.set_user_attr("cost_model_warm_start", gate.warm_start)
-    search = _Search(
-        task, target, profiler, space, layers, objectives, finetune, budget_ms, directory, seed,
-        on_stage or (lambda number, stage: None), gate,
+    study.set_user_attr(
+        "run_spec",
+        {
+            "task": task.spec, "trials": trials, "sampler": sampler, "seed": seed, "space": space.to_dict(),
+            "finetune": dataclasses.asdict(finetune), "pruner": _pruner_name(pruner), "cost_model": cost_model,
+            "timing": {key: getattr(profiler, key) for key in TIMING_KNOBS},
+        },
     )  # fmt: skip
 
-    def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        write_parquet(study)
-        if gate is not None:
-            gate.save(study)
+    if "baseline" not in study.user_attrs:
+        study.set_user_attr("baseline", _baseline(task, target, profiler, directory))
+    budget_ms = budget.resolve(study.user_attrs["baseline"]["latency_ms"]) if budget else None
+    study.set_user_attr("budget_ms", budget_ms)
 
-    done = len(study.get_trials(deepcopy=False, states=FINISHED))
-    if trials > done:
-        study.optimize(
-            lambda trial: search.objective(study, trial),
-            n_trials=trials - done,
-            timeout=timeout,
-            catch=(CandidateError,),
-            callbacks=[after_trial, *callbacks],
+    search = _searcher(
+        study, task, target, profiler, directory, on_stage, space=space, finetune=finetune, gate=gate, seed=seed,
+    )  # fmt: skip
+    after_trial = _after_trial(directory, search.gate)
+    helpers = []
+    if workers > 1:
+        env = {"SEARCH_PROFILER_TOKEN": profiler.token} if isinstance(profiler, RemoteProfiler) else {}
+        helpers = spawn_workers(
+            workers - 1, url, study_name, results_dir.resolve(), seed,
+            getattr(profiler, "address", None), env,
+        )  # fmt: skip
+    interrupted = False
+    try:
+        _work(study, search, timeout, [after_trial, *callbacks])
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:
+        failed = [code for code in stop_workers(helpers, interrupted) if code not in (0, 130)]
+        after_trial(study, None)
+    if failed:
+        raise SearchError(
+            f"{len(failed)} of {workers - 1} worker processes failed (exit codes {failed}); "
+            f"see {directory / 'workers'}/*.log"
         )
-    after_trial(study, None)
     return study
+
+
+def work(
+    study: str | Path,
+    study_name: str | None = None,
+    *,
+    profiler: Profiler | None = None,
+    service: str | None = None,
+    token: str | None = None,
+    results_dir: str | Path = "results",
+    seed: int | None = None,
+    timeout: float | None = None,
+    on_stage: StageCallback | None = None,
+    callbacks: Sequence[Callable] = (),
+) -> optuna.Study:
+    """Join a study that :func:`run` started (a results folder, a name under ``results/``, or a
+    storage URL such as ``postgresql://…``) as one more worker, with the study's own settings, until
+    it holds its trials.
+
+    The task is loaded by the ``module:function`` the study was started with; its teacher must be the
+    same (same weights) as the first process's. Measurements go to ``profiler``, or to the target's
+    own (a profiler service with ``service`` and ``token``), timed as the first process timed them.
+    """
+    url, study_name = locate_study(study, study_name)
+    opened = optuna.load_study(study_name=study_name, storage=_storage(url))
+    spec = opened.user_attrs.get("run_spec")
+    if spec is None:
+        raise UsageError(f"study {opened.study_name!r} was not started by `search run`; start it that way first")
+    if spec["task"] is None:
+        raise UsageError(
+            f"study {opened.study_name!r} was started with a Task object, not 'module:function': "
+            "join it with search.run(the same task, storage=..., study_name=...)"
+        )
+    if spec["pruner"] == "custom":
+        raise UsageError(f"study {opened.study_name!r} was started with a custom pruner; workers cannot rebuild it")
+    target_file = opened.user_attrs["target_file"]
+    target = load_target(target_file if Path(target_file).exists() else opened.user_attrs["target"])
+    profiler = profiler or get_profiler(target, service=service, token=token, **spec["timing"])
+    task = load_task(spec["task"])
+    _claim(
+        opened, "teacher_sha256", task.fingerprint(),
+        "every worker must load the same trained teacher (copy its weights file to this machine)",
+    )  # fmt: skip
+    waited = time.monotonic()
+    while "baseline" not in opened.user_attrs:  # the first process is still measuring the teacher
+        if time.monotonic() - waited > BASELINE_WAIT_S:
+            raise UsageError(f"study {opened.study_name!r} has no baseline after {BASELINE_WAIT_S} s; is its first process running?")
+        time.sleep(1.0)
+    finetune = Finetune(**spec["finetune"])
+    seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
+    opened.sampler = _sampler(spec["sampler"], seed)
+    opened.pruner = _pruner(spec["pruner"], finetune)
+    results_dir = Path(results_dir)
+    gate = _gate(spec["cost_model"], results_dir, opened.study_name, target, task)
+    directory = results_dir / opened.study_name
+    directory.mkdir(parents=True, exist_ok=True)
+    search = _searcher(
+        opened, task, target, profiler, directory, on_stage, space=SearchSpace.from_dict(spec["space"]),
+        finetune=finetune, gate=gate, seed=seed,
+    )  # fmt: skip
+    after_trial = _after_trial(directory, gate)
+    try:
+        _work(opened, search, timeout, [after_trial, *callbacks])
+    finally:
+        after_trial(opened, None)
+    return opened

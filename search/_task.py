@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import sys
 from collections.abc import Callable, Iterable
@@ -33,6 +34,8 @@ class Task:
     ``train`` and ``val`` are iterables of ``(inputs, labels)`` batches (DataLoaders); ``example_input``
     has batch size 1 and fixes the shape latency is measured at; ``metric(model, val)`` is higher-is-better
     and is called on the exported ONNX model (wrapped as an ``nn.Module``) as well as on torch models.
+    ``spec`` is the ``module:function`` that made the task (set by :func:`load_task`): worker
+    processes load the task by it.
     """
 
     model: nn.Module
@@ -41,6 +44,7 @@ class Task:
     example_input: torch.Tensor
     metric: Metric | None = None
     name: str = "task"
+    spec: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, nn.Module):
@@ -49,6 +53,14 @@ class Task:
             raise UsageError("Task.example_input must be a tensor with batch size 1")
         if self.metric is None:
             self.metric = top1_accuracy
+
+    def fingerprint(self) -> str:
+        """sha256 of the teacher's weights: every worker of a study must compress the same model."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
     def score(self, model: nn.Module) -> float:
         model.eval()
@@ -78,8 +90,11 @@ def load_task(spec: str) -> Task:
         raise UsageError(f"task {spec!r}: module {module_name!r} has no function {function_name!r}")
     try:
         task = function()
+    except UsageError:
+        raise
     except Exception as exc:
         raise UsageError(f"task {spec!r}: {function_name}() raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(task, Task):
         raise UsageError(f"task {spec!r}: {function_name}() returned {type(task).__name__}, not a search.Task")
+    task.spec = spec
     return task

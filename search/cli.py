@@ -27,7 +27,8 @@ from search._distill import Finetune
 from search._errors import SearchError, UsageError
 from search._results import load_trials, open_study, pareto_front, plot_front
 from search._space import SearchSpace
-from search._study import FINISHED, OBJECTIVES, SAMPLERS, STAGES, _check_objectives, _sampler, run
+from search._study import OBJECTIVES, SAMPLERS, STAGES, _check_objectives, _sampler, run, work
+from search._workers import finished_count
 from search._task import DEFAULT_TASK, load_task
 
 class Switch(str, enum.Enum):
@@ -53,7 +54,10 @@ def _user_errors():
     except SearchError as exc:
         if _debug["on"]:
             raise
-        Console(stderr=True).print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False)
+        # soft_wrap: one line whatever the terminal's width, so it greps and pipes whole
+        Console(stderr=True).print(
+            Text.assemble(("error: ", "bold red"), str(exc)), highlight=False, soft_wrap=True
+        )
         raise typer.Exit(1) from None
 
 
@@ -110,6 +114,9 @@ def run_command(
     storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL (default: SQLite in results/).")] = None,
     study_name: Annotated[Optional[str], typer.Option(help="Default: <task>-<target>.")] = None,
     results_dir: Annotated[Path, typer.Option(help="Where studies write.")] = Path("results"),
+    workers: Annotated[
+        int, typer.Option(min=1, help="Processes on this machine sharing the study (this one included).")
+    ] = 1,
     profiler: ProfilerAddress = None,
     token: ProfilerToken = None,
     dry_run: Annotated[bool, typer.Option(help="Print the resolved run and exit.")] = False,
@@ -141,7 +148,7 @@ def run_command(
             "objectives": list(objective_names), "trials": trials, "timeout": timeout, "sampler": sampler,
             "seed": seed, "space": space_spec.to_dict(), "finetune": dataclasses.asdict(finetune),
             "cost_model": cost_model.value, "storage": storage, "study_name": study_name,
-            "results_dir": str(results_dir),
+            "results_dir": str(results_dir), "workers": workers,
             "profiler": getattr(measurer, "address", "local"),
         }  # fmt: skip
         if dry_run:
@@ -152,27 +159,28 @@ def run_command(
                 measurer.check()
         with console.status(f"loading task {task}…"):
             task_obj = load_task(task)
-        progress = _Progress(trials)
-        try:
-            with console.status(f"measuring the uncompressed teacher on {target_spec.name}…") as status:
-                progress.status = status
-                study = run(
-                    task_obj, target=target_spec, budget=budget_spec, objectives=spec["objectives"],
-                    trials=trials, timeout=timeout, sampler=sampler, seed=seed, space=space_spec,
-                    finetune=finetune, pruner=None if prune_trials else optuna.pruners.NopPruner(),
-                    cost_model=cost_model == Switch.on, profiler=measurer,
-                    storage=storage, study_name=study_name, results_dir=results_dir,
-                    on_stage=progress.stage, callbacks=[progress.trial_done],
-                )  # fmt: skip
-        except KeyboardInterrupt:
+        if workers > 1 and not isinstance(measurer, profilers.RemoteProfiler):
             console.print(
-                "interrupted: the running trial is marked failed, finished trials are kept. "
-                "Run the same command again to resume the study.",
+                f"note: {workers} workers fine-tune on this machine while it measures; measurements take "
+                "turns, but the other workers' load can still slow them. For figures to rely on, measure "
+                "on the device (--profiler) or run one worker.",
                 highlight=False,
             )
-            raise typer.Exit(130) from None
+        progress = _Progress(trials)
+        with _resumable("the same command"), console.status(
+            f"measuring the uncompressed teacher on {target_spec.name}…"
+        ) as status:
+            progress.status = status
+            study = run(
+                task_obj, target=target_spec, budget=budget_spec, objectives=spec["objectives"],
+                trials=trials, timeout=timeout, sampler=sampler, seed=seed, space=space_spec,
+                finetune=finetune, pruner=None if prune_trials else optuna.pruners.NopPruner(),
+                cost_model=cost_model == Switch.on, profiler=measurer,
+                storage=storage, study_name=study_name, results_dir=results_dir, workers=workers,
+                on_stage=progress.stage, callbacks=[progress.trial_done],
+            )  # fmt: skip
         _print_front(study)
-        folder = Path(study.user_attrs["results_dir"])
+        folder = results_dir.resolve() / study.study_name
         console.print(
             f"\nResults in [bold]{folder}[/]: study.db, trials.parquet, trials/<n>/model.onnx\n"
             f"  search results {folder}        # front table and pareto.png\n"
@@ -183,11 +191,51 @@ def run_command(
         )
 
 
+@contextlib.contextmanager
+def _resumable(again: str):
+    """Ctrl-C: one line saying what was kept and how to go on, exit status 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        console.print(
+            "interrupted: the running trial is marked failed and queued to run again; finished trials "
+            f"are kept. Run {again} again to resume the study.",
+            highlight=False,
+        )
+        raise typer.Exit(130) from None
+
+
+@app.command("worker")
+def worker_command(
+    study: StudyArg,
+    study_name: StudyName = None,
+    results_dir: Annotated[Path, typer.Option(help="Where this worker writes its trials' files.")] = Path("results"),
+    seed: Annotated[Optional[int], typer.Option(help="This worker's sampler seed (default: random).")] = None,
+    timeout: Annotated[
+        Optional[float], typer.Option(min=0.001, help="Stop starting trials after this many seconds.")
+    ] = None,
+    profiler: ProfilerAddress = None,
+    token: ProfilerToken = None,
+) -> None:
+    """Join a study started by `search run` (e.g. on PostgreSQL) and work on it with its own settings."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    with _user_errors(), _resumable("this worker"):
+        progress = _Progress(None)
+        with console.status(f"joining {study}…") as status:
+            progress.status = status
+            joined = work(
+                study, study_name, service=profiler, token=token, results_dir=results_dir, seed=seed,
+                timeout=timeout, on_stage=progress.stage, callbacks=[progress.trial_done],
+            )  # fmt: skip
+        console.print(f"{joined.study_name}: {finished_count(joined)} trials finished", highlight=False)
+
+
 class _Progress:
     """Live status: trials done, the running trial's stage, and the best feasible point so far."""
 
-    def __init__(self, trials: int) -> None:
-        self.trials = trials
+    def __init__(self, trials: int | None) -> None:
+        self.trials = trials or "?"
         self.status = None
         self.best = "none yet"
         self.done = "?"
@@ -212,7 +260,8 @@ class _Progress:
         else:
             reason = attrs.get("fail_reason") or attrs.get("pruned_reason") or trial.system_attrs.get("fail_reason", "")
             console.print(f"trial {trial.number:>3}  {trial.state.name.lower()}  {reason}", highlight=False)
-        self.done = len(study.get_trials(deepcopy=False, states=FINISHED))
+        self.done = finished_count(study)
+        self.trials = study.user_attrs.get("run_spec", {}).get("trials", self.trials)
         feasible = study.best_trials
         if feasible:
             top = max(feasible, key=lambda t: t.user_attrs["metric"])

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import models` under any import mode
 
@@ -42,22 +41,9 @@ def tiny_task():
 
     Shared by the whole session: tests must not train or modify ``tiny_task.model``.
     """
-    from search._task import Task
-    from search.tasks import _digits_data
+    from worker_task import tiny_task
 
-    train_set, val_set = _digits_data()
-    train = DataLoader(train_set, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
-    val = DataLoader(val_set, batch_size=256)
-    torch.manual_seed(0)
-    model = SmallCNN()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(3):
-        for inputs, labels in train:
-            loss = nn.functional.cross_entropy(model(inputs), labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return Task(model.eval(), train, val, example_input=val_set[0][0][None], name="tiny-digits")
+    return tiny_task()
 
 
 @pytest.fixture(scope="session")
@@ -82,3 +68,18 @@ def loopback_service():
 
     with serving(OnnxRuntimeCpuProfiler(load_target("cpu"))) as (_, address):
         yield address
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A real PostgreSQL server on loopback for the session (Debian's package; tests/install-postgres.sh).
+
+    Skipped where the package is missing, except in CI, where that is a failure."""
+    from postgres import postgres_server, server_binaries
+
+    if server_binaries() is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is not installed: .ci/run should have run tests/install-postgres.sh")
+        pytest.skip("PostgreSQL server binaries not found: run tests/install-postgres.sh")
+    with postgres_server() as url:
+        yield url

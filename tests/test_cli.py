@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import sys
+import uuid
+from pathlib import Path
 
 import optuna
 import pytest
 from typer.testing import CliRunner
 
 import profilers
+import search
 from search import cli
 from search._budget import Budget
 
 runner = CliRunner()
+CPU_TARGET = Path(__file__).resolve().parents[1] / "targets" / "cpu.toml"
 
 
 @pytest.fixture
@@ -60,13 +66,24 @@ def test_space_file_and_flags_combine(captured, tmp_path):
     assert captured["kwargs"]["space"].pruning == (0.0, 0.25)  # the flag wins
 
 
+def error_line(result) -> str:
+    """The one line a library error prints, after checking it is one line and exit status 1."""
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1, result.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+BUDGET_FORMS = "expected a time such as 5ms, 500us, 0.005s, or a ratio to the uncompressed model such as 0.5x"
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--budget", "5parsecs"], "expected a time such as 5ms"),
-        (["--budget", "-1ms"], "expected a time such as 5ms"),
-        (["--budget", "0x"], "greater than zero"),
-        (["--target", "jetsn"], "known: cpu"),
+        (["--budget", "5parsecs"], f"budget '5parsecs': {BUDGET_FORMS}"),
+        (["--budget", "-1ms"], f"budget '-1ms': {BUDGET_FORMS}"),
+        (["--budget", "0x"], f"budget '0x': must be greater than zero; {BUDGET_FORMS}"),
+        (["--target", "jetsn"], "unknown target 'jetsn'; known: cpu, gpu, jetson,"),
         (["--target", "jetson"], "TensorRT"),
         (["--task", "nosuchmodule:fn"], "cannot import module 'nosuchmodule'"),
         (["--width", "big"], "comma-separated numbers"),
@@ -77,9 +94,9 @@ def test_space_file_and_flags_combine(captured, tmp_path):
 def test_user_errors_are_one_line_and_exit_1(monkeypatch, tmp_path, args, message):
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(cli.app, ["run", *args])
-    assert result.exit_code == 1
-    assert "error:" in result.output and message in " ".join(result.output.split())
+    assert message in error_line(result)
     assert "Traceback" not in result.output
+    assert not any(tmp_path.iterdir())  # stopped before any study was created
 
 
 def test_trials_must_be_positive():
@@ -159,3 +176,93 @@ def test_targets_lists_what_is_measurable_here():
 def test_results_of_a_missing_study_is_an_error(tmp_path):
     result = runner.invoke(cli.app, ["results", str(tmp_path / "none")])
     assert result.exit_code == 1 and "no study" in result.output
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('threads = "4"', ["'threads'", "an integer >= 1"]),
+        ('precisions = ["fp32", "int3"]', ["'precisions'", "int4-weight-only"]),
+        ("threads = = 2", ["not a valid TOML file"]),
+        (None, ["cannot read target file"]),  # a folder where the file should be
+    ],
+    ids=["bad-threads", "bad-precision", "bad-toml", "unreadable"],
+)
+def test_a_bad_target_file_stops_before_any_work(monkeypatch, tmp_path, content, message):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "board.toml"
+    if content is None:
+        path.mkdir()
+    else:
+        lines = [line for line in CPU_TARGET.read_text().splitlines() if not line.startswith(content.split()[0] + " ")]
+        path.write_text("\n".join([*lines, content]) + "\n")
+    line = error_line(runner.invoke(cli.app, ["run", "--target", str(path)]))
+    assert str(path) in line and all(part in line for part in message), line
+    assert not (tmp_path / "results").exists()
+
+
+TASK_MODULE = """
+import torch
+from torch import nn
+from search import Task
+
+def boom():
+    raise RuntimeError("teacher checkpoint missing")
+
+def wrong():
+    return {"model": "resnet18"}
+
+def flat():
+    x, y = torch.randn(8, 1, 8, 8), torch.arange(8) % 3
+    return Task(model=nn.Sequential(nn.Flatten()), train=[(x, y)], val=[(x, y)], example_input=x[:1], name="flat")
+"""
+
+
+@pytest.fixture
+def task_module(tmp_path, monkeypatch):
+    """A task module in tmp_path, importable as the CLI imports one: from the current directory."""
+    name = f"cli_task_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(TASK_MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # load_task puts the cwd on it: undo afterwards
+    yield name
+    sys.modules.pop(name, None)
+
+
+@pytest.mark.parametrize(
+    "function, message",
+    [
+        ("boom", "task '{module}:boom': boom() raised RuntimeError: teacher checkpoint missing"),
+        ("wrong", "task '{module}:wrong': wrong() returned dict, not a search.Task"),
+        ("flat", "model Sequential has no Conv1d, Conv2d or Linear layer to compress"),
+    ],
+)
+def test_a_bad_task_stops_before_any_work(task_module, tmp_path, function, message):
+    """Through the real ``search.run``: the error comes before a study or a results folder exists."""
+    result = runner.invoke(cli.app, ["run", "--task", f"{task_module}:{function}", "--trials", "1"])
+    assert message.format(module=task_module) in error_line(result)
+    assert not (tmp_path / "results").exists()
+
+
+def test_resuming_a_study_with_another_task_or_target_is_refused(monkeypatch, tiny_task, fast_profiler, tmp_path):
+    results = tmp_path / "results"
+    search.run(
+        tiny_task, trials=1, profiler=fast_profiler, results_dir=results, study_name="shared", cost_model=False,
+        finetune=search.Finetune(steps=2, eval_every=1), pruner=optuna.pruners.NopPruner(),
+    )  # fmt: skip
+    files = sorted(results.rglob("*"))
+    board = tmp_path / "board.toml"  # the cpu target under another name
+    board.write_text(CPU_TARGET.read_text())
+    attempts = [
+        (dataclasses.replace(tiny_task, name="other-task"), "cpu", [f"task '{tiny_task.name}'", "'other-task'"]),
+        (tiny_task, str(board), ["target 'cpu'", "'board'"]),
+    ]
+    for task, target, message in attempts:
+        monkeypatch.setattr(cli, "load_task", lambda spec, task=task: task)
+        args = ["run", "--study-name", "shared", "--results-dir", str(results), "--target", target, "--trials", "2"]
+        line = error_line(runner.invoke(cli.app, args))
+        assert "study 'shared' was made with" in line and "--study-name" in line
+        assert all(part in line for part in message), line
+    study = optuna.load_study(study_name="shared", storage=f"sqlite:///{results / 'shared' / 'study.db'}")
+    assert len(study.trials) == 1  # no trial added, nothing measured again
+    assert sorted(results.rglob("*")) == files

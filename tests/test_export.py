@@ -19,7 +19,7 @@ def _calibration(model, batches=4):
     return [(example_input(model, batch=8, seed=50 + i), torch.zeros(8, dtype=torch.long)) for i in range(batches)]
 
 
-def _export(tmp_path, teacher, plan, precisions=CPU):
+def _export(tmp_path, teacher, plan, precisions=CPU, symmetric=False):
     """apply_plan → one QAT-like step → bake → export_candidate, as a trial does."""
     x = example_input(teacher)
     candidate = apply_plan(teacher, plan, x)
@@ -28,7 +28,8 @@ def _export(tmp_path, teacher, plan, precisions=CPU):
         candidate(example_input(teacher, batch=16, seed=1))
     bake(candidate).eval()
     exported = export_candidate(
-        candidate, x, tmp_path / "model.onnx", plan=plan, precisions=precisions, calibration=_calibration(teacher)
+        candidate, x, tmp_path / "model.onnx", plan=plan, precisions=precisions, calibration=_calibration(teacher),
+        symmetric=symmetric,
     )
     return candidate, exported, onnx.load(str(exported.path))
 
@@ -78,6 +79,17 @@ def test_int8_plan_exports_qdq_with_uint8_activations_and_per_channel_int8_weigh
         assert list(inits[f"{name}.weight_scale"].dims) == [out_channels]  # one scale per output channel
         assert not numpy_helper.to_array(inits[f"{name}.weight_zero_point"]).any()  # symmetric
         assert f"{name}.weight" not in inits  # no float copy left behind
+
+
+def test_a_symmetric_export_has_int8_activations_and_zero_points_for_tensorrt(tmp_path, cnn):
+    _, exported, model = _export(tmp_path, cnn, _bits(conv1=8, conv2=8, conv3=8, fc=8), symmetric=True)
+    assert set(exported.layer_precision.values()) == {"int8"}
+    inits = _initializers(model)
+    zero_points = [inits[n.input[2]] for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert len(zero_points) >= 8
+    assert {z.data_type for z in zero_points} <= {TensorProto.INT8, TensorProto.INT32}  # int32: biases
+    assert any(z.data_type == TensorProto.INT8 for z in zero_points)
+    assert not any(numpy_helper.to_array(z).any() for z in zero_points)
 
 
 def test_mixed_plan_keeps_fp32_layers_float(tmp_path, cnn):

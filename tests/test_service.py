@@ -4,6 +4,7 @@ bad uploads, clients that vanish, concurrent clients, and where it listens."""
 from __future__ import annotations
 
 import logging
+import pickle
 import socket
 import threading
 import time
@@ -15,6 +16,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from loopback import TOKEN, serving
+from pickles import WritesMarker, code_running_checkpoint
 from profilers import Measurement, OnnxRuntimeCpuProfiler, RemoteProfiler, serve
 from search._errors import CandidateError, TargetUnavailableError, UsageError
 from targets import load_target
@@ -126,11 +128,12 @@ def test_oversized_model_is_refused_and_the_server_goes_on(address, model, tmp_p
     assert_serving(address, model)
 
 
-def test_file_that_is_not_onnx_is_refused(address, tmp_path):
+def test_file_that_is_not_onnx_is_refused(address, model, tmp_path):
     path = tmp_path / "notes.onnx"
     path.write_bytes(b"this is not a protobuf")
     with pytest.raises(CandidateError, match=r"notes.onnx.*\(400\).*notes.onnx is not"):
         client(address).measure(path)
+    assert_serving(address, model)
 
 
 def test_model_the_runtime_cannot_run_fails_the_candidate(address, tmp_path):
@@ -166,6 +169,50 @@ def test_malformed_requests_get_4xx(address, model, method, route, kwargs, statu
     if kwargs.get("params", {}).get("min_runs") == "0":
         kwargs = {**kwargs, "content": model.read_bytes()}
     assert httpx.request(method, f"http://{address}{route}", headers=headers, **kwargs).status_code == status
+    assert_serving(address, model)
+
+
+@pytest.mark.parametrize(
+    "kwargs, status, detail",
+    [
+        # The model as JSON, or as a form with a JSON options part (here malformed): the body must
+        # be the file itself, and options go in the query string.
+        ({"json": {"model": "AAAA", "min_runs": 10}}, 415,
+         "Content-Type 'application/json': expected application/octet-stream, the ONNX file as the raw body"),
+        ({"files": {"model": ("m.onnx", b"\x08\x09", "application/octet-stream")},
+          "data": {"options": '{"min_runs": 10,'}}, 415, "expected application/octet-stream"),
+        ({"content": b"x", "headers": {"Content-Type": "text/plain"}}, 415, "Content-Type 'text/plain'"),
+        # Non-finite timing would hold the measurement lock for ever.
+        ({"content": b"x", "params": {"max_time_s": "inf"}}, 400, "max_time_s='inf': expected a finite number"),
+        ({"content": b"x", "params": {"tolerance": "nan"}}, 400, "tolerance='nan': expected a finite number"),
+        ({"content": b"x", "params": {"min_runs": "1.5"}}, 400, "min_runs='1.5': expected a finite whole number"),
+    ],
+    ids=["json-body", "multipart-bad-json-options", "text-body", "inf-time", "nan-tolerance", "fractional-runs"],
+)  # fmt: skip
+def test_malformed_request_is_refused_with_the_reason_and_the_server_goes_on(address, model, kwargs, status, detail):
+    headers = {"Authorization": f"Bearer {TOKEN}", **kwargs.pop("headers", {})}
+    response = httpx.post(f"http://{address}/measure", headers=headers, **kwargs)
+    assert response.status_code == status
+    assert detail in response.json()["detail"]
+    assert_serving(address, model)
+
+
+def test_a_pickle_upload_is_refused_and_never_unpickled(address, model, tmp_path):
+    """The service parses uploads as ONNX protobuf only: a checkpoint that would run code when
+    unpickled, sent as the model, is refused and runs nothing."""
+    marker = tmp_path / "marker"
+    path = code_running_checkpoint(tmp_path / "checkpoint.onnx", marker)
+    refused = r"checkpoint.onnx.*\(400\).*checkpoint.onnx is not (an|a valid) ONNX model"
+    with pytest.raises(CandidateError, match=refused):
+        client(address).measure(path)
+    raw = pickle.dumps(WritesMarker(marker))  # a bare pickle, not torch's zip
+    response = httpx.post(
+        f"http://{address}/measure", content=raw,
+        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/octet-stream"},
+    )  # fmt: skip
+    assert response.status_code == 400 and "ONNX model" in response.json()["detail"]
+    assert not marker.exists()
+    assert_serving(address, model)
 
 
 def test_missing_token_gets_401(address):

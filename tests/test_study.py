@@ -172,3 +172,138 @@ def test_other_architectures_run_end_to_end(make, space, fast_profiler, tmp_path
     assert "int8" in trial.user_attrs["precision"]
     baseline = study.user_attrs["baseline"]
     assert trial.user_attrs["size_bytes"] < baseline["size_bytes"] / 3  # int8 (+ pruning) vs fp32
+
+
+
+# Per trial: a candidate that fails at any stage fails only its own trial, with the reason in the
+# DataFrame's fail_reason, and the next trial runs. Each case breaks the first candidate only.
+
+
+def _unrunnable_onnx(path: Path) -> None:
+    """Overwrite ``path`` with a valid ONNX file whose one op no ONNX Runtime build has a kernel for."""
+    from onnx import TensorProto, helper, save
+
+    node = helper.make_node("Frobnicate", ["x"], ["y"], domain="com.example")
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
+    )  # fmt: skip
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)]
+    save(helper.make_model(graph, opset_imports=opsets, ir_version=9), path)
+
+
+def _sabotaged_profiler(sabotage):
+    """The cpu target's ONNX Runtime profiler (fast_profiler's timing) that, for the first trial's
+    file, returns ``sabotage(profiler, path, measure)``; ``measure()`` measures it for real."""
+    from profilers import OnnxRuntimeCpuProfiler
+    from targets import load_target
+
+    class Sabotaged(OnnxRuntimeCpuProfiler):
+        done = False
+
+        def measure(self, onnx_path, inputs=None):
+            if "trials" in Path(onnx_path).parts and not self.done:  # not the baseline
+                self.done = True
+                real = super().measure
+                return sabotage(self, Path(onnx_path), lambda: real(onnx_path, inputs))
+            return super().measure(onnx_path, inputs)
+
+    timing = dict(warmup_runs=2, warmup_s=0.01, min_runs=20, min_time_s=0.02, max_time_s=0.5)
+    return Sabotaged(load_target("cpu"), **timing)
+
+
+def _first_fails_next_completes(study: optuna.Study) -> str:
+    """The first trial FAILed and a later one COMPLETEd; returns the first one's fail_reason."""
+    frame = search.load_trials(study)
+    assert frame["state"].iloc[0] == "FAIL", frame[["state", "fail_reason"]]
+    assert (frame["state"].iloc[1:] == "COMPLETE").any(), frame[["state", "fail_reason"]]
+    return frame["fail_reason"].iloc[0]
+
+
+def _first_loss(monkeypatch, change) -> None:
+    """The first candidate's first fine-tune step computes ``change(loss)`` instead of its loss."""
+    from search import _distill
+
+    real, calls = _distill.distillation_loss, []
+
+    def loss(*args):
+        calls.append(1)
+        return change(real(*args)) if len(calls) == 1 else real(*args)
+
+    monkeypatch.setattr(_distill, "distillation_loss", loss)
+
+
+def test_an_onnx_export_failure_fails_its_trial_and_the_study_goes_on(
+    tiny_task, fast_profiler, tmp_path, monkeypatch
+):
+    real_export, broken = torch.onnx.export, []
+
+    def export(model, *args, **kwargs):  # the exporter gives up on the first candidate, as on an op it lacks
+        if model is not tiny_task.model and not broken:
+            broken.append(model)
+            raise RuntimeError("no ONNX translation for aten::frobnicate")
+        return real_export(model, *args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+    study = run(tiny_task, trials=2, profiler=fast_profiler, results_dir=tmp_path, **FAST)
+    reason = _first_fails_next_completes(study)
+    assert "ONNX export failed: RuntimeError: no ONNX translation for aten::frobnicate" in reason
+
+
+def test_a_file_the_runtime_cannot_load_fails_its_trial_and_the_study_goes_on(tiny_task, tmp_path):
+    """The runtime's session build fails (a custom op with no kernel) when the profiler loads the file."""
+
+    def unloadable(profiler, path, measure):
+        _unrunnable_onnx(path)
+        return measure()
+
+    study = run(tiny_task, trials=2, profiler=_sabotaged_profiler(unloadable), results_dir=tmp_path, **FAST)
+    reason = _first_fails_next_completes(study)
+    assert "ONNX Runtime cannot build a CPU session" in reason and "Frobnicate" in reason
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_a_diverging_fine_tune_fails_its_trial_and_the_study_goes_on(
+    tiny_task, fast_profiler, tmp_path, monkeypatch, value
+):
+    _first_loss(monkeypatch, lambda loss: loss + value)
+    study = run(tiny_task, trials=2, profiler=fast_profiler, results_dir=tmp_path, **FAST)
+    assert f"fine-tuning diverged: loss is {value} at step 1" in _first_fails_next_completes(study)
+
+
+def test_a_measurement_that_never_stabilises_fails_its_trial_and_the_study_goes_on(tiny_task, tmp_path):
+    """The median still moves at the time limit: not a figure to rank plans by."""
+
+    def unstable(profiler, path, measure):
+        profiler.min_runs, profiler.max_time_s = 10**9, 0.05  # cannot settle in time
+        try:
+            measurement = measure()
+        finally:
+            profiler.min_runs, profiler.max_time_s = 20, 0.5
+        assert not measurement.stable
+        return measurement
+
+    study = run(tiny_task, trials=2, profiler=_sabotaged_profiler(unstable), results_dir=tmp_path, **FAST)
+    assert "did not stabilise" in _first_fails_next_completes(study)
+
+
+def test_out_of_memory_fails_its_trial_with_the_stage_and_the_study_goes_on(
+    tiny_task, fast_profiler, tmp_path, monkeypatch
+):
+    # torch's error, as a GPU raises it mid-step, in the first candidate's fine-tune
+    def cuda_out_of_memory(loss):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    _first_loss(monkeypatch, cuda_out_of_memory)
+    study = run(tiny_task, trials=2, profiler=fast_profiler, results_dir=tmp_path / "gpu", **FAST)
+    reason = _first_fails_next_completes(study)
+    assert reason.startswith("out of memory") and "fine-tune" in reason and "Tried to allocate" in reason, reason
+
+    # Python's, as the host runs out while the runtime builds its session
+    def host_out_of_memory(profiler, path, measure):
+        raise MemoryError("std::bad_alloc")
+
+    profiler = _sabotaged_profiler(host_out_of_memory)
+    study = run(tiny_task, trials=2, profiler=profiler, results_dir=tmp_path / "host", **FAST)
+    reason = _first_fails_next_completes(study)
+    assert reason.startswith("out of memory") and "measure" in reason, reason
