@@ -35,6 +35,7 @@ from torch import nn
 
 from search._errors import UsageError
 from search._export import runtime_precision
+from search._io import Inputs, batch_size, call
 from search._layers import compressible_layers
 from search._plan import Plan
 
@@ -86,7 +87,7 @@ MEASUREMENTS_FORMAT = "compression-search/cost-measurements"
 
 
 def plan_features(
-    model: nn.Module, plan: Plan, example_input: torch.Tensor, target: Target
+    model: nn.Module, plan: Plan, example_input: Inputs, target: Target
 ) -> dict[str, float]:
     """Features of a candidate *before* fine-tuning, keyed (and ordered) by :data:`FEATURE_NAMES`.
 
@@ -114,13 +115,13 @@ def plan_features(
     model.eval()
     try:
         with torch.no_grad():
-            model(example_input)
+            call(model, example_input)
     finally:
         model.train(was_training)
         for handle in handles:
             handle.remove()
 
-    batch = example_input.shape[0] if example_input.dim() > 0 and example_input.shape[0] > 0 else 1
+    batch = batch_size(example_input)
     precision = {}
     for name in layers:
         p = runtime_precision(plan.layer(name).quantization.bits, target.precisions)

@@ -6,17 +6,24 @@ import dataclasses
 import itertools
 import math
 from collections.abc import Callable, Iterable
+from typing import TypeAlias
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from search._errors import CandidateError
+from search._errors import CandidateError, UsageError
+from search._io import Output, call, reduce_output, split_batch
+
+LossFunction: TypeAlias = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+DistillLoss: TypeAlias = str | LossFunction
+DISTILL_LOSSES = ("kl", "mse", "cosine")
 
 
 @dataclasses.dataclass(frozen=True)
 class Finetune:
-    """``loss = alpha · T² · KL(teacher_T ‖ student_T) + (1 − alpha) · CE(student, labels)``."""
+    """``loss = alpha · T² · KL(teacher_T ‖ student_T) + (1 − alpha) · CE(student, labels)`` for the
+    ``"kl"`` distillation loss; the other losses use only ``steps``, ``lr`` and ``eval_every``."""
 
     steps: int = 80
     alpha: float = 0.7
@@ -35,15 +42,39 @@ class Finetune:
             raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
 
 
+def check_distill_loss(loss: DistillLoss) -> None:
+    if not callable(loss) and loss not in DISTILL_LOSSES:
+        raise UsageError(
+            f"distillation loss {loss!r}: expected one of {', '.join(map(repr, DISTILL_LOSSES))} or a "
+            "function (student_out, teacher_out, labels) -> scalar tensor"
+        )
+
+
 def distillation_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, config: Finetune
+    student_out: torch.Tensor,
+    teacher_out: torch.Tensor,
+    labels: torch.Tensor | None,
+    config: Finetune,
+    loss: DistillLoss = "kl",
 ) -> torch.Tensor:
+    """One batch's loss. ``"kl"`` on logits (class dimension 1): the soft term, plus the hard one
+    where labels are given; ``"mse"``; ``"cosine"``: 1 − cosine similarity along the last dimension
+    (embeddings), averaged; or the task's own function."""
+    check_distill_loss(loss)
+    if callable(loss):
+        return loss(student_out, teacher_out, labels)
+    if loss == "mse":
+        return F.mse_loss(student_out, teacher_out)
+    if loss == "cosine":
+        return (1.0 - F.cosine_similarity(student_out, teacher_out, dim=-1)).mean()
     t = config.temperature
     soft = F.kl_div(
-        F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
+        F.log_softmax(student_out / t, dim=1), F.log_softmax(teacher_out / t, dim=1),
         reduction="batchmean", log_target=True,
     ) * t * t  # fmt: skip
-    hard = F.cross_entropy(student_logits, labels)
+    if labels is None:
+        return soft
+    hard = F.cross_entropy(student_out, labels)
     return config.alpha * soft + (1.0 - config.alpha) * hard
 
 
@@ -53,9 +84,13 @@ def distill(
     train: Iterable,
     config: Finetune,
     on_eval: Callable[[int], None] | None = None,
+    *,
+    loss: DistillLoss = "kl",
+    output: Output | None = None,
 ) -> list[float]:
     """Train ``student`` in place for ``config.steps`` batches; returns the loss of every step.
 
+    ``loss`` and ``output`` are the task's ``distill_loss`` and ``output`` (see :class:`~search.Task`).
     ``on_eval(step)`` runs every ``eval_every`` steps (it may raise ``optuna.TrialPruned``).
     A non-finite loss fails the candidate.
     """
@@ -64,16 +99,17 @@ def distill(
     optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=config.lr)
     batches = itertools.chain.from_iterable(itertools.repeat(train))
     losses = []
-    for step, (inputs, labels) in zip(range(1, config.steps + 1), batches):
+    for step, batch in zip(range(1, config.steps + 1), batches):
+        inputs, labels = split_batch(batch)
         with torch.no_grad():
-            teacher_logits = teacher(inputs)
-        loss = distillation_loss(student(inputs), teacher_logits, labels, config)
-        if not math.isfinite(loss.item()):
-            raise CandidateError(f"fine-tuning diverged: loss is {loss.item()} at step {step}")
+            teacher_out = reduce_output(call(teacher, inputs), output)
+        value = distillation_loss(reduce_output(call(student, inputs), output), teacher_out, labels, config, loss)
+        if not math.isfinite(value.item()):
+            raise CandidateError(f"fine-tuning diverged: loss is {value.item()} at step {step}")
         optimizer.zero_grad()
-        loss.backward()
+        value.backward()
         optimizer.step()
-        losses.append(loss.item())
+        losses.append(value.item())
         if on_eval is not None and step % config.eval_every == 0 and step < config.steps:
             on_eval(step)
             student.train()

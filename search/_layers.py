@@ -9,6 +9,7 @@ import torch_pruning as tp
 from torch import nn
 
 from search._errors import UsageError
+from search._io import Inputs, call
 
 COMPRESSIBLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
@@ -39,16 +40,16 @@ def output_layer(model: nn.Module) -> nn.Module:
 
 
 @torch.enable_grad()  # Torch-Pruning traces through autograd, even under a caller's no_grad
-def dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
+def dependency_graph(model: nn.Module, example_input: Inputs) -> tp.DependencyGraph:
     was_training = model.training
     model.eval()  # tracing runs a forward pass: keep BatchNorm statistics untouched
     try:
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example_input, forward_fn=call)
     finally:
         model.train(was_training)
 
 
-def describe_layers(model: nn.Module, example_input: torch.Tensor) -> list[LayerInfo]:
+def describe_layers(model: nn.Module, example_input: Inputs) -> list[LayerInfo]:
     layers = compressible_layers(model)
     graph = dependency_graph(model, example_input)
     roots = {

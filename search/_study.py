@@ -42,6 +42,7 @@ from search._workers import (
     spawn_workers,
     stop_workers,
     this_worker,
+    threads_per_worker,
     work_loop,
 )
 from targets import Target, load_target
@@ -161,10 +162,10 @@ class _Search:
         try:
             return self._evaluate(study, trial)
         except CandidateError as exc:
-            trial.set_user_attr("fail_reason", str(exc))
+            trial.set_user_attr("fail_reason", f"{exc} (during {trial.user_attrs.get('stage', 'build')})")
             raise
         except OutOfMemory as exc:
-            reason = f"out of memory during {trial.user_attrs.get('stage', 'build')}: {exc}"
+            reason = f"out of memory: {exc} (during {trial.user_attrs.get('stage', 'build')})"
             trial.set_user_attr("fail_reason", reason)
             raise CandidateError(reason) from exc
         except KeyboardInterrupt:
@@ -218,7 +219,9 @@ class _Search:
         def on_eval(step: int) -> None:
             _report_and_maybe_prune(study, trial, curve, step, task.score(candidate))
 
-        losses = distill(candidate, task.model, task.train, self.finetune, on_eval)
+        losses = distill(
+            candidate, task.model, task.train, self.finetune, on_eval, loss=task.distill_loss, output=task.output
+        )
         trial.set_user_attr("finetune_loss_first_last", [losses[0], losses[-1]] if losses else [])
         metric_torch = task.score(candidate)
         bake(candidate)
@@ -229,7 +232,7 @@ class _Search:
         exported = export_candidate(
             candidate, task.example_input, trial_dir / "model.onnx",
             plan=plan, precisions=self.target.precisions, calibration=task.train,
-            symmetric=self.target.runtime == "tensorrt",
+            symmetric=self.target.runtime == "tensorrt", output=task.output,
         )  # fmt: skip
         (trial_dir / "plan.json").write_text(plan.to_json())
         torch.save({"plan": plan.to_json(), "state_dict": candidate.state_dict()}, trial_dir / "checkpoint.pt")
@@ -312,7 +315,7 @@ def _baseline(task: Task, target: Target, profiler: Profiler, directory: Path) -
     path = directory / "baseline" / "model.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        export_float(task.model, task.example_input, path)
+        export_float(task.model, task.example_input, path, task.output)
     except CandidateError as exc:
         raise UsageError(f"the task's model cannot be exported to ONNX: {exc}") from exc
     with measuring_alone(target.name):
@@ -538,13 +541,15 @@ def run(
         study, task, target, profiler, directory, on_stage, space=space, finetune=finetune, gate=gate, seed=seed,
     )  # fmt: skip
     after_trial = _after_trial(directory, search.gate)
-    helpers = []
+    helpers, threads = [], torch.get_num_threads()
     if workers > 1:
-        env = {"SEARCH_PROFILER_TOKEN": profiler.token} if isinstance(profiler, RemoteProfiler) else {}
+        env = {"OMP_NUM_THREADS": str(threads_per_worker(workers))}
+        if isinstance(profiler, RemoteProfiler):
+            env["SEARCH_PROFILER_TOKEN"] = profiler.token
         helpers = spawn_workers(
-            workers - 1, url, study_name, results_dir.resolve(), seed,
-            getattr(profiler, "address", None), env,
-        )  # fmt: skip
+            workers - 1, url, study_name, results_dir.resolve(), seed, getattr(profiler, "address", None), env
+        )
+        torch.set_num_threads(threads_per_worker(workers))
     interrupted = False
     try:
         _work(study, search, timeout, [after_trial, *callbacks])
@@ -552,6 +557,7 @@ def run(
         interrupted = True
         raise
     finally:
+        torch.set_num_threads(threads)
         failed = [code for code in stop_workers(helpers, interrupted) if code not in (0, 130)]
         after_trial(study, None)
     if failed:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib
@@ -12,7 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from search._distill import DistillLoss, check_distill_loss
 from search._errors import UsageError
+from search._export import OnnxModule
+from search._io import Inputs, Output, call, check_example_input, reduce_output, reduced_output, split_batch
 
 Metric = Callable[[nn.Module, Iterable], float]
 
@@ -21,8 +25,14 @@ Metric = Callable[[nn.Module, Iterable], float]
 def top1_accuracy(model: nn.Module, val: Iterable) -> float:
     """Share of ``(inputs, labels)`` batches' samples whose arg-max logit is the label."""
     correct = total = 0
-    for inputs, labels in val:
-        correct += int((model(inputs).argmax(dim=1) == labels).sum())
+    for batch in val:
+        inputs, labels = split_batch(batch)
+        if labels is None:
+            raise UsageError(
+                "the default metric, top-1 accuracy, needs labelled val batches; got (inputs, None): "
+                "name the task's metric (Task.metric)"
+            )
+        correct += int((call(model, inputs).argmax(dim=1) == labels).sum())
         total += len(labels)
     return correct / total
 
@@ -31,28 +41,51 @@ def top1_accuracy(model: nn.Module, val: Iterable) -> float:
 class Task:
     """A trained teacher and its data.
 
-    ``train`` and ``val`` are iterables of ``(inputs, labels)`` batches (DataLoaders); ``example_input``
-    has batch size 1 and fixes the shape latency is measured at; ``metric(model, val)`` is higher-is-better
-    and is called on the exported ONNX model (wrapped as an ``nn.Module``) as well as on torch models.
-    ``spec`` is the ``module:function`` that made the task (set by :func:`load_task`): worker
-    processes load the task by it.
+    ``train`` and ``val`` are iterables of ``(inputs, labels)`` batches (DataLoaders); inputs are a
+    tensor, a tuple of tensors or a dict of tensors by argument name (``model(x)``, ``model(*x)``,
+    ``model(**x)``), labels ``None`` for unlabelled data. ``example_input`` has the same form with
+    batch size 1 and fixes the shape latency is measured at. ``metric(model, val)`` is
+    higher-is-better and is called on the exported ONNX model (wrapped as an ``nn.Module``) as well as
+    on torch models; both return the same tensor: ``output(model's output)``, or the output itself.
+    ``distill_loss``: ``"kl"`` (on logits, plus cross-entropy where labels are given), ``"mse"``,
+    ``"cosine"`` (on the output tensors, such as embeddings), or ``loss(student_out, teacher_out,
+    labels)`` returning a scalar tensor. ``spec`` is the ``module:function`` that made the task (set by
+    :func:`load_task`): worker processes load the task by it.
     """
 
     model: nn.Module
     train: Iterable
     val: Iterable
-    example_input: torch.Tensor
+    example_input: Inputs
     metric: Metric | None = None
     name: str = "task"
     spec: str | None = None
+    output: Output | None = None
+    distill_loss: DistillLoss = "kl"
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, nn.Module):
             raise UsageError(f"Task.model must be a torch.nn.Module, got {type(self.model).__name__}")
-        if not isinstance(self.example_input, torch.Tensor) or self.example_input.shape[:1] != (1,):
-            raise UsageError("Task.example_input must be a tensor with batch size 1")
+        check_example_input(self.example_input)
+        if self.output is not None and not callable(self.output):
+            raise UsageError(f"Task.output must be None or a function of the model's output, got {self.output!r}")
+        check_distill_loss(self.distill_loss)
+        self._check_forward()
         if self.metric is None:
             self.metric = top1_accuracy
+
+    def _check_forward(self) -> None:
+        """The teacher runs on ``example_input`` and its output reduces to one tensor."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                out = call(self.model, self.example_input)
+        except Exception as exc:
+            raise UsageError(f"Task.model(example_input) raised {type(exc).__name__}: {exc}") from exc
+        finally:
+            self.model.train(was_training)
+        reduce_output(out, self.output)
 
     def fingerprint(self) -> str:
         """sha256 of the teacher's weights: every worker of a study must compress the same model."""
@@ -63,8 +96,11 @@ class Task:
         return digest.hexdigest()
 
     def score(self, model: nn.Module) -> float:
+        """``metric`` of a torch model of the task (its output reduced by ``output``) or of an
+        :class:`~search._export.OnnxModule` (whose graph already ends in that reduction)."""
         model.eval()
-        with torch.no_grad():
+        reduced = contextlib.nullcontext() if isinstance(model, OnnxModule) else reduced_output(model, self.output)
+        with torch.no_grad(), reduced:
             return float(self.metric(model, self.val))
 
 

@@ -16,13 +16,14 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from search._errors import CandidateError, UsageError
+from search._io import Inputs, call
 from search._layers import compressible_layers, output_layer
 from search._plan import ChannelPruning, LayerPlan, Plan, Quantization, WeightSparsity
 from search._quant import BinarizeWeight, FakeQuantWeight, WeightMask, add_input_quant
 
 ROUND_CHANNELS_TO = 4  # channel counts stay multiples of 4, so 2:4 groups stay whole
 
-Transform = Callable[[nn.Module, Mapping[str, object], torch.Tensor], None]
+Transform = Callable[[nn.Module, Mapping[str, object], Inputs], None]
 _TRANSFORMS: dict[type, Transform] = {}
 
 
@@ -35,13 +36,14 @@ def register_transform(config_type: type) -> Callable[[Transform], Transform]:
 
 
 @torch.enable_grad()  # Torch-Pruning traces through autograd, even under a caller's no_grad
-def _prune(model: nn.Module, example_input: torch.Tensor, **kwargs) -> None:
+def _prune(model: nn.Module, example_input: Inputs, **kwargs) -> None:
     was_training = model.training
     model.eval()
     try:
         pruner = tp.pruner.MetaPruner(
             model,
             example_input,
+            forward_fn=call,
             importance=tp.importance.MagnitudeImportance(p=2),
             ignored_layers=[output_layer(model)],
             round_to=ROUND_CHANNELS_TO,
@@ -52,7 +54,7 @@ def _prune(model: nn.Module, example_input: torch.Tensor, **kwargs) -> None:
         model.train(was_training)
 
 
-def shrink_width(model: nn.Module, width: float, example_input: torch.Tensor) -> None:
+def shrink_width(model: nn.Module, width: float, example_input: Inputs) -> None:
     """The student: every prunable group keeps ``width`` of its channels (L2-magnitude ranked)."""
     if width < 1.0:
         _prune(model, example_input, pruning_ratio=1.0 - width)
@@ -124,13 +126,13 @@ def _transform_for(config_type: type) -> Transform:
         raise TypeError(f"no transform registered for {config_type.__name__}; registered: {known}") from None
 
 
-def _apply(model: nn.Module, plan: Plan, fields: tuple[str, ...], example_input: torch.Tensor) -> None:
+def _apply(model: nn.Module, plan: Plan, fields: tuple[str, ...], example_input: Inputs) -> None:
     for field in fields:
         configs = {name: getattr(layer, field) for name, layer in plan.layers.items()}
         _transform_for(type(getattr(LayerPlan(), field)))(model, configs, example_input)
 
 
-def build_structure(teacher: nn.Module, plan: Plan, example_input: torch.Tensor) -> nn.Module:
+def build_structure(teacher: nn.Module, plan: Plan, example_input: Inputs) -> nn.Module:
     """A copy of the teacher with the plan's structural part applied: width, then channel pruning.
 
     Deterministic (magnitude ranking), so a saved state_dict loads into ``build_structure`` again.
@@ -148,7 +150,7 @@ def build_structure(teacher: nn.Module, plan: Plan, example_input: torch.Tensor)
     return model
 
 
-def apply_plan(teacher: nn.Module, plan: Plan, example_input: torch.Tensor) -> nn.Module:
+def apply_plan(teacher: nn.Module, plan: Plan, example_input: Inputs) -> nn.Module:
     """A new model: the teacher with the whole plan applied, quantizers active (ready for QAT)."""
     model = build_structure(teacher, plan, example_input)
     _apply(model, plan, ("sparsity", "quantization"), example_input)

@@ -177,11 +177,19 @@ def measuring_alone(target: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def threads_per_worker(workers: int) -> int:
+    """Torch threads for each of ``workers`` processes on this machine: its cores shared out, at least
+    one each (two workers with two threads each on two cores only take turns, and slower)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // workers)
+
+
 def spawn_workers(
     count: int, storage: str, study_name: str, results_dir: Path, seed: int, service: str | None, env: dict
 ) -> list[subprocess.Popen]:
     """``count`` ``search worker`` processes on this machine, each logging to
-    ``<results>/<study>/workers/<n>.log`` and measuring through the profiler ``service`` if given."""
+    ``<results>/<study>/workers/<n>.log`` and measuring through the profiler ``service`` if given,
+    with ``env`` added to this process's environment."""
     logs = results_dir / study_name / "workers"
     logs.mkdir(parents=True, exist_ok=True)
     processes = []

@@ -102,3 +102,72 @@ def settle(model: nn.Module, steps: int = 3, batch: int = 16, seed: int = 0) -> 
         for step in range(steps):
             model(example_input(model, batch, seed + step))
     return model.eval()
+
+
+class TinyText(nn.Module):
+    """A text-like embedding model on dict inputs: ``input_ids`` and ``attention_mask``, (batch, 16)
+    int64. Embedding → Linear → ReLU → Linear → mean over the unmasked tokens → L2-normalised."""
+
+    seq_len = 16
+
+    def __init__(self, vocab: int = 100, dim: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.fc1 = nn.Linear(dim, dim)
+        self.fc2 = nn.Linear(dim, dim)
+
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token states and the sentence embedding."""
+        states = self.fc2(torch.relu(self.fc1(self.embed(input_ids))))
+        mask = attention_mask.unsqueeze(-1).to(states.dtype)
+        pooled = (states * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return states, nn.functional.normalize(pooled, dim=-1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.hidden(input_ids, attention_mask)[1]
+
+
+class ModelOutput(dict):
+    """Like transformers' ``ModelOutput``: a dict whose keys are also attributes."""
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class TinyTextWithOutput(TinyText):
+    """TinyText returning a ModelOutput-like object; ``Task.output`` picks ``sentence_embedding``."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> ModelOutput:
+        states, embedding = self.hidden(input_ids, attention_mask)
+        return ModelOutput(last_hidden_state=states, sentence_embedding=embedding)
+
+
+def text_inputs(batch: int = 1, seed: int = 0, vocab: int = 100) -> dict[str, torch.Tensor]:
+    """Random token ids and an attention mask whose sentences have 4 to 16 tokens, then padding."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(4, TinyText.seq_len + 1, (batch, 1), generator=generator)
+    return {
+        "input_ids": torch.randint(1, vocab, (batch, TinyText.seq_len), generator=generator),
+        "attention_mask": (torch.arange(TinyText.seq_len) < lengths).long(),
+    }
+
+
+class TwoInputNet(nn.Module):
+    """Two float inputs, called ``model(x, context)``: (batch, 8) and (batch, 4); 5 logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc_x = nn.Linear(8, 16)
+        self.fc_context = nn.Linear(4, 16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc_x(x) + self.fc_context(context)))
+
+
+def two_inputs(batch: int = 1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 8, generator=generator), torch.randn(batch, 4, generator=generator)

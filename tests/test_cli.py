@@ -41,7 +41,8 @@ def test_run_passes_the_parsed_flags_to_the_api(captured, tmp_path):
         cli.app,
         ["run", "--task", "mine:make", "--budget", "5ms", "--trials", "7", "--objectives", "metric,latency,size",
          "--bits", "32,8", "--width", "1,0.5", "--no-two-four", "--steps", "12", "--sampler", "random",
-         "--seed", "3", "--study-name", "s", "--results-dir", str(tmp_path), "--cost-model", "off"],
+         "--seed", "3", "--study-name", "s", "--results-dir", str(tmp_path), "--cost-model", "off",
+         "--workers", "3"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     kwargs = captured["kwargs"]
@@ -52,9 +53,30 @@ def test_run_passes_the_parsed_flags_to_the_api(captured, tmp_path):
     assert kwargs["space"].bits == (32, 8) and kwargs["space"].width == (1.0, 0.5)
     assert kwargs["space"].two_four is False
     assert kwargs["finetune"].steps == 12
-    assert kwargs["cost_model"] is False
+    assert kwargs["cost_model"] is False and kwargs["workers"] == 3
     assert kwargs["target"].name == "cpu" and kwargs["study_name"] == "s"
     assert "optuna-dashboard" in result.output
+
+
+def test_worker_passes_its_options_to_the_api(monkeypatch, tmp_path):
+    calls = {}
+
+    def fake_work(study, study_name, **kwargs):
+        calls.update(study=study, study_name=study_name, **kwargs)
+        return optuna.create_study(study_name="joined")
+
+    monkeypatch.setattr(cli, "work", fake_work)
+    url = "postgresql://search@db/studies"
+    result = runner.invoke(
+        cli.app,
+        ["worker", url, "--study-name", "big", "--results-dir", str(tmp_path), "--seed", "5", "--timeout", "60",
+         "--profiler", "jetson:8765", "--token", "T"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert calls["study"] == url and calls["study_name"] == "big" and calls["seed"] == 5
+    assert calls["results_dir"] == tmp_path and calls["timeout"] == 60
+    assert calls["service"] == "jetson:8765" and calls["token"] == "T"
+    assert "joined: 0 trials finished" in result.output
 
 
 def test_space_file_and_flags_combine(captured, tmp_path):

@@ -82,3 +82,59 @@ def test_distillation_loss_mixes_soft_and_hard_targets():
 def test_bad_finetune_settings_raise_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Finetune(**kwargs)
+
+
+def _text_batches(n=4, batch=16):
+    from models import text_inputs
+
+    return [(text_inputs(batch, seed=10 + i), None) for i in range(n)]  # unlabelled
+
+
+@pytest.mark.parametrize("loss", ["mse", "cosine"])
+def test_embedding_losses_go_down_on_unlabelled_dict_batches(loss):
+    from models import TinyText, text_inputs
+
+    teacher = TinyText().eval()
+    student = apply_plan(teacher, Plan(width=0.5), text_inputs(1))
+    losses = distill(student, teacher, _text_batches(), Finetune(steps=30, lr=3e-3), loss=loss)
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
+
+
+def test_a_model_output_object_is_reduced_before_the_loss():
+    from models import TinyTextWithOutput
+
+    calls = []
+
+    def loss(student_out, teacher_out, labels):
+        calls.append((student_out.shape, teacher_out.shape, labels, teacher_out.requires_grad))
+        return nn.functional.mse_loss(student_out, teacher_out)
+
+    losses = distill(
+        TinyTextWithOutput(), TinyTextWithOutput().eval(), _text_batches(2), Finetune(steps=3), loss=loss,
+        output=lambda out: out.sentence_embedding,
+    )  # fmt: skip
+    assert calls == [((16, 32), (16, 32), None, False)] * 3  # the teacher's output carries no gradient
+    assert len(losses) == 3
+
+
+def test_kl_without_labels_is_the_soft_term_alone():
+    student, teacher = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([[0.0, 1.0, 0.0]])
+    labelled = distillation_loss(student, teacher, torch.tensor([0]), Finetune(alpha=0.5))
+    soft = distillation_loss(student, teacher, torch.tensor([0]), Finetune(alpha=1.0))
+    assert distillation_loss(student, teacher, None, Finetune(alpha=0.5)) == pytest.approx(float(soft))
+    assert float(labelled) != pytest.approx(float(soft))
+
+
+def test_the_named_losses_compute_what_they_say():
+    a, b = torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+    assert distillation_loss(a, b, None, Finetune(), "mse") == pytest.approx(float(((a - b) ** 2).mean()))
+    assert distillation_loss(a, b, None, Finetune(), "cosine") == pytest.approx(0.5)  # cos 0 and cos 1
+    assert distillation_loss(a, 3 * a, None, Finetune(), "cosine") == pytest.approx(0.0, abs=1e-6)
+
+
+def test_an_unknown_loss_is_refused_with_the_accepted_forms():
+    from search._errors import UsageError
+
+    with pytest.raises(UsageError, match="distillation loss 'l1': expected one of 'kl', 'mse', 'cosine' or a function"):
+        distill(SmallCNN(), SmallCNN(), [], Finetune(steps=1), loss="l1")

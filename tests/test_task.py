@@ -108,3 +108,65 @@ def test_a_malformed_task_is_a_usage_error(kwargs, message):
     fields = {"model": nn.Linear(4, 3), "train": [], "val": [], "example_input": torch.zeros(1, 4), **kwargs}
     with pytest.raises(UsageError, match=message):
         Task(**fields)
+
+
+def _text_task(**kwargs):
+    from models import TinyTextWithOutput, text_inputs
+
+    val = [(text_inputs(4, seed=1), None)]
+    fields = {
+        "model": TinyTextWithOutput().eval(), "train": val, "val": val, "example_input": text_inputs(1),
+        "output": lambda out: out.sentence_embedding, "metric": lambda model, val: 0.0, "distill_loss": "cosine",
+        **kwargs,
+    }  # fmt: skip
+    return Task(**fields)
+
+
+def test_a_task_on_dict_inputs_scores_the_reduced_output():
+    from models import text_inputs
+
+    seen = []
+
+    def norms(model, val):
+        for inputs, labels in val:
+            seen.append(model(**inputs))
+        return float(seen[-1].norm(dim=1).mean())
+
+    task = _text_task(metric=norms)
+    assert task.distill_loss == "cosine"
+    assert task.score(task.model) == pytest.approx(1.0)  # unit-length sentence embeddings
+    assert seen[0].shape == (4, 32)
+    assert isinstance(task.model(**text_inputs(2)), dict)  # the reduction holds only while scoring
+
+
+def test_the_default_metric_runs_tuple_inputs():
+    from models import TwoInputNet, two_inputs
+
+    model = TwoInputNet().eval()
+    inputs = two_inputs(6)
+    labels = model(*inputs).argmax(1)
+    task = Task(model, [], [(inputs, labels), (list(inputs), (labels + 1) % 5)], two_inputs(1))
+    assert task.score(model) == pytest.approx(0.5)
+
+
+def test_the_default_metric_on_unlabelled_data_asks_for_a_metric():
+    from models import TinyTextWithOutput
+
+    with pytest.raises(UsageError, match=r"top-1 accuracy, needs labelled val batches.*Task.metric"):
+        _text_task(metric=None).score(TinyTextWithOutput())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"distill_loss": "l2"}, "distillation loss 'l2': expected one of 'kl', 'mse', 'cosine' or a function"),
+        ({"output": "sentence_embedding"}, "Task.output must be None or a function"),
+        ({"output": None}, "the model returned ModelOutput, not a tensor: set Task.output"),
+        ({"output": lambda out: out.pooler_output}, "Task.output raised AttributeError: pooler_output"),
+        ({"example_input": {"input_ids": torch.zeros(1, 16, dtype=torch.long)}}, "raised TypeError"),
+        ({"example_input": (torch.zeros(1, 16, dtype=torch.long),) * 3}, "raised TypeError"),
+    ],
+)
+def test_a_task_whose_parts_do_not_fit_is_a_usage_error(kwargs, message):
+    with pytest.raises(UsageError, match=message):
+        _text_task(**kwargs)

@@ -30,7 +30,9 @@ from search._workers import (
     counted,
     fail_dead_trials,
     finished_count,
+    spawn_workers,
     this_worker,
+    threads_per_worker,
 )
 from targets import load_target
 
@@ -218,6 +220,14 @@ slow = {stage!r}
 timing = dict(warmup_runs=2, warmup_s=0.01, min_runs=20, min_time_s=0.02, max_time_s=0.5, tolerance=0.5)
 if slow == "measure":
     timing.update(min_time_s=300, max_time_s=300)
+if slow == "export":  # the file is half written when the process dies
+    import time, search._study as study
+    real = study.export_candidate
+    def export_candidate(*args, **kwargs):
+        exported = real(*args, **kwargs)
+        exported.path.write_bytes(exported.path.read_bytes()[:100])
+        time.sleep(300)
+    study.export_candidate = export_candidate
 search.run(
     search.load_task("worker_task:tiny"), trials=3, results_dir={results!r}, study_name="killed",
     profiler=get_profiler(load_target("cpu"), **timing), cost_model=False, pruner=optuna.pruners.NopPruner(),
@@ -227,7 +237,7 @@ search.run(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["fine-tune", "measure"])
+@pytest.mark.parametrize("stage", ["fine-tune", "export", "measure"])
 def test_a_run_killed_mid_trial_resumes_with_that_plan_retried_and_nothing_lost(worker_env, tmp_path, stage):
     kwargs = dict(profiler=_tolerant_profiler(), results_dir=tmp_path, study_name="killed", **FAST)
     before = run(worker_env, trials=1, **kwargs).trials[0]
@@ -253,6 +263,7 @@ def test_a_run_killed_mid_trial_resumes_with_that_plan_retried_and_nothing_lost(
         f"its worker stopped (killed, crashed or lost) during {stage}; retried as trial {retry.number}"
     )
     assert frame.loc[retry.number, "retry_of"] == killed
+    ort.InferenceSession(str(Path(retry.user_attrs["artifacts"]) / "model.onnx"))  # its own, whole file
     assert finished_count(study) == 3 and all(t.state.is_finished() for t in trials)
 
 
@@ -285,3 +296,24 @@ def test_ctrl_c_marks_the_running_trial_and_the_same_command_resumes(worker_env,
     assert frame.loc[number, "fail_reason"] == f"interrupted during fine-tune; retried as trial {queued.number}"
     assert resumed.trials[queued.number].state == TrialState.COMPLETE
     assert finished_count(resumed) == 2
+
+
+def test_local_workers_measure_through_the_same_profiler_service(monkeypatch, tmp_path):
+    started = []
+
+    class Popen:
+        def __init__(self, command, stdout, stderr, env):
+            started.append((command, env))
+
+    monkeypatch.setattr("search._workers.subprocess.Popen", Popen)
+    spawn_workers(2, "sqlite:///x.db", "s", tmp_path, 7, "device:8765", {"SEARCH_PROFILER_TOKEN": "T"})
+    (first, env), (second, _) = started
+    assert first[1:4] == ["-m", "search", "worker"] and first[first.index("--profiler") + 1] == "device:8765"
+    assert env["SEARCH_PROFILER_TOKEN"] == "T"
+    assert [c[c.index("--seed") + 1] for c, _ in started] == ["8", "9"]  # a seed of its own each
+    assert sorted(p.name for p in (tmp_path / "s" / "workers").iterdir()) == ["1.log", "2.log"]
+
+
+def test_local_workers_share_the_cores_out(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7})
+    assert [threads_per_worker(n) for n in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
