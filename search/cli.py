@@ -6,6 +6,7 @@ import contextlib
 import enum
 import dataclasses
 import json
+import os
 import time
 import warnings
 from pathlib import Path
@@ -28,7 +29,7 @@ from search._errors import SearchError, UsageError
 from search._results import load_trials, open_study, pareto_front, plot_front
 from search._space import SearchSpace
 from search._study import OBJECTIVES, SAMPLERS, STAGES, _check_objectives, _sampler, run, work
-from search._workers import finished_count
+from search._workers import FINISHED, WORKER_ATTR, finished_count
 from search._task import DEFAULT_TASK, load_task
 
 class Switch(str, enum.Enum):
@@ -179,6 +180,7 @@ def run_command(
                 storage=storage, study_name=study_name, results_dir=results_dir, workers=workers,
                 on_stage=progress.stage, callbacks=[progress.trial_done],
             )  # fmt: skip
+        progress.trial_done(study)  # the other workers' last trials
         _print_front(study)
         folder = results_dir.resolve() / study.study_name
         console.print(
@@ -240,6 +242,7 @@ class _Progress:
         self.best = "none yet"
         self.done = "?"
         self.started = time.monotonic()
+        self.printed: set[int] = set()
 
     def stage(self, number: int, stage: str) -> None:
         step = STAGES.index(stage) + 1
@@ -248,24 +251,33 @@ class _Progress:
             f"best feasible: {self.best} · {time.monotonic() - self.started:.0f}s"
         )
 
-    def trial_done(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        attrs = trial.user_attrs
-        if trial.state == optuna.trial.TrialState.COMPLETE:
-            feasible = all(v <= 0 for v in trial.constraints.values())
-            console.print(
-                f"trial {trial.number:>3}  metric {attrs['metric']:.4f}  latency {attrs['latency_ms']:.4f} ms"
-                f"  size {attrs['size_bytes'] / 1024:.0f} KiB  {'within budget' if feasible else 'over budget'}",
-                highlight=False,
-            )
-        else:
-            reason = attrs.get("fail_reason") or attrs.get("pruned_reason") or trial.system_attrs.get("fail_reason", "")
-            console.print(f"trial {trial.number:>3}  {trial.state.name.lower()}  {reason}", highlight=False)
+    def trial_done(self, study: optuna.Study, trial: optuna.trial.FrozenTrial | None = None) -> None:
+        """Print every trial that finished since the last call, this process's and other workers'."""
+        mine = os.getpid()
+        for finished in study.get_trials(deepcopy=False, states=FINISHED):
+            if finished.number not in self.printed:
+                self.printed.add(finished.number)
+                worker = finished.user_attrs.get(WORKER_ATTR, {})
+                by = f"  (worker {worker['pid']})" if worker and worker.get("pid") != mine else ""
+                console.print(_trial_line(finished) + by, highlight=False, soft_wrap=True)
         self.done = finished_count(study)
         self.trials = study.user_attrs.get("run_spec", {}).get("trials", self.trials)
         feasible = study.best_trials
         if feasible:
             top = max(feasible, key=lambda t: t.user_attrs["metric"])
             self.best = f"metric {top.user_attrs['metric']:.4f} at {top.user_attrs['latency_ms']:.4f} ms"
+
+
+def _trial_line(trial: optuna.trial.FrozenTrial) -> str:
+    attrs = trial.user_attrs
+    if trial.state == optuna.trial.TrialState.COMPLETE:
+        feasible = all(v <= 0 for v in trial.constraints.values())
+        return (
+            f"trial {trial.number:>3}  metric {attrs['metric']:.4f}  latency {attrs['latency_ms']:.4f} ms"
+            f"  size {attrs['size_bytes'] / 1024:.0f} KiB  {'within budget' if feasible else 'over budget'}"
+        )
+    reason = attrs.get("fail_reason") or attrs.get("pruned_reason") or trial.system_attrs.get("fail_reason", "")
+    return f"trial {trial.number:>3}  {trial.state.name.lower()}  {reason}"
 
 
 def _print_front(study: optuna.Study) -> None:

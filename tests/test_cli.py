@@ -288,3 +288,18 @@ def test_resuming_a_study_with_another_task_or_target_is_refused(monkeypatch, ti
     study = optuna.load_study(study_name="shared", storage=f"sqlite:///{results / 'shared' / 'study.db'}")
     assert len(study.trials) == 1  # no trial added, nothing measured again
     assert sorted(results.rglob("*")) == files
+
+
+def test_progress_prints_every_worker_s_finished_trials_once(capsys):
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for pid, metric in ((1234, 0.9), (None, 0.8)):
+        attrs = {"metric": metric, "latency_ms": 0.1, "size_bytes": 2048}
+        if pid:
+            attrs["worker"] = {"host": "h", "pid": pid}
+        study.add_trial(optuna.create_trial(values=[metric, 0.1], user_attrs=attrs))
+    progress = cli._Progress(5)
+    progress.trial_done(study)
+    progress.trial_done(study)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].endswith("(worker 1234)") and "metric 0.8000" in lines[1]
+    assert progress.done == 2
