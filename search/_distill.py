@@ -94,6 +94,7 @@ def distill(
     ``on_eval(step)`` runs every ``eval_every`` steps (it may raise ``optuna.TrialPruned``).
     A non-finite loss fails the candidate.
     """
+    check_distill_loss(loss)
     teacher.eval()
     student.train()
     optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=config.lr)

@@ -65,9 +65,14 @@ def open_study(study: str | Path, study_name: str | None = None) -> optuna.Study
 
 
 def _frame(study: optuna.Study) -> pd.DataFrame:
+    # Other workers add and finish trials meanwhile: the frame holds the trials of one snapshot, taken
+    # first (trial numbers are dense, so later trials are rows at the end), with the snapshot's states.
+    trials = study.get_trials(deepcopy=False)
     frame = study.trials_dataframe(multi_index=False)
     if frame.empty:
         return frame
+    frame = frame[frame["number"] < len(trials)].reset_index(drop=True)
+    frame["state"] = [t.state.name for t in trials]
     renames = {f"user_attrs_{c}": c for c in COLUMNS}
     frame = frame.rename(columns=renames)
     for column in COLUMNS:  # one schema whatever the trials recorded
@@ -79,7 +84,6 @@ def _frame(study: optuna.Study) -> pd.DataFrame:
     frame = frame.drop(columns=[c for c in frame if c.startswith("values_") or c == "value"])
     if "user_attrs_plan" in frame:
         frame["plan"] = frame.pop("user_attrs_plan").map(lambda p: json.dumps(p) if isinstance(p, dict) else p)
-    trials = study.get_trials(deepcopy=False)
     frame["retry_of"] = [t.system_attrs.get("failed_trial") for t in trials]
     frame["fail_reason"] = _fail_reasons(trials, frame["fail_reason"])
     complete = any(t.state == TrialState.COMPLETE for t in trials)

@@ -171,3 +171,19 @@ class TwoInputNet(nn.Module):
 def two_inputs(batch: int = 1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 8, generator=generator), torch.randn(batch, 4, generator=generator)
+
+
+def tiny_bert(layers: int = 4) -> nn.Module:
+    """A transformers ``BertModel`` with random weights, in eval mode: hidden 64, 4 heads of 16,
+    FFN 128, vocabulary 100 (``text_inputs`` fits it). Needs the ``transformers`` package."""
+    import transformers
+
+    config = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=32,
+    )
+    return transformers.BertModel(config).eval()

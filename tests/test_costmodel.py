@@ -75,6 +75,14 @@ def test_conv1d_macs_and_bytes_by_hand(cpu):
     assert (features["layers_conv1d"], features["layers_conv2d"], features["layers_linear"]) == (3, 0, 1)
 
 
+def test_dict_input_macs_count_every_token_per_sample(cpu):
+    from models import TinyText, text_inputs
+
+    features = plan_features(TinyText(), Plan(), text_inputs(batch=3), cpu)
+    assert features["macs_fp32"] == 2 * 16 * 32 * 32  # two 32×32 Linear layers on 16 tokens
+    assert features["layers_linear"] == 2
+
+
 def test_int8_plan_moves_macs_from_fp32_to_int8(cnn, cnn_input, cpu):
     dense = _features(cnn, cnn_input, Plan(), cpu)
     int8 = _features(cnn, cnn_input, _bits(dict.fromkeys(CNN_LAYERS, 8)), cpu)

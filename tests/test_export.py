@@ -206,3 +206,81 @@ def test_onnx_module_on_a_broken_file_is_a_candidate_error(tmp_path):
     path.write_bytes(b"not an onnx file")
     with pytest.raises(CandidateError, match="cannot load broken.onnx"):
         OnnxModule(path)
+
+
+def _graph_inputs(model: onnx.ModelProto) -> dict[str, tuple[int, list]]:
+    """name -> (element type, dims: a symbol's name or a size)."""
+    return {
+        value.name: (
+            value.type.tensor_type.elem_type,
+            [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim],
+        )
+        for value in model.graph.input
+    }
+
+
+def test_a_dict_input_model_exports_its_reduced_output_with_named_int64_inputs(tmp_path):
+    from models import TinyTextWithOutput, text_inputs
+
+    model, output = TinyTextWithOutput().eval(), (lambda out: out.sentence_embedding)
+    export_float(model, text_inputs(1), tmp_path / "text.onnx", output)
+    exported = onnx.load(str(tmp_path / "text.onnx"))
+    inputs = _graph_inputs(exported)
+    batch = inputs["input_ids"][1][0]
+    assert isinstance(batch, str)  # symbolic: any batch size runs
+    assert inputs == {"input_ids": (TensorProto.INT64, [batch, 16]), "attention_mask": (TensorProto.INT64, [batch, 16])}
+    assert len(exported.graph.output) == 1
+    assert not model._forward_hooks  # the reduction was part of the export only
+
+    x = text_inputs(5, seed=3)
+    got = OnnxModule(tmp_path / "text.onnx", threads=1)(**x)
+    with torch.no_grad():
+        expected = model(**x).sentence_embedding
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_tuple_input_model_exports_positional_inputs_named_input_0_input_1(tmp_path):
+    from models import TwoInputNet, two_inputs
+
+    model = TwoInputNet().eval()
+    export_float(model, two_inputs(1), tmp_path / "two.onnx")
+    inputs = _graph_inputs(onnx.load(str(tmp_path / "two.onnx")))
+    batch = inputs["input_0"][1][0]
+    assert isinstance(batch, str)
+    assert inputs == {"input_0": (TensorProto.FLOAT, [batch, 8]), "input_1": (TensorProto.FLOAT, [batch, 4])}
+    x = two_inputs(7, seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(OnnxModule(tmp_path / "two.onnx")(*x), model(*x), rtol=1e-4, atol=1e-5)
+
+
+def test_an_int8_export_of_a_dict_input_model_calibrates_on_dict_batches(tmp_path):
+    from models import TinyText, text_inputs
+
+    teacher = TinyText().eval()
+    plan = _bits(fc1=8, fc2=8)
+    candidate = apply_plan(teacher, plan, text_inputs(1))
+    candidate.train()
+    with torch.no_grad():
+        candidate(**text_inputs(16, seed=1))
+    bake(candidate).eval()
+    seen = []
+
+    class Batches:  # the calibration reads (inputs, None) batches, every input by name
+        def __iter__(self):
+            for i in range(3):
+                seen.append(i)
+                yield text_inputs(8, seed=20 + i), None
+
+    exported = export_candidate(
+        candidate, text_inputs(1), tmp_path / "int8.onnx", plan=plan, precisions=CPU, calibration=Batches()
+    )
+    model = onnx.load(str(exported.path))
+    ops = [node.op_type for node in model.graph.node]
+    assert ops.count("DequantizeLinear") >= 4 and "QuantizeLinear" in ops
+    assert seen == [0, 1, 2]
+    assert set(_graph_inputs(model)) == {"input_ids", "attention_mask"}
+    x = text_inputs(32, seed=4)
+    with torch.no_grad():
+        expected = candidate(**x)
+    cosine = nn.functional.cosine_similarity(OnnxModule(exported.path)(**x), expected, dim=1)
+    assert cosine.min() > 0.99

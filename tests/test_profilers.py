@@ -211,6 +211,21 @@ def test_random_inputs_set_symbolic_dims_to_one(fp32_model):
     assert inputs["x"].dtype == np.float32
 
 
+def test_random_inputs_feed_a_text_model_int64_ids_and_mask(tmp_path):
+    from models import TinyText, text_inputs
+
+    from search._export import export_float
+
+    export_float(TinyText().eval(), text_inputs(1), tmp_path / "text.onnx")
+    inputs = random_inputs(tmp_path / "text.onnx")
+    assert {name: (a.dtype, a.shape) for name, a in inputs.items()} == {
+        "input_ids": (np.int64, (1, 16)),
+        "attention_mask": (np.int64, (1, 16)),
+    }
+    assert set(np.unique(inputs["input_ids"])) <= {0, 1}  # valid ids and a valid mask
+    assert OnnxRuntimeCpuProfiler(load_target("cpu"), **SHORT).measure(tmp_path / "text.onnx").latency_ms > 0
+
+
 def test_get_profiler_picks_by_runtime():
     assert isinstance(get_profiler(load_target("cpu"), **SHORT), OnnxRuntimeCpuProfiler)
 

@@ -307,3 +307,42 @@ def test_out_of_memory_fails_its_trial_with_the_stage_and_the_study_goes_on(
     study = run(tiny_task, trials=2, profiler=profiler, results_dir=tmp_path / "host", **FAST)
     reason = _first_fails_next_completes(study)
     assert reason.startswith("out of memory") and "measure" in reason, reason
+
+
+def _tiny_text_task() -> Task:
+    """TinyText (random weights) as the teacher of an embedding task: unlabelled dict batches, cosine
+    distillation, and the metric a sentence-embedding model is judged by, the mean cosine similarity
+    of the candidate's embeddings to the teacher's on held-out sentences."""
+    from models import TinyText, text_inputs
+
+    teacher = TinyText().eval()
+    train = [(text_inputs(16, seed=i), None) for i in range(4)]
+    val = [(text_inputs(32, seed=100 + i), None) for i in range(2)]
+    with torch.no_grad():
+        references = [teacher(**inputs) for inputs, _ in val]
+
+    def cosine_to_teacher(model, val):
+        cosines = [
+            torch.nn.functional.cosine_similarity(model(**inputs), reference, dim=1)
+            for (inputs, _), reference in zip(val, references)
+        ]
+        return float(torch.cat(cosines).mean())
+
+    return Task(teacher, train, val, text_inputs(1), cosine_to_teacher, "tiny-text", distill_loss="cosine")
+
+
+def test_an_embedding_model_on_dict_inputs_runs_end_to_end(fast_profiler, tmp_path):
+    import onnx
+
+    space = SearchSpace(width=(1.0, 0.5), pruning=(0.0,), bits=(8,), sparsity=(0.0,), two_four=False)
+    study = run(_tiny_text_task(), trials=2, space=space, profiler=fast_profiler, results_dir=tmp_path, **FAST)
+    assert study.user_attrs["baseline"]["metric"] == pytest.approx(1.0, abs=1e-4)  # the teacher vs itself
+    for trial in study.trials:
+        assert trial.state == optuna.trial.TrialState.COMPLETE, trial.user_attrs.get("fail_reason")
+        assert trial.user_attrs["metric"] > 0.9, trial.user_attrs["metric"]
+        assert trial.user_attrs["metric"] == pytest.approx(trial.user_attrs["metric_torch"], abs=0.02)
+        assert "int8" in trial.user_attrs["precision"]
+        graph = onnx.load(str(Path(trial.user_attrs["artifacts"], "model.onnx"))).graph
+        assert [value.name for value in graph.input] == ["input_ids", "attention_mask"]
+        int8_weights = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2]
+        assert len(int8_weights) == 2  # fc1 and fc2

@@ -7,9 +7,12 @@ import pytest
 import torch
 from torch.nn.utils import parametrize
 
-from models import Conv1dNet, ResidualNet, example_input, resnet18, settle
+from models import (
+    Conv1dNet, ResidualNet, TinyText, TwoInputNet, example_input, resnet18, settle, text_inputs, two_inputs,
+)
 from search._errors import CandidateError, UsageError
 from search._export import export_float
+from search._io import call
 from search._layers import compressible_layers, describe_layers
 from search._plan import ChannelPruning, LayerPlan, Plan, Quantization, WeightSparsity
 from search._quant import bake
@@ -205,3 +208,26 @@ def test_build_structure_works_under_no_grad(cnn, cnn_input):
     with torch.no_grad():
         build_structure(cnn, Plan(width=0.5), cnn_input)
         assert not torch.is_grad_enabled()  # the caller's mode is restored
+
+
+@pytest.mark.parametrize(
+    "make, inputs, leader, follower",
+    [
+        (TinyText, text_inputs, "fc1", "fc2"),
+        (TwoInputNet, two_inputs, "fc_x", "head"),
+    ],
+    ids=["dict", "tuple"],
+)
+def test_models_on_dict_and_tuple_inputs_are_described_pruned_and_rebuilt(make, inputs, leader, follower):
+    teacher = make().eval()
+    layers = {layer.name: layer for layer in describe_layers(teacher, inputs(1))}
+    assert layers[leader].prunable and not layers[follower].prunable  # the output layer keeps its outputs
+    plan = Plan(layers={leader: LayerPlan(ChannelPruning(0.5), quantization=Quantization(8))})
+    candidate = apply_plan(teacher, plan, inputs(1))
+    half = teacher.get_submodule(leader).weight.shape[0] // 2
+    assert candidate.get_submodule(leader).weight.shape[0] == half
+    assert candidate.get_submodule(follower).weight.shape[1] == half
+    assert call(candidate, inputs(3)).shape == call(teacher, inputs(3)).shape
+    rebuilt = build_structure(teacher, plan, inputs(1))
+    rebuilt.load_state_dict(bake(candidate).state_dict())
+    torch.testing.assert_close(call(rebuilt, inputs(3)), call(candidate, inputs(3)))
