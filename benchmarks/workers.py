@@ -13,8 +13,6 @@ and the figures show that.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -26,18 +24,9 @@ import optuna
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import search  # noqa: E402
+from profilers._cpuinfo import cpu_info  # noqa: E402
 from postgres import postgres_server  # noqa: E402
 from search._workers import finished_count  # noqa: E402
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _one(url: str, workers: int, trials: int, steps: int, results: Path) -> dict:
@@ -71,7 +60,11 @@ def main() -> None:
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore")
-    print(f"{_cpu()}, {os.cpu_count()} cores; PostgreSQL on loopback; {args.trials} trials, {args.steps} steps")
+    cpu = cpu_info()
+    print(
+        f"{cpu['cpu']}, {cpu['logical_cpus']} logical CPUs, ISA {', '.join(cpu['isa']) or 'none of note'}; "
+        f"PostgreSQL on loopback; {args.trials} trials, {args.steps} steps"
+    )
     with postgres_server() as url, tempfile.TemporaryDirectory() as results:
         for workers in (int(w) for w in args.workers.split(",")):
             row = _one(url, workers, args.trials, args.steps, Path(results))

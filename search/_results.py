@@ -11,6 +11,7 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from search._errors import UsageError
+from search._workers import retried
 
 # Trial user attrs promoted to plain columns, in this order; the rest stay as user_attrs_*.
 COLUMNS = (
@@ -100,7 +101,7 @@ def _frame(study: optuna.Study) -> pd.DataFrame:
 def _fail_reasons(trials: list[optuna.trial.FrozenTrial], recorded: pd.Series) -> list:
     """The recorded reasons, and for a trial whose worker died (it could record nothing) what the
     study knows: the stage it was in and the trial that retried its plan."""
-    retries = {n: t.number for t in trials for n in t.system_attrs.get("retry_history", ())}
+    retries = retried(trials)
     reasons = []
     for trial, reason in zip(trials, recorded):
         if trial.state == TrialState.FAIL:

@@ -353,6 +353,14 @@ def _claim(study: optuna.Study, key: str, value, hint: str | None = None) -> Non
         )
 
 
+def _claim_teacher(study: optuna.Study, task: Task) -> None:
+    """Every process of a study compresses the same teacher: the first records its weights' sha256."""
+    _claim(
+        study, "teacher_sha256", task.fingerprint(),
+        "every worker must load the same trained teacher (copy its weights file to this machine)",
+    )  # fmt: skip
+
+
 def default_study_name(task: Task, target: Target) -> str:
     return f"{task.name}-{target.name}"
 
@@ -404,12 +412,12 @@ def _searcher(
     on_stage: StageCallback | None,
     *,
     space: SearchSpace,
+    layers: list[LayerInfo],
     finetune: Finetune,
     gate: CostGate | None,
     seed: int,
 ) -> _Search:
     """The objective of one worker of ``study``, which already holds its settings and baseline."""
-    layers = describe_layers(task.model, task.example_input)
     if gate is not None:
         study.set_user_attr("cost_model_warm_start", gate.warm_start)
     budget = study.user_attrs["budget"]
@@ -515,10 +523,7 @@ def run(
     study.set_user_attr("target_file", target.path)
     _claim(study, "objectives", list(objectives))
     _claim(study, "budget", str(budget) if budget else "none")
-    _claim(
-        study, "teacher_sha256", task.fingerprint(),
-        "every worker must load the same trained teacher (copy its weights file to this machine)",
-    )  # fmt: skip
+    _claim_teacher(study, task)
     study.set_metric_names([OBJECTIVES[o][0] for o in objectives])
     # A resumed study must not replay the first session's random start-up plans.
     study.sampler = _sampler(sampler, seed + len(study.trials)) if study.trials else sampler_obj
@@ -538,7 +543,8 @@ def run(
     study.set_user_attr("budget_ms", budget_ms)
 
     search = _searcher(
-        study, task, target, profiler, directory, on_stage, space=space, finetune=finetune, gate=gate, seed=seed,
+        study, task, target, profiler, directory, on_stage, space=space, layers=layers, finetune=finetune,
+        gate=gate, seed=seed,
     )  # fmt: skip
     after_trial = _after_trial(directory, search.gate)
     helpers, threads = [], torch.get_num_threads()
@@ -605,10 +611,7 @@ def work(
     target = load_target(target_file if Path(target_file).exists() else opened.user_attrs["target"])
     profiler = profiler or get_profiler(target, service=service, token=token, **spec["timing"])
     task = load_task(spec["task"])
-    _claim(
-        opened, "teacher_sha256", task.fingerprint(),
-        "every worker must load the same trained teacher (copy its weights file to this machine)",
-    )  # fmt: skip
+    _claim_teacher(opened, task)
     waited = time.monotonic()
     while "baseline" not in opened.user_attrs:  # the first process is still measuring the teacher
         if time.monotonic() - waited > BASELINE_WAIT_S:
@@ -624,7 +627,7 @@ def work(
     directory.mkdir(parents=True, exist_ok=True)
     search = _searcher(
         opened, task, target, profiler, directory, on_stage, space=SearchSpace.from_dict(spec["space"]),
-        finetune=finetune, gate=gate, seed=seed,
+        layers=describe_layers(task.model, task.example_input), finetune=finetune, gate=gate, seed=seed,
     )  # fmt: skip
     after_trial = _after_trial(directory, gate)
     try:
