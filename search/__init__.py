@@ -20,7 +20,7 @@ _LAZY = {
     "search._budget": ("Budget", "parse_budget"),
     "search._deploy": ("export",),
     "search._distill": ("Finetune",),
-    "search._plan": ("ChannelPruning", "LayerPlan", "Plan", "Quantization", "WeightSparsity"),
+    "search._plan": ("ChannelPruning", "Depth", "HeadPruning", "LayerPlan", "Plan", "Quantization", "WeightSparsity"),
     "search._results": ("load_trials", "open_study"),
     "search._space": ("SearchSpace",),
     "search._study": ("run",),

@@ -42,11 +42,11 @@ from search._plan import Plan
 if TYPE_CHECKING:
     from targets import Target
 
-FEATURE_VERSION: int = 1
+FEATURE_VERSION: int = 2  # 2: int4 (weight-only MatMul) joined the runtime precisions
 
 # What `runtime_precision` can return: a layer runs at one of these. A new one changes the layout.
-RUNTIME_PRECISIONS = ("fp32", "int8")
-_BYTES = {"fp32": 4, "int8": 1}
+RUNTIME_PRECISIONS = ("fp32", "int8", "int4")
+_BYTES = {"fp32": 4, "int8": 1, "int4": 0.5}
 _KINDS = {nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Linear: "linear"}
 _CHANNEL_MULTIPLES = (8, 16, 32)
 
@@ -97,16 +97,21 @@ def plan_features(
     layer's input and output sizes; counts are per sample (divided by the batch size). A layer
     called twice counts twice; a layer the forward never calls counts its weights only.
 
-    Each layer runs at ``runtime_precision(bits, target.precisions)``: int4 and 1-bit layers count
-    as int8 on a target that accelerates int8, since that is what its runtime runs. Weights count
+    Each layer runs at ``runtime_precision(bits, target.precisions, matmul)``: int4 and 1-bit layers
+    count as int8 on a target that accelerates int8, since that is what its runtime runs, except a
+    Linear on a sequence (a MatMul), which runs int4 weight-only where the target lists it. Weights count
     at that precision's width; biases at 4 bytes (fp32, or the int32 bias of an int8 layer).
     """
+    plan = plan.student()
     layers = compressible_layers(model)
     calls: list[tuple[str, int, int]] = []  # (name, input elements, output elements) per call
+    matmul: set[str] = set()  # Linear layers applied to sequences: MatMul nodes in the graph
 
     def record(name: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             calls.append((name, args[0].numel(), output.numel()))
+            if isinstance(module, nn.Linear) and args[0].dim() > 2:
+                matmul.add(name)
 
         return hook
 
@@ -124,7 +129,7 @@ def plan_features(
     batch = batch_size(example_input)
     precision = {}
     for name in layers:
-        p = runtime_precision(plan.layer(name).quantization.bits, target.precisions)
+        p = runtime_precision(plan.layer(name).quantization.bits, target.precisions, name in matmul)
         if p not in RUNTIME_PRECISIONS:  # a new runtime precision needs a new feature layout
             raise ValueError(f"runtime precision {p!r} has no features; known: {RUNTIME_PRECISIONS}")
         precision[name] = p

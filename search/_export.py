@@ -1,9 +1,13 @@
 """Export a fine-tuned candidate to the ONNX file the target's runtime runs, and run such files.
 
-Layers at 8 bits or fewer become int8 Q/DQ in the form ONNX Runtime accelerates on CPUs: uint8
-activations, int8 symmetric per-channel weights, Q/DQ around every op that can take it (see
-RUNTIME_FACTS: int8 activations, or Q/DQ only at conv inputs, are slower or no faster than fp32).
-Bit widths the target cannot run (int4 and 1-bit on CPU) run at int8, the nearest precision it
+Conv and Gemm layers at 8 bits or fewer become int8 Q/DQ in the form ONNX Runtime accelerates on
+CPUs: uint8 activations, int8 symmetric per-channel weights, Q/DQ around every op that can take it
+(see RUNTIME_FACTS: int8 activations, or Q/DQ only at conv inputs, are slower or no faster than
+fp32). Linear layers on sequences export as MatMul: at int8 they are quantized dynamically
+(``DynamicQuantizeMatMul``/``MatMulIntegerToFloat`` kernels; static Q/DQ there also quantizes the
+attention products and costs accuracy), at 4 bits they become int4 weight-only ``MatMulNBits``
+(``accuracy_level=4``, its only fast form) where the target lists ``int4-weight-only``.
+Bit widths the target cannot run (int4 on Conv, 1-bit) run at int8, the nearest precision it
 accelerates: 1-bit values (±alpha) are exact int8 levels; int4 levels move by at most half an int8
 step (0.4 % of the channel's largest weight).
 """
@@ -14,6 +18,7 @@ import contextlib
 import dataclasses
 import io
 import logging
+import shutil
 import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -30,6 +35,7 @@ from search._layers import compressible_layers
 from search._plan import Plan
 
 CALIBRATION_BATCHES = 8
+INT4_BLOCK = 32  # MatMulNBits block size along the input dimension
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,8 +45,12 @@ class ExportedModel:
     onnx_bytes: int
 
 
-def runtime_precision(bits: int, precisions: Iterable[str]) -> str:
-    """The precision a layer of ``bits`` runs at: the narrowest accelerated one that holds it."""
+def runtime_precision(bits: int, precisions: Iterable[str], matmul: bool = False) -> str:
+    """The precision a layer of ``bits`` runs at: the narrowest accelerated one that holds it.
+    int4 exists only weight-only, on a MatMul (``matmul``: a Linear applied to a sequence)."""
+    precisions = tuple(precisions)
+    if bits <= 4 and matmul and "int4-weight-only" in precisions:
+        return "int4"
     return "int8" if bits <= 8 and "int8" in precisions else "fp32"
 
 
@@ -60,7 +70,10 @@ def _quiet():
 def _export_arguments(example_input: Inputs) -> dict:
     """``torch.onnx.export`` keywords for task inputs: a dict's keys name the graph's inputs, a tuple's
     are ``input_0``, ``input_1``, …; a single tensor keeps the name of the forward's argument. The
-    batch dimension is dynamic on every input, the others fixed at the example's."""
+    batch dimension is dynamic on every input, the others fixed at the example's. The example goes
+    in twice (batch 2): traced at batch 1, code that broadcasts over the batch makes torch.export
+    specialise it to 1, and the graph would then take one sample only."""
+    example_input = _twice(example_input)
     batch = {0: torch.export.Dim("batch")}
     if isinstance(example_input, Mapping):
         return {"args": (), "kwargs": dict(example_input), "dynamic_shapes": dict.fromkeys(example_input, batch)}
@@ -68,6 +81,14 @@ def _export_arguments(example_input: Inputs) -> dict:
         return {"args": (example_input,), "dynamic_shapes": (batch,)}
     names = [f"input_{i}" for i in range(len(example_input))]
     return {"args": tuple(example_input), "input_names": names, "dynamic_shapes": (batch,) * len(names)}
+
+
+def _twice(inputs: Inputs) -> Inputs:
+    if isinstance(inputs, Mapping):
+        return {key: torch.cat([value, value]) for key, value in inputs.items()}
+    if isinstance(inputs, torch.Tensor):
+        return torch.cat([inputs, inputs])
+    return type(inputs)(torch.cat([value, value]) for value in inputs)
 
 
 def export_float(model: nn.Module, example_input: Inputs, path: Path, output: Output | None = None) -> None:
@@ -81,6 +102,41 @@ def export_float(model: nn.Module, example_input: Inputs, path: Path, output: Ou
             )
     except Exception as exc:  # the exporter raises many types; the trial records the reason
         raise CandidateError(f"ONNX export failed: {type(exc).__name__}: {exc}".strip()) from exc
+    _name_weights(path, model)
+
+
+def _name_weights(path: Path, model: nn.Module) -> None:
+    """Give every layer's weight a name the plan can find: ``<layer>.weight``, as the exporter names
+    Conv and Gemm weights, or ``<layer>.weight.T`` for a Linear on a sequence, which exports as a
+    MatMul by the transposed weight under an opaque name (``val_12``). Found by value."""
+    graph_model = onnx.load(str(path))
+    graph = graph_model.graph
+    named = {init.name for init in graph.initializer}
+    renamed: dict[str, str] = {}
+    for name, module in compressible_layers(model).items():
+        if f"{name}.weight" in named or module.weight.dim() != 2:
+            continue
+        transposed = module.weight.detach().cpu().numpy().T
+        for init in graph.initializer:
+            if init.name not in renamed and tuple(init.dims) == transposed.shape:
+                if np.array_equal(onnx.numpy_helper.to_array(init), transposed):
+                    renamed[init.name] = f"{name}.weight.T"
+                    break
+    if not renamed:
+        return
+    for init in graph.initializer:
+        init.name = renamed.get(init.name, init.name)
+    for node in graph.node:
+        node.input[:] = [renamed.get(i, i) for i in node.input]
+    for value in graph.input:
+        value.name = renamed.get(value.name, value.name)
+    onnx.save(graph_model, str(path))
+
+
+def weight_name(initializers: Iterable[str], layer: str) -> str | None:
+    """The graph's name for ``layer``'s weight (see :func:`_name_weights`), if the graph has it."""
+    names = set(initializers)
+    return next((w for w in (f"{layer}.weight", f"{layer}.weight.T") if w in names), None)
 
 
 def _weight_consumers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
@@ -135,67 +191,111 @@ def export_candidate(
     symmetric: bool = False,
     output: Output | None = None,
 ) -> ExportedModel:
-    """Write ``path``: float ONNX (see :func:`export_float`), then int8 Q/DQ for the plan's
-    int8-running layers if any, calibrated on the first ``(inputs, labels)`` batches of ``calibration``.
+    """Write ``path``: float ONNX (see :func:`export_float`), then the plan's int8 and int4 layers,
+    as the module docstring says. Static int8 is calibrated on the first ``(inputs, labels)``
+    batches of ``calibration``.
 
     Activations are uint8 with a zero point, the only form ONNX Runtime's CPU kernels run fast;
-    ``symmetric``: int8 activations with zero point 0, the only form TensorRT takes.
+    ``symmetric``: int8 activations with zero point 0 and static Q/DQ on every layer (MatMuls too),
+    the only form TensorRT takes.
     """
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    precisions = tuple(precisions)
-    wanted = {
-        name: runtime_precision(plan.layer(name).quantization.bits, precisions)
-        for name in compressible_layers(model)
-    }
-    path = Path(path)
-    if "int8" not in wanted.values():
-        export_float(model, example_input, path, output)
-        return ExportedModel(path, _layer_precision(path, wanted), path.stat().st_size)
-
+    plan = plan.student()
+    precisions, path = tuple(precisions), Path(path)
     with tempfile.TemporaryDirectory() as tmp:
-        float_path, pre_path = Path(tmp, "float.onnx"), Path(tmp, "pre.onnx")
-        export_float(model, example_input, float_path, output)
+        current = Path(tmp, "float.onnx")
+        export_float(model, example_input, current, output)
+        nodes = _layer_nodes(current, compressible_layers(model))
+        wanted = {
+            name: runtime_precision(plan.layer(name).quantization.bits, precisions, node.op_type == "MatMul")
+            for name, node in nodes.items()
+        }
+        dynamic = {n for n, p in wanted.items() if p == "int8" and nodes[n].op_type == "MatMul" and not symmetric}
+        static = {n for n, p in wanted.items() if p == "int8"} - dynamic
+        int4 = {n for n, p in wanted.items() if p == "int4"}
         try:
             with _quiet():
-                _pre_process(float_path, pre_path)
-                pre = onnx.load(str(pre_path))
-                consumers = _weight_consumers(pre)
-                keep_float = [
-                    consumers[f"{name}.weight"].name
-                    for name, precision in wanted.items()
-                    if precision == "fp32" and f"{name}.weight" in consumers
-                ]
-                quantize_static(
-                    str(pre_path),
-                    str(path),
-                    _Calibration(_graph_inputs(pre), calibration),
-                    quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
-                    weight_type=QuantType.QInt8,
-                    per_channel=True,
-                    nodes_to_exclude=keep_float,
-                    calibrate_method=CalibrationMethod.MinMax,
-                    extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
-                )
+                if static:
+                    keep_float = set(nodes) - static
+                    current = _quantize_static(current, Path(tmp, "static.onnx"), calibration, symmetric, keep_float)
+                if int4:
+                    current = _quantize_int4(current, Path(tmp, "int4.onnx"), int4)
+                if dynamic:
+                    current = _quantize_dynamic(current, Path(tmp, "dynamic.onnx"), dynamic)
         except Exception as exc:
-            raise CandidateError(f"int8 quantization failed: {type(exc).__name__}: {exc}") from exc
-    return ExportedModel(path, _layer_precision(path, wanted), path.stat().st_size)
+            raise CandidateError(f"quantization failed: {type(exc).__name__}: {exc}") from exc
+        shutil.move(current, path)
+    return ExportedModel(path, layer_precision(path, model), path.stat().st_size)
 
 
-def _layer_precision(path: Path, wanted: Mapping[str, str]) -> dict[str, str]:
-    """Read back from the file which planned layers really are int8 (weight behind a DequantizeLinear)."""
+def _layer_nodes(path: Path, layers: Iterable[str]) -> dict[str, onnx.NodeProto]:
+    """The node that consumes each layer's weight in the file (a layer the graph lacks is left out)."""
+    consumers = _weight_consumers(onnx.load(str(path), load_external_data=False))
+    return {name: consumers[w] for name in layers if (w := weight_name(consumers, name)) is not None}
+
+
+def _quantize_static(
+    source: Path, target: Path, calibration: Iterable, symmetric: bool, keep_float: set[str]
+) -> Path:
+    """Q/DQ around every op but the layers in ``keep_float`` (and the other precisions' layers)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    pre_path = target.with_suffix(".pre.onnx")
+    _pre_process(source, pre_path)
+    pre = onnx.load(str(pre_path))
+    quantize_static(
+        str(pre_path),
+        str(target),
+        _Calibration(_graph_inputs(pre), calibration),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        nodes_to_exclude=[node.name for node in _layer_nodes(pre_path, keep_float).values()],
+        calibrate_method=CalibrationMethod.MinMax,
+        extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
+    )
+    return target
+
+
+def _quantize_int4(source: Path, target: Path, layers: set[str]) -> Path:
+    """int4 weight-only, symmetric blocks of :data:`INT4_BLOCK`, ``accuracy_level=4`` (int8 compute)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    graph = onnx.load(str(source))
+    wanted = {node.name for node in _layer_nodes(source, layers).values()}
+    quantizer = MatMulNBitsQuantizer(  # it packs every MatMul it can but those excluded
+        graph, block_size=INT4_BLOCK, is_symmetric=True, accuracy_level=4,
+        nodes_to_exclude=[node.name for node in graph.graph.node if node.name not in wanted],
+    )  # fmt: skip
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(target), False)
+    return target
+
+
+def _quantize_dynamic(source: Path, target: Path, layers: set[str]) -> Path:
+    """int8 weights per output channel, activations quantized per call (uint8) inside the kernel."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        str(source), str(target), op_types_to_quantize=["MatMul"],
+        nodes_to_quantize=[node.name for node in _layer_nodes(source, layers).values()],
+        per_channel=True, weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True},
+    )  # fmt: skip
+    return target
+
+
+def layer_precision(path: Path, model: nn.Module) -> dict[str, str]:
+    """Read back from the file what each of ``model``'s layers runs at: ``int4`` (its weight packed
+    into a MatMulNBits), ``int8`` (its weight quantized, behind a DequantizeLinear or inside an
+    integer MatMul) or ``fp32``."""
     graph = onnx.load(str(path), load_external_data=False).graph
-    dequantized = {node.input[0] for node in graph.node if node.op_type == "DequantizeLinear"}
-    return {
-        name: "int8" if f"{name}.weight_quantized" in dequantized else "fp32"
-        for name in wanted
-    }
+    quantized = {init.name.removesuffix("_quantized") for init in graph.initializer if init.name.endswith("_quantized")}
+    packed = {node.input[1].rsplit("_Q", 1)[0] for node in graph.node if node.op_type == "MatMulNBits"}
+    precision = {}
+    for name in compressible_layers(model):
+        weights = {f"{name}.weight", f"{name}.weight.T"}
+        precision[name] = "int4" if weights & packed else "int8" if weights & quantized else "fp32"
+    return precision
 
 
 class OnnxModule(nn.Module):

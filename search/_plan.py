@@ -1,7 +1,10 @@
 """A compression plan: plain frozen data, keyed by module name, that round-trips through JSON.
 
 A plan names, for each compressible layer of the teacher (by its dotted module name), a channel
-pruning ratio, a weight sparsity and a bit width, plus one global student width multiplier.
+pruning ratio, a weight sparsity and a bit width, plus one global student width multiplier. For a
+Transformer it also names, per attention module, the share of heads removed, and the blocks kept
+(the student's depth). Names are always the teacher's: :meth:`Plan.student` renames them for the
+candidate, whose blocks are renumbered once some are dropped.
 It holds no module objects, so any trial can rebuild its candidate from the plan in its user attrs.
 """
 
@@ -58,6 +61,41 @@ class Quantization:
 
 
 @dataclasses.dataclass(frozen=True)
+class HeadPruning:
+    """Remove ``ratio`` of an attention module's heads (whole heads, rounded down, least L2 importance)."""
+
+    ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"head pruning ratio must be in [0, 1), got {self.ratio!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Depth:
+    """Keep only the blocks ``keep`` (increasing indices) of the ``nn.ModuleList`` named ``container``."""
+
+    container: str
+    keep: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        keep = tuple(self.keep)
+        if not keep or any(not isinstance(i, int) or i < 0 for i in keep) or list(keep) != sorted(set(keep)):
+            raise ValueError(f"blocks to keep must be increasing indices >= 0, at least one; got {list(keep)}")
+        object.__setattr__(self, "keep", keep)  # a JSON list comes back as a tuple: plans stay comparable
+
+    def rename(self, name: str) -> str | None:
+        """The candidate's name for the teacher's module ``name``; None if its block was dropped."""
+        prefix = f"{self.container}."
+        if not name.startswith(prefix):
+            return name
+        index, dot, rest = name[len(prefix) :].partition(".")
+        if int(index) not in self.keep:
+            return None
+        return f"{prefix}{self.keep.index(int(index))}{dot}{rest}"
+
+
+@dataclasses.dataclass(frozen=True)
 class LayerPlan:
     pruning: ChannelPruning = ChannelPruning()
     sparsity: WeightSparsity = WeightSparsity()
@@ -70,10 +108,13 @@ class LayerPlan:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """The whole plan: ``width`` shrinks every layer uniformly (the student), then ``layers`` apply."""
+    """The whole plan: ``width`` shrinks every layer uniformly (the CNN student), ``depth`` keeps some
+    of a Transformer's blocks (its student); ``layers`` and ``heads`` apply per module."""
 
     width: float = 1.0
     layers: Mapping[str, LayerPlan] = dataclasses.field(default_factory=dict)
+    heads: Mapping[str, HeadPruning] = dataclasses.field(default_factory=dict)
+    depth: Depth | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.width <= 1.0:
@@ -81,6 +122,18 @@ class Plan:
 
     def layer(self, name: str) -> LayerPlan:
         return self.layers.get(name, LayerPlan())
+
+    def student(self) -> Plan:
+        """This plan in the candidate's own module names: blocks renumbered after ``depth``, the
+        entries of dropped blocks gone. What export and size accounting look layers up in."""
+        if self.depth is None:
+            return self
+
+        def renamed(entries: Mapping[str, Any]) -> dict[str, Any]:
+            names = {name: self.depth.rename(name) for name in entries}
+            return {names[name]: entry for name, entry in entries.items() if names[name] is not None}
+
+        return Plan(width=self.width, layers=renamed(self.layers), heads=renamed(self.heads))
 
     def to_dict(self) -> dict[str, Any]:
         return _encode(self)
@@ -102,7 +155,9 @@ class Plan:
         return cls.from_dict(json.loads(text))
 
 
-_TYPES = {t.__name__: t for t in (ChannelPruning, WeightSparsity, Quantization, LayerPlan, Plan)}
+_TYPES = {
+    t.__name__: t for t in (ChannelPruning, WeightSparsity, Quantization, LayerPlan, HeadPruning, Depth, Plan)
+}
 
 
 def _encode(obj: Any) -> Any:

@@ -24,6 +24,8 @@ def _stored_weight(module: nn.Module) -> nn.Parameter:
 
 
 def packed_size_bytes(model: nn.Module, plan: Plan) -> int:
+    """``model`` is the built candidate; ``plan`` the plan it was built from."""
+    plan = plan.student()
     layers = compressible_layers(model)
     weights = {id(_stored_weight(m)) for m in layers.values()}
     bits = sum(32 * p.numel() for p in model.parameters() if id(p) not in weights)

@@ -11,7 +11,8 @@ import optuna
 
 from search._errors import UsageError
 from search._layers import LayerInfo
-from search._plan import BITS, ChannelPruning, LayerPlan, Plan, Quantization, WeightSparsity
+from search._plan import BITS, ChannelPruning, Depth, HeadPruning, LayerPlan, Plan, Quantization, WeightSparsity
+from search._transformer import EncoderBlocks
 
 TWO_FOUR = "2:4"
 
@@ -22,9 +23,15 @@ class SearchSpace:
 
     ``edge_min_bits``: the first and last layers keep at least this many bits (1 lifts the rule).
     ``layers``: only these layers are compressed (all when empty); the others stay as in the teacher.
+    Transformers (a model with attention modules in one block list) are searched by ``depth`` (share
+    of the blocks kept: the student) and ``heads`` (share of each attention module's heads removed)
+    instead of ``width``; ``pruning`` narrows only their FFN layers, and their linear layers take
+    the ``bits`` above 1.
     """
 
     width: tuple[float, ...] = (1.0, 0.75, 0.5)
+    depth: tuple[float, ...] = (1.0, 0.67, 0.5)
+    heads: tuple[float, ...] = (0.0, 0.25, 0.5)
     pruning: tuple[float, ...] = (0.0, 0.25, 0.5)
     sparsity: tuple[float, ...] = (0.0, 0.5, 0.75)
     two_four: bool = True
@@ -41,6 +48,8 @@ class SearchSpace:
                 raise UsageError(f"search space: {field!r} has {bad}; accepted: {accepted}")
 
         check("width", self.width, lambda v: 0 < v <= 1, "numbers in (0, 1]")
+        check("depth", self.depth, lambda v: 0 < v <= 1, "numbers in (0, 1]")
+        check("heads", self.heads, lambda v: 0 <= v < 1, "numbers in [0, 1)")
         check("pruning", self.pruning, lambda v: 0 <= v < 1, "numbers in [0, 1)")
         check("sparsity", self.sparsity, lambda v: 0 <= v < 1, "numbers in [0, 1)")
         check("bits", self.bits, lambda v: v in BITS, ", ".join(map(str, BITS)))
@@ -78,30 +87,58 @@ class SearchSpace:
         return dataclasses.asdict(self)
 
 
-def _bits_for(layer: LayerInfo, space: SearchSpace) -> list[int]:
-    allowed = [b for b in space.bits if not layer.edge or b >= space.edge_min_bits]
+def _bits_for(layer: LayerInfo, space: SearchSpace, transformer: bool) -> list[int]:
+    allowed = [
+        b for b in space.bits if (not layer.edge or b >= space.edge_min_bits) and not (transformer and b == 1)
+    ]
     return allowed or [max(BITS)]  # no offered width is wide enough for an edge layer: it stays float
 
 
-def suggest_plan(trial: optuna.Trial, space: SearchSpace, layers: Sequence[LayerInfo]) -> Plan:
-    """Sample one plan: width, then per layer bit width, sparsity (dense when binarized) and pruning.
+def kept_blocks(blocks: int, kept: int) -> tuple[int, ...]:
+    """``kept`` of ``blocks`` indices, evenly spaced from the first block to the last."""
+    if kept == 1:
+        return (0,)
+    return tuple(sorted({round(i * (blocks - 1) / (kept - 1)) for i in range(kept)}))
 
-    Parameter names are ``width`` and ``<layer>.bits`` / ``.sparsity`` / ``.pruning``, so the study's
-    DataFrame has one column per layer and technique.
+
+def _suggest_depth(trial: optuna.Trial, space: SearchSpace, blocks: EncoderBlocks) -> Depth | None:
+    choices = sorted({max(1, round(share * blocks.blocks)) for share in space.depth}, reverse=True)
+    kept = trial.suggest_categorical("depth", choices)
+    return None if kept == blocks.blocks else Depth(blocks.container, kept_blocks(blocks.blocks, kept))
+
+
+def suggest_plan(
+    trial: optuna.Trial, space: SearchSpace, layers: Sequence[LayerInfo], blocks: EncoderBlocks | None = None
+) -> Plan:
+    """Sample one plan: width (or, for a Transformer with ``blocks``, depth and per attention module
+    the heads removed), then per layer bit width, sparsity (dense when binarized) and pruning.
+
+    Parameter names are ``width``/``depth``, ``<attention module>.heads`` and ``<layer>.bits`` /
+    ``.sparsity`` / ``.pruning``, so the study's DataFrame has one column per module and technique.
+    Modules of dropped blocks get no parameters.
     """
-    width = trial.suggest_categorical("width", list(space.width))
+    width, depth, heads = 1.0, None, {}
+    if blocks is None:
+        width = trial.suggest_categorical("width", list(space.width))
+    else:
+        depth = _suggest_depth(trial, space, blocks)
+        for name in blocks.heads:
+            if depth is None or depth.rename(name) is not None:
+                heads[name] = HeadPruning(trial.suggest_categorical(f"{name}.heads", list(space.heads)))
     plans = {}
     for layer in layers:
         if space.layers and layer.name not in space.layers:
             continue
-        bits = trial.suggest_categorical(f"{layer.name}.bits", _bits_for(layer, space))
+        if depth is not None and depth.rename(layer.name) is None:
+            continue
+        bits = trial.suggest_categorical(f"{layer.name}.bits", _bits_for(layer, space, blocks is not None))
         sparsity = WeightSparsity()
         if bits != 1:
             choices = list(space.sparsity) + ([TWO_FOUR] if space.two_four and layer.two_four else [])
             chosen = trial.suggest_categorical(f"{layer.name}.sparsity", choices)
             sparsity = WeightSparsity(0.5, "2:4") if chosen == TWO_FOUR else WeightSparsity(float(chosen))
         pruning = ChannelPruning()
-        if layer.prunable:
+        if layer.prunable if blocks is None else layer.name in blocks.ffn:
             pruning = ChannelPruning(trial.suggest_categorical(f"{layer.name}.pruning", list(space.pruning)))
         plans[layer.name] = LayerPlan(pruning, sparsity, Quantization(bits))
-    return Plan(width=width, layers=plans)
+    return Plan(width=width, layers=plans, heads=heads, depth=depth)

@@ -31,6 +31,7 @@ from search._results import locate_study, storage_url, write_parquet
 from search._size import packed_size_bytes
 from search._space import SearchSpace, suggest_plan
 from search._task import Task, load_task
+from search._transformer import EncoderBlocks, find_blocks
 from search._transforms import apply_plan
 from search._workers import (
     WORKER_ATTR,
@@ -145,6 +146,7 @@ class _Search:
     profiler: Profiler
     space: SearchSpace
     layers: list[LayerInfo]
+    blocks: EncoderBlocks | None  # a Transformer's blocks, heads and FFN layers; None for a CNN
     objectives: tuple[str, ...]
     finetune: Finetune
     budget_ms: float | None
@@ -197,7 +199,7 @@ class _Search:
 
     def _evaluate(self, study: optuna.Study, trial: optuna.Trial) -> tuple[float, ...]:
         task, seconds = self.task, {}
-        plan = suggest_plan(trial, self.space, self.layers)
+        plan = suggest_plan(trial, self.space, self.layers, self.blocks)
         same = _same_plan(study, trial)
         if same is not None:
             return self._reuse(study, trial, same)
@@ -231,7 +233,7 @@ class _Search:
         trial_dir.mkdir(parents=True, exist_ok=True)
         exported = export_candidate(
             candidate, task.example_input, trial_dir / "model.onnx",
-            plan=plan, precisions=self.target.precisions, calibration=task.train,
+            plan=plan, precisions=self.target.precisions, calibration=task.calibration or task.train,
             symmetric=self.target.runtime == "tensorrt", output=task.output,
         )  # fmt: skip
         (trial_dir / "plan.json").write_text(plan.to_json())
@@ -423,7 +425,8 @@ def _searcher(
     budget = study.user_attrs["budget"]
     budget_ms = parse_budget(budget).resolve(study.user_attrs["baseline"]["latency_ms"]) if budget != "none" else None
     return _Search(
-        task, target, profiler, space, layers, tuple(study.user_attrs["objectives"]), finetune, budget_ms,
+        task, target, profiler, space, layers, find_blocks(task.model), tuple(study.user_attrs["objectives"]),
+        finetune, budget_ms,
         directory, seed, on_stage or (lambda number, stage: None), gate, _trials_wanted(study),
     )  # fmt: skip
 
@@ -495,7 +498,7 @@ def run(
     objectives = _check_objectives(objectives)
     sampler_obj = _sampler(sampler, seed)
     space = space or SearchSpace()
-    finetune = finetune or Finetune()
+    finetune = finetune or task.finetune or Finetune()
     layers = describe_layers(task.model, task.example_input)
     unknown = sorted(set(space.layers) - {layer.name for layer in layers})
     if unknown:
@@ -531,8 +534,8 @@ def run(
     study.set_user_attr(
         "run_spec",
         {
-            "task": task.spec, "trials": trials, "sampler": sampler, "seed": seed, "space": space.to_dict(),
-            "finetune": dataclasses.asdict(finetune), "pruner": _pruner_name(pruner), "cost_model": cost_model,
+            "task": task.spec, "task_options": task.options, "trials": trials, "sampler": sampler, "seed": seed,
+            "space": space.to_dict(), "finetune": dataclasses.asdict(finetune), "pruner": _pruner_name(pruner), "cost_model": cost_model,
             "timing": {key: getattr(profiler, key) for key in TIMING_KNOBS},
         },
     )  # fmt: skip
@@ -610,7 +613,7 @@ def work(
     target_file = opened.user_attrs["target_file"]
     target = load_target(target_file if Path(target_file).exists() else opened.user_attrs["target"])
     profiler = profiler or get_profiler(target, service=service, token=token, **spec["timing"])
-    task = load_task(spec["task"])
+    task = load_task(spec["task"], **spec.get("task_options", {}))
     _claim_teacher(opened, task)
     waited = time.monotonic()
     while "baseline" not in opened.user_attrs:  # the first process is still measuring the teacher

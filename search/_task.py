@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import hashlib
 import importlib
+import inspect
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from search._distill import DistillLoss, check_distill_loss
+from search._distill import DistillLoss, Finetune, check_distill_loss
 from search._errors import UsageError
 from search._export import OnnxModule
 from search._io import Inputs, Output, call, check_example_input, reduce_output, reduced_output, split_batch
@@ -49,8 +50,12 @@ class Task:
     on torch models; both return the same tensor: ``output(model's output)``, or the output itself.
     ``distill_loss``: ``"kl"`` (on logits, plus cross-entropy where labels are given), ``"mse"``,
     ``"cosine"`` (on the output tensors, such as embeddings), or ``loss(student_out, teacher_out,
-    labels)`` returning a scalar tensor. ``spec`` is the ``module:function`` that made the task (set by
-    :func:`load_task`): worker processes load the task by it.
+    labels)`` returning a scalar tensor. ``finetune``: the fine-tune this teacher wants when the run
+    names none (a pretrained Transformer needs a far smaller learning rate than a CNN trained from
+    scratch). ``calibration``: ``(inputs, labels)`` batches at ``example_input``'s shape for static
+    int8 calibration, when ``train``'s batches have another (e.g. trimmed padding); default ``train``.
+    ``spec`` is the ``module:function`` that made the task and ``options`` the keywords it was
+    called with (set by :func:`load_task`): worker processes load the task by them.
     """
 
     model: nn.Module
@@ -62,6 +67,9 @@ class Task:
     spec: str | None = None
     output: Output | None = None
     distill_loss: DistillLoss = "kl"
+    finetune: Finetune | None = None
+    calibration: Iterable | None = None
+    options: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, nn.Module):
@@ -70,6 +78,8 @@ class Task:
         if self.output is not None and not callable(self.output):
             raise UsageError(f"Task.output must be None or a function of the model's output, got {self.output!r}")
         check_distill_loss(self.distill_loss)
+        if self.finetune is not None and not isinstance(self.finetune, Finetune):
+            raise UsageError(f"Task.finetune must be a search.Finetune or None, got {type(self.finetune).__name__}")
         self._check_forward()
         if self.metric is None:
             self.metric = top1_accuracy
@@ -107,8 +117,9 @@ class Task:
 DEFAULT_TASK = "search.tasks:digits"
 
 
-def load_task(spec: str) -> Task:
-    """``module:function`` → the Task that zero-argument function returns.
+def load_task(spec: str, **options) -> Task:
+    """``module:function`` → the Task that function returns, called with ``options`` as keywords
+    (such as ``seq_len`` from ``--seq-len``), none by default.
 
     The module is imported from the current directory or an installed package.
     """
@@ -124,13 +135,22 @@ def load_task(spec: str) -> Task:
     function = getattr(module, function_name, None)
     if not callable(function):
         raise UsageError(f"task {spec!r}: module {module_name!r} has no function {function_name!r}")
+    _check_options(spec, function, options)
     try:
-        task = function()
+        task = function(**options)
     except UsageError:
         raise
     except Exception as exc:
         raise UsageError(f"task {spec!r}: {function_name}() raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(task, Task):
         raise UsageError(f"task {spec!r}: {function_name}() returned {type(task).__name__}, not a search.Task")
-    task.spec = spec
+    task.spec, task.options = spec, dict(options)
     return task
+
+
+def _check_options(spec: str, function: Callable, options: dict) -> None:
+    try:
+        inspect.signature(function).bind(**options)
+    except TypeError:
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in options)
+        raise UsageError(f"task {spec!r} does not take {flags}: its function is {function.__name__}{inspect.signature(function)}") from None

@@ -1,4 +1,4 @@
-"""Structural operations on a BERT-style encoder: drop blocks, remove attention heads and FFN width.
+"""Structural operations on a Transformer's block list: drop blocks, remove attention heads and FFN width.
 
 Each operation changes ``model`` in place: the caller passes a copy of the teacher, so what is left
 starts from the teacher's weights. All of them are deterministic (index lists, magnitude ranking),
@@ -6,9 +6,21 @@ so re-applying the same arguments to the teacher rebuilds the same shapes, and a
 from one candidate loads into the rebuilt one with ``weights_only=True``. A head-pruned Hugging Face
 model does not reload with ``from_pretrained``; this rebuild is the way back.
 
-Modules are addressed by dotted name, as plan entries are: an attention module is one with
-``query``/``key``/``value`` Linear children and a ``num_attention_heads`` attribute (BERT's
-``encoder.layer.N.attention.self``); an FFN is the Linear named ``intermediate.dense`` in a block.
+Modules are addressed by dotted name, as plan entries are. Two families are recognised:
+
+* BERT-style encoders: an attention module is one with ``query``/``key``/``value`` Linear children
+  and a ``num_attention_heads`` attribute (BERT's ``encoder.layer.N.attention.self``); its heads can
+  be removed. The FFN is the Linear named ``intermediate.dense`` in a block.
+* Llama-style decoders (``LlamaForCausalLM``): an attention module is one with ``q_proj``/``k_proj``/
+  ``v_proj`` Linear children (``model.layers.N.self_attn``); it locates the blocks, but its heads
+  are not removed here (rotary embeddings and grouped K/V heads tie Q, K and V in ways a row
+  pruning of the projections does not follow). The FFN is the gated MLP, named by ``mlp.up_proj``:
+  removing its output channels removes the same rows of ``mlp.gate_proj`` and columns of
+  ``mlp.down_proj``, which Torch-Pruning couples through the ``act(gate) * up`` product.
+
+Anything else (torchvision's ViT, whose ``nn.MultiheadAttention`` packs Q/K/V into one parameter,
+GPT-2, whose projections are transformers' ``Conv1D``) has no recognised attention module: it is
+searched as a CNN is, layer by layer.
 """
 
 from __future__ import annotations
@@ -34,27 +46,41 @@ _IMPORTANCE = tp.importance.MagnitudeImportance(p=2)
 class EncoderBlocks:
     """What a Transformer search can change in a model, by dotted module name."""
 
-    container: str  # the nn.ModuleList of blocks, e.g. "encoder.layer"
+    container: str  # the nn.ModuleList of blocks, e.g. "encoder.layer" or "model.layers"
     blocks: int
-    heads: Mapping[str, int]  # attention module -> number of heads
+    heads: Mapping[str, int]  # head-prunable (BERT-style) attention module -> number of heads
     ffn: Mapping[str, int]  # FFN intermediate Linear -> its width (out_features)
 
 
+_BERT_PROJECTIONS = ("query", "key", "value")
+_LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+_FFN_SUFFIXES = ("intermediate.dense", "mlp.up_proj")
+_GATED = ("gate_proj", "down_proj")  # the up_proj's siblings in a Llama-style MLP
+
+
+def _has_linears(module: nn.Module, names: Sequence[str]) -> bool:
+    return all(isinstance(getattr(module, name, None), nn.Linear) for name in names)
+
+
 def _is_attention(module: nn.Module) -> bool:
-    return hasattr(module, "num_attention_heads") and all(
-        isinstance(getattr(module, proj, None), nn.Linear) for proj in ("query", "key", "value")
-    )
+    """BERT-style attention, whose heads :func:`prune_heads_and_ffn` can remove."""
+    return hasattr(module, "num_attention_heads") and _has_linears(module, _BERT_PROJECTIONS)
 
 
 def _attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if _is_attention(m)}
 
 
+def _any_attention(model: nn.Module) -> dict[str, nn.Module]:
+    """Every recognised attention module, head-prunable or not (Llama-style): they locate the blocks."""
+    return {
+        name: m for name, m in model.named_modules() if _is_attention(m) or _has_linears(m, _LLAMA_PROJECTIONS)
+    }
+
+
 def _ffn_layers(model: nn.Module) -> dict[str, nn.Linear]:
     return {
-        name: m
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Linear) and name.endswith("intermediate.dense")
+        name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.endswith(_FFN_SUFFIXES)
     }
 
 
@@ -68,21 +94,29 @@ def _containing_list(model: nn.Module, name: str) -> str | None:
     return None
 
 
+def find_blocks(model: nn.Module) -> EncoderBlocks | None:
+    """:func:`describe_blocks` of a BERT-style encoder or Llama-style decoder; None for a model
+    without recognised attention modules (a CNN, or a ViT built on ``nn.MultiheadAttention``)."""
+    return describe_blocks(model) if _any_attention(model) else None
+
+
 def describe_blocks(model: nn.Module) -> EncoderBlocks:
-    """The block list, attention heads and FFN widths of a BERT-like model (a UsageError if none)."""
-    attention = _attention_modules(model)
+    """The block list, head-prunable attention modules and FFN widths of a BERT-style encoder or a
+    Llama-style decoder (a UsageError if none). A Llama-style model has no entries in ``heads``."""
+    attention = _any_attention(model)
     containers = {_containing_list(model, name) for name in attention}
     if not attention or None in containers or len(containers) > 1:
         raise UsageError(
-            f"model {type(model).__name__} is not a BERT-style encoder: expected attention modules "
-            "(with query, key and value Linear layers and num_attention_heads) inside one "
-            f"nn.ModuleList of blocks; found {', '.join(attention) or 'no attention module'}"
+            f"model {type(model).__name__} is not a BERT-style encoder or Llama-style decoder: expected "
+            "attention modules (with query, key and value Linear layers and num_attention_heads, or "
+            "q_proj, k_proj and v_proj Linear layers) inside one nn.ModuleList of blocks; found "
+            f"{', '.join(attention) or 'no attention module'}"
         )
     (container,) = containers
     return EncoderBlocks(
         container=container,
         blocks=len(model.get_submodule(container)),
-        heads={name: m.num_attention_heads for name, m in attention.items()},
+        heads={name: m.num_attention_heads for name, m in attention.items() if _is_attention(m)},
         ffn={name: m.out_features for name, m in _ffn_layers(model).items()},
     )
 
@@ -91,8 +125,10 @@ def drop_blocks(model: nn.Module, container: str, keep: Sequence[int]) -> None:
     """Keep only the blocks ``keep`` (increasing indices) of the nn.ModuleList ``container``.
 
     The student-depth knob: MiniLM 6 → 3 layers keeps three of the teacher's blocks as they are, and
-    distillation repairs the rest. ``config.num_hidden_layers`` follows, so the config describes the
-    model; each kept block's ``layer_idx`` (the key of its KV-cache slot in HF models) is renumbered.
+    distillation repairs the rest. ``config.num_hidden_layers`` follows (on the model and on any
+    module above the blocks that has a config), and so does a per-layer ``config.layer_types`` list
+    (sliding or full attention per block, in newer decoders), so the config describes the model;
+    each kept block's ``layer_idx`` (the key of its KV-cache slot in HF models) is renumbered.
     """
     try:
         blocks = model.get_submodule(container)
@@ -119,15 +155,23 @@ def drop_blocks(model: nn.Module, container: str, keep: Sequence[int]) -> None:
                 module.layer_idx = index
     parent, _, attr = container.rpartition(".")
     setattr(model.get_submodule(parent), attr, kept)
-    config = getattr(model, "config", None)
-    if hasattr(config, "num_hidden_layers"):
-        config.num_hidden_layers = len(keep)
+    parts, seen = container.split("."), set()
+    for end in range(len(parts)):  # the model, or the wrapped Hugging Face model that holds the blocks
+        config = getattr(model.get_submodule(".".join(parts[:end])), "config", None)
+        if id(config) in seen:  # LlamaForCausalLM and its LlamaModel share one config: slice it once
+            continue
+        seen.add(id(config))
+        if hasattr(config, "num_hidden_layers"):
+            config.num_hidden_layers = len(keep)
+        layer_types = getattr(config, "layer_types", None)
+        if isinstance(layer_types, (list, tuple)) and len(layer_types) == len(blocks):
+            config.layer_types = type(layer_types)(layer_types[i] for i in keep)
 
 
 def _check_ratios(kind: str, ratios: Mapping[str, float], known: Mapping[str, int]) -> None:
     for name, ratio in ratios.items():
         if name not in known:
-            raise UsageError(f"unknown {kind} {name!r}; the model's are: {', '.join(known)}")
+            raise UsageError(f"unknown {kind} {name!r}; the model's are: {', '.join(known) or 'none'}")
         if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0.0 <= ratio < 1.0:
             raise UsageError(f"{kind} ratio for {name!r} must be a number in [0, 1), got {ratio!r}")
 
@@ -163,9 +207,20 @@ def _remove_heads(graph: tp.DependencyGraph, name: str, attention: nn.Module, ra
         )
 
 
-def _narrow_ffn(graph: tp.DependencyGraph, layer: nn.Linear, ratio: float) -> None:
-    """Remove the ``int(ratio × width)`` intermediate channels of least L2 importance."""
-    _prune_out(graph, layer, _weakest(_importance(graph, layer), int(ratio * layer.out_features)))
+def _narrow_ffn(graph: tp.DependencyGraph, model: nn.Module, name: str, ratio: float) -> None:
+    """Remove the ``int(ratio × width)`` intermediate channels of least L2 importance. In a gated
+    (Llama-style) MLP the group holds ``gate_proj`` rows and ``down_proj`` columns too; if the traced
+    graph did not couple them, the forward would break later with a less telling shape error."""
+    layer = model.get_submodule(name)
+    width = layer.out_features - int(ratio * layer.out_features)
+    _prune_out(graph, layer, _weakest(_importance(graph, layer), layer.out_features - width))
+    mlp = name.rpartition(".")[0]
+    widths = {f"{name} (out)": layer.out_features}
+    if name.endswith("mlp.up_proj") and _has_linears(model.get_submodule(mlp), _GATED):
+        widths[f"{mlp}.gate_proj (out)"] = model.get_submodule(f"{mlp}.gate_proj").out_features
+        widths[f"{mlp}.down_proj (in)"] = model.get_submodule(f"{mlp}.down_proj").in_features
+    if set(widths.values()) != {width}:
+        raise CandidateError(f"FFN pruning of {name!r} left widths {widths}, expected {width} each")
 
 
 def prune_heads_and_ffn(
@@ -173,12 +228,14 @@ def prune_heads_and_ffn(
 ) -> None:
     """Remove a ratio of the attention heads and of the FFN width, per module name, keeping the hidden size.
 
-    ``heads`` maps attention modules (``encoder.layer.0.attention.self``) to the ratio of their heads
-    to remove, ``ffn`` maps FFN intermediate Linears (``encoder.layer.0.intermediate.dense``) to the
-    ratio of their width to remove; ratios in [0, 1), rounded down to whole heads and channels.
+    ``heads`` maps BERT-style attention modules (``encoder.layer.0.attention.self``) to the ratio of
+    their heads to remove (a Llama-style model has none to name), ``ffn`` maps FFN intermediate
+    Linears (``encoder.layer.0.intermediate.dense``, ``model.layers.0.mlp.up_proj``) to the ratio of
+    their width to remove; ratios in [0, 1), rounded down to whole heads and channels.
     Only these groups are built and pruned, through Torch-Pruning's dependency graph, so the hidden
-    size (embeddings, residual stream, ``attention.output.dense``/``output.dense`` outputs, pooler)
-    is never touched. The attention modules' ``num_attention_heads``/``all_head_size`` are updated.
+    size (embeddings, residual stream, ``attention.output.dense``/``output.dense``/``o_proj``/
+    ``down_proj`` outputs, pooler) is never touched. The attention modules'
+    ``num_attention_heads``/``all_head_size`` are updated.
     """
     blocks = describe_blocks(model)
     _check_ratios("attention module", heads, blocks.heads)
@@ -191,4 +248,4 @@ def prune_heads_and_ffn(
             _remove_heads(graph, name, model.get_submodule(name), ratio)
     for name, ratio in ffn.items():
         if int(ratio * blocks.ffn[name]):
-            _narrow_ffn(graph, model.get_submodule(name), ratio)
+            _narrow_ffn(graph, model, name, ratio)

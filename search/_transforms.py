@@ -1,8 +1,9 @@
 """Apply a :class:`~search.Plan` to a copy of the teacher: one transform per config type.
 
-Order: student width, then per-layer channel pruning (both structural, through Torch-Pruning, so the
-layers really shrink), then sparsity masks, then quantizers. Each transform takes the model and the
-``{layer name: config}`` of its type.
+Order: student width, then per-layer channel pruning and attention-head pruning (all structural,
+through Torch-Pruning, so the layers really shrink), then the Transformer's depth (blocks dropped),
+then sparsity masks, then quantizers. Each transform takes the model and the ``{module name:
+config}`` of its type; names are the teacher's until the depth transform, the candidate's after it.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from torch.nn.utils import parametrize
 from search._errors import CandidateError, UsageError
 from search._io import Inputs, call
 from search._layers import compressible_layers, output_layer
-from search._plan import ChannelPruning, LayerPlan, Plan, Quantization, WeightSparsity
+from search._plan import ChannelPruning, Depth, HeadPruning, LayerPlan, Plan, Quantization, WeightSparsity
 from search._quant import BinarizeWeight, FakeQuantWeight, WeightMask, add_input_quant
+from search._transformer import drop_blocks, find_blocks, prune_heads_and_ffn
 
 ROUND_CHANNELS_TO = 4  # channel counts stay multiples of 4, so 2:4 groups stay whole
 
@@ -65,6 +67,10 @@ def _channel_pruning_transform(model, configs: Mapping[str, ChannelPruning], exa
     ratios = {name: c.ratio for name, c in configs.items() if c.ratio > 0}
     if not ratios:
         return
+    blocks = find_blocks(model)
+    if blocks is not None:
+        _prune_transformer_channels(model, blocks, ratios, example_input)
+        return
     before = {name: model.get_submodule(name).weight.shape[0] for name in ratios}
     modules = {model.get_submodule(name): ratio for name, ratio in ratios.items()}
     _prune(model, example_input, pruning_ratio=0.0, pruning_ratio_dict=modules)
@@ -76,6 +82,30 @@ def _channel_pruning_transform(model, configs: Mapping[str, ChannelPruning], exa
             f"Torch-Pruning left {', '.join(unpruned)} unpruned (channel groups or rounding to "
             f"multiples of {ROUND_CHANNELS_TO} allow no smaller size)"
         )
+
+
+def _prune_transformer_channels(model, blocks, ratios: Mapping[str, float], example_input) -> None:
+    """In a Transformer only the FFN width is pruned channel by channel: Q/K/V lose whole heads
+    (:class:`HeadPruning`) and the hidden size is the residual stream every block shares."""
+    others = sorted(set(ratios) - set(blocks.ffn))
+    if others:
+        raise UsageError(
+            f"channel pruning in a Transformer applies to FFN intermediate layers only ({', '.join(blocks.ffn)}); "
+            f"the plan prunes {', '.join(others)}: attention shrinks by whole heads (HeadPruning), and the "
+            "hidden size is the residual stream every block shares"
+        )
+    prune_heads_and_ffn(model, example_input, heads={}, ffn=ratios)
+
+
+@register_transform(HeadPruning)
+def _head_pruning_transform(model, configs: Mapping[str, HeadPruning], example_input) -> None:
+    prune_heads_and_ffn(model, example_input, heads={name: c.ratio for name, c in configs.items()}, ffn={})
+
+
+@register_transform(Depth)
+def _depth_transform(model, configs: Mapping[str, Depth], example_input) -> None:
+    for container, depth in configs.items():
+        drop_blocks(model, container, depth.keep)
 
 
 def _two_four_mask(weight: torch.Tensor) -> torch.Tensor:
@@ -132,8 +162,17 @@ def _apply(model: nn.Module, plan: Plan, fields: tuple[str, ...], example_input:
         _transform_for(type(getattr(LayerPlan(), field)))(model, configs, example_input)
 
 
+def _apply_structure(model: nn.Module, plan: Plan, example_input: Inputs) -> None:
+    """Channels and heads (by the teacher's names), then depth, which renumbers the blocks."""
+    _apply(model, plan, ("pruning",), example_input)
+    if plan.heads:
+        _transform_for(HeadPruning)(model, plan.heads, example_input)
+    if plan.depth is not None:
+        _transform_for(Depth)(model, {plan.depth.container: plan.depth}, example_input)
+
+
 def build_structure(teacher: nn.Module, plan: Plan, example_input: Inputs) -> nn.Module:
-    """A copy of the teacher with the plan's structural part applied: width, then channel pruning.
+    """A copy of the teacher with the plan's structural part applied: width, channels and heads, depth.
 
     Deterministic (magnitude ranking), so a saved state_dict loads into ``build_structure`` again.
     """
@@ -146,12 +185,30 @@ def build_structure(teacher: nn.Module, plan: Plan, example_input: Inputs) -> nn
         )
     model = copy.deepcopy(teacher)
     shrink_width(model, plan.width, example_input)
-    _apply(model, plan, ("pruning",), example_input)
+    _apply_structure(model, plan, example_input)
+    _check_forward(model, example_input)
     return model
+
+
+@torch.no_grad()
+def _check_forward(model: nn.Module, example_input: Inputs) -> None:
+    """A pruning the model's code does not follow (a reshape to a fixed hidden size, as in
+    torchvision's ViT) fails here, as the candidate's failure, not later inside a fine-tune."""
+    was_training = model.training
+    model.eval()
+    try:
+        call(model, example_input)
+    except Exception as exc:
+        raise CandidateError(
+            f"the pruned model no longer runs ({type(exc).__name__}: {exc}); its code ties a pruned "
+            "dimension to a fixed size: leave those layers out of the space (layers = [...])"
+        ) from exc
+    finally:
+        model.train(was_training)
 
 
 def apply_plan(teacher: nn.Module, plan: Plan, example_input: Inputs) -> nn.Module:
     """A new model: the teacher with the whole plan applied, quantizers active (ready for QAT)."""
     model = build_structure(teacher, plan, example_input)
-    _apply(model, plan, ("sparsity", "quantization"), example_input)
+    _apply(model, plan.student(), ("sparsity", "quantization"), example_input)
     return model

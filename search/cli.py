@@ -71,6 +71,14 @@ def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
         raise UsageError(f"{flag} {text!r}: expected comma-separated numbers such as 1.0,0.75") from None
 
 
+def _finetune(base: Finetune, flags: dict) -> Finetune:
+    """The task's fine-tune (or the default one) with the flags given on the command line."""
+    try:
+        return dataclasses.replace(base, **flags)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def _space(path: Path | None, **flags) -> SearchSpace:
     space = SearchSpace.from_toml(path) if path else SearchSpace()
     return space.replace(**flags)
@@ -104,10 +112,21 @@ def run_command(
     pruning: Annotated[Optional[str], typer.Option(help="Channel pruning ratios, e.g. 0,0.25,0.5.")] = None,
     sparsity: Annotated[Optional[str], typer.Option(help="Weight sparsity ratios, e.g. 0,0.5.")] = None,
     two_four: Annotated[Optional[bool], typer.Option("--two-four/--no-two-four", help="Offer 2:4 sparsity.")] = None,
-    steps: Annotated[int, typer.Option(min=0, help="Fine-tune steps per candidate.")] = Finetune.steps,
-    alpha: Annotated[float, typer.Option(help="Weight of the distillation (KL) term.")] = Finetune.alpha,
-    temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = Finetune.temperature,
-    lr: Annotated[float, typer.Option(help="Fine-tune learning rate.")] = Finetune.lr,
+    steps: Annotated[
+        Optional[int], typer.Option(min=0, help=f"Fine-tune steps per candidate [default: the task's, or {Finetune.steps}].")
+    ] = None,
+    alpha: Annotated[
+        Optional[float], typer.Option(help=f"Weight of the distillation (KL) term [default: {Finetune.alpha}].")
+    ] = None,
+    temperature: Annotated[
+        Optional[float], typer.Option(help=f"Distillation temperature [default: {Finetune.temperature}].")
+    ] = None,
+    lr: Annotated[
+        Optional[float], typer.Option(help=f"Fine-tune learning rate [default: the task's, or {Finetune.lr}].")
+    ] = None,
+    seq_len: Annotated[
+        Optional[int], typer.Option(help="Sequence length latency is measured at, for tasks that take one.")
+    ] = None,
     prune_trials: Annotated[bool, typer.Option("--pruner/--no-pruner", help="Stop weak fine-tunes early.")] = True,
     cost_model: Annotated[
         Switch, typer.Option(help="Skip plans the learned cost model is confident would miss the budget.")
@@ -140,14 +159,14 @@ def run_command(
             sparsity=_floats(sparsity, "--sparsity"),
             two_four=two_four,
         )
-        try:
-            finetune = Finetune(steps=steps, alpha=alpha, temperature=temperature, lr=lr)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
+        tuning = {"steps": steps, "alpha": alpha, "temperature": temperature, "lr": lr}
+        tuning = {key: value for key, value in tuning.items() if value is not None}
+        _finetune(Finetune(), tuning)  # a bad value fails before the task loads
+        task_options = {"seq_len": seq_len} if seq_len is not None else {}
         spec = {
             "task": task, "target": target_spec.name, "budget": str(budget_spec) if budget_spec else None,
             "objectives": list(objective_names), "trials": trials, "timeout": timeout, "sampler": sampler,
-            "seed": seed, "space": space_spec.to_dict(), "finetune": dataclasses.asdict(finetune),
+            "seed": seed, "space": space_spec.to_dict(), "finetune": tuning, "task_options": task_options,
             "cost_model": cost_model.value, "storage": storage, "study_name": study_name,
             "results_dir": str(results_dir), "workers": workers,
             "profiler": getattr(measurer, "address", "local"),
@@ -159,7 +178,8 @@ def run_command(
             with console.status(f"checking the profiler service at {measurer.address}…"):
                 measurer.check()
         with console.status(f"loading task {task}…"):
-            task_obj = load_task(task)
+            task_obj = load_task(task, **task_options)
+        finetune = _finetune(task_obj.finetune or Finetune(), tuning)
         if workers > 1 and not isinstance(measurer, profilers.RemoteProfiler):
             console.print(
                 f"note: {workers} workers fine-tune on this machine while it measures; measurements take "

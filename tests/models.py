@@ -187,3 +187,33 @@ def tiny_bert(layers: int = 4) -> nn.Module:
         max_position_embeddings=32,
     )
     return transformers.BertModel(config).eval()
+
+
+def tiny_llama(layers: int = 4, vocab: int = 100) -> nn.Module:
+    """A transformers ``LlamaForCausalLM`` with random weights, in eval mode: hidden 64, 4 heads of 16,
+    gated FFN 128, vocabulary 100, no KV cache (a forward at a fixed context length). Needs
+    ``transformers``."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        use_cache=False,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def tiny_vit(classes: int = 10) -> nn.Module:
+    """torchvision's ``VisionTransformer`` (the class of ``vit_b_16``, whose own size is too slow for a
+    test) with random weights, in eval mode: 32×32 images in 16×16 patches (4 tokens and the class
+    token), 2 blocks, 4 heads, hidden 64, MLP 128."""
+    from torchvision.models import VisionTransformer
+
+    return VisionTransformer(
+        image_size=32, patch_size=16, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128, num_classes=classes
+    ).eval()

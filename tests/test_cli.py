@@ -16,6 +16,7 @@ import profilers
 import search
 from search import cli
 from search._budget import Budget
+from search._distill import Finetune
 
 runner = CliRunner()
 CPU_TARGET = Path(__file__).resolve().parents[1] / "targets" / "cpu.toml"
@@ -32,8 +33,32 @@ def captured(monkeypatch, tiny_task):
         return study
 
     monkeypatch.setattr(cli, "run", fake_run)
-    monkeypatch.setattr(cli, "load_task", lambda spec: calls.setdefault("spec", spec) and tiny_task)
+    def fake_load_task(spec, **options):
+        calls.setdefault("spec", spec)
+        calls["options"] = options
+        return calls.get("task_to_load", tiny_task)
+
+    monkeypatch.setattr(cli, "load_task", fake_load_task)
     return calls
+
+
+def test_seq_len_goes_to_the_task_and_the_tasks_finetune_is_the_default(captured, tiny_task, tmp_path):
+    captured["task_to_load"] = dataclasses.replace(tiny_task, finetune=Finetune(steps=7, lr=1e-4))
+    args = ["run", "--task", "mine:make", "--results-dir", str(tmp_path), "--cost-model", "off"]
+    result = runner.invoke(cli.app, [*args, "--seq-len", "32"])
+    assert result.exit_code == 0, result.output
+    assert captured["options"] == {"seq_len": 32}
+    assert captured["kwargs"]["finetune"] == Finetune(steps=7, lr=1e-4)
+    result = runner.invoke(cli.app, [*args, "--lr", "0.01"])  # a flag overrides only itself
+    assert result.exit_code == 0, result.output
+    assert captured["options"] == {}
+    assert captured["kwargs"]["finetune"] == Finetune(steps=7, lr=0.01)
+
+
+def test_a_bad_finetune_flag_fails_before_the_task_loads(captured, tmp_path):
+    result = runner.invoke(cli.app, ["run", "--task", "mine:make", "--alpha", "2", "--results-dir", str(tmp_path)])
+    assert result.exit_code == 1 and "alpha must be in [0, 1]" in result.output
+    assert "spec" not in captured
 
 
 def test_run_passes_the_parsed_flags_to_the_api(captured, tmp_path):

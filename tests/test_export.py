@@ -253,7 +253,8 @@ def test_a_tuple_input_model_exports_positional_inputs_named_input_0_input_1(tmp
         torch.testing.assert_close(OnnxModule(tmp_path / "two.onnx")(*x), model(*x), rtol=1e-4, atol=1e-5)
 
 
-def test_an_int8_export_of_a_dict_input_model_calibrates_on_dict_batches(tmp_path):
+def test_a_static_int8_export_of_a_dict_input_model_calibrates_on_dict_batches(tmp_path):
+    """Static Q/DQ (TensorRT's form, every layer, MatMuls too) reads (inputs, None) dict batches."""
     from models import TinyText, text_inputs
 
     teacher = TinyText().eval()
@@ -272,8 +273,9 @@ def test_an_int8_export_of_a_dict_input_model_calibrates_on_dict_batches(tmp_pat
                 yield text_inputs(8, seed=20 + i), None
 
     exported = export_candidate(
-        candidate, text_inputs(1), tmp_path / "int8.onnx", plan=plan, precisions=CPU, calibration=Batches()
-    )
+        candidate, text_inputs(1), tmp_path / "int8.onnx", plan=plan, precisions=CPU, calibration=Batches(),
+        symmetric=True,
+    )  # fmt: skip
     model = onnx.load(str(exported.path))
     ops = [node.op_type for node in model.graph.node]
     assert ops.count("DequantizeLinear") >= 4 and "QuantizeLinear" in ops
@@ -283,4 +285,4 @@ def test_an_int8_export_of_a_dict_input_model_calibrates_on_dict_batches(tmp_pat
     with torch.no_grad():
         expected = candidate(**x)
     cosine = nn.functional.cosine_similarity(OnnxModule(exported.path)(**x), expected, dim=1)
-    assert cosine.min() > 0.99
+    assert cosine.min() > 0.9  # symmetric int8 activations spend half their levels on the negative side

@@ -30,7 +30,7 @@ def test_cpu_target_loads():
     assert isinstance(target, Target)
     assert target.name == "cpu"
     assert target.runtime == "onnxruntime-cpu"
-    assert target.precisions == ("fp32", "int8")
+    assert target.precisions == ("fp32", "int8", "int4-weight-only")
     assert target.threads == 1
     assert target.power_sensor == "rapl"
     assert target.power_w > 0

@@ -170,3 +170,8 @@ def test_the_default_metric_on_unlabelled_data_asks_for_a_metric():
 def test_a_task_whose_parts_do_not_fit_is_a_usage_error(kwargs, message):
     with pytest.raises(UsageError, match=message):
         _text_task(**kwargs)
+
+
+def test_an_option_the_task_function_does_not_take_is_a_usage_error(task_module):
+    with pytest.raises(UsageError, match=r"does not take --seq-len: its function is make\(\)"):
+        load_task(f"{task_module}:make", seq_len=32)
