@@ -535,7 +535,8 @@ def run(
         "run_spec",
         {
             "task": task.spec, "task_options": task.options, "trials": trials, "sampler": sampler, "seed": seed,
-            "space": space.to_dict(), "finetune": dataclasses.asdict(finetune), "pruner": _pruner_name(pruner), "cost_model": cost_model,
+            "space": space.to_dict(), "finetune": dataclasses.asdict(finetune), "pruner": _pruner_name(pruner),
+            "cost_model": cost_model,
             "timing": {key: getattr(profiler, key) for key in TIMING_KNOBS},
         },
     )  # fmt: skip

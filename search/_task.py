@@ -153,4 +153,5 @@ def _check_options(spec: str, function: Callable, options: dict) -> None:
         inspect.signature(function).bind(**options)
     except TypeError:
         flags = ", ".join(f"--{name.replace('_', '-')}" for name in options)
-        raise UsageError(f"task {spec!r} does not take {flags}: its function is {function.__name__}{inspect.signature(function)}") from None
+        signature = f"{function.__name__}{inspect.signature(function)}"
+        raise UsageError(f"task {spec!r} does not take {flags}: its function is {signature}") from None

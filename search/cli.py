@@ -124,6 +124,10 @@ def run_command(
     lr: Annotated[
         Optional[float], typer.Option(help=f"Fine-tune learning rate [default: the task's, or {Finetune.lr}].")
     ] = None,
+    lr_schedule: Annotated[
+        Optional[str],
+        typer.Option(help="Learning-rate schedule: constant or cosine [default: the task's, or constant]."),
+    ] = None,
     seq_len: Annotated[
         Optional[int], typer.Option(help="Sequence length latency is measured at, for tasks that take one.")
     ] = None,
@@ -159,7 +163,7 @@ def run_command(
             sparsity=_floats(sparsity, "--sparsity"),
             two_four=two_four,
         )
-        tuning = {"steps": steps, "alpha": alpha, "temperature": temperature, "lr": lr}
+        tuning = {"steps": steps, "alpha": alpha, "temperature": temperature, "lr": lr, "schedule": lr_schedule}
         tuning = {key: value for key, value in tuning.items() if value is not None}
         _finetune(Finetune(), tuning)  # a bad value fails before the task loads
         task_options = {"seq_len": seq_len} if seq_len is not None else {}

@@ -53,11 +53,18 @@ def test_seq_len_goes_to_the_task_and_the_tasks_finetune_is_the_default(captured
     assert result.exit_code == 0, result.output
     assert captured["options"] == {}
     assert captured["kwargs"]["finetune"] == Finetune(steps=7, lr=0.01)
+    result = runner.invoke(cli.app, [*args, "--lr-schedule", "cosine"])
+    assert result.exit_code == 0, result.output
+    assert captured["kwargs"]["finetune"] == Finetune(steps=7, lr=1e-4, schedule="cosine")
 
 
-def test_a_bad_finetune_flag_fails_before_the_task_loads(captured, tmp_path):
-    result = runner.invoke(cli.app, ["run", "--task", "mine:make", "--alpha", "2", "--results-dir", str(tmp_path)])
-    assert result.exit_code == 1 and "alpha must be in [0, 1]" in result.output
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [(["--alpha", "2"], "alpha must be in [0, 1]"), (["--lr-schedule", "linear"], "schedule must be one of constant")],
+)
+def test_a_bad_finetune_flag_fails_before_the_task_loads(captured, tmp_path, flag, message):
+    result = runner.invoke(cli.app, ["run", "--task", "mine:make", *flag, "--results-dir", str(tmp_path)])
+    assert result.exit_code == 1 and message in result.output
     assert "spec" not in captured
 
 

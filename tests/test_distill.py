@@ -138,3 +138,24 @@ def test_an_unknown_loss_is_refused_with_the_accepted_forms():
 
     with pytest.raises(UsageError, match="distillation loss 'l1': expected one of 'kl', 'mse', 'cosine' or a function"):
         distill(SmallCNN(), SmallCNN(), [], Finetune(steps=1), loss="l1")
+
+
+def test_the_cosine_schedule_warms_up_then_decays_to_zero():
+    from search._distill import _scheduler
+
+    config = Finetune(steps=50, lr=0.1, schedule="cosine")
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=config.lr)
+    scheduler = _scheduler(optimizer, config)
+    rates = []
+    for _ in range(config.steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == pytest.approx(0.1 / 5)  # 10 % of the steps warm up
+    assert rates[:5] == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.1]) and max(rates) == pytest.approx(0.1)
+    assert rates[-1] < 0.002 and all(a >= b for a, b in zip(rates[4:], rates[5:]))
+
+
+def test_an_unknown_schedule_is_refused():
+    with pytest.raises(ValueError, match="schedule must be one of constant, cosine, got 'linear'"):
+        Finetune(schedule="linear")

@@ -88,3 +88,32 @@ def test_an_empty_or_missing_sentence_file_is_a_usage_error(tmp_path):
         read_sentences(tmp_path / "empty.txt")
     with pytest.raises(UsageError, match="sentence file .*missing.txt"):
         read_sentences(tmp_path / "missing.txt")
+
+
+@pytest.mark.slow
+def test_a_minilm_study_exports_files_plain_onnxruntime_runs_at_the_reported_cosine(task, fast_profiler, tmp_path):
+    """search.run on the real MiniLM (short: 16 tokens, 3 trials, 4 steps), then search.export: each
+    exported file, run by a bare InferenceSession on the held-out sentences, gives the cosine to the
+    teacher the study reported for it."""
+    import onnxruntime as ort
+
+    import search
+
+    space = search.SearchSpace(sparsity=(0.0,), two_four=False, bits=(32, 8), depth=(1.0, 0.5), heads=(0.0, 0.5))
+    study = search.run(
+        task, trials=3, space=space, finetune=search.Finetune(steps=4, lr=3e-4), profiler=fast_profiler,
+        results_dir=tmp_path, cost_model=False, sampler="random",
+    )  # fmt: skip
+    frame = search.load_trials(study)
+    assert (frame["state"] == "COMPLETE").sum() == 3
+    assert set(frame["params_depth"]) <= {6, 3}
+    exported = search.export(study, tmp_path / "deploy", profiler=fast_profiler)
+    assert len(exported) >= 1
+    for _, row in exported.iterrows():
+        session = ort.InferenceSession(row["path"], providers=["CPUExecutionProvider"])
+        embeddings = np.concatenate(
+            [session.run(None, {k: v.numpy() for k, v in inputs.items()})[0] for inputs, _ in task.val]
+        )
+        reference = task.metric.reference.numpy()
+        cosine = (embeddings * reference).sum(1) / np.linalg.norm(embeddings, axis=1) / np.linalg.norm(reference, axis=1)
+        assert cosine.mean() == pytest.approx(row["metric"], abs=1e-4)

@@ -36,7 +36,7 @@ from search._quant import bake  # noqa: E402
 from search._size import packed_size_bytes  # noqa: E402
 from search._space import SearchSpace, kept_blocks, suggest_plan  # noqa: E402
 from search._transformer import describe_blocks  # noqa: E402
-from search._transforms import apply_plan  # noqa: E402
+from search._transforms import apply_plan, build_structure  # noqa: E402
 
 CPU = ("fp32", "int8", "int4-weight-only")
 LAYER = "encoder.layer"
@@ -294,3 +294,24 @@ def test_int8_linears_run_as_integer_matmuls_and_int4_as_matmulnbits(tmp_path, t
         reference = bake(student)(**x)
     cosine = torch.nn.functional.cosine_similarity(OnnxModule(exported.path)(**x), reference, dim=-1)
     assert cosine.min() > 0.98
+
+
+def test_a_pruned_and_shortened_checkpoint_reloads_into_the_rebuilt_structure(tmp_path, teacher):
+    """The way back to a deployed candidate: re-apply the plan's structure to the teacher and load
+    the saved state dict with weights_only=True (from_pretrained cannot load a head-pruned model)."""
+    plan = Plan(
+        layers={
+            _block(3, ".intermediate.dense"): LayerPlan(ChannelPruning(0.25), quantization=Quantization(8)),
+            _block(0, ".attention.self.value"): LayerPlan(quantization=Quantization(4)),
+        },
+        heads={_block(0, ".attention.self"): HeadPruning(0.5)},
+        depth=Depth(f"bert.{LAYER}", (0, 1, 3)),
+    )
+    candidate = bake(apply_plan(teacher, Plan.from_json(plan.to_json()), text_inputs()))
+    torch.save({"plan": plan.to_json(), "state_dict": candidate.state_dict()}, tmp_path / "checkpoint.pt")
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    rebuilt = build_structure(teacher, Plan.from_json(saved["plan"]), text_inputs())
+    rebuilt.load_state_dict(saved["state_dict"])
+    x = text_inputs(3, seed=7)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(**x), candidate.eval()(**x))
