@@ -204,7 +204,7 @@ def export_candidate(
     with tempfile.TemporaryDirectory() as tmp:
         current = Path(tmp, "float.onnx")
         export_float(model, example_input, current, output)
-        nodes = _layer_nodes(current, compressible_layers(model))
+        nodes = _layer_nodes(onnx.load(str(current)), compressible_layers(model))
         wanted = {
             name: runtime_precision(plan.layer(name).quantization.bits, precisions, node.op_type == "MatMul")
             for name, node in nodes.items()
@@ -227,9 +227,9 @@ def export_candidate(
     return ExportedModel(path, layer_precision(path, model), path.stat().st_size)
 
 
-def _layer_nodes(path: Path, layers: Iterable[str]) -> dict[str, onnx.NodeProto]:
-    """The node that consumes each layer's weight in the file (a layer the graph lacks is left out)."""
-    consumers = _weight_consumers(onnx.load(str(path), load_external_data=False))
+def _layer_nodes(graph: onnx.ModelProto, layers: Iterable[str]) -> dict[str, onnx.NodeProto]:
+    """The node that consumes each layer's weight in the graph (a layer the graph lacks is left out)."""
+    consumers = _weight_consumers(graph)
     return {name: consumers[w] for name in layers if (w := weight_name(consumers, name)) is not None}
 
 
@@ -250,7 +250,7 @@ def _quantize_static(
         activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
         weight_type=QuantType.QInt8,
         per_channel=True,
-        nodes_to_exclude=[node.name for node in _layer_nodes(pre_path, keep_float).values()],
+        nodes_to_exclude=[node.name for node in _layer_nodes(pre, keep_float).values()],
         calibrate_method=CalibrationMethod.MinMax,
         extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
     )
@@ -262,7 +262,7 @@ def _quantize_int4(source: Path, target: Path, layers: set[str]) -> Path:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     graph = onnx.load(str(source))
-    wanted = {node.name for node in _layer_nodes(source, layers).values()}
+    wanted = {node.name for node in _layer_nodes(graph, layers).values()}
     quantizer = MatMulNBitsQuantizer(  # it packs every MatMul it can but those excluded
         graph, block_size=INT4_BLOCK, is_symmetric=True, accuracy_level=4,
         nodes_to_exclude=[node.name for node in graph.graph.node if node.name not in wanted],
@@ -278,7 +278,7 @@ def _quantize_dynamic(source: Path, target: Path, layers: set[str]) -> Path:
 
     quantize_dynamic(
         str(source), str(target), op_types_to_quantize=["MatMul"],
-        nodes_to_quantize=[node.name for node in _layer_nodes(source, layers).values()],
+        nodes_to_quantize=[node.name for node in _layer_nodes(onnx.load(str(source)), layers).values()],
         per_channel=True, weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True},
     )  # fmt: skip
     return target

@@ -11,7 +11,6 @@ is searched layer by layer, as a CNN is.
 
 from __future__ import annotations
 
-import collections
 import copy
 import math
 import os
@@ -25,6 +24,7 @@ import torch
 os.environ["HF_HUB_OFFLINE"] = "1"
 pytest.importorskip("transformers", reason="the causal LM needs transformers")
 
+from graphs import initializer_shapes, optimized_ops  # noqa: E402
 from models import tiny_llama, tiny_vit  # noqa: E402
 
 from search._errors import CandidateError, UsageError  # noqa: E402
@@ -84,24 +84,8 @@ def _plan(int8=(), int4=(), pruning=None, depth=None) -> Plan:
 def _calibrate_and_bake(model, inputs) -> torch.nn.Module:
     model.train()
     with torch.no_grad():  # the input quantizers see data
-        model(**inputs) if isinstance(inputs, dict) else model(inputs)
+        call(model, inputs)
     return bake(model).eval()
-
-
-def _weights(path) -> dict[str, tuple[int, ...]]:
-    return {init.name: tuple(init.dims) for init in onnx.load(str(path)).graph.initializer}
-
-
-def _optimized_ops(path, tmp_path) -> collections.Counter:
-    """The op types of the graph ONNX Runtime runs (after its fusions), as the CPU profiler loads it."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(
-        str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=["WeightBiasQuantization"]
-    )
-    return collections.Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
 
 
 def _measured(profiler, path) -> float:
@@ -191,14 +175,14 @@ def test_causal_lm_plan_compresses_exports_and_is_measured(tmp_path, llama, fast
     precision = exported.layer_precision
     assert {n for n, p in precision.items() if p == "int8"} == set(map(_renamed(plan), int8))
     assert {n for n, p in precision.items() if p == "int4"} == set(map(_renamed(plan), int4))
-    weights = _weights(exported.path)
+    weights = initializer_shapes(exported.path)
     assert not [name for name in weights if name.startswith((_block(2), _block(3)))]  # 2 blocks left
     assert weights[weight_name(weights, _block(1, ".mlp.up_proj"))] == (64, 96)  # MatMul by W^T: (in, out)
     assert weights[weight_name(weights, _block(1, ".mlp.down_proj"))] == (96, 64)
     assert weights[_block(1, ".mlp.gate_proj.weight.T_Q4")][0] == 96  # int4 packed: (out, blocks, bytes)
     assert weights[_block(0, ".mlp.up_proj.weight.T_quantized")] == (64, 128)
     assert weights[weight_name(weights, _block(0, ".mlp.gate_proj"))] == (64, 128)
-    ops = _optimized_ops(exported.path, tmp_path)
+    ops = optimized_ops(exported.path, tmp_path)
     assert ops["MatMulNBits"] == len(int4)
     assert sum(ops[op] for op in INT8_KERNELS) == len(int8)
     x = tokens(1, seed=5)
@@ -280,11 +264,11 @@ def test_vit_plan_compresses_exports_and_is_measured(tmp_path, vit, fast_profile
     precision = exported.layer_precision
     assert {n for n, p in precision.items() if p == "int8"} == set(int8)
     assert {n for n, p in precision.items() if p == "int4"} == set(int4)
-    weights = _weights(exported.path)
+    weights = initializer_shapes(exported.path)
     assert weights[f"{VIT}0.mlp.0.weight.T_quantized"] == (64, 96)  # MatMul by W^T: (in, out)
     assert weights[f"{VIT}0.mlp.3.weight.T_quantized"] == (96, 64)
     assert weights[f"{VIT}1.mlp.0.weight.T_Q4"][0] == 128
-    ops = _optimized_ops(exported.path, tmp_path)
+    ops = optimized_ops(exported.path, tmp_path)
     assert ops["MatMulNBits"] == len(int4)
     assert sum(ops[op] for op in INT8_KERNELS) == len(int8)
     x = images(1, seed=5)

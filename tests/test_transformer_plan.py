@@ -3,7 +3,6 @@ the ONNX files ONNX Runtime runs. Each test fails if a technique is silently ski
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 
@@ -17,6 +16,7 @@ from optuna.trial import FixedTrial
 os.environ["HF_HUB_OFFLINE"] = "1"
 pytest.importorskip("transformers", reason="the Transformer plans need transformers")
 
+from graphs import initializer_shapes, optimized_ops  # noqa: E402
 from models import text_inputs, tiny_bert  # noqa: E402
 
 from search._distill import Finetune, distill  # noqa: E402
@@ -68,22 +68,6 @@ def _export(tmp_path, model, plan, name="model.onnx"):
     return export_candidate(
         model, text_inputs(1), tmp_path / name, plan=plan, precisions=CPU, calibration=[(text_inputs(8), None)]
     )
-
-
-def _weights(path) -> dict[str, tuple[int, ...]]:
-    return {init.name: tuple(init.dims) for init in onnx.load(str(path)).graph.initializer}
-
-
-def _optimized_ops(path, tmp_path) -> collections.Counter:
-    """The op types of the graph ONNX Runtime runs (after its fusions), as the CPU profiler loads it."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(
-        str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=["WeightBiasQuantization"]
-    )
-    return collections.Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
 
 
 # ---- plan entries --------------------------------------------------------------------------------
@@ -254,7 +238,7 @@ def test_pruned_heads_ffn_and_dropped_blocks_show_in_the_onnx(tmp_path, teacher)
     )
     student = apply_plan(teacher, plan, text_inputs())
     exported = _export(tmp_path, student, plan)
-    weights = _weights(exported.path)
+    weights = initializer_shapes(exported.path)
     q1, q0 = weight_name(weights, _block(1, ".attention.self.query")), weight_name(weights, _block(0, ".attention.self.query"))
     assert weights[q1] == (64, 32) and weights[q0] == (64, 64)  # MatMul by W^T: (in, out)
     assert weights[weight_name(weights, _block(1, ".intermediate.dense"))] == (64, 64)
@@ -283,7 +267,7 @@ def test_int8_linears_run_as_integer_matmuls_and_int4_as_matmulnbits(tmp_path, t
     assert {name for name, p in precision.items() if p == "int8"} == set(int8)
     assert {name for name, p in precision.items() if p == "int4"} == set(int4)
     assert set(precision.values()) == {"fp32", "int8", "int4"}
-    ops = _optimized_ops(exported.path, tmp_path)
+    ops = optimized_ops(exported.path, tmp_path)
     assert ops["MatMulNBits"] == len(int4)
     assert ops["DynamicQuantizeMatMul"] + ops["MatMulIntegerToFloat"] == len(int8)
     assert ops["SkipLayerNormalization"] > 0  # residual add + LayerNorm fused

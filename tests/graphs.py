@@ -1,0 +1,25 @@
+"""What an exported ONNX file holds, and what ONNX Runtime makes of it, for tests that check a
+technique really reached the graph."""
+
+from __future__ import annotations
+
+import collections
+
+import onnx
+
+
+def initializer_shapes(path) -> dict[str, tuple[int, ...]]:
+    """Every initializer of the file by name, with its shape."""
+    return {init.name: tuple(init.dims) for init in onnx.load(str(path)).graph.initializer}
+
+
+def optimized_ops(path, tmp_path) -> collections.Counter:
+    """The op types of the graph ONNX Runtime runs (after its fusions), as the CPU profiler loads it."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(
+        str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=["WeightBiasQuantization"]
+    )
+    return collections.Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
