@@ -48,31 +48,35 @@ class OnnxRuntimeCpuProfiler(Profiler):
     ) -> Measurement:
         path = Path(onnx_path)
         cpus = _measurement_cpus(self.target.threads)
-        session, precision = self._session(path, cpus)
+        first, precision = self._session(path, cpus, inspect=True)
         feeds = dict(inputs) if inputs is not None else random_inputs(path)
         # ORT's errors share no base class but Exception.
         try:
-            session.run(None, feeds)
+            first.run(None, feeds)
         except Exception as exc:
             raise CandidateError(f"{path}: ONNX Runtime failed to run the model: {exc}") from exc
-        run = functools.partial(session.run, None, feeds)
-        with _pinned(cpus):
-            self._warm_up(run)
-            window = self._energy.window() if self._energy else None
-            with window or contextlib.nullcontext():
-                samples_ms, stable = self._time(run)
+        unused = [first]
+
+        @contextlib.contextmanager
+        def fresh_session(index: int):
+            session = unused.pop() if unused else self._session(path, cpus)[0]
+            with _pinned(cpus):
+                yield functools.partial(session.run, None, feeds)
+
+        timings = self._time_sessions(fresh_session, self._energy)
         return self._summarise(
-            samples_ms,
-            stable,
-            window,
+            timings,
             runtime=self.target.runtime,
             runtime_version=ort.__version__,
             precision=precision,
             device={**cpu_info(), "threads": self.target.threads, "pinned_cpus": list(cpus)},
         )
 
-    def _session(self, path: Path, cpus: tuple[int, ...]) -> tuple[ort.InferenceSession, str]:
-        """The session, and the precisions of the graph ORT will actually run (after fusing)."""
+    def _session(
+        self, path: Path, cpus: tuple[int, ...], inspect: bool = False
+    ) -> tuple[ort.InferenceSession, str | None]:
+        """A new session, and with ``inspect`` the precisions of the graph ORT will actually run
+        (after fusing; None without ``inspect``)."""
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.target.threads
         options.inter_op_num_threads = 1
@@ -84,11 +88,12 @@ class OnnxRuntimeCpuProfiler(Profiler):
         options.log_severity_level = 3  # saving an ORT_ENABLE_ALL graph always warns
         with tempfile.TemporaryDirectory() as tmp:
             optimized = Path(tmp) / "optimized.onnx"
-            options.optimized_model_filepath = str(optimized)
-            # Weights go to a side file: the graph is read for its node types only.
-            options.add_session_config_entry(
-                "session.optimized_model_external_initializers_file_name", "weights.bin"
-            )
+            if inspect:
+                options.optimized_model_filepath = str(optimized)
+                # Weights go to a side file: the graph is read for its node types only.
+                options.add_session_config_entry(
+                    "session.optimized_model_external_initializers_file_name", "weights.bin"
+                )
             try:
                 session = ort.InferenceSession(
                     str(path),
@@ -100,6 +105,8 @@ class OnnxRuntimeCpuProfiler(Profiler):
                 raise CandidateError(
                     f"{path}: ONNX Runtime cannot build a CPU session: {exc}"
                 ) from exc
+            if not inspect:
+                return session, None
             graph = onnx.load(str(optimized), load_external_data=False).graph
         return session, graph_precision(graph)
 

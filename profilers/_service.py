@@ -46,6 +46,7 @@ TIMING_KNOBS = {
     "min_time_s": float,
     "max_time_s": float,
     "tolerance": float,
+    "sessions": int,
 }
 # The Python distribution of each runtime, for /health.
 _RUNTIME_PACKAGES = {"onnxruntime-cpu": "onnxruntime", "tensorrt": "tensorrt"}

@@ -1094,18 +1094,29 @@ class TensorRTProfiler(Profiler):
             cached.unlink(missing_ok=True)  # stale or damaged: build it again, once
             engine, source, build_s = self._engine(path, plan, shapes, cached, summary)
             session = self._session(engine, feeds, path)
+        unused = [session]
+        report: dict[str, object] = {}
+
+        @contextlib.contextmanager
+        def fresh_session(index: int):
+            current = unused.pop() if unused else self._session(engine, feeds, path)
+            try:
+                current.run()
+                yield current.run
+                if index == self.sessions - 1:  # the per-layer report, once
+                    report["layer_ms"] = current.layer_times(self.profile_runs) if self.profile_runs else {}
+                    report["information"] = current.engine_information()
+            finally:
+                current.close()
+
         try:
-            session.run()
-            self._warm_up(session.run)
-            window = self._energy.window() if self._energy else None
-            with window or contextlib.nullcontext():
-                samples_ms, stable = self._time(session.run, self_timed=True)
-            layer_ms = session.layer_times(self.profile_runs) if self.profile_runs else {}
-            information = session.engine_information()
+            timings = self._time_sessions(fresh_session, self._energy, self_timed=True)
         except CudaError as exc:
             raise CandidateError(f"{path}: running the engine failed: {exc}") from exc
         finally:
-            session.close()
+            for left in unused:
+                left.close()
+        layer_ms, information = report["layer_ms"], report["information"]
         engine_layers = parse_engine_information(information)
         layers = layer_report(
             engine_layers,
@@ -1115,9 +1126,7 @@ class TensorRTProfiler(Profiler):
             sparse_enabled="SPARSE_WEIGHTS" in plan.builder_flags,
         )
         return self._summarise(
-            samples_ms,
-            stable,
-            window,
+            timings,
             runtime=self.target.runtime,
             runtime_version=plan.tensorrt_version,
             precision=engine_precision(engine_layers),

@@ -16,7 +16,8 @@ from search._workers import retried
 # Trial user attrs promoted to plain columns, in this order; the rest stay as user_attrs_*.
 COLUMNS = (
     "metric", "metric_source", "metric_torch",
-    "latency_ms", "latency_p90_ms", "latency_runs", "latency_spread", "latency_stable", "latency_source",
+    "latency_ms", "latency_p90_ms", "latency_runs", "latency_spread", "latency_stable",
+    "latency_session_medians_ms", "latency_source",
     "energy_mj", "energy_source", "size_bytes", "size_source", "onnx_bytes",
     "predicted_latency_ms", "predicted_latency_low_ms", "predicted_source", "latency_prediction_error",
     "pruned_by", "pruned_reason", "duplicate_of",

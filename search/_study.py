@@ -250,8 +250,9 @@ class _Search:
         seconds["end"] = time.perf_counter()
         if not measurement.stable:
             raise CandidateError(
-                f"latency did not stabilise: the median still moved after {measurement.runs} runs in "
-                f"{self.profiler.max_time_s:g} s (spread {measurement.spread:.1%}); is the machine busy?"
+                f"latency did not stabilise: in the fastest of {len(measurement.session_medians_ms) or 1} "
+                f"sessions the median still moved after {self.profiler.max_time_s:g} s (spread "
+                f"{measurement.spread:.1%}); is the machine busy?"
             )
 
         stages = list(seconds)
@@ -264,6 +265,7 @@ class _Search:
             "latency_runs": measurement.runs,
             "latency_spread": measurement.spread,
             "latency_stable": measurement.stable,
+            "latency_session_medians_ms": list(measurement.session_medians_ms),
             "latency_source": f"{measurement.source}:{measurement.runtime}",
             "energy_mj": measurement.energy_mj,
             "energy_source": measurement.energy_source,

@@ -75,6 +75,27 @@ def test_conv1d_macs_and_bytes_by_hand(cpu):
     assert (features["layers_conv1d"], features["layers_conv2d"], features["layers_linear"]) == (3, 0, 1)
 
 
+def test_padded_macs_round_channels_up_to_simd_blocks(cpu):
+    model = Conv1dNet()
+    x = example_input(model, batch=2)
+    features = plan_features(model, Plan(), x, cpu)
+    # conv1's 4 inputs and fc's 5 outputs round up; the grouped conv pads only its outputs
+    unchanged = 32 * 32 * (16 // 4) * 3 + 32 * 32 * 32 * 1
+    assert features["macs_fp32_pad8"] == 16 * 32 * 8 * 3 + unchanged + 8 * 32
+    assert features["macs_fp32_pad16"] == 16 * 32 * 16 * 3 + unchanged + 16 * 32
+    assert features["macs_int8_pad8"] == features["macs_int4_pad16"] == 0
+
+
+def test_transition_elements_count_what_crosses_precisions(cpu):
+    model = Conv1dNet()
+    x = example_input(model, batch=2)
+    one_island = _bits({"conv1": 8})
+    assert plan_features(apply_plan(model, one_island, x), one_island, x, cpu)["transition_elements"] == 16 * 32
+    two = _bits({"conv1": 8, "grouped": 32, "conv3": 8, "fc": 8})  # int8 → fp32 → int8
+    assert plan_features(apply_plan(model, two, x), two, x, cpu)["transition_elements"] == 16 * 32 + 32 * 32
+    assert plan_features(model, Plan(), x, cpu)["transition_elements"] == 0
+
+
 def test_dict_input_macs_count_every_token_per_sample(cpu):
     from models import TinyText, text_inputs
 
@@ -160,8 +181,9 @@ def _synthetic(n: int, seed: int, noise: float = 0.03):
     X = rng.uniform(0, 1, size=(n, len(FEATURE_NAMES)))
     macs = 10 ** rng.uniform(5, 7, size=n)
     share = rng.uniform(0, 1, size=n)
-    X[:, FEATURE_NAMES.index("macs_fp32")] = macs * (1 - share)
-    X[:, FEATURE_NAMES.index("macs_int8")] = macs * share
+    for suffix in ("", "_pad8", "_pad16"):  # channels aligned to 8 and 16: padding adds nothing
+        X[:, FEATURE_NAMES.index(f"macs_fp32{suffix}")] = macs * (1 - share)
+        X[:, FEATURE_NAMES.index(f"macs_int8{suffix}")] = macs * share
     X[:, FEATURE_NAMES.index("log_macs")] = np.log1p(macs)
     y = macs / 1e6 * np.exp(rng.normal(0, noise, size=n))
     return X, y

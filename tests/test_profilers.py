@@ -20,6 +20,7 @@ from profilers import (
     get_profiler,
     random_inputs,
 )
+from profilers._base import SessionTiming
 from search._errors import CandidateError, TargetUnavailableError
 from targets import load_target
 
@@ -267,17 +268,54 @@ def test_import_loads_no_gpu_runtime():
     assert out.stdout.strip() == "[]"
 
 
+def test_each_session_is_a_new_onnxruntime_session_and_only_the_first_is_inspected(fp32_model, monkeypatch):
+    import onnxruntime
+
+    created = []
+
+    class Counting(onnxruntime.InferenceSession):
+        def __init__(self, path, options, **kwargs):
+            created.append(options.optimized_model_filepath)
+            super().__init__(path, options, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", Counting)
+    result = OnnxRuntimeCpuProfiler(load_target("cpu"), **SHORT, sessions=3).measure(fp32_model)
+    assert len(created) == 3 and created[0] and not any(created[1:])
+    assert len(result.session_medians_ms) == 3 and result.precision == "fp32"
+    assert result.runs == len(result.samples_ms) >= 3 * SHORT["min_runs"]
+
+
+def test_the_fastest_session_is_reported_with_every_median():
+    profiler = OnnxRuntimeCpuProfiler(load_target("cpu"), **SHORT)
+    timings = [SessionTiming([2.0, 2.2, 2.1], True, None), SessionTiming([1.0, 1.1, 1.3], True, None),
+               SessionTiming([4.0, 9.0, 5.0], False, None)]  # fmt: skip
+    result = profiler._summarise(
+        timings, runtime="r", runtime_version="1", precision="fp32", device={}
+    )
+    assert result.latency_ms == 1.1 and result.stable
+    assert result.latency_p90_ms == pytest.approx(np.percentile([1.0, 1.1, 1.3], 90))
+    assert result.session_medians_ms == (2.1, 1.1, 5.0)
+    assert result.runs == 9 and len(result.samples_ms) == 9
+    assert result.energy_mj == pytest.approx(load_target("cpu").power_w * 1.1)
+
+
+@pytest.mark.parametrize("sessions", [0, -1])
+def test_at_least_one_session(sessions):
+    with pytest.raises(ValueError, match=f"sessions={sessions}"):
+        OnnxRuntimeCpuProfiler(load_target("cpu"), sessions=sessions)
+
+
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux-only")
 def test_the_timed_runs_are_pinned_and_the_affinity_restored(fp32_model):
     before = os.sched_getaffinity(0)
     seen = []
 
     class Watching(OnnxRuntimeCpuProfiler):
-        def _time(self, run):
+        def _time(self, run, **kwargs):
             seen.append(os.sched_getaffinity(0))
-            return super()._time(run)
+            return super()._time(run, **kwargs)
 
-    result = Watching(load_target("cpu"), **SHORT).measure(fp32_model)
+    result = Watching(load_target("cpu"), **SHORT, sessions=2).measure(fp32_model)
     assert len(result.device["pinned_cpus"]) == load_target("cpu").threads
-    assert seen == [set(result.device["pinned_cpus"][:1])]
+    assert seen == [set(result.device["pinned_cpus"][:1])] * 2
     assert os.sched_getaffinity(0) == before

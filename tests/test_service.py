@@ -261,8 +261,9 @@ def test_concurrent_clients_are_measured_one_at_a_time(address, model, recording
 
 
 def test_timing_knobs_travel_with_the_request(address, model, recording):
-    result = client(address, min_runs=10**6, min_time_s=0.0, max_time_s=0.05).measure(model)
+    result = client(address, min_runs=10**6, min_time_s=0.0, max_time_s=0.05, sessions=2).measure(model)
     assert not result.stable and 0 < result.runs < 10**6
+    assert len(result.session_medians_ms) == 2
     assert recording.min_runs == SHORT["min_runs"]  # the service's own profiler is untouched
 
 

@@ -941,7 +941,9 @@ class TestProfiler:
         assert result.latency_ms == pytest.approx(0.04) and result.runs >= SHORT["min_runs"]
         assert result.stable and len(result.samples_ms) == result.runs
         assert result.energy_source == "measured:fake"
-        assert result.energy_mj == pytest.approx(100 / result.runs)
+        # three fresh execution contexts of equal run counts; the energy of one session's runs
+        assert len(backend.sessions) == profiler.sessions == len(result.session_medians_ms) == 3
+        assert result.energy_mj == pytest.approx(100 / (result.runs / 3))
         assert result.runtime == "tensorrt" and result.runtime_version == "10.8.0"
         assert result.precision == "int8+fp16"
         assert result.device["gpu"] == "NVIDIA H200" and result.device["sm_clock_mhz"] == 1980
@@ -957,7 +959,7 @@ class TestProfiler:
         first = profiler.measure(qdq_file)
         second = profiler.measure(qdq_file)
         assert profiler.builds == 1 and len(profiler.backend.builds) == 1
-        assert len(profiler.backend.sessions) == 2
+        assert len(profiler.backend.sessions) == 2 * profiler.sessions
         assert second.device["engine"] == "cache" and second.device["engine_build_s"] is None
         assert second.device["engine_file"] == first.device["engine_file"]
         # another profiler (another process) finds the same engine on disk
