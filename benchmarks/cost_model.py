@@ -1,7 +1,7 @@
 """Benchmark the learned cost model (prints figures; asserts nothing).
 
     python benchmarks/cost_model.py accuracy [--task digits|resnet18] [--held-out 32]
-    python benchmarks/cost_model.py search [--trials 40] [--budget 0.15x]
+    python benchmarks/cost_model.py search [--trials 40] [--budget 0.15x] [--equal-time]
 
 ``accuracy``: random plans are built (no fine-tuning: weights do not change latency), exported and
 measured on the cpu target; the cost model and a FLOPs-only linear baseline are trained on the first
@@ -126,21 +126,32 @@ def hypervolume(metric: np.ndarray, latency: np.ndarray, budget_ms: float) -> fl
     return area
 
 
-def search_benchmark(trials: int, budget: str, seed: int) -> None:
+def search_benchmark(trials: int, budget: str, seed: int, equal_time: bool) -> None:
+    """The cost-model run gets the budget in ms of the run without it; with ``equal_time`` also
+    its wall-clock, and as many trials as fit, instead of the same number of trials."""
     task = digits()
+    wall_off = budget_off = None
     for cost_model in (False, True):
+        limits = {"trials": trials}
+        if cost_model:
+            budget = budget_off  # in ms: the teacher, measured again, would move it
+            if equal_time:
+                limits = {"trials": 10 * trials, "timeout": wall_off}
         with tempfile.TemporaryDirectory() as results:
             start = time.perf_counter()
-            study = search.run(task, budget=budget, trials=trials, seed=seed, cost_model=cost_model,
-                               results_dir=results)  # fmt: skip
+            study = search.run(task, budget=budget, seed=seed, cost_model=cost_model, results_dir=results,
+                               **limits)  # fmt: skip
             wall = time.perf_counter() - start
             frame = search.load_trials(study)
+        if not cost_model:
+            wall_off, budget_off = wall, f"{study.user_attrs['budget_ms']}ms"
+        trials_run = len(frame)
         vetoed = int((frame["pruned_by"] == "cost-model").sum())
         measured = int(frame["latency_ms"].notna().sum())
         done = frame[frame["state"] == "COMPLETE"]
         volume = hypervolume(done["metric"].to_numpy(), done["latency_ms"].to_numpy(), study.user_attrs["budget_ms"])
-        print(f"cost model {'on ' if cost_model else 'off'}: {trials} trials in {wall:.0f} s; "
-              f"{vetoed} vetoed before fine-tuning ({vetoed / trials:.0%}), {measured} measured, "
+        print(f"cost model {'on ' if cost_model else 'off'}: {trials_run} trials in {wall:.0f} s; "
+              f"{vetoed} vetoed before fine-tuning ({vetoed / trials_run:.0%}), {measured} measured, "
               f"{len(done[done['feasible']])} feasible; front {int(frame['pareto'].sum())} points, "
               f"hypervolume {volume:.6f} (budget {study.user_attrs['budget_ms']:.4f} ms)")  # fmt: skip
         if vetoed:
@@ -162,6 +173,8 @@ def main() -> None:
     srch.add_argument("--trials", type=int, default=40)
     srch.add_argument("--budget", default="0.15x")
     srch.add_argument("--seed", type=int, default=0)
+    srch.add_argument("--equal-time", action="store_true",
+                      help="Give the cost-model run the other run's wall-clock instead of its number of trials.")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore")
@@ -172,7 +185,7 @@ def main() -> None:
     if args.command == "accuracy":
         accuracy_benchmark(args.task, args.held_out, args.seed, args.cache)
     else:
-        search_benchmark(args.trials, args.budget, args.seed)
+        search_benchmark(args.trials, args.budget, args.seed, args.equal_time)
 
 
 if __name__ == "__main__":
