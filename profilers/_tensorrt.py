@@ -1109,13 +1109,10 @@ class TensorRTProfiler(Profiler):
             finally:
                 current.close()
 
-        try:
+        try:  # the first session is taken at once, and each one closes itself
             timings = self._time_sessions(fresh_session, self._energy, self_timed=True)
         except CudaError as exc:
             raise CandidateError(f"{path}: running the engine failed: {exc}") from exc
-        finally:
-            for left in unused:
-                left.close()
         layer_ms, information = report["layer_ms"], report["information"]
         engine_layers = parse_engine_information(information)
         layers = layer_report(

@@ -227,9 +227,9 @@ def export_candidate(
     return ExportedModel(path, layer_precision(path, model), path.stat().st_size)
 
 
-def _layer_nodes(graph: onnx.ModelProto, layers: Iterable[str]) -> dict[str, onnx.NodeProto]:
-    """The node that consumes each layer's weight in the graph (a layer the graph lacks is left out)."""
-    consumers = _weight_consumers(graph)
+def _layer_nodes(model: onnx.ModelProto, layers: Iterable[str]) -> dict[str, onnx.NodeProto]:
+    """The node that consumes each layer's weight in ``model`` (a layer the graph lacks is left out)."""
+    consumers = _weight_consumers(model)
     return {name: consumers[w] for name in layers if (w := weight_name(consumers, name)) is not None}
 
 
