@@ -1,7 +1,8 @@
 """Benchmark the learned cost model (prints figures; asserts nothing).
 
     python benchmarks/cost_model.py accuracy [--task digits|resnet18] [--held-out 32]
-    python benchmarks/cost_model.py search [--trials 40] [--budget 0.15x] [--equal-time]
+    python benchmarks/cost_model.py search [--trials 40] [--budget 0.15x] [--seeds 0,1,2] [--equal-time]
+        [--warm-start]
 
 ``accuracy``: random plans are built (no fine-tuning: weights do not change latency), exported and
 measured on the cpu target; the cost model and a FLOPs-only linear baseline are trained on the first
@@ -14,6 +15,7 @@ vetoed is built and measured (no fine-tune) to count the vetoes that were wrong.
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import time
 import warnings
@@ -126,39 +128,77 @@ def hypervolume(metric: np.ndarray, latency: np.ndarray, budget_ms: float) -> fl
     return area
 
 
-def search_benchmark(trials: int, budget: str, seed: int, equal_time: bool) -> None:
-    """The cost-model run gets the budget in ms of the run without it; with ``equal_time`` also
-    its wall-clock, and as many trials as fit, instead of the same number of trials."""
+def search_benchmark(trials: int, budget: str, seeds: list[int], equal_time: bool, warm_start: bool) -> None:
+    """The study with the cost model off and on for each seed, then the totals over the seeds.
+
+    One seed says little: the two runs take the same plans until the first veto, or until a noisy
+    measurement moves a plan across the budget, and part ways from there."""
     task = digits()
-    wall_off = budget_off = None
-    for cost_model in (False, True):
-        limits = {"trials": trials}
-        if cost_model:
-            budget = budget_off  # in ms: the teacher, measured again, would move it
-            if equal_time:
-                limits = {"trials": 10 * trials, "timeout": wall_off}
-        with tempfile.TemporaryDirectory() as results:
+    runs = {False: [], True: []}
+    for seed in seeds:
+        for cost_model, figures in _search_pair(task, trials, budget, seed, equal_time, warm_start).items():
+            runs[cost_model].append(figures)
+    if len(seeds) > 1:
+        for cost_model, figures in runs.items():
+            total = {key: sum(f[key] for f in figures) for key in ("trials", "vetoed", "wall", "hypervolume")}
+            print(f"cost model {'on ' if cost_model else 'off'}, {len(seeds)} seeds: {total['trials']} trials in "
+                  f"{total['wall']:.0f} s, {total['vetoed']} vetoed ({total['vetoed'] / total['trials']:.0%}), "
+                  f"mean hypervolume {total['hypervolume'] / len(seeds):.6f}")  # fmt: skip
+        wins = sum(on["hypervolume"] >= off["hypervolume"] for off, on in zip(runs[False], runs[True]))
+        print(f"hypervolume with the cost model on >= off in {wins} of {len(seeds)} seeds")
+
+
+def _search_pair(
+    task: search.Task, trials: int, budget: str, seed: int, equal_time: bool, warm_start: bool
+) -> dict[bool, dict]:
+    """One seed, off then on. The cost-model run gets the budget in ms of the run without it; with
+    ``equal_time`` also its wall-clock, and as many trials as fit, instead of the same number of
+    trials. With ``warm_start`` an earlier study on the same task and target (another seed) runs
+    first, and the cost-model run starts from its measurements, as a user's second study would."""
+    figures, wall_off, budget_off = {}, None, None
+    with tempfile.TemporaryDirectory() as earlier:
+        if warm_start:
             start = time.perf_counter()
-            study = search.run(task, budget=budget, seed=seed, cost_model=cost_model, results_dir=results,
-                               **limits)  # fmt: skip
-            wall = time.perf_counter() - start
-            frame = search.load_trials(study)
-        if not cost_model:
-            wall_off, budget_off = wall, f"{study.user_attrs['budget_ms']}ms"
-        trials_run = len(frame)
-        vetoed = int((frame["pruned_by"] == "cost-model").sum())
-        measured = int(frame["latency_ms"].notna().sum())
-        done = frame[frame["state"] == "COMPLETE"]
-        volume = hypervolume(done["metric"].to_numpy(), done["latency_ms"].to_numpy(), study.user_attrs["budget_ms"])
-        print(f"cost model {'on ' if cost_model else 'off'}: {trials_run} trials in {wall:.0f} s; "
-              f"{vetoed} vetoed before fine-tuning ({vetoed / trials_run:.0%}), {measured} measured, "
-              f"{len(done[done['feasible']])} feasible; front {int(frame['pareto'].sum())} points, "
-              f"hypervolume {volume:.6f} (budget {study.user_attrs['budget_ms']:.4f} ms)")  # fmt: skip
-        if vetoed:
-            pairs = _measure_vetoed(task, frame)
-            over = sum(measured_ms > study.user_attrs["budget_ms"] for _, measured_ms in pairs)
-            print(f"  vetoed plans measured afterwards (no fine-tune): {over} of {len(pairs)} over the budget; "
-                  "lower bound / measured: " + ", ".join(f"{low:.4f}/{ms:.4f}" for low, ms in pairs))  # fmt: skip
+            study = search.run(task, budget=budget, seed=seed + 1000, trials=trials, results_dir=earlier,
+                               study_name="earlier")  # fmt: skip
+            print(f"seed {seed}: earlier study (seed {seed + 1000}, warm start): {len(study.trials)} trials in "
+                  f"{time.perf_counter() - start:.0f} s")  # fmt: skip
+        for cost_model in (False, True):
+            limits = {"trials": trials}
+            if cost_model:
+                budget = budget_off  # in ms: the teacher, measured again, would move it
+                if equal_time:
+                    limits = {"trials": 10 * trials, "timeout": wall_off}
+            with tempfile.TemporaryDirectory() as results:
+                if cost_model and warm_start:
+                    shutil.copytree(Path(earlier) / "costmodel", Path(results) / "costmodel")
+                start = time.perf_counter()
+                study = search.run(task, budget=budget, seed=seed, cost_model=cost_model, results_dir=results,
+                                   **limits)  # fmt: skip
+                wall = time.perf_counter() - start
+                frame = search.load_trials(study)
+            if not cost_model:
+                wall_off, budget_off = wall, f"{study.user_attrs['budget_ms']}ms"
+            figures[cost_model] = _print_search(task, seed, cost_model, frame, wall, study.user_attrs["budget_ms"])
+    return figures
+
+
+def _print_search(task: search.Task, seed: int, cost_model: bool, frame, wall: float, budget_ms: float) -> dict:
+    trials_run = len(frame)
+    vetoed = int((frame["pruned_by"] == "cost-model").sum())
+    measured = int(frame["latency_ms"].notna().sum())
+    done = frame[frame["state"] == "COMPLETE"]
+    volume = hypervolume(done["metric"].to_numpy(), done["latency_ms"].to_numpy(), budget_ms)
+    print(f"seed {seed}, cost model {'on ' if cost_model else 'off'}: {trials_run} trials in {wall:.0f} s; "
+          f"{vetoed} vetoed before fine-tuning ({vetoed / trials_run:.0%}), {measured} measured, "
+          f"{len(done[done['feasible']])} feasible; front {int(frame['pareto'].sum())} points, "
+          f"hypervolume {volume:.6f} (budget {budget_ms:.4f} ms)")  # fmt: skip
+    if vetoed:
+        pairs = _measure_vetoed(task, frame)
+        over = sum(measured_ms > budget_ms for _, measured_ms in pairs)
+        print(f"  vetoed plans measured afterwards (no fine-tune): {over} of {len(pairs)} over the budget; "
+              "lower bound / measured: " + ", ".join(f"{low:.4f}/{ms:.4f}" for low, ms in pairs))  # fmt: skip
+    return {"trials": trials_run, "vetoed": vetoed, "wall": wall, "hypervolume": volume}
 
 
 def main() -> None:
@@ -172,9 +212,11 @@ def main() -> None:
     srch = sub.add_parser("search")
     srch.add_argument("--trials", type=int, default=40)
     srch.add_argument("--budget", default="0.15x")
-    srch.add_argument("--seed", type=int, default=0)
+    srch.add_argument("--seeds", default="0", help="Comma-separated seeds; each runs off and on, then the totals.")
     srch.add_argument("--equal-time", action="store_true",
                       help="Give the cost-model run the other run's wall-clock instead of its number of trials.")
+    srch.add_argument("--warm-start", action="store_true",
+                      help="Start the cost model from an earlier study's measurements (same task, another seed).")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore")
@@ -185,7 +227,8 @@ def main() -> None:
     if args.command == "accuracy":
         accuracy_benchmark(args.task, args.held_out, args.seed, args.cache)
     else:
-        search_benchmark(args.trials, args.budget, args.seed, args.equal_time)
+        seeds = [int(seed) for seed in args.seeds.split(",")]
+        search_benchmark(args.trials, args.budget, seeds, args.equal_time, args.warm_start)
 
 
 if __name__ == "__main__":

@@ -19,15 +19,18 @@ from search._costmodel import FEATURE_NAMES, LatencyModel, accuracy, load_measur
 MIN_MEASUREMENTS = 10  # below this the model vetoes nothing
 
 
-def measured_rows(study: optuna.Study) -> tuple[list[dict[str, float]], list[float]]:
-    """Features and measured latency of the study's completed trials."""
-    rows, latency = [], []
+def measured_rows(study: optuna.Study) -> tuple[list[dict[str, float]], list[float], list[float | None]]:
+    """Features, measured latency and sensor-measured energy (None when estimated) of the study's
+    completed trials."""
+    rows, latency, energy = [], [], []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        features = trial.user_attrs.get("cost_features")
-        if features is not None and trial.user_attrs.get("latency_ms") is not None:
-            rows.append(features)
-            latency.append(trial.user_attrs["latency_ms"])
-    return rows, latency
+        attrs = trial.user_attrs
+        if attrs.get("cost_features") is not None and attrs.get("latency_ms") is not None:
+            rows.append(attrs["cost_features"])
+            latency.append(attrs["latency_ms"])
+            measured = str(attrs.get("energy_source", "")).startswith("measured:") and attrs.get("energy_mj")
+            energy.append(attrs["energy_mj"] if measured else None)
+    return rows, latency, energy
 
 
 def _matrix(rows) -> np.ndarray:
@@ -35,8 +38,27 @@ def _matrix(rows) -> np.ndarray:
 
 
 @dataclasses.dataclass
+class _Refitted:
+    """A model refitted only when its measurements grew by a tenth since the last fit: a forest fit
+    costs a fraction of a second, a candidate's fine-tune seconds, but hundreds of fits add up."""
+
+    minimum: int
+    model: LatencyModel | None = None
+    fitted_on: int = 0
+
+    def get(self, rows: list, values: list) -> LatencyModel | None:
+        if len(values) < self.minimum:
+            return None
+        if self.model is None or len(values) - self.fitted_on >= max(1, self.fitted_on // 10):
+            self.model = LatencyModel().fit(_matrix(rows), np.array(values))
+            self.fitted_on = len(values)
+        return self.model
+
+
+@dataclasses.dataclass
 class CostGate:
-    """Predicts a candidate's latency before it is fine-tuned; vetoes it when confidently over budget.
+    """Predicts a candidate's latency (and energy, once a sensor measured enough of it) before it is
+    fine-tuned; vetoes it when its latency is confidently over budget.
 
     ``folder`` holds one measurements file per study; the other studies' files warm-start this one.
     """
@@ -46,64 +68,70 @@ class CostGate:
     target: str
     task: str
     min_measurements: int = MIN_MEASUREMENTS
-    _warm: tuple[list, list] = dataclasses.field(default=([], []), init=False)
-    _model: LatencyModel | None = dataclasses.field(default=None, init=False)
-    _fitted_on: int = dataclasses.field(default=0, init=False)
+    _warm: tuple[list, list, list] = dataclasses.field(default=([], [], []), init=False)
+    _latency: _Refitted = dataclasses.field(init=False)
+    _energy: _Refitted = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
-        rows, latency = [], []
+        rows, latency, energy = [], [], []
         for path in sorted(Path(self.folder).glob("*.json")):
             if path.stem != self.study_name:
-                more_rows, more_latency = load_measurements(path, target=self.target, task=self.task)
+                more_rows, more_latency, more_energy = load_measurements(path, target=self.target, task=self.task)
                 rows += more_rows
                 latency += more_latency
-        self._warm = (rows, latency)
+                energy += more_energy
+        self._warm = (rows, latency, energy)
+        self._latency = _Refitted(self.min_measurements)
+        self._energy = _Refitted(self.min_measurements)
 
     @property
     def warm_start(self) -> int:
         return len(self._warm[1])
 
-    def model(self, study: optuna.Study) -> LatencyModel | None:
-        """The model fitted on earlier studies' and this study's measurements; None below the minimum.
+    def _measurements(self, study: optuna.Study) -> tuple[list, list, list]:
+        return tuple(warm + own for warm, own in zip(self._warm, measured_rows(study)))
 
-        Refitted only when the measurements grew by a tenth since the last fit: a forest fit costs
-        a fraction of a second, a candidate's fine-tune seconds, but hundreds of fits add up.
-        """
-        rows, latency = measured_rows(study)
-        rows, latency = self._warm[0] + rows, self._warm[1] + latency
-        if len(latency) < self.min_measurements:
-            return None
-        if self._model is None or len(latency) - self._fitted_on >= max(1, self._fitted_on // 10):
-            self._model = LatencyModel().fit(_matrix(rows), np.array(latency))
-            self._fitted_on = len(latency)
-        return self._model
+    def model(self, study: optuna.Study) -> LatencyModel | None:
+        """The latency model fitted on earlier studies' and this study's measurements; None below
+        the minimum."""
+        rows, latency, _ = self._measurements(study)
+        return self._latency.get(rows, latency)
 
     def predict(self, study: optuna.Study, features: dict[str, float]) -> dict | None:
-        model = self.model(study)
+        rows, latency, energy = self._measurements(study)
+        model = self._latency.get(rows, latency)
         if model is None:
             return None
         x = _matrix([features])
-        return {
+        prediction = {
             "predicted_latency_ms": float(model.predict(x)[0]),
             "predicted_latency_low_ms": float(model.lower_bound(x)[0]),
-            "predicted_source": f"predicted:cost-model(n={self._fitted_on})",
+            "predicted_source": f"predicted:cost-model(n={self._latency.fitted_on})",
         }
+        metered = [(row, mj) for row, mj in zip(rows, energy) if mj is not None]
+        energy_model = self._energy.get([row for row, _ in metered], [mj for _, mj in metered])
+        if energy_model is not None:
+            prediction["predicted_energy_mj"] = float(energy_model.predict(x)[0])
+            prediction["predicted_source"] += f", energy from {self._energy.fitted_on} sensor measurements"
+        return prediction
 
     def save(self, study: optuna.Study) -> None:
-        rows, latency = measured_rows(study)
+        rows, latency, energy = measured_rows(study)
         if rows:
             self.folder.mkdir(parents=True, exist_ok=True)
             save_measurements(
-                self.folder / f"{self.study_name}.json", rows, latency, target=self.target, task=self.task
-            )
+                self.folder / f"{self.study_name}.json", rows, latency, target=self.target, task=self.task,
+                energy_mj=energy,
+            )  # fmt: skip
 
 
 def cost_model_report(study: optuna.Study, folds: int = 5) -> dict[str, dict[str, float] | int]:
     """The cost model's error on this study's measured trials.
 
-    ``online``: what the search saw, the prediction made before each trial against its measurement.
-    ``held_out``: k-fold cross-validation on the study's measured trials, for the forest and for the
-    FLOPs-only linear baseline.
+    ``online``: what the search saw, the prediction made before each trial against its measurement
+    (``online_energy``: the same for energy, where a sensor measured it). ``held_out``: k-fold
+    cross-validation on the study's measured trials, for the forest and for the FLOPs-only linear
+    baseline.
     """
     from sklearn.model_selection import KFold
 
@@ -118,7 +146,15 @@ def cost_model_report(study: optuna.Study, folds: int = 5) -> dict[str, dict[str
     report: dict = {"measured": len(measured), "predicted_online": len(online)}
     if online:
         report["online"] = accuracy(*map(np.array, zip(*online)))
-    rows, latency = measured_rows(study)
+    online_energy = [
+        (t.user_attrs["energy_mj"], t.user_attrs["predicted_energy_mj"])
+        for t in measured
+        if t.user_attrs.get("predicted_energy_mj") is not None
+        and str(t.user_attrs.get("energy_source", "")).startswith("measured:")
+    ]
+    if online_energy:
+        report["online_energy"] = accuracy(*map(np.array, zip(*online_energy)))
+    rows, latency, _ = measured_rows(study)
     if len(latency) >= 2 * folds:
         x, y = _matrix(rows), np.array(latency)
         for name, make in (("held_out", LatencyModel), ("held_out_flops_baseline", FlopsBaseline)):

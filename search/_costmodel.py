@@ -559,14 +559,18 @@ def save_measurements(
     *,
     target: str,
     task: str,
+    energy_mj: Sequence[float | None] | None = None,
 ) -> None:
     """Write the measurements to ``path`` as plain JSON, atomically, replacing what was there.
 
     Each row must hold exactly the :data:`FEATURE_NAMES` keys; the caller merges old and new rows.
+    ``energy_mj`` holds each row's energy per inference where a sensor measured it, else None
+    (an estimate is not a measurement to learn from).
     """
     path = Path(path)
-    if len(rows) != len(latency_ms):
-        raise ValueError(f"{len(rows)} feature rows but {len(latency_ms)} latencies")
+    energy_mj = [None] * len(rows) if energy_mj is None else list(energy_mj)
+    if not len(rows) == len(latency_ms) == len(energy_mj):
+        raise ValueError(f"{len(rows)} feature rows but {len(latency_ms)} latencies and {len(energy_mj)} energies")
     matrix = []
     for i, row in enumerate(rows):
         if set(row) != set(FEATURE_NAMES):
@@ -579,6 +583,9 @@ def save_measurements(
         raise ValueError("feature rows must hold finite numbers")
     if not all(math.isfinite(v) and v > 0 for v in latencies):
         raise ValueError(f"latencies must be finite and > 0 ms, got {latencies}")
+    energies = [None if v is None else float(v) for v in energy_mj]
+    if not all(v is None or (math.isfinite(v) and v > 0) for v in energies):
+        raise ValueError(f"energies must be None or finite and > 0 mJ, got {energies}")
     document = {
         "format": MEASUREMENTS_FORMAT,
         "feature_version": FEATURE_VERSION,
@@ -587,6 +594,7 @@ def save_measurements(
         "task": task,
         "rows": matrix,
         "latency_ms": latencies,
+        "energy_mj": energies,
     }
     text = json.dumps(document, allow_nan=False)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -602,8 +610,11 @@ def save_measurements(
         raise
 
 
-def load_measurements(path, *, target: str, task: str) -> tuple[list[dict[str, float]], list[float]]:
-    """The rows and latencies in ``path``; empty lists when it does not exist.
+def load_measurements(
+    path, *, target: str, task: str
+) -> tuple[list[dict[str, float]], list[float], list[float | None]]:
+    """The rows, latencies and measured energies (None where not measured) in ``path``; empty
+    lists when it does not exist.
 
     Raises :class:`~search.UsageError` when the file is not a measurement file, was written with
     another feature layout, or holds another target's or task's measurements.
@@ -613,7 +624,7 @@ def load_measurements(path, *, target: str, task: str) -> tuple[list[dict[str, f
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        return [], []
+        return [], [], []
     except OSError as exc:
         raise UsageError(f"cannot read cost measurements {path}: {exc.strerror or exc}") from exc
     try:
@@ -646,19 +657,23 @@ def load_measurements(path, *, target: str, task: str) -> tuple[list[dict[str, f
         )
 
     rows, latencies = document.get("rows"), document.get("latency_ms")
+    energies = document.get("energy_mj", [None] * len(rows) if isinstance(rows, list) else None)
     if (
         not isinstance(rows, list)
         or not isinstance(latencies, list)
-        or len(rows) != len(latencies)
+        or not isinstance(energies, list)
+        or not len(rows) == len(latencies) == len(energies)
         or not all(isinstance(row, list) and len(row) == len(FEATURE_NAMES) for row in rows)
     ):
         raise UsageError(
-            f"{path} is damaged: expected as many rows of {len(FEATURE_NAMES)} numbers as latencies: {afresh}"
+            f"{path} is damaged: expected as many rows of {len(FEATURE_NAMES)} numbers as latencies "
+            f"and energies: {afresh}"
         )
     try:
         return (
             [dict(zip(FEATURE_NAMES, map(float, row))) for row in rows],
             [float(v) for v in latencies],
+            [None if v is None else float(v) for v in energies],
         )
     except (TypeError, ValueError) as exc:
         raise UsageError(f"{path} is damaged: {exc}: {afresh}") from exc

@@ -20,6 +20,7 @@ COLUMNS = (
     "latency_session_medians_ms", "latency_source",
     "energy_mj", "energy_source", "size_bytes", "size_source", "onnx_bytes",
     "predicted_latency_ms", "predicted_latency_low_ms", "predicted_source", "latency_prediction_error",
+    "predicted_energy_mj", "energy_prediction_error",
     "pruned_by", "pruned_reason", "duplicate_of",
     "precision", "runtime", "measured_on", "fail_reason", "retry_of", "artifacts",
 )  # fmt: skip
@@ -83,6 +84,10 @@ def _frame(study: optuna.Study) -> pd.DataFrame:
     frame["latency_prediction_error"] = (
         pd.to_numeric(frame["predicted_latency_ms"]) / pd.to_numeric(frame["latency_ms"]) - 1.0
     )
+    metered = frame["energy_source"].astype(str).str.startswith("measured:")
+    frame["energy_prediction_error"] = (
+        pd.to_numeric(frame["predicted_energy_mj"]) / pd.to_numeric(frame["energy_mj"]) - 1.0
+    ).where(metered)
     frame = frame.drop(columns=[c for c in frame if c.startswith("values_") or c == "value"])
     if "user_attrs_plan" in frame:
         frame["plan"] = frame.pop("user_attrs_plan").map(lambda p: json.dumps(p) if isinstance(p, dict) else p)

@@ -195,6 +195,11 @@ class _Search:
             )
             trial.set_user_attr("pruned_by", "cost-model")
             trial.set_user_attr("pruned_reason", reason)
+            # TPE ranks a pruned trial with no constraint above every infeasible one: while few measured
+            # plans fit the budget, it would steer towards the vetoed plans. Made infeasible, the trial
+            # is ranked as its measurement would have ranked it (the constraint is labelled predicted).
+            over = max(prediction["predicted_latency_ms"], low) - self.budget_ms
+            trial.set_constraint("predicted_latency_over_budget_ms", over)
             raise optuna.TrialPruned(reason)
 
     def _evaluate(self, study: optuna.Study, trial: optuna.Trial) -> tuple[float, ...]:
@@ -206,6 +211,7 @@ class _Search:
         trial.set_user_attr("plan", plan.to_dict())
         self._stage(trial, "build", seconds)
         torch.manual_seed(self.seed + trial.number)
+        task.reseed(self.seed + trial.number)
         candidate = apply_plan(task.model, plan, task.example_input)
         layers = compressible_layers(candidate)
         trial.set_user_attr("channels", {name: int(m.weight.shape[0]) for name, m in layers.items()})

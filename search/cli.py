@@ -373,7 +373,7 @@ def export_command(
 
 @app.command("costmodel")
 def costmodel_command(study: StudyArg, study_name: StudyName = None) -> None:
-    """How well the learned cost model predicts this study's measured latencies."""
+    """How well the learned cost model predicts this study's measured latencies (and energy)."""
     with _user_errors():
         opened = open_study(study, study_name)
         report = cost_model_report(opened)
@@ -383,24 +383,31 @@ def costmodel_command(study: StudyArg, study_name: StudyName = None) -> None:
             "from earlier studies warm-started the model",
             highlight=False,
         )
-        table = Table(title="latency prediction error (predicted vs measured)")
-        for column in ("predictions", "within ±10 %", "within ±20 %", "MAPE", "Spearman"):
-            table.add_column(column, justify="right")
-        labels = {
+        latency = {
             "online": "during the search",
             "held_out": "held out (5-fold)",
             "held_out_flops_baseline": "FLOPs-only baseline, held out",
         }
-        for key, label in labels.items():
-            if key in report:
-                scores = report[key]
-                table.add_row(
-                    label, f"{scores['within_10pct']:.0%}", f"{scores['within_20pct']:.0%}", f"{scores['mape']:.1%}",
-                    f"{scores['spearman']:.3f}",
-                )  # fmt: skip
-        console.print(table)
+        console.print(_error_table("latency prediction error (predicted vs measured)", latency, report))
+        if "online_energy" in report:
+            energy = {"online_energy": "during the search (sensor-measured energy)"}
+            console.print(_error_table("energy prediction error (predicted vs measured)", energy, report))
         if "held_out" not in report:
             console.print("too few measured trials for a held-out estimate (10 needed)")
+
+
+def _error_table(title: str, labels: dict[str, str], report: dict) -> Table:
+    table = Table(title=title)
+    for column in ("predictions", "within ±10 %", "within ±20 %", "MAPE", "Spearman"):
+        table.add_column(column, justify="right")
+    for key, label in labels.items():
+        if key in report:
+            scores = report[key]
+            table.add_row(
+                label, f"{scores['within_10pct']:.0%}", f"{scores['within_20pct']:.0%}", f"{scores['mape']:.1%}",
+                f"{scores['spearman']:.3f}",
+            )  # fmt: skip
+    return table
 
 
 @app.command("serve")

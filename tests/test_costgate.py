@@ -2,24 +2,42 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import optuna
 import pytest
 
 import search
+from profilers import OnnxRuntimeCpuProfiler
 from search import Finetune, UsageError, run
 from search._costgate import CostGate, cost_model_report
 from search._costmodel import FEATURE_NAMES
+from targets import load_target
 
 QUICK = dict(finetune=Finetune(steps=1), pruner=optuna.pruners.NopPruner())
 
 
+class MeteredProfiler(OnnxRuntimeCpuProfiler):
+    """The cpu profiler as if a 15 W power sensor were read: energy labelled measured, to learn from."""
+
+    def measure(self, path):
+        measurement = super().measure(path)
+        energy = 15.0 * measurement.latency_ms
+        return dataclasses.replace(measurement, energy_mj=energy, energy_source="measured:test-meter")
+
+
 @pytest.fixture(scope="module")
-def earlier(tiny_task, fast_profiler, tmp_path_factory):
+def metered():
+    return MeteredProfiler(load_target("cpu"), warmup_runs=2, warmup_s=0.01, min_runs=20, min_time_s=0.02,
+                           max_time_s=0.5)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def earlier(tiny_task, metered, tmp_path_factory):
     """An earlier study on the same target and task: its measurements warm-start later ones."""
     results = tmp_path_factory.mktemp("results")
-    study = run(tiny_task, trials=12, profiler=fast_profiler, results_dir=results, study_name="earlier", **QUICK)
+    study = run(tiny_task, trials=12, profiler=metered, results_dir=results, study_name="earlier", **QUICK)
     return results, study
 
 
@@ -49,6 +67,8 @@ def test_a_plan_far_over_budget_is_vetoed_before_fine_tuning(earlier, tiny_task,
     assert frame["artifacts"].isna().all() and frame["latency_ms"].isna().all()  # nothing exported or measured
     assert not (results / "vetoed" / "trials").exists()
     assert frame["predicted_source"].str.startswith("predicted:cost-model").all()
+    # The sampler sees it as infeasible, as its measurement would have made it, not as a mere prune.
+    assert (frame["system_attrs_constraints:predicted_latency_over_budget_ms"] > 0).all()
 
 
 def test_the_same_plans_run_with_the_cost_model_off(earlier, tiny_task, fast_profiler):
@@ -69,6 +89,19 @@ def test_a_plan_within_budget_is_predicted_and_run(earlier, tiny_task, fast_prof
     assert (frame["predicted_latency_ms"] > 0).all() and frame["pruned_by"].isna().all()
     report = cost_model_report(study)
     assert report["predicted_online"] == 2 and 0 <= report["online"]["within_20pct"] <= 1
+
+
+def test_energy_is_predicted_from_sensor_measurements(earlier, tiny_task, metered):
+    results, _ = earlier
+    data = json.loads((results / "costmodel" / "cpu" / tiny_task.name / "earlier.json").read_text())
+    assert len(data["energy_mj"]) == 12 and all(mj > 0 for mj in data["energy_mj"])
+    study = run(tiny_task, budget="1s", trials=2, profiler=metered, results_dir=results,
+                study_name="energy", **QUICK)  # fmt: skip
+    frame = _trials(study)
+    assert (frame["predicted_energy_mj"] > 0).all()
+    assert frame["predicted_source"].str.contains(r"energy from \d+ sensor measurements").all()
+    assert (frame["energy_prediction_error"].abs() < 0.5).all()  # measured energy, so compared
+    assert cost_model_report(study)["online_energy"]["within_20pct"] >= 0
 
 
 def test_with_too_few_measurements_nothing_is_vetoed(tiny_task, fast_profiler, tmp_path):
@@ -115,3 +148,4 @@ def test_the_costmodel_command_prints_the_errors(earlier):
     assert result.exit_code == 0, result.output
     assert "12 measured trials" in result.output
     assert "held out (5-fold)" in result.output and "FLOPs-only baseline" in result.output
+    assert "energy prediction error" in result.output  # the earlier study's sensor measured energy

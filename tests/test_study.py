@@ -42,6 +42,16 @@ def test_a_study_builds_measures_and_records_every_trial(tiny_task, fast_profile
     assert list(parquet["number"]) == [0, 1, 2]
 
 
+def test_a_plan_is_fine_tuned_on_the_same_batches_whatever_ran_before(tiny_task, fast_profiler, tmp_path):
+    kwargs = dict(trials=2, seed=5, profiler=fast_profiler, results_dir=tmp_path, **FAST)
+    first = run(tiny_task, study_name="first", **kwargs)
+    again = run(tiny_task, study_name="again", **kwargs)  # the task's loader was iterated meanwhile
+    for before, after in zip(first.trials, again.trials):
+        assert after.params == before.params
+        assert after.user_attrs["finetune_loss_first_last"] == before.user_attrs["finetune_loss_first_last"]
+        assert after.user_attrs["metric"] == before.user_attrs["metric"]
+
+
 def test_rerunning_resumes_the_study(tiny_task, fast_profiler, tmp_path):
     kwargs = dict(budget="1x", profiler=fast_profiler, results_dir=tmp_path, study_name="resume", **FAST)
     run(tiny_task, trials=2, **kwargs)

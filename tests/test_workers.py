@@ -165,6 +165,7 @@ def test_a_late_worker_uses_the_study_s_baseline_and_its_cost_model_so_far(worke
     late = joined.trials[-1]
     assert late.state in (TrialState.COMPLETE, TrialState.PRUNED) and finished_count(joined) == 13
     assert late.user_attrs["predicted_source"] == "predicted:cost-model(n=12)"
+    assert "predicted_energy_mj" not in late.user_attrs  # estimated energy never trains a model
     assert joined.user_attrs["baseline"] == baseline
     assert not (tmp_path / "elsewhere" / study.study_name / "baseline").exists()  # not measured again
 
