@@ -16,7 +16,6 @@ import pytest
 import torch
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
-from worker_task import tiny_task
 
 import search
 from profilers import get_profiler
@@ -268,17 +267,31 @@ def test_a_run_killed_mid_trial_resumes_with_that_plan_retried_and_nothing_lost(
     assert finished_count(study) == 3 and all(t.state.is_finished() for t in trials)
 
 
+def _default_sigint() -> None:
+    """In the child, before exec: SIGINT as a terminal gives it. In a full-suite run this process's
+    SIGINT was once ignored or blocked (by a library; not found), the child inherited that, and a
+    run that never saw the Ctrl-C went on fine-tuning (the faulthandler dump below showed it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+
+
 @pytest.mark.slow
 def test_ctrl_c_marks_the_running_trial_and_the_same_command_resumes(worker_env, tmp_path):
     command = [
-        sys.executable, "-m", "search", "run", "--task", "worker_task:tiny", "--trials", "2", "--steps", "1000000",
-        "--cost-model", "off", "--no-pruner", "--results-dir", str(tmp_path), "--study-name", "stopped",
+        sys.executable, "-X", "faulthandler", "-m", "search", "run", "--task", "worker_task:tiny", "--trials", "2",
+        "--steps", "1000000", "--cost-model", "off", "--no-pruner", "--results-dir", str(tmp_path),
+        "--study-name", "stopped",
     ]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=_default_sigint
+    )
     try:
         number = _wait_for_stage(tmp_path / "stopped" / "study.db", "fine-tune", process)
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)  # faulthandler prints where every thread is stuck
+        raise AssertionError("Ctrl-C did not stop the run in 60 s:\n" + process.communicate()[0]) from None
     finally:
         process.kill()
     assert process.returncode == 130, output
