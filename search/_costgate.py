@@ -28,9 +28,14 @@ def measured_rows(study: optuna.Study) -> tuple[list[dict[str, float]], list[flo
         if attrs.get("cost_features") is not None and attrs.get("latency_ms") is not None:
             rows.append(attrs["cost_features"])
             latency.append(attrs["latency_ms"])
-            measured = str(attrs.get("energy_source", "")).startswith("measured:") and attrs.get("energy_mj")
-            energy.append(attrs["energy_mj"] if measured else None)
+            energy.append(_sensor_energy(attrs))
     return rows, latency, energy
+
+
+def _sensor_energy(attrs: dict) -> float | None:
+    """A trial's energy per inference where a sensor measured it; None where it was estimated."""
+    measured = str(attrs.get("energy_source", "")).startswith("measured:")
+    return attrs.get("energy_mj") if measured and attrs.get("energy_mj") else None
 
 
 def _matrix(rows) -> np.ndarray:
@@ -147,10 +152,9 @@ def cost_model_report(study: optuna.Study, folds: int = 5) -> dict[str, dict[str
     if online:
         report["online"] = accuracy(*map(np.array, zip(*online)))
     online_energy = [
-        (t.user_attrs["energy_mj"], t.user_attrs["predicted_energy_mj"])
+        (_sensor_energy(t.user_attrs), t.user_attrs["predicted_energy_mj"])
         for t in measured
-        if t.user_attrs.get("predicted_energy_mj") is not None
-        and str(t.user_attrs.get("energy_source", "")).startswith("measured:")
+        if t.user_attrs.get("predicted_energy_mj") is not None and _sensor_energy(t.user_attrs) is not None
     ]
     if online_energy:
         report["online_energy"] = accuracy(*map(np.array, zip(*online_energy)))
