@@ -55,11 +55,10 @@ class OnnxRuntimeCpuProfiler(Profiler):
             first.run(None, feeds)
         except Exception as exc:
             raise CandidateError(f"{path}: ONNX Runtime failed to run the model: {exc}") from exc
-        unused = [first]
 
         @contextlib.contextmanager
         def fresh_session(index: int):
-            session = unused.pop() if unused else self._session(path, cpus)[0]
+            session = first if index == 0 else self._session(path, cpus)[0]
             with _pinned(cpus):
                 yield functools.partial(session.run, None, feeds)
 

@@ -1094,12 +1094,11 @@ class TensorRTProfiler(Profiler):
             cached.unlink(missing_ok=True)  # stale or damaged: build it again, once
             engine, source, build_s = self._engine(path, plan, shapes, cached, summary)
             session = self._session(engine, feeds, path)
-        unused = [session]
         report: dict[str, object] = {}
 
         @contextlib.contextmanager
         def fresh_session(index: int):
-            current = unused.pop() if unused else self._session(engine, feeds, path)
+            current = session if index == 0 else self._session(engine, feeds, path)
             try:
                 current.run()
                 yield current.run
