@@ -2,10 +2,11 @@
 picked by :func:`get_profiler` from the target's ``runtime``, or a :class:`RemoteProfiler`
 reaching the target's own through its profiler service (:func:`serve`).
 
-Importing this package imports neither TensorRT nor CUDA: :func:`get_profiler` does, and only
-for a TensorRT target."""
+Importing this package imports neither TensorRT nor CUDA, nor PyTorch: :func:`get_profiler`
+does, and only for a target measured by them (:class:`PyTorchProfiler` loads on first use)."""
 
 import os
+from collections.abc import Callable
 
 from profilers._base import Measurement, Profiler, random_inputs
 from profilers._energy import RaplReader
@@ -21,6 +22,7 @@ __all__ = [
     "Measurement",
     "OnnxRuntimeCpuProfiler",
     "Profiler",
+    "PyTorchProfiler",
     "RaplReader",
     "RemoteProfiler",
     "TOKEN_ENV",
@@ -33,7 +35,30 @@ __all__ = [
 
 TOKEN_ENV = "SEARCH_PROFILER_TOKEN"
 
-_LOCAL_PROFILERS: dict[str, type[Profiler]] = {"onnxruntime-cpu": OnnxRuntimeCpuProfiler}
+
+
+def __getattr__(name: str) -> object:
+    if name == "PyTorchProfiler":
+        from profilers._pytorch import PyTorchProfiler
+
+        return PyTorchProfiler
+    raise AttributeError(f"module 'profilers' has no attribute {name!r}")
+
+
+def _pytorch(runtime: str) -> Callable[..., Profiler]:
+    def make(target: Target, **timing: float) -> Profiler:
+        from profilers._pytorch import PyTorchProfiler
+
+        return PyTorchProfiler(target, runtime=runtime, **timing)
+
+    return make
+
+
+_LOCAL_PROFILERS: dict[str, Callable[..., Profiler]] = {
+    "onnxruntime-cpu": OnnxRuntimeCpuProfiler,
+    "pytorch-cpu": _pytorch("pytorch-cpu"),
+    "pytorch-cuda": _pytorch("pytorch-cuda"),
+}
 
 
 def get_profiler(
@@ -46,11 +71,13 @@ def get_profiler(
     the ``SEARCH_PROFILER_TOKEN`` environment variable.
 
     A TensorRT target (``gpu``, ``jetson*``) is measured here by a :class:`TensorRTProfiler`
-    when ``tensorrt`` and ``cuda-python`` import and CUDA sees a GPU; its timing knobs default to
-    :func:`~profilers._tensorrt.default_timing`'s, remotely too.
+    when ``tensorrt`` and ``cuda-python`` import and CUDA sees a GPU, else by its
+    ``fallback_runtime`` where it names one (``gpu``: a :class:`PyTorchProfiler` on PyTorch CUDA);
+    its timing knobs default to :func:`~profilers._tensorrt.default_timing`'s, remotely too.
 
     Raises :class:`~search._errors.TargetUnavailableError` for a target this machine cannot
-    measure itself (a TensorRT one without TensorRT or a GPU) and for a service without a token.
+    measure itself (a TensorRT one without TensorRT or a GPU, and without a fallback that runs
+    here) and for a service without a token.
     """
     if target.runtime == "tensorrt":
         timing = default_timing(target, **timing)
@@ -63,20 +90,24 @@ def get_profiler(
                 f"needs its token: pass --token or set {TOKEN_ENV}"
             )
         return RemoteProfiler(target, address, token, **timing)
-    why = ""
+    reasons = []
     if target.runtime == "tensorrt":
         reason = tensorrt_unavailable_reason()  # imports tensorrt, asks CUDA for its GPUs
         if reason is None:
             return TensorRTProfiler(target, **timing)
-        why = f" ({reason})"
-    if target.runtime not in _LOCAL_PROFILERS:
-        local = ", ".join(
-            t.name for t in list_targets() if t.runtime in _LOCAL_PROFILERS and t.service is None
-        )
-        raise TargetUnavailableError(
-            f"target '{target.name}' is measured with TensorRT on the device itself; this machine "
-            f"cannot reach one{why}. Run on the device with `pip install '.[tensorrt]'`, or "
-            f"run `search serve --target {target.name} --port N --token T` on the device and pass "
-            f"`--profiler host:port` (and the same `--token`) here. Known local targets: {local}"
-        )
-    return _LOCAL_PROFILERS[target.runtime](target, **timing)
+        reasons.append(reason)
+    for runtime in (target.runtime, target.fallback_runtime):
+        if runtime in _LOCAL_PROFILERS:
+            try:
+                return _LOCAL_PROFILERS[runtime](target, **timing)
+            except TargetUnavailableError as exc:  # PyTorch without CUDA
+                reasons.append(str(exc))
+    why = f" ({'; '.join(reasons)})" if reasons else ""
+    local = ", ".join(t.name for t in list_targets() if t.runtime in _LOCAL_PROFILERS and t.service is None)
+    fallback = f" or {target.fallback_runtime}" if target.fallback_runtime else ""
+    raise TargetUnavailableError(
+        f"target '{target.name}' is measured with TensorRT{fallback} on the device itself; this "
+        f"machine cannot reach one{why}. Run on the device with `pip install '.[tensorrt]'`, or "
+        f"run `search serve --target {target.name} --port N --token T` on the device and pass "
+        f"`--profiler host:port` (and the same `--token`) here. Known local targets: {local}"
+    )

@@ -19,7 +19,11 @@ import onnx
 from targets import Target
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from profilers._energy import EnergyReader, EnergyWindow
+    from search._io import Inputs
+    from search._plan import Plan
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,8 @@ class Profiler(abc.ABC):
     (as Python's ``timeit`` advises). Every session's median is kept in the measurement.
     """
 
+    measures_onnx = True  # False: it measures the candidate's PyTorch module (measure_candidate)
+
     def __init__(
         self,
         target: Target,
@@ -125,6 +131,7 @@ class Profiler(abc.ABC):
                 f"max_time_s={max_time_s}, tolerance={tolerance}, sessions={sessions}"
             )
         self.target = target
+        self.runtime = target.runtime  # what measures here; a fallback runtime sets its own
         self.warmup_runs = warmup_runs
         self.warmup_s = warmup_s
         self.min_runs = min_runs
@@ -140,6 +147,15 @@ class Profiler(abc.ABC):
         """Measure the model in ``onnx_path`` on random inputs (see :func:`random_inputs`)
         unless ``inputs`` are given. Raises :class:`~search._errors.CandidateError` when the
         model cannot be built or run."""
+
+    def measure_candidate(
+        self, onnx_path: str | Path, model: nn.Module, example_input: Inputs, plan: Plan | None = None
+    ) -> Measurement:
+        """Measure a candidate of a study: here its exported ONNX file, ``onnx_path``. A runtime
+        that runs PyTorch modules instead (:attr:`measures_onnx` False) measures ``model`` on
+        ``example_input``, with ``plan`` (in the model's own module names) saying which layers
+        are int8 or 2:4."""
+        return self.measure(onnx_path)
 
     def _warm_up(self, run: Callable[[], object]) -> None:
         """Run until both ``warmup_runs`` runs and ``warmup_s`` seconds are done, or

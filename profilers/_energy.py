@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import itertools
+import logging
 import re
 import threading
 import time
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 Clock = Callable[[], float]
+logger = logging.getLogger(__name__)
 Reading = TypeVar("Reading")
 
 # Top-level zones only: a package's sub-zones (core, uncore) are already inside its counter.
@@ -274,3 +276,20 @@ def energy_reader(target: Target, **options: Any) -> EnergyReader | None:
     if sensor == "none":
         return None
     raise ValueError(f"unknown power_sensor {sensor!r}; known: rapl, ina3221, nvml, none")
+
+
+def optional_energy_reader(target: Target) -> EnergyReader | None:
+    """:func:`energy_reader`, or None (energy estimated from the spec) when its Python package is
+    missing: a GPU without ``nvidia-ml-py`` still gets measured, its energy labelled estimated."""
+    try:
+        return energy_reader(target)
+    except ImportError as exc:
+        logger.warning("energy of target %s will be estimated: %s", target.name, exc)
+        return None
+
+
+def sensor_device_state(reader: EnergyReader | None) -> dict[str, object]:
+    """The GPU's clocks, temperature and power state through NVML, where the energy reader is
+    NVML's (a Jetson's and a CPU's are not): recorded with each measurement."""
+    state = getattr(reader, "device_state", None)
+    return dict(state()) if callable(state) else {}

@@ -59,6 +59,11 @@ def create_app(profiler: Profiler, token: str, max_bytes: int = MAX_BYTES) -> Fa
     at most ``max_bytes`` bytes."""
     if not token:
         raise UsageError("the profiler service needs a non-empty token")
+    if not profiler.measures_onnx:
+        raise UsageError(
+            f"target '{profiler.target.name}' is measured here by {profiler.runtime}, which runs "
+            "PyTorch modules, not the ONNX files clients upload: install TensorRT on this machine to serve it"
+        )
     expected = f"Bearer {token}".encode()
     lock = threading.Lock()
     target = profiler.target

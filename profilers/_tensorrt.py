@@ -40,7 +40,7 @@ import onnx
 from onnx import numpy_helper
 
 from profilers._base import Measurement, Profiler, random_inputs
-from profilers._energy import EnergyReader, energy_reader
+from profilers._energy import EnergyReader, optional_energy_reader, sensor_device_state
 from search._errors import CandidateError, TargetUnavailableError
 from targets import Target
 
@@ -1048,7 +1048,7 @@ class TensorRTProfiler(Profiler):
         self.strongly_typed = strongly_typed
         self.workspace_bytes = workspace_bytes
         self.profile_runs = profile_runs
-        self._energy = energy if energy is not None else _energy_reader(target)
+        self._energy = energy if energy is not None else optional_energy_reader(target)
         self._backend = backend
         self.builds = 0  # engines built by this profiler (not taken from the cache)
 
@@ -1127,7 +1127,7 @@ class TensorRTProfiler(Profiler):
             runtime_version=plan.tensorrt_version,
             precision=engine_precision(engine_layers),
             device={
-                **self._device_state(),
+                **sensor_device_state(self._energy),
                 **device,
                 "network_flags": list(plan.network_flags),
                 "builder_flags": list(plan.builder_flags),
@@ -1165,18 +1165,4 @@ class TensorRTProfiler(Profiler):
             logger.warning("cannot cache the engine in %s: %s", cached.parent, exc.strerror or exc)
         return engine, "built", build_s
 
-    def _device_state(self) -> dict[str, object]:
-        """The GPU's clocks, temperature and power state through NVML, where the target's energy
-        comes from NVML (a Jetson's does not)."""
-        state = getattr(self._energy, "device_state", None)
-        return dict(state()) if callable(state) else {}
 
-
-def _energy_reader(target: Target) -> EnergyReader | None:
-    """The target's reader, or None (energy estimated from the spec) when its Python package is
-    missing: a GPU without ``nvidia-ml-py`` still gets measured, its energy labelled estimated."""
-    try:
-        return energy_reader(target)
-    except ImportError as exc:
-        logger.warning("energy of target %s will be estimated: %s", target.name, exc)
-        return None

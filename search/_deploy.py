@@ -7,10 +7,14 @@ from pathlib import Path
 
 import optuna
 import pandas as pd
+import torch
 
-from profilers import Profiler, get_profiler
+from profilers import Measurement, Profiler, get_profiler
 from search._errors import UsageError
+from search._plan import Plan
 from search._results import load_trials, open_study, pareto_front
+from search._task import Task, load_task
+from search._transforms import build_structure
 from targets import load_target
 
 FILES = ("model.onnx", "plan.json", "checkpoint.pt")
@@ -21,6 +25,7 @@ def export(
     out: str | Path,
     study_name: str | None = None,
     profiler: Profiler | None = None,
+    task: Task | None = None,
 ) -> pd.DataFrame:
     """Copy each Pareto-optimal trial's ONNX file, plan JSON and PyTorch checkpoint to
     ``out/trial-<number>/`` and re-measure the copied ONNX file on the study's target.
@@ -29,7 +34,9 @@ def export(
     The checkpoint holds ``{"plan": json, "state_dict": ...}``; load it with ``weights_only=True``
     into ``search.build_structure(teacher, Plan.from_json(plan), example_input)``.
     ``profiler`` defaults to the study's target's own (a :class:`~profilers.RemoteProfiler` measures
-    on the device).
+    on the device). A profiler that runs PyTorch modules (the ``gpu`` target on PyTorch CUDA)
+    measures the checkpoint instead, rebuilt on the study's task (``task``, or the one the study
+    was started with by ``module:function``).
     """
     if not isinstance(study, optuna.Study):
         study = open_study(study, study_name)
@@ -37,6 +44,8 @@ def export(
     if front.empty:
         raise UsageError(f"study {study.study_name!r} has no feasible completed trial to export yet")
     profiler = profiler or get_profiler(load_target(study.user_attrs["target_file"]))
+    if not profiler.measures_onnx:
+        task = task or _study_task(study)
     rows = []
     for _, trial in front.iterrows():
         source, destination = Path(trial["artifacts"]), Path(out) / f"trial-{trial['number']:05d}"
@@ -46,7 +55,10 @@ def export(
         destination.mkdir(parents=True, exist_ok=True)
         for name in FILES:
             shutil.copy2(source / name, destination / name)
-        measurement = profiler.measure(destination / "model.onnx")
+        if profiler.measures_onnx:
+            measurement = profiler.measure(destination / "model.onnx")
+        else:
+            measurement = _measure_checkpoint(profiler, task, destination)
         rows.append(
             {
                 "number": trial["number"],
@@ -62,3 +74,23 @@ def export(
             }
         )
     return pd.DataFrame(rows)
+
+
+def _study_task(study: optuna.Study) -> Task:
+    spec = study.user_attrs.get("run_spec") or {}
+    if spec.get("task") is None:
+        raise UsageError(
+            f"study {study.study_name!r} is measured on PyTorch, which re-measures the checkpoint rebuilt "
+            "on the teacher: pass the task (search.export(..., task=...)); the study was not started "
+            "with a 'module:function' task to load it from"
+        )
+    return load_task(spec["task"], **spec.get("task_options", {}))
+
+
+def _measure_checkpoint(profiler: Profiler, task: Task, folder: Path) -> Measurement:
+    """The exported checkpoint rebuilt on ``task``'s teacher (weights only) and measured."""
+    checkpoint = torch.load(folder / "checkpoint.pt", weights_only=True, map_location="cpu")
+    plan = Plan.from_json(checkpoint["plan"])
+    model = build_structure(task.model, plan, task.example_input)
+    model.load_state_dict(checkpoint["state_dict"])
+    return profiler.measure_candidate(folder / "model.onnx", model, task.example_input, plan.student())

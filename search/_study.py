@@ -252,7 +252,9 @@ class _Search:
 
         self._stage(trial, "measure", seconds)
         with measuring_alone(self.target.name):
-            measurement = self.profiler.measure(exported.path)
+            measurement = self.profiler.measure_candidate(
+                exported.path, candidate, task.example_input, plan.student()
+            )
         seconds["end"] = time.perf_counter()
         if not measurement.stable:
             raise CandidateError(
@@ -330,7 +332,7 @@ def _baseline(task: Task, target: Target, profiler: Profiler, directory: Path) -
         raise UsageError(f"the task's model cannot be exported to ONNX: {exc}") from exc
     with measuring_alone(target.name):
         for _ in range(BASELINE_TRIES):
-            measurement = profiler.measure(path)
+            measurement = profiler.measure_candidate(path, task.model, task.example_input)
             if measurement.stable:
                 break
         else:

@@ -436,11 +436,11 @@ def targets_command() -> None:
         table.add_column(column)
     for spec in targets.list_targets():
         try:
-            profilers.get_profiler(spec)
-            reachable = "yes"
+            reachable = f"yes ({profilers.get_profiler(spec).runtime})"
         except SearchError:
             reachable = "no: see --target"
-        table.add_row(spec.name, spec.runtime, ", ".join(spec.precisions), str(spec.threads), spec.power_sensor, reachable)
+        runtime = f"{spec.runtime}, else {spec.fallback_runtime}" if spec.fallback_runtime else spec.runtime
+        table.add_row(spec.name, runtime, ", ".join(spec.precisions), str(spec.threads), spec.power_sensor, reachable)
     console.print(table)
 
 

@@ -9,7 +9,7 @@ from types import MappingProxyType
 
 from search._errors import TargetFileError
 
-RUNTIMES = ("onnxruntime-cpu", "tensorrt")
+RUNTIMES = ("onnxruntime-cpu", "tensorrt", "pytorch-cuda", "pytorch-cpu")
 PRECISIONS = ("fp32", "fp16", "int8", "int4-weight-only", "sparse-2:4")
 POWER_SENSORS = ("rapl", "ina3221", "nvml", "none")
 
@@ -20,6 +20,8 @@ class Target:
 
     ``precisions`` lists what the runtime *accelerates* there, not everything it can run.
     ``power_w`` is used only to estimate energy when ``power_sensor`` cannot be read.
+    ``fallback_runtime`` measures the target where ``runtime`` cannot run on this machine (the
+    ``gpu`` target: PyTorch CUDA where TensorRT is not installed).
     """
 
     name: str
@@ -33,12 +35,15 @@ class Target:
     service: str | None
     source: str
     path: str
+    fallback_runtime: str | None = None
 
     def __post_init__(self) -> None:
         for key in ("name", "description", "source"):
             if not isinstance(getattr(self, key), str) or not getattr(self, key):
                 self._fail(key, "a non-empty string")
         self._check_choice("runtime", self.runtime, RUNTIMES)
+        if self.fallback_runtime is not None:
+            self._check_choice("fallback_runtime", self.fallback_runtime, RUNTIMES)
         self._check_choice("power_sensor", self.power_sensor, POWER_SENSORS)
         if not isinstance(self.precisions, (list, tuple)) or not self.precisions:
             self._fail("precisions", f"a non-empty list drawn from {', '.join(PRECISIONS)}")
