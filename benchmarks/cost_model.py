@@ -3,13 +3,17 @@
     python benchmarks/cost_model.py accuracy [--task digits|resnet18] [--held-out 32]
     python benchmarks/cost_model.py search [--trials 40] [--budget 0.15x] [--seeds 0,1,2] [--equal-time]
         [--warm-start]
+    python benchmarks/cost_model.py replay [--trials 40] [--budget 0.15x] [--seeds 0,1,2,3]
 
 ``accuracy``: random plans are built (no fine-tuning: weights do not change latency), exported and
 measured on the cpu target; the cost model and a FLOPs-only linear baseline are trained on the first
 16, 32 and 64 and scored on the held-out rest. ``search``: the default study with the cost model on
 and off, same seed and number of trials: work skipped, wall-clock, and the hypervolume of each front
 (metric × latency, reference point: metric 0 at the budget); then every plan the cost model
-vetoed is built and measured (no fine-tune) to count the vetoes that were wrong.
+vetoed is built and measured (no fine-tune) to count the vetoes that were wrong. ``replay``: the
+default study with the cost model off, then, trial by trial, what the gate would have vetoed with
+each minimum number of measurements and confidence, fitted on the measurements before that trial
+(right: measured over the budget; wrong: within it; unmeasured: stopped early by the pruner).
 """
 
 from __future__ import annotations
@@ -201,6 +205,37 @@ def _print_search(task: search.Task, seed: int, cost_model: bool, frame, wall: f
     return {"trials": trials_run, "vetoed": vetoed, "wall": wall, "hypervolume": volume}
 
 
+def replay_benchmark(trials: int, budget: str, seeds: list[int]) -> None:
+    """Which trials of studies run without the cost model it would have vetoed, by setting."""
+    task, studies = digits(), []
+    for seed in seeds:
+        with tempfile.TemporaryDirectory() as results:
+            study = search.run(task, budget=budget, seed=seed, cost_model=False, results_dir=results, trials=trials)
+        rows = [t.user_attrs for t in study.trials if t.user_attrs.get("cost_features") is not None]
+        studies.append((study.user_attrs["budget_ms"], rows))
+        print(f"seed {seed}: budget {studies[-1][0]:.4f} ms, {len(rows)} trials built, "
+              f"{sum(r.get('latency_ms') is not None for r in rows)} measured")  # fmt: skip
+    for minimum in (5, 10):
+        for confidence in (0.0, 0.5, 1.0, 2.0):
+            counts = dict.fromkeys(("vetoed", "right", "wrong", "unmeasured"), 0)
+            for budget_ms, rows in studies:
+                for k, row in enumerate(rows):
+                    earlier = [r for r in rows[:k] if r.get("latency_ms") is not None]
+                    if len(earlier) < minimum:
+                        continue
+                    x = np.array([[r["cost_features"][name] for name in FEATURE_NAMES] for r in earlier + [row]])
+                    model = LatencyModel(confidence=confidence).fit(x[:-1], [r["latency_ms"] for r in earlier])
+                    if model.lower_bound(x[-1:])[0] > budget_ms:
+                        counts["vetoed"] += 1
+                        measured = row.get("latency_ms")
+                        verdict = "unmeasured" if measured is None else "right" if measured > budget_ms else "wrong"
+                        counts[verdict] += 1
+            total = sum(len(rows) for _, rows in studies)
+            print(f"minimum {minimum:2d}, confidence {confidence}: {counts['vetoed']} of {total} vetoed "
+                  f"({counts['vetoed'] / total:.0%}): {counts['right']} right, {counts['wrong']} wrong, "
+                  f"{counts['unmeasured']} unmeasured")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -217,6 +252,10 @@ def main() -> None:
                       help="Give the cost-model run the other run's wall-clock instead of its number of trials.")
     srch.add_argument("--warm-start", action="store_true",
                       help="Start the cost model from an earlier study's measurements (same task, another seed).")
+    rep = sub.add_parser("replay")
+    rep.add_argument("--trials", type=int, default=40)
+    rep.add_argument("--budget", default="0.15x")
+    rep.add_argument("--seeds", default="0,1,2,3")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore")
@@ -226,6 +265,8 @@ def main() -> None:
     print(f"machine: {info['cpu']}, ISA {', '.join(info['isa'])}; ORT threads: {load_target('cpu').threads}")
     if args.command == "accuracy":
         accuracy_benchmark(args.task, args.held_out, args.seed, args.cache)
+    elif args.command == "replay":
+        replay_benchmark(args.trials, args.budget, [int(seed) for seed in args.seeds.split(",")])
     else:
         seeds = [int(seed) for seed in args.seeds.split(",")]
         search_benchmark(args.trials, args.budget, seeds, args.equal_time, args.warm_start)

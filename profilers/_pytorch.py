@@ -5,9 +5,9 @@ The module runs in the float precision the target accelerates (fp16, else bf16, 
 TensorRT runs float layers in fp16 when the target lists it), its int8 Linear layers through
 torchao's int8 kernels (dynamic per-token activations, per-channel weights), its 2:4 Linear
 layers as semi-structured sparse tensors (cuSPARSELt / CUTLASS, CUDA only), compiled with
-``torch.compile``, and timed on the GPU with CUDA events. A compression PyTorch has no kernel for
-(int4 and binarized layers, int8 convolutions, 2:4 where the shape or device does not allow it)
-runs in the float precision, and the measurement's notes say so: it gets no speedup.
+``torch.compile``, and timed on the GPU with CUDA events. A compression this profiler has no
+kernel for (int4 and binarized layers, int8 convolutions, 2:4 where the shape or device does not
+allow it) runs in the float precision, and the measurement's notes say so: it gets no speedup.
 """
 
 from __future__ import annotations
@@ -73,19 +73,16 @@ def prepare(model: nn.Module, plan: Plan, precisions: tuple[str, ...], device: t
     dtype = float_precision(precisions)
     model = copy.deepcopy(model).eval().to(device=device, dtype=_FLOAT_DTYPES[dtype])
     layer_precision, notes, int8 = {}, [], set()
-    has_torchao = torchao_version() is not None
     for name, layer in compressible_layers(model).items():
         entry, runs_as = plan.layer(name), dtype
         bits = entry.quantization.bits
-        if bits == 8 and "int8" in precisions and isinstance(layer, nn.Linear) and has_torchao:
-            int8.add(name)
-            runs_as = "int8"
-        elif bits != 32:
-            why = (
-                "torchao is not installed (pip install '.[cuda]')" if bits == 8 and "int8" in precisions
-                and isinstance(layer, nn.Linear) else f"PyTorch runs no {bits}-bit {type(layer).__name__} here"
-            )  # fmt: skip
-            notes.append(f"{name}: {bits}-bit planned, runs as {dtype} ({why})")
+        if bits != 32:
+            why = _why_not_int(layer, bits, precisions)
+            if why is None:
+                int8.add(name)
+                runs_as = "int8"
+            else:
+                notes.append(f"{name}: {bits}-bit planned, runs as {dtype} ({why})")
         if entry.sparsity.pattern == "2:4" and entry.sparsity.ratio > 0 and "sparse-2:4" in precisions:
             why = _two_four(layer) if runs_as != "int8" else "2:4 is not combined with int8 here"
             if why is None:
@@ -98,6 +95,17 @@ def prepare(model: nn.Module, plan: Plan, precisions: tuple[str, ...], device: t
 
         quantize_(model, Int8DynamicActivationInt8WeightConfig(), filter_fn=lambda _, fqn: fqn in int8)
     return Prepared(model, dtype, layer_precision, tuple(notes))
+
+
+def _why_not_int(layer: nn.Module, bits: int, precisions: tuple[str, ...]) -> str | None:
+    """Why a ``bits``-bit layer cannot run on integer kernels here; None when torchao's int8 can."""
+    if bits != 8 or not isinstance(layer, nn.Linear):
+        return f"this profiler has no {bits}-bit {type(layer).__name__} kernel"
+    if "int8" not in precisions:
+        return "the target does not list int8"
+    if torchao_version() is None:
+        return "torchao is not installed: pip install '.[cuda]'"
+    return None
 
 
 def _two_four(layer: nn.Module) -> str | None:

@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 
 from search._costmodel import FEATURE_NAMES, LatencyModel, accuracy, load_measurements, save_measurements
 
-MIN_MEASUREMENTS = 10  # below this the model vetoes nothing
+MIN_MEASUREMENTS = 5  # below this the model vetoes nothing
 
 
 def measured_rows(study: optuna.Study) -> tuple[list[dict[str, float]], list[float], list[float | None]]:

@@ -68,21 +68,21 @@ def test_a_layer_at_a_precision_the_target_does_not_list_runs_as_float():
     prepared = prepare(mlp(), plan, ("fp32",), torch.device("cpu"))
     assert set(prepared.layer_precision.values()) == {"fp32"} and prepared.precision == "fp32"
     assert isinstance(prepared.model[0].weight, nn.Parameter) and type(prepared.model[0].weight.data) is torch.Tensor
-    assert any(note.startswith("0: 8-bit planned") for note in prepared.notes)
+    assert "0: 8-bit planned, runs as fp32 (the target does not list int8)" in prepared.notes
 
 
 def test_without_torchao_int8_runs_as_float_and_the_note_says_how_to_get_it(monkeypatch):
     monkeypatch.setattr("profilers._pytorch.torchao_version", lambda: None)
     prepared = prepare(mlp(), Plan(layers={"0": INT8}), ("fp32", "int8"), torch.device("cpu"))
     assert prepared.layer_precision["0"] == "fp32"
-    assert "torchao is not installed (pip install '.[cuda]')" in prepared.notes[0]
+    assert "torchao is not installed: pip install '.[cuda]'" in prepared.notes[0]
 
 
 def test_an_int8_convolution_has_no_pytorch_kernel(cnn):
     name = next(n for n, m in cnn.named_modules() if isinstance(m, nn.Conv2d))
     prepared = prepare(cnn, Plan(layers={name: INT8}), ("fp32", "int8"), torch.device("cpu"))
     assert prepared.layer_precision[name] == "fp32"
-    assert f"{name}: 8-bit planned, runs as fp32 (PyTorch runs no 8-bit Conv2d here)" in prepared.notes
+    assert f"{name}: 8-bit planned, runs as fp32 (this profiler has no 8-bit Conv2d kernel)" in prepared.notes
 
 
 def test_measures_the_module_on_the_cpu(cnn, cnn_input, tmp_path):
