@@ -36,7 +36,6 @@ __all__ = [
 TOKEN_ENV = "SEARCH_PROFILER_TOKEN"
 
 
-
 def __getattr__(name: str) -> object:
     if name == "PyTorchProfiler":
         from profilers._pytorch import PyTorchProfiler

@@ -196,10 +196,11 @@ class PyTorchProfiler(Profiler):
             raise CandidateError(f"{self.runtime} failed to run the model: {' '.join(str(exc).split())[:500]}") from exc
         finally:
             torch.set_num_threads(threads)
+        torchao = torchao_version()
         return self._summarise(
             timings,
             runtime=self.runtime,
-            runtime_version=f"torch {torch.__version__}" + (f", torchao {torchao_version()}" if torchao_version() else ""),
+            runtime_version=f"torch {torch.__version__}" + (f", torchao {torchao}" if torchao else ""),
             precision=prepared.precision,
             device={**self._device(), "compile_mode": self.compile_mode, "dtype": prepared.dtype,
                     "layer_precision": dict(prepared.layer_precision), "notes": list(prepared.notes)},

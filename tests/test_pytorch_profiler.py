@@ -94,7 +94,8 @@ def test_measures_the_module_on_the_cpu(cnn, cnn_input, tmp_path):
     assert len(result.session_medians_ms) == 2
     assert result.energy_source == "estimated:spec-power"
     assert result.device["threads"] == 1 and result.device["compile_mode"] is None
-    assert set(result.device["layer_precision"]) == {n for n, m in cnn.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
+    layers = {name for name, m in cnn.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
+    assert set(result.device["layer_precision"]) == layers
 
 
 @pytest.mark.slow
@@ -200,7 +201,8 @@ def test_on_the_gpu_int8_and_2_4_layers_run_as_planned_and_the_energy_is_read(tm
     result = profiler.measure_candidate(tmp_path / "unused.onnx", model.eval(), torch.randn(64, 1024))
     assert result.precision == "fp16"  # no plan: every layer in the target's float precision
     planned = profiler.measure_candidate(tmp_path / "unused.onnx", model.eval(), torch.randn(64, 1024), plan)
-    assert dict(planned.device["layer_precision"]) == {"0": "int8", "2": "sparse-2:4+fp16", "4": "fp16"}, planned.device["notes"]
+    precisions = dict(planned.device["layer_precision"])
+    assert precisions == {"0": "int8", "2": "sparse-2:4+fp16", "4": "fp16"}, planned.device["notes"]
     assert planned.precision == "sparse-2:4+int8+fp16"
     assert planned.runtime == "pytorch-cuda" and planned.device["gpu"]
     assert planned.energy_source.startswith("measured:nvml") or planned.energy_source == "estimated:spec-power"
