@@ -135,7 +135,7 @@ class PyTorchProfiler(Profiler):
 
     ``compile_mode`` is ``torch.compile``'s mode (``"reduce-overhead"`` replays CUDA graphs,
     which takes the per-kernel launch cost out of a batch-1 inference, as a deployment would),
-    or None to run eagerly. The model is compiled once per measurement, in the first session's
+    or None to run eagerly. The model is compiled once per measurement, before the first session's
     warm-up; later sessions time the same compiled model again (compiling anew would take far
     longer than it could tell). On the CPU it runs with the target's ``threads``.
     """
@@ -184,6 +184,9 @@ class PyTorchProfiler(Profiler):
 
         @contextlib.contextmanager
         def session(index: int):
+            if index == 0 and self.compile_mode:  # compile, then CUDA graphs' warm-up and recording,
+                for _ in range(3):  # before the warm-up whose time cap the compile alone would use up
+                    call(module, inputs)
             yield self._timed_run(module, inputs)
 
         threads = torch.get_num_threads()
