@@ -31,6 +31,7 @@ import torch
 
 import search
 from profilers import get_profiler
+from search._costgate import _matrix
 from search._costmodel import FEATURE_NAMES, FlopsBaseline, LatencyModel, accuracy, plan_features
 from search._export import export_candidate
 from search._layers import describe_layers
@@ -215,25 +216,28 @@ def replay_benchmark(trials: int, budget: str, seeds: list[int]) -> None:
         studies.append((study.user_attrs["budget_ms"], rows))
         print(f"seed {seed}: budget {studies[-1][0]:.4f} ms, {len(rows)} trials built, "
               f"{sum(r.get('latency_ms') is not None for r in rows)} measured")  # fmt: skip
-    for minimum in (5, 10):
-        for confidence in (0.0, 0.5, 1.0, 2.0):
-            counts = dict.fromkeys(("vetoed", "right", "wrong", "unmeasured"), 0)
-            for budget_ms, rows in studies:
-                for k, row in enumerate(rows):
-                    earlier = [r for r in rows[:k] if r.get("latency_ms") is not None]
-                    if len(earlier) < minimum:
-                        continue
-                    x = np.array([[r["cost_features"][name] for name in FEATURE_NAMES] for r in earlier + [row]])
-                    model = LatencyModel(confidence=confidence).fit(x[:-1], [r["latency_ms"] for r in earlier])
-                    if model.lower_bound(x[-1:])[0] > budget_ms:
-                        counts["vetoed"] += 1
-                        measured = row.get("latency_ms")
-                        verdict = "unmeasured" if measured is None else "right" if measured > budget_ms else "wrong"
-                        counts[verdict] += 1
-            total = sum(len(rows) for _, rows in studies)
-            print(f"minimum {minimum:2d}, confidence {confidence}: {counts['vetoed']} of {total} vetoed "
-                  f"({counts['vetoed'] / total:.0%}): {counts['right']} right, {counts['wrong']} wrong, "
-                  f"{counts['unmeasured']} unmeasured")  # fmt: skip
+    settings = [(minimum, confidence) for minimum in (5, 10) for confidence in (0.0, 0.5, 1.0, 2.0)]
+    counts = {setting: dict.fromkeys(("vetoed", "right", "wrong", "unmeasured"), 0) for setting in settings}
+    for budget_ms, rows in studies:
+        for k, row in enumerate(rows):
+            earlier = [r for r in rows[:k] if r.get("latency_ms") is not None]
+            if len(earlier) < min(minimum for minimum, _ in settings):
+                continue
+            # One fit per trial: the minimum only gates it, the confidence only moves the lower bound.
+            x_earlier, y_earlier = _matrix([r["cost_features"] for r in earlier]), [r["latency_ms"] for r in earlier]
+            model = LatencyModel().fit(x_earlier, y_earlier)
+            x = _matrix([row["cost_features"]])
+            measured = row.get("latency_ms")
+            verdict = "unmeasured" if measured is None else "right" if measured > budget_ms else "wrong"
+            for minimum, confidence in settings:
+                if len(earlier) >= minimum and model.set_params(confidence=confidence).lower_bound(x)[0] > budget_ms:
+                    counts[minimum, confidence]["vetoed"] += 1
+                    counts[minimum, confidence][verdict] += 1
+    total = sum(len(rows) for _, rows in studies)
+    for (minimum, confidence), c in counts.items():
+        print(f"minimum {minimum:2d}, confidence {confidence}: {c['vetoed']} of {total} vetoed "
+              f"({c['vetoed'] / total:.0%}): {c['right']} right, {c['wrong']} wrong, "
+              f"{c['unmeasured']} unmeasured")  # fmt: skip
 
 
 def main() -> None:

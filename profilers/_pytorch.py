@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import importlib.metadata
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,8 +43,10 @@ def float_precision(precisions: tuple[str, ...]) -> str:
     return next((p for p in ("fp16", "bf16") if p in precisions), "fp32")
 
 
+@functools.cache
 def torchao_version() -> str | None:
-    """torchao's version where it is installed (``pip install '.[cuda]'``), else None."""
+    """torchao's version where it is installed (``pip install '.[cuda]'``), else None (read once:
+    every layer of every candidate asks)."""
     try:
         return importlib.metadata.version("torchao")
     except importlib.metadata.PackageNotFoundError:

@@ -1164,5 +1164,3 @@ class TensorRTProfiler(Profiler):
         except OSError as exc:  # measured all the same; the next measurement builds again
             logger.warning("cannot cache the engine in %s: %s", cached.parent, exc.strerror or exc)
         return engine, "built", build_s
-
-
