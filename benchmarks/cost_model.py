@@ -2,8 +2,8 @@
 
     python benchmarks/cost_model.py accuracy [--task digits|resnet18] [--held-out 32]
     python benchmarks/cost_model.py search [--trials 40] [--budget 0.15x] [--seeds 0,1,2] [--equal-time]
-        [--warm-start]
-    python benchmarks/cost_model.py replay [--trials 40] [--budget 0.15x] [--seeds 0,1,2,3]
+        [--warm-start N]
+    python benchmarks/cost_model.py replay [--trials 40] [--budget 0.15x] [--seeds 0,1,2,3] [--cache FILE]
 
 ``accuracy``: random plans are built (no fine-tuning: weights do not change latency), exported and
 measured on the cpu target; the cost model and a FLOPs-only linear baseline are trained on the first
@@ -19,6 +19,7 @@ each minimum number of measurements and confidence, fitted on the measurements b
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 import time
@@ -31,7 +32,7 @@ import torch
 
 import search
 from profilers import get_profiler
-from search._costgate import _matrix
+from search._costgate import MIN_MEASUREMENTS, _matrix
 from search._costmodel import FEATURE_NAMES, FlopsBaseline, LatencyModel, accuracy, plan_features
 from search._export import export_candidate
 from search._layers import describe_layers
@@ -133,16 +134,26 @@ def hypervolume(metric: np.ndarray, latency: np.ndarray, budget_ms: float) -> fl
     return area
 
 
-def search_benchmark(trials: int, budget: str, seeds: list[int], equal_time: bool, warm_start: bool) -> None:
+def search_benchmark(trials: int, budget: str, seeds: list[int], equal_time: bool, warm_start: int) -> None:
     """The study with the cost model off and on for each seed, then the totals over the seeds.
 
     One seed says little: the two runs take the same plans until the first veto, or until a noisy
-    measurement moves a plan across the budget, and part ways from there."""
+    measurement moves a plan across the budget, and part ways from there. With ``warm_start`` N,
+    N earlier studies on the same task and target (seeds 1000, 1001, ...) run first, once, and
+    every cost-model run starts from their measurements, as a user's later study would."""
     task = digits()
     runs = {False: [], True: []}
-    for seed in seeds:
-        for cost_model, figures in _search_pair(task, trials, budget, seed, equal_time, warm_start).items():
-            runs[cost_model].append(figures)
+    with tempfile.TemporaryDirectory() as earlier:
+        for k in range(warm_start):
+            start = time.perf_counter()
+            study = search.run(task, budget=budget, seed=1000 + k, trials=trials, results_dir=earlier,
+                               study_name=f"earlier-{k}")  # fmt: skip
+            print(f"earlier study {k} (seed {1000 + k}, warm start): {len(study.trials)} trials in "
+                  f"{time.perf_counter() - start:.0f} s")  # fmt: skip
+        for seed in seeds:
+            pair = _search_pair(task, trials, budget, seed, equal_time, Path(earlier) if warm_start else None)
+            for cost_model, figures in pair.items():
+                runs[cost_model].append(figures)
     if len(seeds) > 1:
         for cost_model, figures in runs.items():
             total = {key: sum(f[key] for f in figures) for key in ("trials", "vetoed", "wall", "hypervolume")}
@@ -154,37 +165,32 @@ def search_benchmark(trials: int, budget: str, seeds: list[int], equal_time: boo
 
 
 def _search_pair(
-    task: search.Task, trials: int, budget: str, seed: int, equal_time: bool, warm_start: bool
+    task: search.Task, trials: int, budget: str, seed: int, equal_time: bool, earlier: Path | None
 ) -> dict[bool, dict]:
     """One seed, off then on. The cost-model run gets the budget in ms of the run without it; with
     ``equal_time`` also its wall-clock, and as many trials as fit, instead of the same number of
-    trials. With ``warm_start`` an earlier study on the same task and target (another seed) runs
-    first, and the cost-model run starts from its measurements, as a user's second study would."""
+    trials; with ``earlier`` (a results folder) it starts from the measurements of the studies there."""
     figures, wall_off, budget_off = {}, None, None
-    with tempfile.TemporaryDirectory() as earlier:
-        if warm_start:
+    for cost_model in (False, True):
+        limits = {"trials": trials}
+        if cost_model:
+            budget = budget_off  # in ms: the teacher, measured again, would move it
+            if equal_time:
+                limits = {"trials": 10 * trials, "timeout": wall_off}
+        with tempfile.TemporaryDirectory() as results:
+            if cost_model and earlier is not None:
+                shutil.copytree(earlier / "costmodel", Path(results) / "costmodel")
             start = time.perf_counter()
-            study = search.run(task, budget=budget, seed=seed + 1000, trials=trials, results_dir=earlier,
-                               study_name="earlier")  # fmt: skip
-            print(f"seed {seed}: earlier study (seed {seed + 1000}, warm start): {len(study.trials)} trials in "
-                  f"{time.perf_counter() - start:.0f} s")  # fmt: skip
-        for cost_model in (False, True):
-            limits = {"trials": trials}
-            if cost_model:
-                budget = budget_off  # in ms: the teacher, measured again, would move it
-                if equal_time:
-                    limits = {"trials": 10 * trials, "timeout": wall_off}
-            with tempfile.TemporaryDirectory() as results:
-                if cost_model and warm_start:
-                    shutil.copytree(Path(earlier) / "costmodel", Path(results) / "costmodel")
-                start = time.perf_counter()
-                study = search.run(task, budget=budget, seed=seed, cost_model=cost_model, results_dir=results,
-                                   **limits)  # fmt: skip
-                wall = time.perf_counter() - start
-                frame = search.load_trials(study)
-            if not cost_model:
-                wall_off, budget_off = wall, f"{study.user_attrs['budget_ms']}ms"
-            figures[cost_model] = _print_search(task, seed, cost_model, frame, wall, study.user_attrs["budget_ms"])
+            study = search.run(task, budget=budget, seed=seed, cost_model=cost_model, results_dir=results,
+                               **limits)  # fmt: skip
+            wall = time.perf_counter() - start
+            frame = search.load_trials(study)
+        if not cost_model:
+            wall_off, budget_off = wall, f"{study.user_attrs['budget_ms']}ms"
+        if cost_model and earlier is not None:
+            print(f"seed {seed}: the cost model started from {study.user_attrs['cost_model_warm_start']} "
+                  "earlier measurements")  # fmt: skip
+        figures[cost_model] = _print_search(task, seed, cost_model, frame, wall, study.user_attrs["budget_ms"])
     return figures
 
 
@@ -206,38 +212,62 @@ def _print_search(task: search.Task, seed: int, cost_model: bool, frame, wall: f
     return {"trials": trials_run, "vetoed": vetoed, "wall": wall, "hypervolume": volume}
 
 
-def replay_benchmark(trials: int, budget: str, seeds: list[int]) -> None:
-    """Which trials of studies run without the cost model it would have vetoed, by setting."""
+def replay_benchmark(trials: int, budget: str, seeds: list[int], cache: Path | None) -> None:
+    """Which trials of studies run without the cost model it would have vetoed, by setting; and,
+    warm-started from the other seeds' studies, what a later study on the same target would have."""
+    studies = _studies_without_cost_model(trials, budget, seeds, cache)
+    settings = [(minimum, confidence, False) for minimum in (5, 10) for confidence in (0.0, 0.5, 1.0, 2.0)]
+    settings += [(MIN_MEASUREMENTS, confidence, True) for confidence in (1.0, 2.0)]
+    counts = {setting: dict.fromkeys(("vetoed", "right", "wrong", "unmeasured"), 0) for setting in settings}
+    for i, (budget_ms, rows) in enumerate(studies):
+        others = [r for j, (_, other) in enumerate(studies) if j != i for r in other if r["latency_ms"] is not None]
+        for k, row in enumerate(rows):
+            own = [r for r in rows[:k] if r["latency_ms"] is not None]
+            measured = row["latency_ms"]
+            verdict = "unmeasured" if measured is None else "right" if measured > budget_ms else "wrong"
+            for warm in (False, True):
+                earlier = others + own if warm else own
+                if len(earlier) < min(minimum for minimum, _, w in settings if w == warm):
+                    continue
+                # One fit per trial: the minimum only gates it, the confidence only moves the lower bound.
+                model = LatencyModel().fit(_matrix([r["cost_features"] for r in earlier]),
+                                           [r["latency_ms"] for r in earlier])  # fmt: skip
+                for minimum, confidence in [(m, c) for m, c, w in settings if w == warm and len(earlier) >= m]:
+                    if model.set_params(confidence=confidence).lower_bound(_matrix([row["cost_features"]]))[0] > budget_ms:
+                        counts[minimum, confidence, warm]["vetoed"] += 1
+                        counts[minimum, confidence, warm][verdict] += 1
+    total = sum(len(rows) for _, rows in studies)
+    over = sum(r["latency_ms"] is not None and r["latency_ms"] > b for b, rows in studies for r in rows)
+    print(f"{total} trials built, {over} of them measured over the budget")
+    for (minimum, confidence, warm), c in counts.items():
+        warmed = ", warm start from the other seeds' studies" if warm else ""
+        print(f"minimum {minimum:2d}, confidence {confidence}{warmed}: "
+              f"{c['vetoed']} of {total} vetoed ({c['vetoed'] / total:.0%}): {c['right']} right, {c['wrong']} wrong, "
+              f"{c['unmeasured']} unmeasured")  # fmt: skip
+
+
+def _studies_without_cost_model(
+    trials: int, budget: str, seeds: list[int], cache: Path | None
+) -> list[tuple[float, list[dict]]]:
+    """Per seed, the budget in ms and each built trial's features and latency (None: not measured);
+    read from ``cache`` when it exists, else run and saved there."""
+    if cache is not None and cache.exists():
+        return [(study["budget_ms"], study["rows"]) for study in json.loads(cache.read_text())]
     task, studies = digits(), []
     for seed in seeds:
         with tempfile.TemporaryDirectory() as results:
             study = search.run(task, budget=budget, seed=seed, cost_model=False, results_dir=results, trials=trials)
-        rows = [t.user_attrs for t in study.trials if t.user_attrs.get("cost_features") is not None]
+        rows = [
+            {"cost_features": t.user_attrs["cost_features"], "latency_ms": t.user_attrs.get("latency_ms")}
+            for t in study.trials
+            if t.user_attrs.get("cost_features") is not None and "duplicate_of" not in t.user_attrs
+        ]
         studies.append((study.user_attrs["budget_ms"], rows))
-        print(f"seed {seed}: budget {studies[-1][0]:.4f} ms, {len(rows)} trials built, "
-              f"{sum(r.get('latency_ms') is not None for r in rows)} measured")  # fmt: skip
-    settings = [(minimum, confidence) for minimum in (5, 10) for confidence in (0.0, 0.5, 1.0, 2.0)]
-    counts = {setting: dict.fromkeys(("vetoed", "right", "wrong", "unmeasured"), 0) for setting in settings}
-    for budget_ms, rows in studies:
-        for k, row in enumerate(rows):
-            earlier = [r for r in rows[:k] if r.get("latency_ms") is not None]
-            if len(earlier) < min(minimum for minimum, _ in settings):
-                continue
-            # One fit per trial: the minimum only gates it, the confidence only moves the lower bound.
-            x_earlier, y_earlier = _matrix([r["cost_features"] for r in earlier]), [r["latency_ms"] for r in earlier]
-            model = LatencyModel().fit(x_earlier, y_earlier)
-            x = _matrix([row["cost_features"]])
-            measured = row.get("latency_ms")
-            verdict = "unmeasured" if measured is None else "right" if measured > budget_ms else "wrong"
-            for minimum, confidence in settings:
-                if len(earlier) >= minimum and model.set_params(confidence=confidence).lower_bound(x)[0] > budget_ms:
-                    counts[minimum, confidence]["vetoed"] += 1
-                    counts[minimum, confidence][verdict] += 1
-    total = sum(len(rows) for _, rows in studies)
-    for (minimum, confidence), c in counts.items():
-        print(f"minimum {minimum:2d}, confidence {confidence}: {c['vetoed']} of {total} vetoed "
-              f"({c['vetoed'] / total:.0%}): {c['right']} right, {c['wrong']} wrong, "
-              f"{c['unmeasured']} unmeasured")  # fmt: skip
+        print(f"seed {seed}: budget {studies[-1][0]:.4f} ms, teacher {study.user_attrs['baseline']['latency_ms']:.4f} "
+              f"ms, {len(rows)} trials built, {sum(r['latency_ms'] is not None for r in rows)} measured")  # fmt: skip
+    if cache is not None:
+        cache.write_text(json.dumps([{"budget_ms": b, "rows": rows} for b, rows in studies]))
+    return studies
 
 
 def main() -> None:
@@ -254,12 +284,13 @@ def main() -> None:
     srch.add_argument("--seeds", default="0", help="Comma-separated seeds; each runs off and on, then the totals.")
     srch.add_argument("--equal-time", action="store_true",
                       help="Give the cost-model run the other run's wall-clock instead of its number of trials.")
-    srch.add_argument("--warm-start", action="store_true",
-                      help="Start the cost model from an earlier study's measurements (same task, another seed).")
+    srch.add_argument("--warm-start", type=int, default=0, metavar="N",
+                      help="Run N earlier studies (seeds 1000, ...) first; the cost model starts from their measurements.")
     rep = sub.add_parser("replay")
     rep.add_argument("--trials", type=int, default=40)
     rep.add_argument("--budget", default="0.15x")
     rep.add_argument("--seeds", default="0,1,2,3")
+    rep.add_argument("--cache", type=Path, help="Save the studies' trials here, or replay them from here if present.")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore")
@@ -270,7 +301,7 @@ def main() -> None:
     if args.command == "accuracy":
         accuracy_benchmark(args.task, args.held_out, args.seed, args.cache)
     elif args.command == "replay":
-        replay_benchmark(args.trials, args.budget, [int(seed) for seed in args.seeds.split(",")])
+        replay_benchmark(args.trials, args.budget, [int(seed) for seed in args.seeds.split(",")], args.cache)
     else:
         seeds = [int(seed) for seed in args.seeds.split(",")]
         search_benchmark(args.trials, args.budget, seeds, args.equal_time, args.warm_start)

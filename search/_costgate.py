@@ -19,11 +19,22 @@ from search._costmodel import FEATURE_NAMES, LatencyModel, accuracy, load_measur
 MIN_MEASUREMENTS = 5  # below this the model vetoes nothing
 
 
+def _measured_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The study's completed trials that measured their plan: a trial that reused another's
+    results (``duplicate_of``) is not a second measurement, and counted as one it would shrink
+    the out-of-bag residual, so the spread, with a copy of a training row."""
+    return [
+        trial
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if "duplicate_of" not in trial.user_attrs
+    ]
+
+
 def measured_rows(study: optuna.Study) -> tuple[list[dict[str, float]], list[float], list[float | None]]:
     """Features, measured latency and sensor-measured energy (None when estimated) of the study's
-    completed trials."""
+    measured trials."""
     rows, latency, energy = [], [], []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+    for trial in _measured_trials(study):
         attrs = trial.user_attrs
         if attrs.get("cost_features") is not None and attrs.get("latency_ms") is not None:
             rows.append(attrs["cost_features"])
@@ -142,7 +153,7 @@ def cost_model_report(study: optuna.Study, folds: int = 5) -> dict[str, dict[str
 
     from search._costmodel import FlopsBaseline
 
-    measured = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    measured = _measured_trials(study)
     online = [
         (t.user_attrs["latency_ms"], t.user_attrs["predicted_latency_ms"])
         for t in measured

@@ -276,6 +276,10 @@ MIN_OOB_SAMPLES = 5
 UNCALIBRATED_LOG_SIGMA = math.log(1000.0)
 """The log-space spread used while uncalibrated: a factor of 1000 either way, so no veto."""
 
+BASE_FOLDS = 10
+"""The base's part of the residual spread is measured on rows held out from it, in this many folds
+(one row per fold below that many rows)."""
+
 
 def _check_param(estimator: BaseEstimator, name: str, ok: bool, expected: str) -> None:
     if not ok:
@@ -363,7 +367,9 @@ class LatencyModel(RegressorMixin, BaseEstimator):
     The spread of a prediction, in log space, is ``sqrt(tree_std(x)**2 + log_sigma_**2)``:
     ``tree_std`` is how much the trees disagree at ``x`` (high far from the data), ``log_sigma_``
     the calibration floor, the root-mean-square out-of-bag residual inflated to its one-sided 95 %
-    upper confidence bound (chi-square, so a handful of samples gives a wide floor). With fewer
+    upper confidence bound (chi-square, so a handful of samples gives a wide floor). The residual
+    is held out from the base as well (:data:`BASE_FOLDS`): with fewer measurements than base
+    columns the base can fit them exactly, and the forest's residuals alone would be zero. With fewer
     than :data:`MIN_OOB_SAMPLES` out-of-bag samples, ``log_sigma_`` is
     :data:`UNCALIBRATED_LOG_SIGMA` and :meth:`lower_bound` stays far below any budget.
 
@@ -410,6 +416,7 @@ class LatencyModel(RegressorMixin, BaseEstimator):
         scale = columns.max(axis=0)
         self.base_scale_ = np.where(scale > 0, scale, 1.0)
         self.base_coef_, _ = scipy.optimize.nnls(columns / self.base_scale_, y)
+        base_log_error = np.log(self._base(X)) - np.log(self._held_out_base(columns / self.base_scale_, y))
         log_y = np.log(y) - np.log(self._base(X))
         forest = RandomForestRegressor(
             n_estimators=self.n_estimators,
@@ -434,11 +441,24 @@ class LatencyModel(RegressorMixin, BaseEstimator):
         if self.n_oob_ < MIN_OOB_SAMPLES:
             self.log_sigma_ = UNCALIBRATED_LOG_SIGMA
         else:
-            residuals = forest.oob_prediction_[covered] - log_y[covered]
+            # Held out from the base too: with fewer measurements than base columns the base fits
+            # them exactly, and the forest's out-of-bag residuals alone would be zero.
+            residuals = forest.oob_prediction_[covered] - log_y[covered] - base_log_error[covered]
             rms = float(np.sqrt(np.mean(residuals**2)))
             n = self.n_oob_
             self.log_sigma_ = rms * math.sqrt(n / scipy.stats.chi2.ppf(0.05, n))
         return self
+
+    @staticmethod
+    def _held_out_base(scaled: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Each row's base prediction by a base fitted without it (without its fold of at most
+        ten), in ms, floored as :meth:`_base` is."""
+        held_out = np.empty_like(y)
+        folds = np.arange(len(y)) % BASE_FOLDS
+        for fold in np.unique(folds):
+            coef, _ = scipy.optimize.nnls(scaled[folds != fold], y[folds != fold])
+            held_out[folds == fold] = scaled[folds == fold] @ coef
+        return np.maximum(held_out, 1e-9)
 
     def _base(self, X: np.ndarray) -> np.ndarray:
         """The linear base in ms, floored so that its log exists (the forest corrects the rest)."""

@@ -13,7 +13,7 @@ from profilers import Measurement, Profiler, get_profiler
 from search._errors import UsageError
 from search._plan import Plan
 from search._results import load_trials, open_study, pareto_front
-from search._task import Task, load_task
+from search._task import Task, task_of_study
 from search._transforms import build_structure
 from targets import load_target
 
@@ -45,7 +45,11 @@ def export(
         raise UsageError(f"study {study.study_name!r} has no feasible completed trial to export yet")
     profiler = profiler or get_profiler(load_target(study.user_attrs["target_file"]))
     if not profiler.measures_onnx:
-        task = task or _study_task(study)
+        task = task or task_of_study(
+            study.user_attrs.get("run_spec"), study.study_name,
+            "it is measured on PyTorch, which re-measures the checkpoint rebuilt on the teacher: pass the task "
+            "(search.export(..., task=...))",
+        )  # fmt: skip
     rows = []
     for _, trial in front.iterrows():
         source, destination = Path(trial["artifacts"]), Path(out) / f"trial-{trial['number']:05d}"
@@ -74,17 +78,6 @@ def export(
             }
         )
     return pd.DataFrame(rows)
-
-
-def _study_task(study: optuna.Study) -> Task:
-    spec = study.user_attrs.get("run_spec") or {}
-    if spec.get("task") is None:
-        raise UsageError(
-            f"study {study.study_name!r} is measured on PyTorch, which re-measures the checkpoint rebuilt "
-            "on the teacher: pass the task (search.export(..., task=...)); the study was not started "
-            "with a 'module:function' task to load it from"
-        )
-    return load_task(spec["task"], **spec.get("task_options", {}))
 
 
 def _measure_checkpoint(profiler: Profiler, task: Task, folder: Path) -> Measurement:

@@ -30,7 +30,7 @@ from search._quant import bake
 from search._results import locate_study, storage_url, write_parquet
 from search._size import packed_size_bytes
 from search._space import SearchSpace, suggest_plan
-from search._task import Task, load_task
+from search._task import Task, task_of_study
 from search._transformer import EncoderBlocks, find_blocks
 from search._transforms import apply_plan
 from search._workers import (
@@ -614,17 +614,12 @@ def work(
     spec = opened.user_attrs.get("run_spec")
     if spec is None:
         raise UsageError(f"study {opened.study_name!r} was not started by `search run`; start it that way first")
-    if spec["task"] is None:
-        raise UsageError(
-            f"study {opened.study_name!r} was started with a Task object, not 'module:function': "
-            "join it with search.run(the same task, storage=..., study_name=...)"
-        )
     if spec["pruner"] == "custom":
         raise UsageError(f"study {opened.study_name!r} was started with a custom pruner; workers cannot rebuild it")
+    task = task_of_study(spec, opened.study_name, "join it with search.run(the same task, storage=..., study_name=...)")
     target_file = opened.user_attrs["target_file"]
     target = load_target(target_file if Path(target_file).exists() else opened.user_attrs["target"])
     profiler = profiler or get_profiler(target, service=service, token=token, **spec["timing"])
-    task = load_task(spec["task"], **spec.get("task_options", {}))
     _claim_teacher(opened, task)
     waited = time.monotonic()
     while "baseline" not in opened.user_attrs:  # the first process is still measuring the teacher

@@ -158,6 +158,15 @@ def load_task(spec: str, **options) -> Task:
     return task
 
 
+def task_of_study(run_spec: dict | None, study_name: str, remedy: str) -> Task:
+    """The task a study was started with, loaded again from its ``run_spec`` (``module:function``
+    and options); ``remedy`` says what to do when it was started with a Task object instead."""
+    spec = run_spec or {}
+    if spec.get("task") is None:
+        raise UsageError(f"study {study_name!r} was not started with a 'module:function' task to load again: {remedy}")
+    return load_task(spec["task"], **spec.get("task_options", {}))
+
+
 def _check_options(spec: str, function: Callable, options: dict) -> None:
     try:
         inspect.signature(function).bind(**options)

@@ -11,7 +11,7 @@ import pytest
 import search
 from profilers import OnnxRuntimeCpuProfiler
 from search import Finetune, UsageError, run
-from search._costgate import CostGate, cost_model_report
+from search._costgate import CostGate, cost_model_report, measured_rows
 from search._costmodel import FEATURE_NAMES
 from targets import load_target
 
@@ -149,3 +149,16 @@ def test_the_costmodel_command_prints_the_errors(earlier):
     assert "12 measured trials" in result.output
     assert "held out (5-fold)" in result.output and "FLOPs-only baseline" in result.output
     assert "energy prediction error" in result.output  # the earlier study's sensor measured energy
+
+
+def test_a_trial_that_reused_another_is_not_a_second_measurement():
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    features = dict.fromkeys(FEATURE_NAMES, 1.0)
+    for number in range(3):
+        attrs = {"cost_features": features, "latency_ms": 0.5, "energy_mj": 1.0, "energy_source": "measured:x"}
+        if number == 2:
+            attrs["duplicate_of"] = 0  # _reuse copies the original's attributes, measurement included
+        study.add_trial(optuna.trial.create_trial(values=[0.9, 0.5], user_attrs=attrs))
+    rows, latency, energy = measured_rows(study)
+    assert len(rows) == len(latency) == len(energy) == 2
+    assert cost_model_report(study)["measured"] == 2

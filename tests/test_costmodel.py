@@ -13,6 +13,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from models import Conv1dNet, example_input
 from search._costmodel import (
+    BASE_FEATURES,
     FEATURE_NAMES,
     FEATURE_VERSION,
     MACS_FEATURES,
@@ -221,6 +222,20 @@ def test_sigma_shrinks_as_data_arrives():
     model = LatencyModel(n_estimators=100).fit(*_synthetic(3, seed=0))
     assert model.log_sigma_ == UNCALIBRATED_LOG_SIGMA
     assert np.all(model.lower_bound(X_test) < 1e-3 * model.predict(X_test))
+
+
+def test_a_base_that_fits_few_measurements_exactly_is_not_taken_for_certainty():
+    # Six measurements, each the only one with work in its own base column: the non-negative base
+    # fits them exactly and the forest's out-of-bag residuals are zero. The spread must still say
+    # how far a base fitted without a measurement lands from it (here: nowhere near).
+    X = np.zeros((6, len(FEATURE_NAMES)))
+    for row, name in enumerate(BASE_FEATURES[:6]):
+        X[row, FEATURE_NAMES.index(name)] = 1.0
+    y = np.array([0.1, 0.2, 0.4, 0.8, 1.6, 3.2])
+    model = LatencyModel(n_estimators=50).fit(X, y)
+    np.testing.assert_allclose(model.predict(X), y, rtol=1e-6)
+    assert model.log_sigma_ > 1.0
+    assert np.all(model.lower_bound(X) < 0.1 * y)
 
 
 def test_latency_model_validates():

@@ -175,6 +175,8 @@ def test_a_study_measures_its_candidates_and_teacher_with_pytorch_and_export_rem
     assert (done["latency_source"] == "measured:pytorch-cpu").all()
     assert done["runtime"].str.startswith("pytorch-cpu torch ").all()
     assert study.user_attrs["baseline"]["latency_ms"] > 0
+    with pytest.raises(UsageError, match="not started with a 'module:function' task.*pass the task"):
+        search.export(study, tmp_path / "refused", profiler=profiler)  # started with a Task object
     exported = search.export(study, tmp_path / "export", profiler=profiler, task=tiny_task)
     assert len(exported) >= 1
     assert (exported["latency_source"] == "measured:pytorch-cpu").all()

@@ -131,7 +131,7 @@ def test_workers_need_a_task_they_can_load(tiny_task, tmp_path):
     with pytest.raises(UsageError, match="module:function"):
         run(tiny_task, workers=2, results_dir=tmp_path)
     study = run(tiny_task, trials=1, profiler=_tolerant_profiler(), results_dir=tmp_path, **FAST)
-    with pytest.raises(UsageError, match="Task object"):
+    with pytest.raises(UsageError, match="not started with a .module:function. task.*join it with search.run"):
         work(tmp_path / study.study_name)
 
 
