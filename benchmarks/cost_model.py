@@ -232,8 +232,9 @@ def replay_benchmark(trials: int, budget: str, seeds: list[int], cache: Path | N
                 # One fit per trial: the minimum only gates it, the confidence only moves the lower bound.
                 model = LatencyModel().fit(_matrix([r["cost_features"] for r in earlier]),
                                            [r["latency_ms"] for r in earlier])  # fmt: skip
+                x = _matrix([row["cost_features"]])
                 for minimum, confidence in [(m, c) for m, c, w in settings if w == warm and len(earlier) >= m]:
-                    if model.set_params(confidence=confidence).lower_bound(_matrix([row["cost_features"]]))[0] > budget_ms:
+                    if model.set_params(confidence=confidence).lower_bound(x)[0] > budget_ms:
                         counts[minimum, confidence, warm]["vetoed"] += 1
                         counts[minimum, confidence, warm][verdict] += 1
     total = sum(len(rows) for _, rows in studies)
@@ -285,7 +286,8 @@ def main() -> None:
     srch.add_argument("--equal-time", action="store_true",
                       help="Give the cost-model run the other run's wall-clock instead of its number of trials.")
     srch.add_argument("--warm-start", type=int, default=0, metavar="N",
-                      help="Run N earlier studies (seeds 1000, ...) first; the cost model starts from their measurements.")
+                      help="Run N earlier studies (seeds 1000, ...) first; every cost-model run starts from "
+                           "their measurements.")
     rep = sub.add_parser("replay")
     rep.add_argument("--trials", type=int, default=40)
     rep.add_argument("--budget", default="0.15x")

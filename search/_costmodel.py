@@ -416,7 +416,6 @@ class LatencyModel(RegressorMixin, BaseEstimator):
         scale = columns.max(axis=0)
         self.base_scale_ = np.where(scale > 0, scale, 1.0)
         self.base_coef_, _ = scipy.optimize.nnls(columns / self.base_scale_, y)
-        base_log_error = np.log(self._base(X)) - np.log(self._held_out_base(columns / self.base_scale_, y))
         log_y = np.log(y) - np.log(self._base(X))
         forest = RandomForestRegressor(
             n_estimators=self.n_estimators,
@@ -443,6 +442,7 @@ class LatencyModel(RegressorMixin, BaseEstimator):
         else:
             # Held out from the base too: with fewer measurements than base columns the base fits
             # them exactly, and the forest's out-of-bag residuals alone would be zero.
+            base_log_error = np.log(self._base(X)) - np.log(self._held_out_base(columns / self.base_scale_, y))
             residuals = forest.oob_prediction_[covered] - log_y[covered] - base_log_error[covered]
             rms = float(np.sqrt(np.mean(residuals**2)))
             n = self.n_oob_
