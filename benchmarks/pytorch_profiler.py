@@ -55,19 +55,13 @@ def _plans(model: nn.Module) -> dict[str, object]:
     }
 
 
-def _two_four(model: nn.Module, plan) -> nn.Module:
-    """The model with the plan's 2:4 layers pruned 2:4 by magnitude (as the search leaves them)."""
-    import copy
+def _candidate(model: nn.Module, plan, example) -> nn.Module:
+    """The model with the plan applied and baked, as the search hands a candidate to the profiler
+    (2:4 layers pruned 2:4 by magnitude, int8 weights on the int8 grid)."""
+    from search import apply_plan
+    from search._quant import bake
 
-    model = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, entry in plan.layers.items():
-            if entry.sparsity.pattern == "2:4":
-                weight = model.get_submodule(name).weight
-                groups = weight.view(-1, 4)
-                smallest = groups.abs().argsort(dim=1)[:, :2]
-                groups.scatter_(1, smallest, 0.0)
-    return model
+    return bake(apply_plan(model, plan, example))
 
 
 def main() -> None:
@@ -87,7 +81,7 @@ def main() -> None:
     for model_name, (model, example) in _models().items():
         baseline = None
         for plan_name, plan in _plans(model).items():
-            m = profiler.measure_candidate(unused, _two_four(model, plan), example, plan)
+            m = profiler.measure_candidate(unused, _candidate(model, plan, example), example, plan)
             if baseline is None:
                 baseline = m.latency_ms
                 device = {k: v for k, v in m.device.items() if k not in ("layer_precision", "notes")}

@@ -415,7 +415,8 @@ class LatencyModel(RegressorMixin, BaseEstimator):
         columns = np.column_stack([np.clip(X[:, self.base_columns_], 0.0, None), np.ones(len(X))])
         scale = columns.max(axis=0)
         self.base_scale_ = np.where(scale > 0, scale, 1.0)
-        self.base_coef_, _ = scipy.optimize.nnls(columns / self.base_scale_, y)
+        scaled = columns / self.base_scale_
+        self.base_coef_, _ = scipy.optimize.nnls(scaled, y)
         log_y = np.log(y) - np.log(self._base(X))
         forest = RandomForestRegressor(
             n_estimators=self.n_estimators,
@@ -442,8 +443,8 @@ class LatencyModel(RegressorMixin, BaseEstimator):
         else:
             # Held out from the base too: with fewer measurements than base columns the base fits
             # them exactly, and the forest's out-of-bag residuals alone would be zero.
-            base_log_error = np.log(self._base(X)) - np.log(self._held_out_base(columns / self.base_scale_, y))
-            residuals = forest.oob_prediction_[covered] - log_y[covered] - base_log_error[covered]
+            held_out = np.log(self._held_out_base(scaled, y)) + forest.oob_prediction_
+            residuals = held_out[covered] - np.log(y[covered])
             rms = float(np.sqrt(np.mean(residuals**2)))
             n = self.n_oob_
             self.log_sigma_ = rms * math.sqrt(n / scipy.stats.chi2.ppf(0.05, n))
