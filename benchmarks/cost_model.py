@@ -9,8 +9,9 @@
 measured on the cpu target; the cost model and a FLOPs-only linear baseline are trained on the first
 16, 32 and 64 and scored on the held-out rest. ``search``: the default study with the cost model on
 and off, same seed and number of trials: work skipped, wall-clock, and the hypervolume of each front
-(metric × latency, reference point: metric 0 at the budget); then every plan the cost model
-vetoed is built and measured (no fine-tune) to count the vetoes that were wrong. ``replay``: the
+(metric × latency, reference point: metric 0 at the budget); then every plan the study did not
+measure (vetoed, or stopped by the pruner) is built and measured (no fine-tune) to count the vetoes
+that were wrong and every plan that was over the budget: what a perfect gate could have skipped. ``replay``: the
 default study with the cost model off, then, trial by trial, what the gate would have vetoed with
 each minimum number of measurements and confidence, fitted on the measurements before that trial
 (right: measured over the budget; wrong: within it; unmeasured: stopped early by the pruner).
@@ -65,18 +66,23 @@ def _measure(task: search.Task, candidate: torch.nn.Module, plan: search.Plan, p
     return profiler.measure(path).latency_ms
 
 
-def _measure_vetoed(task: search.Task, frame) -> list[tuple[float, float]]:
-    """(predicted lower bound, measured) ms of every plan the cost model vetoed, built and
-    measured now without fine-tuning: how many vetoes were right."""
+def _latencies(task: search.Task, frame) -> tuple[np.ndarray, np.ndarray]:
+    """Every trial's latency in ms, and whether it was measured afterwards: the study's measurement
+    where it made one, else the plan built and measured now, without fine-tuning (weights do not
+    change latency): the vetoed plans, to count wrong vetoes, and the plans the pruner stopped, to
+    count every plan that was over the budget. NaN where the plan cannot be built."""
     profiler = get_profiler(load_target("cpu"))
-    pairs = []
+    latency = frame["latency_ms"].to_numpy(dtype=float).copy()
+    afterwards = np.isnan(latency)
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (_, row) in enumerate(frame[frame["pruned_by"] == "cost-model"].iterrows()):
-            plan = search.Plan.from_json(row["plan"])
-            candidate = apply_plan(task.model, plan, task.example_input)
-            measured_ms = _measure(task, candidate, plan, profiler, Path(tmp, f"{i}.onnx"))
-            pairs.append((row["predicted_latency_low_ms"], measured_ms))
-    return pairs
+        for i in np.flatnonzero(afterwards):
+            plan = search.Plan.from_json(frame["plan"].iloc[i])
+            try:
+                candidate = apply_plan(task.model, plan, task.example_input)
+            except search.CandidateError:
+                continue
+            latency[i] = _measure(task, candidate, plan, profiler, Path(tmp, f"{i}.onnx"))
+    return latency, afterwards
 
 
 def _measure_random_plans(task: search.Task, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -156,9 +162,11 @@ def search_benchmark(trials: int, budget: str, seeds: list[int], equal_time: boo
                 runs[cost_model].append(figures)
     if len(seeds) > 1:
         for cost_model, figures in runs.items():
-            total = {key: sum(f[key] for f in figures) for key in ("trials", "vetoed", "wall", "hypervolume")}
+            total = {key: sum(f[key] for f in figures) for key in ("trials", "vetoed", "ceiling", "wall", "hypervolume")}
             print(f"cost model {'on ' if cost_model else 'off'}, {len(seeds)} seeds: {total['trials']} trials in "
-                  f"{total['wall']:.0f} s, {total['vetoed']} vetoed ({total['vetoed'] / total['trials']:.0%}), "
+                  f"{total['wall']:.0f} s, {total['vetoed']} vetoed ({total['vetoed'] / total['trials']:.0%}; "
+                  f"over the budget after the gate's first {MIN_MEASUREMENTS} measurements: {total['ceiling']}, "
+                  f"{total['ceiling'] / total['trials']:.0%}), "
                   f"mean hypervolume {total['hypervolume'] / len(seeds):.6f}")  # fmt: skip
         wins = sum(on["hypervolume"] >= off["hypervolume"] for off, on in zip(runs[False], runs[True]))
         print(f"hypervolume with the cost model on >= off in {wins} of {len(seeds)} seeds")
@@ -195,21 +203,40 @@ def _search_pair(
 
 
 def _print_search(task: search.Task, seed: int, cost_model: bool, frame, wall: float, budget_ms: float) -> dict:
+    """One run's figures, and what any gate could have vetoed in it: every trial's latency is known
+    (see ``_latencies``), so a trial that reached the point where the gate acts (5 measurements,
+    earlier studies' included) and is over the budget was a plan a perfect gate would have skipped."""
     trials_run = len(frame)
-    vetoed = int((frame["pruned_by"] == "cost-model").sum())
+    vetoed = (frame["pruned_by"] == "cost-model").to_numpy()
     measured = int(frame["latency_ms"].notna().sum())
     done = frame[frame["state"] == "COMPLETE"]
     volume = hypervolume(done["metric"].to_numpy(), done["latency_ms"].to_numpy(), budget_ms)
     print(f"seed {seed}, cost model {'on ' if cost_model else 'off'}: {trials_run} trials in {wall:.0f} s; "
-          f"{vetoed} vetoed before fine-tuning ({vetoed / trials_run:.0%}), {measured} measured, "
+          f"{vetoed.sum()} vetoed before fine-tuning ({vetoed.sum() / trials_run:.0%}), {measured} measured, "
           f"{len(done[done['feasible']])} feasible; front {int(frame['pareto'].sum())} points, "
           f"hypervolume {volume:.6f} (budget {budget_ms:.4f} ms)")  # fmt: skip
-    if vetoed:
-        pairs = _measure_vetoed(task, frame)
-        over = sum(measured_ms > budget_ms for _, measured_ms in pairs)
-        print(f"  vetoed plans measured afterwards (no fine-tune): {over} of {len(pairs)} over the budget; "
-              "lower bound / measured: " + ", ".join(f"{low:.4f}/{ms:.4f}" for low, ms in pairs))  # fmt: skip
-    return {"trials": trials_run, "vetoed": vetoed, "wall": wall, "hypervolume": volume}
+    latency, afterwards = _latencies(task, frame)
+    over = latency > budget_ms
+    if cost_model:  # the gate acted where it predicted
+        gated = frame["predicted_latency_ms"].notna().to_numpy()
+    else:  # where it would have: after 5 trials that measured (a duplicate reuses another's measurement)
+        own = frame["latency_ms"].notna() & frame["duplicate_of"].isna()
+        gated = (own.cumsum().shift(fill_value=0) >= MIN_MEASUREMENTS).to_numpy()
+    print(f"  over the budget: {over.sum()} of {trials_run} ({afterwards.sum()} measured afterwards, no fine-tune); "
+          f"after the gate's first {MIN_MEASUREMENTS} measurements: {(over & gated).sum()} "
+          f"({(over & gated).sum() / trials_run:.0%} of the trials: what a gate that knew every latency "
+          f"would have vetoed)")  # fmt: skip
+    lows = frame["predicted_latency_low_ms"].to_numpy(dtype=float)
+    if vetoed.any():
+        print(f"  vetoed: {(vetoed & over).sum()} of them, {(vetoed & ~over).sum()} wrongly (measured within the "
+              "budget); lower bound / measured: "
+              + ", ".join(f"{low:.4f}/{ms:.4f}" for low, ms in zip(lows[vetoed], latency[vetoed])))  # fmt: skip
+    missed = ~vetoed & over & gated
+    if cost_model and missed.any():
+        print("  let through although over the budget, lower bound / measured: "
+              + ", ".join(f"{low:.4f}/{ms:.4f}" for low, ms in zip(lows[missed], latency[missed])))  # fmt: skip
+    return {"trials": trials_run, "vetoed": int(vetoed.sum()), "wall": wall, "hypervolume": volume,
+            "ceiling": int((over & gated).sum())}  # fmt: skip
 
 
 def replay_benchmark(trials: int, budget: str, seeds: list[int], cache: Path | None) -> None:

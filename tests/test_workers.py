@@ -149,7 +149,7 @@ def test_a_late_worker_uses_the_study_s_baseline_and_its_cost_model_so_far(worke
     study = run(worker_env, trials=1, budget="2x", profiler=_tolerant_profiler(), results_dir=tmp_path, **kwargs)
     baseline = study.user_attrs["baseline"]
     measured = study.trials[0]
-    for i in range(11):  # measurements other workers made: the model needs 10 before it predicts
+    for i in range(11):  # measurements other workers made: the model needs 5 before it predicts
         features = {k: v * (1 + 0.05 * i) for k, v in measured.user_attrs["cost_features"].items()}
         latency = measured.user_attrs["latency_ms"] * (1 + 0.05 * i)
         study.add_trial(
@@ -159,9 +159,13 @@ def test_a_late_worker_uses_the_study_s_baseline_and_its_cost_model_so_far(worke
             )
         )  # fmt: skip
     study.set_user_attr("run_spec", {**study.user_attrs["run_spec"], "trials": 13})
+    # A plan other than trial 0's: the same plan would reuse its results, which hold no prediction.
+    name, choices = next((n, d.choices) for n, d in measured.distributions.items() if hasattr(d, "choices"))
+    study.enqueue_trial({**measured.params, name: next(c for c in choices if c != measured.params[name])})
 
     joined = work(tmp_path / study.study_name, results_dir=tmp_path / "elsewhere")
     late = joined.trials[-1]
+    assert late.params != measured.params
     assert late.state in (TrialState.COMPLETE, TrialState.PRUNED) and finished_count(joined) == 13
     assert late.user_attrs["predicted_source"] == "predicted:cost-model(n=12)"
     assert "predicted_energy_mj" not in late.user_attrs  # estimated energy never trains a model
