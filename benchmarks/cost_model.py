@@ -10,11 +10,12 @@ measured on the cpu target; the cost model and a FLOPs-only linear baseline are 
 16, 32 and 64 and scored on the held-out rest. ``search``: the default study with the cost model on
 and off, same seed and number of trials: work skipped, wall-clock, and the hypervolume of each front
 (metric × latency, reference point: metric 0 at the budget); then every plan the study did not
-measure (vetoed, or stopped by the pruner) is built and measured (no fine-tune) to count the vetoes
-that were wrong and every plan that was over the budget: what a perfect gate could have skipped. ``replay``: the
-default study with the cost model off, then, trial by trial, what the gate would have vetoed with
-each minimum number of measurements and confidence, fitted on the measurements before that trial
-(right: measured over the budget; wrong: within it; unmeasured: stopped early by the pruner).
+measure (vetoed, or stopped by the pruner) is built and measured (no fine-tune) to count the
+vetoes that were wrong and every plan that was over the budget: what a perfect gate could have
+skipped. ``replay``: the default study with the cost model off, then, trial by trial, what the
+gate would have vetoed with each minimum number of measurements and confidence, fitted on the
+measurements before that trial (right: measured over the budget; wrong: within it; unmeasured:
+stopped early by the pruner).
 """
 
 from __future__ import annotations
@@ -162,7 +163,8 @@ def search_benchmark(trials: int, budget: str, seeds: list[int], equal_time: boo
                 runs[cost_model].append(figures)
     if len(seeds) > 1:
         for cost_model, figures in runs.items():
-            total = {key: sum(f[key] for f in figures) for key in ("trials", "vetoed", "ceiling", "wall", "hypervolume")}
+            keys = ("trials", "vetoed", "ceiling", "wall", "hypervolume")
+            total = {key: sum(f[key] for f in figures) for key in keys}
             print(f"cost model {'on ' if cost_model else 'off'}, {len(seeds)} seeds: {total['trials']} trials in "
                   f"{total['wall']:.0f} s, {total['vetoed']} vetoed ({total['vetoed'] / total['trials']:.0%}; "
                   f"over the budget after the gate's first {MIN_MEASUREMENTS} measurements: {total['ceiling']}, "
@@ -217,12 +219,14 @@ def _print_search(task: search.Task, seed: int, cost_model: bool, frame, wall: f
           f"hypervolume {volume:.6f} (budget {budget_ms:.4f} ms)")  # fmt: skip
     latency, afterwards = _latencies(task, frame)
     over = latency > budget_ms
+    own = frame["duplicate_of"].isna()  # a duplicate reuses another trial's results: nothing to skip
     if cost_model:  # the gate acted where it predicted
-        gated = frame["predicted_latency_ms"].notna().to_numpy()
-    else:  # where it would have: after 5 trials that measured (a duplicate reuses another's measurement)
-        own = frame["latency_ms"].notna() & frame["duplicate_of"].isna()
-        gated = (own.cumsum().shift(fill_value=0) >= MIN_MEASUREMENTS).to_numpy()
-    print(f"  over the budget: {over.sum()} of {trials_run} ({afterwards.sum()} measured afterwards, no fine-tune); "
+        gated = (frame["predicted_latency_ms"].notna() & own).to_numpy()
+    else:  # where it would have: after 5 trials that measured
+        measured_own = frame["latency_ms"].notna() & own
+        gated = ((measured_own.cumsum().shift(fill_value=0) >= MIN_MEASUREMENTS) & own).to_numpy()
+    remeasured = int((afterwards & ~np.isnan(latency)).sum())
+    print(f"  over the budget: {over.sum()} of {trials_run} ({remeasured} measured afterwards, no fine-tune); "
           f"after the gate's first {MIN_MEASUREMENTS} measurements: {(over & gated).sum()} "
           f"({(over & gated).sum() / trials_run:.0%} of the trials: what a gate that knew every latency "
           f"would have vetoed)")  # fmt: skip
