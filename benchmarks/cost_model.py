@@ -68,21 +68,22 @@ def _measure(task: search.Task, candidate: torch.nn.Module, plan: search.Plan, p
 
 
 def _latencies(task: search.Task, frame) -> tuple[np.ndarray, np.ndarray]:
-    """Every trial's latency in ms, and whether it was measured afterwards: the study's measurement
+    """Every trial's latency in ms, and which were measured afterwards: the study's measurement
     where it made one, else the plan built and measured now, without fine-tuning (weights do not
     change latency): the vetoed plans, to count wrong vetoes, and the plans the pruner stopped, to
     count every plan that was over the budget. NaN where the plan cannot be built."""
     profiler = get_profiler(load_target("cpu"))
     latency = frame["latency_ms"].to_numpy(dtype=float).copy()
-    afterwards = np.isnan(latency)
+    afterwards = np.zeros(len(latency), dtype=bool)
     with tempfile.TemporaryDirectory() as tmp:
-        for i in np.flatnonzero(afterwards):
+        for i in np.flatnonzero(np.isnan(latency)):
             plan = search.Plan.from_json(frame["plan"].iloc[i])
             try:
                 candidate = apply_plan(task.model, plan, task.example_input)
             except search.CandidateError:
                 continue
             latency[i] = _measure(task, candidate, plan, profiler, Path(tmp, f"{i}.onnx"))
+            afterwards[i] = True
     return latency, afterwards
 
 
@@ -225,8 +226,7 @@ def _print_search(task: search.Task, seed: int, cost_model: bool, frame, wall: f
     else:  # where it would have: after 5 trials that measured
         measured_own = frame["latency_ms"].notna() & own
         gated = ((measured_own.cumsum().shift(fill_value=0) >= MIN_MEASUREMENTS) & own).to_numpy()
-    remeasured = int((afterwards & ~np.isnan(latency)).sum())
-    print(f"  over the budget: {over.sum()} of {trials_run} ({remeasured} measured afterwards, no fine-tune); "
+    print(f"  over the budget: {over.sum()} of {trials_run} ({afterwards.sum()} measured afterwards, no fine-tune); "
           f"after the gate's first {MIN_MEASUREMENTS} measurements: {(over & gated).sum()} "
           f"({(over & gated).sum() / trials_run:.0%} of the trials: what a gate that knew every latency "
           f"would have vetoed)")  # fmt: skip

@@ -412,7 +412,7 @@ class LatencyModel(RegressorMixin, BaseEstimator):
         X, y = validate_data(self, X, y, y_numeric=True, dtype=np.float64)
         _check_positive_y(y, type(self).__name__)
         self.base_columns_ = _column_positions(self, self.base_columns, BASE_FEATURES, "base_columns")
-        columns = np.column_stack([np.clip(X[:, self.base_columns_], 0.0, None), np.ones(len(X))])
+        columns = self._base_inputs(X)
         scale = columns.max(axis=0)
         self.base_scale_ = np.where(scale > 0, scale, 1.0)
         scaled = columns / self.base_scale_
@@ -461,10 +461,13 @@ class LatencyModel(RegressorMixin, BaseEstimator):
             held_out[folds == fold] = scaled[folds == fold] @ coef
         return np.maximum(held_out, 1e-9)
 
+    def _base_inputs(self, X: np.ndarray) -> np.ndarray:
+        """The base's columns of ``X`` (negatives clipped to 0) and a column of ones for the intercept."""
+        return np.column_stack([np.clip(X[:, self.base_columns_], 0.0, None), np.ones(len(X))])
+
     def _base(self, X: np.ndarray) -> np.ndarray:
         """The linear base in ms, floored so that its log exists (the forest corrects the rest)."""
-        columns = np.column_stack([np.clip(X[:, self.base_columns_], 0.0, None), np.ones(len(X))])
-        base = (columns / self.base_scale_) @ self.base_coef_
+        base = (self._base_inputs(X) / self.base_scale_) @ self.base_coef_
         return np.maximum(base, 1e-9)
 
     def _log_predict(self, X) -> tuple[np.ndarray, np.ndarray]:
