@@ -15,7 +15,8 @@ vetoes that were wrong and every plan that was over the budget: what a perfect g
 skipped. ``replay``: the default study with the cost model off, then, trial by trial, what the
 gate would have vetoed with each minimum number of measurements and confidence, fitted on the
 measurements before that trial (right: measured over the budget; wrong: within it; unmeasured:
-stopped early by the pruner).
+stopped early by the pruner); once on each trial's latency and once on its fastest session's plain
+median (what the profiler reported before it kept only each session's quiet stretches).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 
 import search
 from profilers import get_profiler
+from search._budget import parse_budget
 from search._costgate import MIN_MEASUREMENTS, _matrix
 from search._costmodel import FEATURE_NAMES, FlopsBaseline, LatencyModel, accuracy, plan_features
 from search._export import export_candidate
@@ -245,16 +247,29 @@ def _print_search(task: search.Task, seed: int, cost_model: bool, frame, wall: f
 
 def replay_benchmark(trials: int, budget: str, seeds: list[int], cache: Path | None) -> None:
     """Which trials of studies run without the cost model it would have vetoed, by setting; and,
-    warm-started from the other seeds' studies, what a later study on the same target would have."""
+    warm-started from the other seeds' studies, what a later study on the same target would have.
+    Replayed twice where the studies hold both: on each trial's latency (the median of the fastest
+    session's quiet stretches), and on its fastest session's plain median, the figure the profiler
+    reported before it kept only quiet stretches (the budget from the teacher's figure of the same kind)."""
     studies = _studies_without_cost_model(trials, budget, seeds, cache)
+    total = sum(len(study["rows"]) for study in studies)
+    print(f"{total} trials built")
+    for latency, label in (("latency_ms", "latency"), ("plain_latency_ms", "fastest session's plain median")):
+        if all(latency in row for study in studies for row in study["rows"]):
+            _replay(studies, latency, label)
+
+
+def _replay(studies: list[dict], latency: str, label: str) -> None:
+    budget_key = {"latency_ms": "budget_ms", "plain_latency_ms": "budget_plain_ms"}[latency]
     settings = [(minimum, confidence, False) for minimum in (5, 10) for confidence in (0.0, 0.5, 1.0, 2.0)]
     settings += [(MIN_MEASUREMENTS, confidence, True) for confidence in (1.0, 2.0)]
     counts = {setting: dict.fromkeys(("vetoed", "right", "wrong", "unmeasured"), 0) for setting in settings}
-    for i, (budget_ms, rows) in enumerate(studies):
-        others = [r for j, (_, other) in enumerate(studies) if j != i for r in other if r["latency_ms"] is not None]
+    for i, study in enumerate(studies):
+        budget_ms, rows = study[budget_key], study["rows"]
+        others = [r for j, other in enumerate(studies) if j != i for r in other["rows"] if r[latency] is not None]
         for k, row in enumerate(rows):
-            own = [r for r in rows[:k] if r["latency_ms"] is not None]
-            measured = row["latency_ms"]
+            own = [r for r in rows[:k] if r[latency] is not None]
+            measured = row[latency]
             verdict = "unmeasured" if measured is None else "right" if measured > budget_ms else "wrong"
             for warm in (False, True):
                 earlier = others + own if warm else own
@@ -262,43 +277,48 @@ def replay_benchmark(trials: int, budget: str, seeds: list[int], cache: Path | N
                     continue
                 # One fit per trial: the minimum only gates it, the confidence only moves the lower bound.
                 model = LatencyModel().fit(_matrix([r["cost_features"] for r in earlier]),
-                                           [r["latency_ms"] for r in earlier])  # fmt: skip
+                                           [r[latency] for r in earlier])  # fmt: skip
                 x = _matrix([row["cost_features"]])
                 for minimum, confidence in [(m, c) for m, c, w in settings if w == warm and len(earlier) >= m]:
                     if model.set_params(confidence=confidence).lower_bound(x)[0] > budget_ms:
                         counts[minimum, confidence, warm]["vetoed"] += 1
                         counts[minimum, confidence, warm][verdict] += 1
-    total = sum(len(rows) for _, rows in studies)
-    over = sum(r["latency_ms"] is not None and r["latency_ms"] > b for b, rows in studies for r in rows)
-    print(f"{total} trials built, {over} of them measured over the budget")
+    total = sum(len(study["rows"]) for study in studies)
+    over = sum(r[latency] is not None and r[latency] > study[budget_key] for study in studies for r in study["rows"])
+    budgets = ", ".join(f"{study[budget_key]:.4f}" for study in studies)
+    print(f"on the {label}: budgets {budgets} ms; {over} of {total} trials measured over the budget")
     for (minimum, confidence, warm), c in counts.items():
         warmed = ", warm start from the other seeds' studies" if warm else ""
-        print(f"minimum {minimum:2d}, confidence {confidence}{warmed}: "
+        print(f"  minimum {minimum:2d}, confidence {confidence}{warmed}: "
               f"{c['vetoed']} of {total} vetoed ({c['vetoed'] / total:.0%}): {c['right']} right, {c['wrong']} wrong, "
               f"{c['unmeasured']} unmeasured")  # fmt: skip
 
 
-def _studies_without_cost_model(
-    trials: int, budget: str, seeds: list[int], cache: Path | None
-) -> list[tuple[float, list[dict]]]:
-    """Per seed, the budget in ms and each built trial's features and latency (None: not measured);
-    read from ``cache`` when it exists, else run and saved there."""
+def _studies_without_cost_model(trials: int, budget: str, seeds: list[int], cache: Path | None) -> list[dict]:
+    """Per seed, the budget in ms (``budget_ms``; ``budget_plain_ms`` from the teacher's fastest plain
+    session median) and each built trial's features and latencies (None: not measured); read from
+    ``cache`` when it exists, else run and saved there."""
     if cache is not None and cache.exists():
-        return [(study["budget_ms"], study["rows"]) for study in json.loads(cache.read_text())]
+        return json.loads(cache.read_text())
     task, studies = digits(), []
     for seed in seeds:
         with tempfile.TemporaryDirectory() as results:
             study = search.run(task, budget=budget, seed=seed, cost_model=False, results_dir=results, trials=trials)
         rows = [
-            {"cost_features": t.user_attrs["cost_features"], "latency_ms": t.user_attrs.get("latency_ms")}
+            {"cost_features": t.user_attrs["cost_features"], "latency_ms": t.user_attrs.get("latency_ms"),
+             "plain_latency_ms": min(t.user_attrs.get("latency_session_medians_ms") or [None])}
             for t in study.trials
             if t.user_attrs.get("cost_features") is not None and "duplicate_of" not in t.user_attrs
-        ]
-        studies.append((study.user_attrs["budget_ms"], rows))
-        print(f"seed {seed}: budget {studies[-1][0]:.4f} ms, teacher {study.user_attrs['baseline']['latency_ms']:.4f} "
-              f"ms, {len(rows)} trials built, {sum(r['latency_ms'] is not None for r in rows)} measured")  # fmt: skip
+        ]  # fmt: skip
+        teacher = study.user_attrs["baseline"]
+        plain_teacher = min(teacher["measurement"]["session_medians_ms"])
+        studies.append({"budget_ms": study.user_attrs["budget_ms"], "rows": rows,
+                        "budget_plain_ms": parse_budget(budget).resolve(plain_teacher)})  # fmt: skip
+        print(f"seed {seed}: budget {studies[-1]['budget_ms']:.4f} ms, teacher {teacher['latency_ms']:.4f} ms "
+              f"(fastest plain session median {plain_teacher:.4f}), {len(rows)} trials built, "
+              f"{sum(r['latency_ms'] is not None for r in rows)} measured")  # fmt: skip
     if cache is not None:
-        cache.write_text(json.dumps([{"budget_ms": b, "rows": rows} for b, rows in studies]))
+        cache.write_text(json.dumps(studies))
     return studies
 
 

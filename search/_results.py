@@ -17,7 +17,7 @@ from search._workers import retried
 COLUMNS = (
     "metric", "metric_source", "metric_torch",
     "latency_ms", "latency_p90_ms", "latency_runs", "latency_spread", "latency_stable",
-    "latency_session_medians_ms", "latency_source",
+    "latency_session_medians_ms", "latency_quiet_share", "latency_source",
     "energy_mj", "energy_source", "size_bytes", "size_source", "onnx_bytes",
     "predicted_latency_ms", "predicted_latency_low_ms", "predicted_source", "latency_prediction_error",
     "predicted_energy_mj", "energy_prediction_error",

@@ -274,6 +274,7 @@ class _Search:
             "latency_spread": measurement.spread,
             "latency_stable": measurement.stable,
             "latency_session_medians_ms": list(measurement.session_medians_ms),
+            "latency_quiet_share": measurement.quiet_share,
             "latency_source": f"{measurement.source}:{measurement.runtime}",
             "energy_mj": measurement.energy_mj,
             "energy_source": measurement.energy_source,

@@ -1,3 +1,4 @@
+import itertools
 import json
 import os
 import subprocess
@@ -20,7 +21,7 @@ from profilers import (
     get_profiler,
     random_inputs,
 )
-from profilers._base import SessionTiming
+from profilers._base import QUIET_BLOCK_RUNS, SessionTiming, quiet_samples
 from search._errors import CandidateError, TargetUnavailableError
 from targets import load_target
 
@@ -297,6 +298,51 @@ def test_the_fastest_session_is_reported_with_every_median():
     assert result.session_medians_ms == (2.1, 1.1, 5.0)
     assert result.runs == 9 and len(result.samples_ms) == 9
     assert result.energy_mj == pytest.approx(load_target("cpu").power_w * 1.1)
+
+
+def test_the_latency_is_the_median_of_the_quiet_stretches_and_the_plain_medians_are_kept():
+    """Interference that slows some stretches of a session does not move its latency; the session
+    whose quiet stretches are fastest is reported, even when its plain median is not the lowest."""
+    profiler = OnnxRuntimeCpuProfiler(load_target("cpu"), **SHORT)
+    rng = np.random.default_rng(0)
+
+    def stretches(*levels):
+        return [float(x) for level in levels for x in level * rng.uniform(1.0, 1.02, QUIET_BLOCK_RUNS)]
+
+    mostly_slow = stretches(1.0, 1.6, 1.6, 1.0, 1.6, 1.6)  # quiet 1/3 of the time
+    steady = stretches(1.2, 1.2, 1.2, 1.2, 1.2, 1.2)
+    result = profiler._summarise(
+        [SessionTiming(steady, True, None), SessionTiming(mostly_slow, True, None)],
+        runtime="r", runtime_version="1", precision="fp32", device={},
+    )  # fmt: skip
+    quiet = mostly_slow[:QUIET_BLOCK_RUNS] + mostly_slow[3 * QUIET_BLOCK_RUNS : 4 * QUIET_BLOCK_RUNS]
+    assert result.latency_ms == pytest.approx(np.median(quiet)) and result.latency_ms < 1.02
+    assert result.latency_p90_ms == pytest.approx(np.percentile(quiet, 90))
+    assert result.quiet_share == pytest.approx(1 / 3)
+    assert result.session_medians_ms == pytest.approx((np.median(steady), np.median(mostly_slow)))
+    assert result.session_medians_ms[1] > result.session_medians_ms[0]
+    assert result.runs == len(result.samples_ms) == 12 * QUIET_BLOCK_RUNS
+    assert result.to_dict()["quiet_share"] == result.quiet_share
+
+
+def test_timing_stops_once_the_quiet_median_settles_though_the_plain_median_still_climbs():
+    """Two quiet stretches, then runs slower and slower: the plain median still climbs by more than
+    the tolerance each round at ``min_runs``, the reported figure (the quiet median) has settled."""
+    quiet = 2 * QUIET_BLOCK_RUNS
+    durations = itertools.chain([1.0] * quiet, (1.5 + 0.05 * i for i in itertools.count()))
+    profiler = OnnxRuntimeCpuProfiler(load_target("cpu"), min_runs=4 * quiet, min_time_s=0.0, max_time_s=5.0)
+    samples, stable = profiler._time(lambda: next(durations), self_timed=True)
+    assert stable and len(samples) == profiler.min_runs
+    assert np.median(quiet_samples(samples)) == 1.0 and np.median(samples) > 3.0
+
+
+def test_quiet_samples_keep_every_stretch_within_the_tolerance_and_short_sessions_whole():
+    runs = QUIET_BLOCK_RUNS
+    samples = [1.0] * runs + [1.04] * runs + [1.06] * runs + [1.0] * (runs - 1)  # a partial block at the end
+    assert list(quiet_samples(samples)) == [1.0] * runs + [1.04] * runs
+    assert list(quiet_samples(samples, tolerance=0.1)) == samples[: 3 * runs]
+    short = [3.0, 1.0, 2.0] * (runs // 2)  # under two blocks: nothing to compare, all kept
+    assert list(quiet_samples(short)) == short
 
 
 @pytest.mark.parametrize("sessions", [0, -1])
