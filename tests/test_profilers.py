@@ -139,6 +139,7 @@ class TestProfilerContract:
         remote = isinstance(profiler, RemoteProfiler)
         assert len(result.samples_ms) == (0 if remote else result.runs)
         assert result.spread >= 0
+        assert 0 < result.quiet_share <= 1  # the service passes it on
         assert result.precision == "fp32"
         assert result.runtime == profiler.target.runtime
         assert result.runtime_version
