@@ -254,13 +254,16 @@ def replay_benchmark(trials: int, budget: str, seeds: list[int], cache: Path | N
     studies = _studies_without_cost_model(trials, budget, seeds, cache)
     total = sum(len(study["rows"]) for study in studies)
     print(f"{total} trials built")
-    for latency, label in (("latency_ms", "latency"), ("plain_latency_ms", "fastest session's plain median")):
+    for latency, budget_key, label in (
+        ("latency_ms", "budget_ms", "latency"),
+        ("plain_latency_ms", "budget_plain_ms", "fastest session's plain median"),
+    ):
         if all(latency in row for study in studies for row in study["rows"]):
-            _replay(studies, latency, label)
+            _replay(studies, latency, budget_key, label, total)
 
 
-def _replay(studies: list[dict], latency: str, label: str) -> None:
-    budget_key = {"latency_ms": "budget_ms", "plain_latency_ms": "budget_plain_ms"}[latency]
+def _replay(studies: list[dict], latency: str, budget_key: str, label: str, total: int) -> None:
+    """The replay's counts on the rows' ``latency`` against each study's ``budget_key``."""
     settings = [(minimum, confidence, False) for minimum in (5, 10) for confidence in (0.0, 0.5, 1.0, 2.0)]
     settings += [(MIN_MEASUREMENTS, confidence, True) for confidence in (1.0, 2.0)]
     counts = {setting: dict.fromkeys(("vetoed", "right", "wrong", "unmeasured"), 0) for setting in settings}
@@ -283,7 +286,6 @@ def _replay(studies: list[dict], latency: str, label: str) -> None:
                     if model.set_params(confidence=confidence).lower_bound(x)[0] > budget_ms:
                         counts[minimum, confidence, warm]["vetoed"] += 1
                         counts[minimum, confidence, warm][verdict] += 1
-    total = sum(len(study["rows"]) for study in studies)
     over = sum(r[latency] is not None and r[latency] > study[budget_key] for study in studies for r in study["rows"])
     budgets = ", ".join(f"{study[budget_key]:.4f}" for study in studies)
     print(f"on the {label}: budgets {budgets} ms; {over} of {total} trials measured over the budget")
