@@ -364,14 +364,18 @@ class LatencyModel(RegressorMixin, BaseEstimator):
         Columns of the linear base, names or positions; ``None`` means :data:`BASE_FEATURES`
         (by name in a DataFrame, or by position in the :data:`FEATURE_NAMES` layout).
 
-    The spread of a prediction, in log space, is ``sqrt(tree_std(x)**2 + log_sigma_**2)``:
+    The spread below a prediction, in log space, is ``sqrt(tree_std(x)**2 + log_sigma_**2)``:
     ``tree_std`` is how much the trees disagree at ``x`` (high far from the data), ``log_sigma_``
-    the calibration floor, the root-mean-square out-of-bag residual inflated to its one-sided 95 %
-    upper confidence bound (chi-square, so a handful of samples gives a wide floor). The residual
-    is held out from the base as well (:data:`BASE_FOLDS`): with fewer measurements than base
-    columns the base can fit them exactly, and the forest's residuals alone would be zero. With fewer
-    than :data:`MIN_OOB_SAMPLES` out-of-bag samples, ``log_sigma_`` is
-    :data:`UNCALIBRATED_LOG_SIGMA` and :meth:`lower_bound` stays far below any budget.
+    the calibration floor, the root-mean-square of the out-of-bag residuals where the prediction
+    was *above* the measurement, inflated to its one-sided 95 % upper confidence bound
+    (chi-square on their count, so a handful gives a wide floor). Only that side: the lower bound
+    is wrong when a plan runs faster than predicted, and interference on a shared machine only
+    ever makes a measurement slower, so the slow outliers it leaves among the measurements say
+    nothing about how much faster than predicted a plan can be. The residual is held out from the base as well (:data:`BASE_FOLDS`): with
+    fewer measurements than base columns the base can fit them exactly, and the forest's
+    residuals alone would be zero. With fewer than :data:`MIN_OOB_SAMPLES` out-of-bag samples, or
+    none predicted above its measurement, ``log_sigma_`` is :data:`UNCALIBRATED_LOG_SIGMA` and
+    :meth:`lower_bound` stays far below any budget.
 
     Attributes
     ----------
@@ -380,7 +384,7 @@ class LatencyModel(RegressorMixin, BaseEstimator):
     base_columns_, base_scale_, base_coef_ : ndarray
         Positions, column scales and non-negative weights (the last one the intercept) of the base.
     log_sigma_ : float
-        The calibration floor of the spread, in log space.
+        The calibration floor of the spread below a prediction, in log space.
     n_oob_ : int
         How many training samples had an out-of-bag prediction.
     n_features_in_, feature_names_in_
@@ -438,16 +442,16 @@ class LatencyModel(RegressorMixin, BaseEstimator):
             out_of_bag[in_bag] = False
             covered |= out_of_bag
         self.n_oob_ = int(covered.sum())
-        if self.n_oob_ < MIN_OOB_SAMPLES:
-            self.log_sigma_ = UNCALIBRATED_LOG_SIGMA
-        else:
+        self.log_sigma_ = UNCALIBRATED_LOG_SIGMA
+        if self.n_oob_ >= MIN_OOB_SAMPLES:
             # Held out from the base too: with fewer measurements than base columns the base fits
             # them exactly, and the forest's out-of-bag residuals alone would be zero.
             held_out = np.log(self._held_out_base(scaled, y)) + forest.oob_prediction_
             residuals = held_out[covered] - np.log(y[covered])
-            rms = float(np.sqrt(np.mean(residuals**2)))
-            n = self.n_oob_
-            self.log_sigma_ = rms * math.sqrt(n / scipy.stats.chi2.ppf(0.05, n))
+            over = residuals[residuals > 0]  # predicted slower than measured
+            if len(over):
+                rms = float(np.sqrt(np.mean(over**2)))
+                self.log_sigma_ = rms * math.sqrt(len(over) / scipy.stats.chi2.ppf(0.05, len(over)))
         return self
 
     @staticmethod
@@ -480,7 +484,7 @@ class LatencyModel(RegressorMixin, BaseEstimator):
 
     def predict(self, X, return_std=False):
         """Latency in ms (the exp of the mean log prediction); with ``return_std``, also the
-        spread in log space (so ``exp(mu ± k·std)`` are multiplicative bounds)."""
+        spread below it in log space (so ``exp(mu - k·std)`` is a multiplicative lower bound)."""
         mu, sigma = self._log_predict(X)
         if return_std:
             return np.exp(mu), sigma
