@@ -371,11 +371,12 @@ class LatencyModel(RegressorMixin, BaseEstimator):
     (chi-square on their count, so a handful gives a wide floor). Only that side: the lower bound
     is wrong when a plan runs faster than predicted, and interference on a shared machine only
     ever makes a measurement slower, so the slow outliers it leaves among the measurements say
-    nothing about how much faster than predicted a plan can be. The residual is held out from the base as well (:data:`BASE_FOLDS`): with
-    fewer measurements than base columns the base can fit them exactly, and the forest's
-    residuals alone would be zero. With fewer than :data:`MIN_OOB_SAMPLES` out-of-bag samples, or
-    none predicted above its measurement, ``log_sigma_`` is :data:`UNCALIBRATED_LOG_SIGMA` and
-    :meth:`lower_bound` stays far below any budget.
+    nothing about how much faster than predicted a plan can be. The residual is held out from the
+    base as well (:data:`BASE_FOLDS`): with fewer measurements than base columns the base can fit
+    them exactly, and the forest's residuals alone would be zero. With fewer than
+    :data:`MIN_OOB_SAMPLES` out-of-bag samples, or none predicted above its measurement,
+    ``log_sigma_`` is :data:`UNCALIBRATED_LOG_SIGMA` and :meth:`lower_bound` stays far below any
+    budget.
 
     Attributes
     ----------

