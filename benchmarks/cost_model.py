@@ -16,13 +16,16 @@ skipped. ``replay``: the default study with the cost model off, then, trial by t
 gate would have vetoed with each minimum number of measurements and confidence, fitted on the
 measurements before that trial (right: measured over the budget; wrong: within it; unmeasured:
 stopped early by the pruner); once on each trial's latency and once on its fastest session's plain
-median (what the profiler reported before it kept only each session's quiet stretches).
+median (what the profiler reported before it kept only each session's quiet stretches); and how
+often a measured trial fell below its prediction's lower bound at 0.5–2 spreads (the spread's
+calibration: a veto is wrong only where that happens to a plan within the budget).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -267,6 +270,9 @@ def _replay(studies: list[dict], latency: str, budget_key: str, label: str, tota
     settings = [(minimum, confidence, False) for minimum in (5, 10) for confidence in (0.0, 0.5, 1.0, 2.0)]
     settings += [(MIN_MEASUREMENTS, confidence, True) for confidence in (1.0, 2.0)]
     counts = {setting: dict.fromkeys(("vetoed", "right", "wrong", "unmeasured"), 0) for setting in settings}
+    # How many spreads each measurement lay below its prediction: a calibrated normal spread puts 16 %
+    # of them beyond 1, 2.3 % beyond 2.
+    below = {False: [], True: []}
     for i, study in enumerate(studies):
         budget_ms, rows = study[budget_key], study["rows"]
         others = [r for j, other in enumerate(studies) if j != i for r in other["rows"] if r[latency] is not None]
@@ -282,6 +288,9 @@ def _replay(studies: list[dict], latency: str, budget_key: str, label: str, tota
                 model = LatencyModel().fit(_matrix([r["cost_features"] for r in earlier]),
                                            [r[latency] for r in earlier])  # fmt: skip
                 x = _matrix([row["cost_features"]])
+                if measured is not None and len(earlier) >= MIN_MEASUREMENTS:
+                    predicted, spread = model.predict(x, return_std=True)
+                    below[warm].append(math.log(predicted[0] / measured) / spread[0])
                 for minimum, confidence in [(m, c) for m, c, w in settings if w == warm and len(earlier) >= m]:
                     if model.set_params(confidence=confidence).lower_bound(x)[0] > budget_ms:
                         counts[minimum, confidence, warm]["vetoed"] += 1
@@ -294,6 +303,12 @@ def _replay(studies: list[dict], latency: str, budget_key: str, label: str, tota
         print(f"  minimum {minimum:2d}, confidence {confidence}{warmed}: "
               f"{c['vetoed']} of {total} vetoed ({c['vetoed'] / total:.0%}): {c['right']} right, {c['wrong']} wrong, "
               f"{c['unmeasured']} unmeasured")  # fmt: skip
+    for warm, spreads in below.items():
+        spreads = np.array(spreads)
+        print(f"  {'warm-started' if warm else 'cold'}, {len(spreads)} measured trials predicted from at least "
+              f"{MIN_MEASUREMENTS}: measured below the prediction's lower bound at "
+              + ", ".join(f"{k}σ {np.mean(spreads > k):.1%}" for k in (0.5, 1.0, 1.5, 2.0))
+              + f"; at most {spreads.max():.2f} spreads below")  # fmt: skip
 
 
 def _studies_without_cost_model(trials: int, budget: str, seeds: list[int], cache: Path | None) -> list[dict]:
