@@ -303,8 +303,7 @@ def _replay(studies: list[dict], latency: str, budget_key: str, label: str, tota
         print(f"  minimum {minimum:2d}, confidence {confidence}{warmed}: "
               f"{c['vetoed']} of {total} vetoed ({c['vetoed'] / total:.0%}): {c['right']} right, {c['wrong']} wrong, "
               f"{c['unmeasured']} unmeasured")  # fmt: skip
-    for warm, spreads in below.items():
-        spreads = np.array(spreads)
+    for warm, spreads in ((warm, np.array(spreads)) for warm, spreads in below.items() if spreads):
         print(f"  {'warm-started' if warm else 'cold'}, {len(spreads)} measured trials predicted from at least "
               f"{MIN_MEASUREMENTS}: measured below the prediction's lower bound at "
               + ", ".join(f"{k}σ {np.mean(spreads > k):.1%}" for k in (0.5, 1.0, 1.5, 2.0))
