@@ -224,6 +224,21 @@ def test_sigma_shrinks_as_data_arrives():
     assert np.all(model.lower_bound(X_test) < 1e-3 * model.predict(X_test))
 
 
+def test_the_spread_matches_how_far_held_out_measurements_fall_below_the_prediction():
+    # A normal spread puts 16 % of them more than one spread below, 2.3 % more than two. Too
+    # narrow and the gate vetoes plans within the budget; too wide and it skips little. The
+    # single trees' disagreement ⊕ a chi-square upper bound on the floor put 5.0 % and 0 % there.
+    below = []
+    for seed in range(5):
+        X, y = _synthetic(60, seed=seed, noise=0.05)
+        X_test, y_test = _synthetic(200, seed=seed + 100, noise=0.05)
+        predicted, spread = LatencyModel(n_estimators=100).fit(X, y).predict(X_test, return_std=True)
+        below.append(np.log(predicted / y_test) / spread)
+    below = np.concatenate(below)
+    assert 0.08 < np.mean(below > 1) < 0.25
+    assert 0.005 < np.mean(below > 2) < 0.06
+
+
 def test_a_base_that_fits_few_measurements_exactly_is_not_taken_for_certainty():
     # Six measurements, each the only one with work in its own base column: the non-negative base
     # fits them exactly and the forest's out-of-bag residuals are zero. The spread must still say
