@@ -454,7 +454,8 @@ class LatencyModel(RegressorMixin, BaseEstimator):
 
         # How often each measurement was drawn into each tree's bootstrap sample (rows: measurements),
         # as forestci takes it; read from the public sample indices, not re-drawn.
-        self.inbag_ = np.stack([np.bincount(in_bag, minlength=len(y)) for in_bag in forest.estimators_samples_], axis=1)
+        drawn = [np.bincount(in_bag, minlength=len(y)) for in_bag in forest.estimators_samples_]
+        self.inbag_ = np.stack(drawn, axis=1)
         covered = (self.inbag_ == 0).any(axis=1)
         self.n_oob_ = int(covered.sum())
         self.log_sigma_ = UNCALIBRATED_LOG_SIGMA
