@@ -490,10 +490,14 @@ class LatencyModel(RegressorMixin, BaseEstimator):
         base = (self._base_inputs(X) / self.base_scale_) @ self.base_coef_
         return np.maximum(base, 1e-9)
 
-    def _log_predict(self, X) -> tuple[np.ndarray, np.ndarray]:
+    def _log_predict(self, X, with_spread: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """The mean log prediction and, with ``with_spread``, the spread below it (``None`` without:
+        the forest's variance is a second pass over every tree that a plain prediction does not need)."""
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=np.float64)
         mu = self.estimator_.predict(X) + np.log(self._base(X))
+        if not with_spread:
+            return mu, None
         # the forest mean's variance (see the class docstring); Monte Carlo noise can leave the
         # bias-corrected figure below zero
         variance = forestci.random_forest_error(self.estimator_, (len(self.inbag_), self.n_features_in_), X,
@@ -504,7 +508,7 @@ class LatencyModel(RegressorMixin, BaseEstimator):
     def predict(self, X, return_std=False):
         """Latency in ms (the exp of the mean log prediction); with ``return_std``, also the
         spread below it in log space (so ``exp(mu - k·std)`` is a multiplicative lower bound)."""
-        mu, sigma = self._log_predict(X)
+        mu, sigma = self._log_predict(X, with_spread=return_std)
         if return_std:
             return np.exp(mu), sigma
         return np.exp(mu)
