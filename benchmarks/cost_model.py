@@ -13,7 +13,8 @@ and off, same seed and number of trials: work skipped, wall-clock, and the hyper
 measure (vetoed, or stopped by the pruner) is built and measured (no fine-tune) to count the
 vetoes that were wrong and every plan that was over the budget: what a perfect gate could have
 skipped. ``replay``: the default study with the cost model off, then, trial by trial, what the
-gate would have vetoed with each minimum number of measurements and confidence, fitted on the
+gate would have vetoed with each minimum number of measurements and rule (the gate's own, or a
+confidence: the lower bound that many spreads below the prediction over the budget), fitted on the
 measurements before that trial (right: measured over the budget; wrong: within it; unmeasured:
 stopped early by the pruner); once on each trial's latency and once on its fastest session's plain
 median (what the profiler reported before it kept only each session's quiet stretches); and how
@@ -39,8 +40,8 @@ import torch
 import search
 from profilers import get_profiler
 from search._budget import parse_budget
-from search._costgate import MIN_MEASUREMENTS, _matrix
-from search._costmodel import FEATURE_NAMES, FlopsBaseline, LatencyModel, accuracy, plan_features
+from search._costgate import MAX_EXPECTED_HEADROOM, MIN_MEASUREMENTS, CostGate, _matrix
+from search._costmodel import FEATURE_NAMES, FlopsBaseline, LatencyModel, accuracy, expected_headroom, plan_features
 from search._export import export_candidate
 from search._layers import describe_layers
 from search._quant import bake
@@ -50,6 +51,7 @@ from search.tasks import digits
 from targets import load_target
 
 SIZES = (16, 32, 64)
+GATE = "gate"  # in the replay: the search's own veto rule (CostGate.veto_reason)
 
 
 def _resnet18_task() -> search.Task:
@@ -267,8 +269,11 @@ def replay_benchmark(trials: int, budget: str, seeds: list[int], cache: Path | N
 
 def _replay(studies: list[dict], latency: str, budget_key: str, label: str, total: int) -> None:
     """The replay's counts on the rows' ``latency`` against each study's ``budget_key``."""
-    settings = [(minimum, confidence, False) for minimum in (5, 10) for confidence in (0.0, 0.5, 1.0, 2.0)]
-    settings += [(MIN_MEASUREMENTS, confidence, True) for confidence in (1.0, 2.0)]
+    # (minimum, rule, warm-started): a rule is a confidence (vetoed when the lower bound that many
+    # spreads below the prediction is over the budget), or GATE, the search's own rule
+    rules = (0.0, 0.5, 1.0, 2.0, GATE)
+    settings = [(minimum, rule, False) for minimum in (5, 10) for rule in rules]
+    settings += [(MIN_MEASUREMENTS, rule, True) for rule in (1.0, 2.0, GATE)]
     counts = {setting: dict.fromkeys(("vetoed", "right", "wrong", "unmeasured"), 0) for setting in settings}
     # How many spreads each measurement lay below its prediction: a calibrated normal spread puts 16 %
     # of them beyond 1, 2.3 % beyond 2.
@@ -284,23 +289,24 @@ def _replay(studies: list[dict], latency: str, budget_key: str, label: str, tota
                 earlier = others + own if warm else own
                 if len(earlier) < min(minimum for minimum, _, w in settings if w == warm):
                     continue
-                # One fit per trial: the minimum only gates it, the confidence only moves the lower bound.
+                # One fit and prediction per trial: the minimum only gates it, the rule reads it.
                 model = LatencyModel().fit(_matrix([r["cost_features"] for r in earlier]),
                                            [r[latency] for r in earlier])  # fmt: skip
-                x = _matrix([row["cost_features"]])
+                predicted, spread = (float(v[0]) for v in model.predict(_matrix([row["cost_features"]]), True))
                 if measured is not None and len(earlier) >= MIN_MEASUREMENTS:
-                    predicted, spread = model.predict(x, return_std=True)
-                    below[warm].append(math.log(predicted[0] / measured) / spread[0])
-                for minimum, confidence in [(m, c) for m, c, w in settings if w == warm and len(earlier) >= m]:
-                    if model.set_params(confidence=confidence).lower_bound(x)[0] > budget_ms:
-                        counts[minimum, confidence, warm]["vetoed"] += 1
-                        counts[minimum, confidence, warm][verdict] += 1
+                    below[warm].append(math.log(predicted / measured) / spread)
+                for minimum, rule in [(m, r) for m, r, w in settings if w == warm and len(earlier) >= m]:
+                    if _vetoes(rule, model, predicted, spread, budget_ms):
+                        counts[minimum, rule, warm]["vetoed"] += 1
+                        counts[minimum, rule, warm][verdict] += 1
     over = sum(r[latency] is not None and r[latency] > study[budget_key] for study in studies for r in study["rows"])
     budgets = ", ".join(f"{study[budget_key]:.4f}" for study in studies)
     print(f"on the {label}: budgets {budgets} ms; {over} of {total} trials measured over the budget")
-    for (minimum, confidence, warm), c in counts.items():
+    for (minimum, rule, warm), c in counts.items():
         warmed = ", warm start from the other seeds' studies" if warm else ""
-        print(f"  minimum {minimum:2d}, confidence {confidence}{warmed}: "
+        described = f"the gate's rule (expected headroom < {MAX_EXPECTED_HEADROOM:.1%})" if rule == GATE else (
+            f"confidence {rule}")  # fmt: skip
+        print(f"  minimum {minimum:2d}, {described}{warmed}: "
               f"{c['vetoed']} of {total} vetoed ({c['vetoed'] / total:.0%}): {c['right']} right, {c['wrong']} wrong, "
               f"{c['unmeasured']} unmeasured")  # fmt: skip
     for warm, spreads in ((warm, np.array(spreads)) for warm, spreads in below.items() if spreads):
@@ -308,6 +314,16 @@ def _replay(studies: list[dict], latency: str, budget_key: str, label: str, tota
               f"{MIN_MEASUREMENTS}: measured below the prediction's lower bound at "
               + ", ".join(f"{k}σ {np.mean(spreads > k):.1%}" for k in (0.5, 1.0, 1.5, 2.0))
               + f"; at most {spreads.max():.2f} spreads below")  # fmt: skip
+
+
+def _vetoes(rule: float | str, model: LatencyModel, predicted: float, spread: float, budget_ms: float) -> bool:
+    """Whether ``rule`` (a confidence, or :data:`GATE`) vetoes a plan ``model`` predicted so."""
+    low = predicted * math.exp(-(model.confidence if rule == GATE else rule) * spread)
+    if rule != GATE:
+        return low > budget_ms
+    prediction = {"predicted_latency_ms": predicted, "predicted_latency_low_ms": low,
+                  "predicted_headroom": float(expected_headroom(predicted, spread, budget_ms))}  # fmt: skip
+    return CostGate.veto_reason(prediction, budget_ms) is not None
 
 
 def _studies_without_cost_model(trials: int, budget: str, seeds: list[int], cache: Path | None) -> list[dict]:

@@ -8,15 +8,23 @@ and every later study on the same target and task gets the same model without un
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from search._costmodel import FEATURE_NAMES, LatencyModel, accuracy, load_measurements, save_measurements
+from search._costmodel import (
+    FEATURE_NAMES, LatencyModel, accuracy, expected_headroom, load_measurements, save_measurements,
+)  # fmt: skip
 
 MIN_MEASUREMENTS = 5  # below this the model vetoes nothing
+# A plan predicted over the budget is vetoed when its expected headroom under the budget is below
+# this share of it: each veto then loses at most 0.5 % of the front's box, in expectation (see
+# expected_headroom). Chosen by replaying four studies (benchmarks/cost_model.py replay): no veto of
+# a plan measured within the budget, on either latency figure, cold or warm-started.
+MAX_EXPECTED_HEADROOM = 0.005
 
 
 def _measured_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -113,23 +121,41 @@ class CostGate:
         rows, latency, _ = self._measurements(study)
         return self._latency.get(rows, latency)
 
-    def predict(self, study: optuna.Study, features: dict[str, float]) -> dict | None:
+    def predict(self, study: optuna.Study, features: dict[str, float], budget_ms: float | None = None) -> dict | None:
+        """The predicted figures, None below the minimum; with ``budget_ms``, the plan's expected
+        headroom under it too (``predicted_headroom``, a share of the budget)."""
         rows, latency, energy = self._measurements(study)
         model = self._latency.get(rows, latency)
         if model is None:
             return None
         x = _matrix([features])
+        predicted, spread = (float(value[0]) for value in model.predict(x, return_std=True))
         prediction = {
-            "predicted_latency_ms": float(model.predict(x)[0]),
-            "predicted_latency_low_ms": float(model.lower_bound(x)[0]),
+            "predicted_latency_ms": predicted,
+            "predicted_latency_low_ms": predicted * math.exp(-model.confidence * spread),  # its lower_bound
             "predicted_source": f"predicted:cost-model(n={self._latency.fitted_on})",
         }
+        if budget_ms is not None:
+            prediction["predicted_headroom"] = float(expected_headroom(predicted, spread, budget_ms))
         metered = [(row, mj) for row, mj in zip(rows, energy) if mj is not None]
         energy_model = self._energy.get([row for row, _ in metered], [mj for _, mj in metered])
         if energy_model is not None:
             prediction["predicted_energy_mj"] = float(energy_model.predict(x)[0])
             prediction["predicted_source"] += f", energy from {self._energy.fitted_on} sensor measurements"
         return prediction
+
+    @staticmethod
+    def veto_reason(prediction: dict, budget_ms: float | None) -> str | None:
+        """Why the plan is not worth fine-tuning and measuring, or None: predicted over the budget,
+        with an expected headroom under it below :data:`MAX_EXPECTED_HEADROOM`."""
+        predicted, headroom = prediction["predicted_latency_ms"], prediction.get("predicted_headroom")
+        if budget_ms is None or predicted <= budget_ms or headroom is None or headroom >= MAX_EXPECTED_HEADROOM:
+            return None
+        return (
+            f"cost model predicts {predicted:.4g} ms (lower bound {prediction['predicted_latency_low_ms']:.4g} ms), "
+            f"over the {budget_ms:.4g} ms budget; expected headroom under it {headroom:.2%} of the budget, "
+            f"below {MAX_EXPECTED_HEADROOM:.1%}"
+        )
 
     def save(self, study: optuna.Study) -> None:
         rows, latency, energy = measured_rows(study)

@@ -181,24 +181,21 @@ class _Search:
         self.on_stage(trial.number, stage)
 
     def _veto_if_over_budget(self, study: optuna.Study, trial: optuna.Trial, features: dict) -> None:
-        """Skip fine-tuning and measuring a plan the cost model is confident will miss the budget."""
-        prediction = self.gate.predict(study, features)
+        """Skip fine-tuning and measuring a plan the cost model predicts over the budget, with too
+        little expected headroom under it to be worth it (:meth:`CostGate.veto_reason`)."""
+        prediction = self.gate.predict(study, features, self.budget_ms)
         if prediction is None:
             return
         for key, value in prediction.items():
             trial.set_user_attr(key, value)
-        low = prediction["predicted_latency_low_ms"]
-        if self.budget_ms is not None and low > self.budget_ms:
-            reason = (
-                f"cost model predicts {prediction['predicted_latency_ms']:.4g} ms (lower bound {low:.4g} ms), "
-                f"over the {self.budget_ms:.4g} ms budget"
-            )
+        reason = self.gate.veto_reason(prediction, self.budget_ms)
+        if reason is not None:
             trial.set_user_attr("pruned_by", "cost-model")
             trial.set_user_attr("pruned_reason", reason)
             # TPE ranks a pruned trial with no constraint above every infeasible one: while few measured
             # plans fit the budget, it would steer towards the vetoed plans. Made infeasible, the trial
             # is ranked as its measurement would have ranked it (the constraint is labelled predicted).
-            over = max(prediction["predicted_latency_ms"], low) - self.budget_ms
+            over = prediction["predicted_latency_ms"] - self.budget_ms
             trial.set_constraint("predicted_latency_over_budget_ms", over)
             raise optuna.TrialPruned(reason)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import optuna
 import pytest
@@ -11,8 +12,8 @@ import pytest
 import search
 from profilers import OnnxRuntimeCpuProfiler
 from search import Finetune, UsageError, run
-from search._costgate import CostGate, cost_model_report, measured_rows
-from search._costmodel import FEATURE_NAMES
+from search._costgate import MAX_EXPECTED_HEADROOM, CostGate, cost_model_report, measured_rows
+from search._costmodel import FEATURE_NAMES, expected_headroom
 from targets import load_target
 
 QUICK = dict(finetune=Finetune(steps=1), pruner=optuna.pruners.NopPruner())
@@ -172,3 +173,25 @@ def test_a_trial_that_reused_another_is_not_a_second_measurement():
     rows, latency, energy = measured_rows(study)
     assert len(rows) == len(latency) == len(energy) == 2
     assert cost_model_report(study)["measured"] == 2
+
+
+@pytest.mark.parametrize(
+    "predicted, spread, vetoed",
+    [
+        (1.06, 0.04, True),  # tightly predicted 6 % over, though its 2-spread lower bound (0.98) is within
+        (1.06, 0.20, False),  # the same prediction, loosely: it may well leave a fair share unused
+        (0.998, 0.001, False),  # predicted within the budget: never vetoed, however little it would leave
+        (3.00, 0.30, True),
+    ],
+)
+def test_a_veto_needs_a_prediction_over_the_budget_with_little_expected_headroom(predicted, spread, vetoed):
+    prediction = {
+        "predicted_latency_ms": predicted,
+        "predicted_latency_low_ms": predicted * math.exp(-2 * spread),
+        "predicted_headroom": float(expected_headroom(predicted, spread, 1.0)),
+    }
+    reason = CostGate.veto_reason(prediction, budget_ms=1.0)
+    assert (reason is not None) == vetoed
+    if vetoed:
+        assert "over the 1 ms budget" in reason and f"below {MAX_EXPECTED_HEADROOM:.1%}" in reason
+    assert CostGate.veto_reason(prediction, budget_ms=None) is None

@@ -21,6 +21,7 @@ from search._costmodel import (
     FlopsBaseline,
     LatencyModel,
     accuracy,
+    expected_headroom,
     load_measurements,
     plan_features,
     save_measurements,
@@ -266,6 +267,21 @@ def test_slow_outliers_do_not_widen_the_lower_bound_but_fast_ones_do():
         model = LatencyModel(n_estimators=100).fit(X, np.where(spoiled, y * factor, y))
         below[outliers] = float(np.median(model.lower_bound(X_test) / model.predict(X_test)))
     assert below["slow"] > below["fast"] + 0.05
+
+
+def test_expected_headroom_is_the_mean_unused_share_of_the_budget():
+    rng = np.random.default_rng(0)
+    for predicted, spread in ((0.9, 0.1), (1.0, 0.05), (1.1, 0.08), (1.3, 0.3), (5.0, 2.0)):
+        latency = predicted * np.exp(spread * rng.standard_normal(400_000))
+        sampled = np.mean(np.clip(1 - latency / 1.0, 0, None))
+        assert expected_headroom(predicted, spread, 1.0) == pytest.approx(sampled, abs=2e-3, rel=0.02)
+    # known limits: far within the budget, the predicted share; far over, nothing; at the budget,
+    # about spread·φ(0) for a small spread
+    assert expected_headroom(0.5, 0.01, 1.0) == pytest.approx(0.5, rel=1e-3)
+    assert expected_headroom(2.0, 0.01, 1.0) < 1e-12
+    assert expected_headroom(1.0, 0.01, 1.0) == pytest.approx(0.01 / math.sqrt(2 * math.pi), rel=0.02)
+    # the uncalibrated spread leaves a plan predicted over the budget a large expected headroom
+    assert expected_headroom(3.0, UNCALIBRATED_LOG_SIGMA, 1.0) > 0.1
 
 
 def test_latency_model_validates():
