@@ -82,7 +82,8 @@ class _Refitted:
 @dataclasses.dataclass
 class CostGate:
     """Predicts a candidate's latency (and energy, once a sensor measured enough of it) before it is
-    fine-tuned; vetoes it when its latency is confidently over budget.
+    fine-tuned; vetoes it when its latency is predicted over budget with too little expected
+    headroom under it to be worth measuring (:meth:`veto_reason`).
 
     ``folder`` holds one measurements file per study; the other studies' files warm-start this one.
     """

@@ -482,7 +482,8 @@ def run(
     Re-running with the same study resumes it. Returns the Optuna study; :func:`search.load_trials`
     gives its DataFrame. User errors raise :class:`~search.UsageError` before any work starts.
     ``profiler`` defaults to the target's own (:func:`profilers.get_profiler`). ``cost_model``: predict
-    each plan's latency before fine-tuning it and skip plans confidently over the budget.
+    each plan's latency before fine-tuning it and skip plans predicted over the budget and not worth
+    measuring (:meth:`CostGate.veto_reason`).
     ``workers``: this process plus ``workers - 1`` ``search worker`` processes on this machine share
     the study (the task must come from :func:`search.load_task`, so that they can load it too);
     other machines join with :func:`work` on the same ``storage``.

@@ -133,7 +133,8 @@ def run_command(
     ] = None,
     prune_trials: Annotated[bool, typer.Option("--pruner/--no-pruner", help="Stop weak fine-tunes early.")] = True,
     cost_model: Annotated[
-        Switch, typer.Option(help="Skip plans the learned cost model is confident would miss the budget.")
+        Switch,
+        typer.Option(help="Skip plans the learned cost model predicts over the budget and not worth measuring."),
     ] = Switch.on,
     storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL (default: SQLite in results/).")] = None,
     study_name: Annotated[Optional[str], typer.Option(help="Default: <task>-<target>.")] = None,

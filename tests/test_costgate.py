@@ -70,6 +70,7 @@ def test_a_plan_far_over_budget_is_vetoed_before_fine_tuning(earlier, tiny_task,
     assert list(frame["state"]) == ["PRUNED"] * 3
     assert list(frame["pruned_by"]) == ["cost-model"] * 3
     assert (frame["predicted_latency_low_ms"] > 0.0001).all()
+    assert (frame["predicted_headroom"] < MAX_EXPECTED_HEADROOM).all()
     assert frame["pruned_reason"].str.contains("over the 0.0001 ms budget").all()
     assert frame["artifacts"].isna().all() and frame["latency_ms"].isna().all()  # nothing exported or measured
     assert not (results / "vetoed" / "trials").exists()
@@ -94,6 +95,7 @@ def test_a_plan_within_budget_is_predicted_and_run(earlier, tiny_task, fast_prof
     frame = _trials(study)
     assert list(frame["state"]) == ["COMPLETE"] * 2
     assert (frame["predicted_latency_ms"] > 0).all() and frame["pruned_by"].isna().all()
+    assert (frame["predicted_headroom"] > 0.9).all()  # microseconds against a second
     report = cost_model_report(study)
     assert report["predicted_online"] == 2 and 0 <= report["online"]["within_20pct"] <= 1
 
