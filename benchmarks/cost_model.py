@@ -40,8 +40,8 @@ import torch
 import search
 from profilers import get_profiler
 from search._budget import parse_budget
-from search._costgate import MAX_EXPECTED_HEADROOM, MIN_MEASUREMENTS, CostGate, _matrix
-from search._costmodel import FEATURE_NAMES, FlopsBaseline, LatencyModel, accuracy, expected_headroom, plan_features
+from search._costgate import MAX_EXPECTED_HEADROOM, MIN_MEASUREMENTS, CostGate, _matrix, latency_figures
+from search._costmodel import FEATURE_NAMES, FlopsBaseline, LatencyModel, accuracy, plan_features
 from search._export import export_candidate
 from search._layers import describe_layers
 from search._quant import bake
@@ -318,12 +318,9 @@ def _replay(studies: list[dict], latency: str, budget_key: str, label: str, tota
 
 def _vetoes(rule: float | str, model: LatencyModel, predicted: float, spread: float, budget_ms: float) -> bool:
     """Whether ``rule`` (a confidence, or :data:`GATE`) vetoes a plan ``model`` predicted so."""
-    low = predicted * math.exp(-(model.confidence if rule == GATE else rule) * spread)
-    if rule != GATE:
-        return low > budget_ms
-    prediction = {"predicted_latency_ms": predicted, "predicted_latency_low_ms": low,
-                  "predicted_headroom": float(expected_headroom(predicted, spread, budget_ms))}  # fmt: skip
-    return CostGate.veto_reason(prediction, budget_ms) is not None
+    if rule == GATE:
+        return CostGate.veto_reason(latency_figures(model, predicted, spread, budget_ms), budget_ms) is not None
+    return predicted * math.exp(-rule * spread) > budget_ms
 
 
 def _studies_without_cost_model(trials: int, budget: str, seeds: list[int], cache: Path | None) -> list[dict]:

@@ -79,6 +79,19 @@ class _Refitted:
         return self.model
 
 
+def latency_figures(model: LatencyModel, predicted: float, spread: float, budget_ms: float | None) -> dict:
+    """What the gate records and decides on, from one prediction and its spread: the prediction,
+    ``model``'s lower bound (without a second pass over the trees) and, with a budget, the expected
+    headroom under it."""
+    figures = {
+        "predicted_latency_ms": predicted,
+        "predicted_latency_low_ms": predicted * math.exp(-model.confidence * spread),  # model.lower_bound
+    }
+    if budget_ms is not None:
+        figures["predicted_headroom"] = float(expected_headroom(predicted, spread, budget_ms))
+    return figures
+
+
 @dataclasses.dataclass
 class CostGate:
     """Predicts a candidate's latency (and energy, once a sensor measured enough of it) before it is
@@ -131,13 +144,8 @@ class CostGate:
             return None
         x = _matrix([features])
         predicted, spread = (float(value[0]) for value in model.predict(x, return_std=True))
-        prediction = {
-            "predicted_latency_ms": predicted,
-            "predicted_latency_low_ms": predicted * math.exp(-model.confidence * spread),  # its lower_bound
-            "predicted_source": f"predicted:cost-model(n={self._latency.fitted_on})",
-        }
-        if budget_ms is not None:
-            prediction["predicted_headroom"] = float(expected_headroom(predicted, spread, budget_ms))
+        prediction = latency_figures(model, predicted, spread, budget_ms)
+        prediction["predicted_source"] = f"predicted:cost-model(n={self._latency.fitted_on})"
         metered = [(row, mj) for row, mj in zip(rows, energy) if mj is not None]
         energy_model = self._energy.get([row for row, _ in metered], [mj for _, mj in metered])
         if energy_model is not None:
