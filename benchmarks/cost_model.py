@@ -38,15 +38,23 @@ import optuna
 import torch
 
 import search
-from profilers import get_profiler
-from search._budget import parse_budget
-from search._costgate import MAX_EXPECTED_HEADROOM, MIN_MEASUREMENTS, CostGate, _matrix, latency_figures
-from search._costmodel import FEATURE_NAMES, FlopsBaseline, LatencyModel, accuracy, plan_features
-from search._export import export_candidate
-from search._layers import describe_layers
-from search._quant import bake
-from search._space import SearchSpace, suggest_plan
-from search._transforms import apply_plan
+from profilers import cpu_info, get_profiler
+from search.artifacts import export_candidate
+from search.compress import apply_plan, bake
+from search.costmodel import (
+    FEATURE_NAMES,
+    MAX_EXPECTED_HEADROOM,
+    MIN_MEASUREMENTS,
+    CostGate,
+    FlopsBaseline,
+    LatencyModel,
+    accuracy,
+    feature_matrix,
+    latency_figures,
+    plan_features,
+)
+from search.model import describe_layers
+from search.plan import SearchSpace, parse_budget, suggest_plan
 from search.tasks import digits
 from targets import load_target
 
@@ -290,9 +298,9 @@ def _replay(studies: list[dict], latency: str, budget_key: str, label: str, tota
                 if len(earlier) < min(minimum for minimum, _, w in settings if w == warm):
                     continue
                 # One fit and prediction per trial: the minimum only gates it, the rule reads it.
-                model = LatencyModel().fit(_matrix([r["cost_features"] for r in earlier]),
+                model = LatencyModel().fit(feature_matrix([r["cost_features"] for r in earlier]),
                                            [r[latency] for r in earlier])  # fmt: skip
-                predicted, spread = (float(v[0]) for v in model.predict(_matrix([row["cost_features"]]), True))
+                predicted, spread = (float(v[0]) for v in model.predict(feature_matrix([row["cost_features"]]), True))
                 if measured is not None and len(earlier) >= MIN_MEASUREMENTS:
                     below[warm].append(math.log(predicted / measured) / spread)
                 for minimum, rule in [(m, r) for m, r, w in settings if w == warm and len(earlier) >= m]:
@@ -376,8 +384,6 @@ def main() -> None:
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore")
-    from profilers._cpuinfo import cpu_info
-
     info = cpu_info()
     print(f"machine: {info['cpu']}, ISA {', '.join(info['isa'])}; ORT threads: {load_target('cpu').threads}")
     if args.command == "accuracy":

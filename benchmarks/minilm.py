@@ -28,9 +28,8 @@ from pathlib import Path
 import optuna
 
 import search
-from profilers._cpuinfo import cpu_info
-from search._layers import compressible_layers
-from search._transformer import describe_blocks
+from profilers import cpu_info
+from search.model import compressible_layers, describe_blocks
 
 SPACE = search.SearchSpace(sparsity=(0.0,), two_four=False, bits=(32, 8, 4), edge_min_bits=4)
 

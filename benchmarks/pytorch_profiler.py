@@ -59,7 +59,7 @@ def _candidate(model: nn.Module, plan, example) -> nn.Module:
     """The model with the plan applied and baked, as the search hands a candidate to the profiler
     (2:4 layers pruned 2:4 by magnitude, int8 weights on the int8 grid)."""
     from search import apply_plan
-    from search._quant import bake
+    from search.compress import bake
 
     return bake(apply_plan(model, plan, example))
 
@@ -71,6 +71,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from profilers import PyTorchProfiler, get_profiler
+    from search.artifacts import measure_candidate
     from targets import load_target
 
     profiler = get_profiler(load_target(args.target))
@@ -81,7 +82,7 @@ def main() -> None:
     for model_name, (model, example) in _models().items():
         baseline = None
         for plan_name, plan in _plans(model).items():
-            m = profiler.measure_candidate(unused, _candidate(model, plan, example), example, plan)
+            m = measure_candidate(profiler, unused, _candidate(model, plan, example), example, plan)
             if baseline is None:
                 baseline = m.latency_ms
                 device = {k: v for k, v in m.device.items() if k not in ("layer_precision", "notes")}

@@ -33,10 +33,9 @@ def _export(folder: Path) -> dict[str, Path]:
     import torch
 
     from search import LayerPlan, Plan, Quantization
-    from search._export import export_candidate, export_float
-    from search._layers import compressible_layers
-    from search._quant import bake
-    from search._transforms import apply_plan
+    from search.artifacts import export_candidate, export_float
+    from search.compress import apply_plan, bake
+    from search.model import compressible_layers
     from search.tasks import digits
 
     task = digits()

@@ -24,9 +24,9 @@ import optuna
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import search  # noqa: E402
-from profilers._cpuinfo import cpu_info  # noqa: E402
 from postgres import postgres_server  # noqa: E402
-from search._workers import finished_count  # noqa: E402
+from profilers import cpu_info  # noqa: E402
+from search.study import finished_count  # noqa: E402
 
 
 def _one(url: str, workers: int, trials: int, steps: int, results: Path) -> dict:

@@ -1,112 +1,55 @@
-"""Profilers measure a model's latency and energy on a target: one module per runtime,
+"""Profilers measure a built model's latency and energy on a target: one module per runtime,
 picked by :func:`get_profiler` from the target's ``runtime``, or a :class:`RemoteProfiler`
 reaching the target's own through its profiler service (:func:`serve`).
 
-Importing this package imports neither TensorRT nor CUDA, nor PyTorch: :func:`get_profiler`
-does, and only for a target measured by them (:class:`PyTorchProfiler` loads on first use)."""
+This package imports ``targets`` and nothing of ``search``: the search hands it what it built, an
+ONNX file or a :class:`ModuleArtifact`. Importing it imports neither TensorRT nor CUDA, nor
+PyTorch: :func:`get_profiler` does, and only for a target measured by them
+(:class:`PyTorchProfiler` loads on first use, with torch).
+"""
 
-import os
-from collections.abc import Callable
-
-from profilers._base import Measurement, Profiler, random_inputs
-from profilers._energy import RaplReader
+from profilers._base import TIMING_KNOBS, Measurement, ModuleArtifact, Profiler, random_inputs
+from profilers._cpuinfo import cpu_info
+from profilers._errors import MeasurementError, ProfilerError, ProfilerUsageError, TargetUnavailableError
+from profilers._factory import get_profiler
 from profilers._onnxruntime_cpu import OnnxRuntimeCpuProfiler
 from profilers._remote import RemoteProfiler
-from profilers._service import DEFAULT_PORT, create_app, serve
-from profilers._tensorrt import TensorRTProfiler, default_timing, tensorrt_unavailable_reason
-from search._errors import TargetUnavailableError
-from targets import Target, list_targets
+from profilers._service import create_app, serve
+from profilers._wire import DEFAULT_PORT, TOKEN_ENV
+from profilers.energy import RaplReader
+from profilers.tensorrt import TensorRTProfiler, default_timing, tensorrt_unavailable_reason
 
 __all__ = [
     "DEFAULT_PORT",
     "Measurement",
+    "MeasurementError",
+    "ModuleArtifact",
     "OnnxRuntimeCpuProfiler",
     "Profiler",
+    "ProfilerError",
+    "ProfilerUsageError",
     "PyTorchProfiler",
     "RaplReader",
     "RemoteProfiler",
+    "TIMING_KNOBS",
     "TOKEN_ENV",
+    "TargetUnavailableError",
     "TensorRTProfiler",
+    "cpu_info",
     "create_app",
+    "default_timing",
     "get_profiler",
     "random_inputs",
     "serve",
+    "tensorrt_unavailable_reason",
 ]
-
-TOKEN_ENV = "SEARCH_PROFILER_TOKEN"
 
 
 def __getattr__(name: str) -> object:
+    """:class:`PyTorchProfiler` on first use: its module imports torch, which this package
+    otherwise never needs."""
     if name == "PyTorchProfiler":
         from profilers._pytorch import PyTorchProfiler
 
         return PyTorchProfiler
     raise AttributeError(f"module 'profilers' has no attribute {name!r}")
-
-
-def _pytorch(runtime: str) -> Callable[..., Profiler]:
-    def make(target: Target, **timing: float) -> Profiler:
-        from profilers._pytorch import PyTorchProfiler
-
-        return PyTorchProfiler(target, runtime=runtime, **timing)
-
-    return make
-
-
-_LOCAL_PROFILERS: dict[str, Callable[..., Profiler]] = {
-    "onnxruntime-cpu": OnnxRuntimeCpuProfiler,
-    "pytorch-cpu": _pytorch("pytorch-cpu"),
-    "pytorch-cuda": _pytorch("pytorch-cuda"),
-}
-
-
-def get_profiler(
-    target: Target, *, service: str | None = None, token: str | None = None, **timing: float
-) -> Profiler:
-    """The profiler for ``target.runtime``, given the :class:`Profiler` ``timing`` knobs.
-
-    With a ``service`` address (``host:port``), or a target file that names one, a
-    :class:`RemoteProfiler` measuring through that profiler service, with ``token`` or else
-    the ``SEARCH_PROFILER_TOKEN`` environment variable.
-
-    A TensorRT target (``gpu``, ``jetson*``) is measured here by a :class:`TensorRTProfiler`
-    when ``tensorrt`` and ``cuda-python`` import and CUDA sees a GPU, else by its
-    ``fallback_runtime`` where it names one (``gpu``: a :class:`PyTorchProfiler` on PyTorch CUDA);
-    its timing knobs default to :func:`~profilers._tensorrt.default_timing`'s, remotely too.
-
-    Raises :class:`~search._errors.TargetUnavailableError` for a target this machine cannot
-    measure itself (a TensorRT one without TensorRT or a GPU, and without a fallback that runs
-    here) and for a service without a token.
-    """
-    if target.runtime == "tensorrt":
-        timing = default_timing(target, **timing)
-    address = service or target.service
-    if address is not None:
-        token = token or os.environ.get(TOKEN_ENV)
-        if not token:
-            raise TargetUnavailableError(
-                f"target '{target.name}' is measured by the profiler service at {address}, which "
-                f"needs its token: pass --token or set {TOKEN_ENV}"
-            )
-        return RemoteProfiler(target, address, token, **timing)
-    reasons = []
-    if target.runtime == "tensorrt":
-        reason = tensorrt_unavailable_reason()  # imports tensorrt, asks CUDA for its GPUs
-        if reason is None:
-            return TensorRTProfiler(target, **timing)
-        reasons.append(reason)
-    for runtime in (target.runtime, target.fallback_runtime):
-        if runtime in _LOCAL_PROFILERS:
-            try:
-                return _LOCAL_PROFILERS[runtime](target, **timing)
-            except TargetUnavailableError as exc:  # PyTorch without CUDA
-                reasons.append(str(exc))
-    why = f" ({'; '.join(reasons)})" if reasons else ""
-    local = ", ".join(t.name for t in list_targets() if t.runtime in _LOCAL_PROFILERS and t.service is None)
-    fallback = f" or {target.fallback_runtime}" if target.fallback_runtime else ""
-    raise TargetUnavailableError(
-        f"target '{target.name}' is measured with TensorRT{fallback} on the device itself; this "
-        f"machine cannot reach one{why}. Run on the device with `pip install '.[tensorrt]'`, or "
-        f"run `search serve --target {target.name} --port N --token T` on the device and pass "
-        f"`--profiler host:port` (and the same `--token`) here. Known local targets: {local}"
-    )

@@ -16,14 +16,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
+from profilers._errors import ProfilerUsageError
 from targets import Target
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from profilers._energy import EnergyReader, EnergyWindow
-    from search._io import Inputs
-    from search._plan import Plan
+    from profilers.energy import EnergyReader, EnergyWindow
 
 
 @dataclass(frozen=True)
@@ -77,6 +76,27 @@ class Measurement:
         return summary
 
 
+@dataclass(frozen=True)
+class ModuleArtifact:
+    """What a profiler that runs PyTorch modules (:attr:`Profiler.measures_onnx` False) measures: a
+    module made ready by the search for the target, on the profiler's device, in the precision
+    the target runs, its layers on the kernels the target accelerates, called as
+    ``module(*args, **kwargs)``.
+
+    ``precision`` says what it computes in (``"int8+fp16"``); ``libraries`` names the kernel
+    libraries its layers run on beside PyTorch (``"torchao 0.10"``); ``details`` (its dtype,
+    each layer's precision, why a layer does not run as planned) goes into the measurement's
+    ``device`` record.
+    """
+
+    module: nn.Module
+    args: tuple = ()
+    kwargs: Mapping[str, object] = field(default_factory=dict)
+    precision: str = "fp32"
+    libraries: tuple[str, ...] = ()
+    details: Mapping[str, object] = field(default_factory=dict, hash=False)
+
+
 def _frozen(mapping: Mapping[str, object]) -> Mapping[str, object]:
     """A read-only copy of ``mapping`` whose list values are tuples (JSON gives lists back)."""
     return MappingProxyType(
@@ -89,6 +109,19 @@ def _plain(mapping: Mapping[str, object]) -> dict[str, object]:
     return {
         key: list(value) if isinstance(value, tuple) else value for key, value in mapping.items()
     }
+
+
+# The timing knobs of every profiler (its constructor's keywords), with their types: recorded with
+# a study, and sent with each request to a profiler service.
+TIMING_KNOBS = {
+    "warmup_runs": int,
+    "warmup_s": float,
+    "min_runs": int,
+    "min_time_s": float,
+    "max_time_s": float,
+    "tolerance": float,
+    "sessions": int,
+}
 
 
 class Profiler(abc.ABC):
@@ -109,7 +142,7 @@ class Profiler(abc.ABC):
     Every session's plain median is kept in the measurement.
     """
 
-    measures_onnx = True  # False: it measures the candidate's PyTorch module (measure_candidate)
+    measures_onnx = True  # False: it measures PyTorch modules (measure_module)
 
     def __init__(
         self,
@@ -144,22 +177,24 @@ class Profiler(abc.ABC):
         self.tolerance = tolerance
         self.sessions = sessions
 
+    def timing(self) -> dict[str, float]:
+        """This profiler's :data:`TIMING_KNOBS`, as its constructor takes them."""
+        return {key: getattr(self, key) for key in TIMING_KNOBS}
+
     @abc.abstractmethod
     def measure(
         self, onnx_path: str | Path, inputs: Mapping[str, np.ndarray] | None = None
     ) -> Measurement:
         """Measure the model in ``onnx_path`` on random inputs (see :func:`random_inputs`)
-        unless ``inputs`` are given. Raises :class:`~search._errors.CandidateError` when the
+        unless ``inputs`` are given. Raises :class:`~profilers.MeasurementError` when the
         model cannot be built or run."""
 
-    def measure_candidate(
-        self, onnx_path: str | Path, model: nn.Module, example_input: Inputs, plan: Plan | None = None
-    ) -> Measurement:
-        """Measure a candidate of a study: here its exported ONNX file, ``onnx_path``. A runtime
-        that runs PyTorch modules instead (:attr:`measures_onnx` False) measures ``model`` on
-        ``example_input``, with ``plan`` (in the model's own module names) saying which layers
-        are int8 or 2:4."""
-        return self.measure(onnx_path)
+    def measure_module(self, artifact: ModuleArtifact) -> Measurement:
+        """Measure a PyTorch module made ready for the target: only a runtime that runs modules
+        (:attr:`measures_onnx` False) can."""
+        raise ProfilerUsageError(
+            f"{self.runtime} measures ONNX files, not PyTorch modules: export the model and call measure"
+        )
 
     def _warm_up(self, run: Callable[[], object]) -> None:
         """Run until both ``warmup_runs`` runs and ``warmup_s`` seconds are done, or

@@ -15,8 +15,8 @@ import onnxruntime as ort
 
 from profilers._base import Measurement, Profiler, random_inputs
 from profilers._cpuinfo import cpu_info
-from profilers._energy import EnergyReader, energy_reader
-from search._errors import CandidateError
+from profilers._errors import MeasurementError
+from profilers.energy import EnergyReader, energy_reader
 from targets import Target
 
 # Kernels that compute on integers, as named in ORT's optimized graph (fused QDQ groups).
@@ -54,7 +54,7 @@ class OnnxRuntimeCpuProfiler(Profiler):
         try:
             first.run(None, feeds)
         except Exception as exc:
-            raise CandidateError(f"{path}: ONNX Runtime failed to run the model: {exc}") from exc
+            raise MeasurementError(f"{path}: ONNX Runtime failed to run the model: {exc}") from exc
 
         @contextlib.contextmanager
         def fresh_session(index: int):
@@ -101,7 +101,7 @@ class OnnxRuntimeCpuProfiler(Profiler):
                     disabled_optimizers=["WeightBiasQuantization"],
                 )
             except Exception as exc:
-                raise CandidateError(
+                raise MeasurementError(
                     f"{path}: ONNX Runtime cannot build a CPU session: {exc}"
                 ) from exc
             if not inspect:

@@ -10,8 +10,8 @@ import httpx
 import numpy as np
 
 from profilers._base import Measurement, Profiler
-from profilers._service import DEFAULT_PORT, TIMING_KNOBS
-from search._errors import CandidateError, TargetUnavailableError, UsageError
+from profilers._errors import MeasurementError, ProfilerUsageError, TargetUnavailableError
+from profilers._wire import DEFAULT_PORT, TOKEN_ENV
 from targets import Target
 
 # Waiting for a connection is short whatever the timeout: an address that does not answer in
@@ -45,12 +45,12 @@ class RemoteProfiler(Profiler):
         super().__init__(target, **timing)
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise UsageError(
+            raise ProfilerUsageError(
                 f"profiler service address {address!r}: expected host:port, such as "
                 f"192.168.1.20:{DEFAULT_PORT}"
             )
         if not token:
-            raise UsageError("the profiler service needs a token (--token or SEARCH_PROFILER_TOKEN)")
+            raise ProfilerUsageError(f"the profiler service needs a token (--token or {TOKEN_ENV})")
         self.address = address
         self.token = token  # handed on to local worker processes (search run --workers)
         self.timeout_s = timeout_s
@@ -68,14 +68,14 @@ class RemoteProfiler(Profiler):
         try:
             data = path.read_bytes()
         except OSError as exc:
-            raise CandidateError(f"{path}: cannot read the model: {exc.strerror or exc}") from exc
-        params = {"name": path.name, **{key: getattr(self, key) for key in TIMING_KNOBS}}
+            raise MeasurementError(f"{path}: cannot read the model: {exc.strerror or exc}") from exc
+        params = {"name": path.name, **self.timing()}
         response = self._request(
             "POST", "/measure", content=data, params=params,
             headers={"Content-Type": "application/octet-stream"},
         )  # fmt: skip
         if response.status_code in (400, 413, 422, 500):
-            raise CandidateError(
+            raise MeasurementError(
                 f"{path}: the profiler service at {self.address} could not measure it "
                 f"({response.status_code}): {_detail(response)}"
             )
@@ -94,7 +94,7 @@ class RemoteProfiler(Profiler):
 
     def check(self) -> dict[str, object]:
         """The service's ``/health`` answer, once the address, token and target are checked.
-        Raises :class:`~search._errors.TargetUnavailableError` otherwise."""
+        Raises :class:`~profilers.TargetUnavailableError` otherwise."""
         answer = self._json(self._request("GET", "/health"))
         self._check_target(answer.get("target"))
         return answer

@@ -4,7 +4,7 @@ with the device's own profiler, for a :class:`~profilers._remote.RemoteProfiler`
 ``POST /measure`` takes the ONNX file as a raw ``application/octet-stream`` body (any other
 Content-Type, a form or JSON, gets 415) and answers the :meth:`~profilers.Measurement.to_dict`
 summary plus ``host`` and ``profiler`` (the target name). Query parameters, all optional: ``name``
-(the client's file name, used in error messages) and the :data:`TIMING_KNOBS` as finite numbers,
+(the client's file name, used in error messages) and the :data:`~profilers.TIMING_KNOBS` as finite numbers,
 which override the service's own for that request.
 ``GET /health`` answers the target, its runtime and the versions. Every request needs
 ``Authorization: Bearer <token>``. One measurement runs at a time, so concurrent clients never
@@ -29,25 +29,14 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from profilers._base import Profiler
-from search._errors import CandidateError, UsageError
+from profilers._base import TIMING_KNOBS, Profiler
+from profilers._errors import MeasurementError, ProfilerUsageError
+from profilers._factory import get_profiler
+from profilers._wire import DEFAULT_PORT
 from targets import Target
 
-__all__ = ["DEFAULT_PORT", "TIMING_KNOBS", "create_app", "serve"]
-
-DEFAULT_PORT = 8765
 MAX_BYTES = 256 * 2**20
 _BODY_TYPE = "application/octet-stream"
-# The Profiler timing knobs a client may set per request, with their types.
-TIMING_KNOBS = {
-    "warmup_runs": int,
-    "warmup_s": float,
-    "min_runs": int,
-    "min_time_s": float,
-    "max_time_s": float,
-    "tolerance": float,
-    "sessions": int,
-}
 # The Python distribution of each runtime, for /health.
 _RUNTIME_PACKAGES = {"onnxruntime-cpu": "onnxruntime", "tensorrt": "tensorrt"}
 
@@ -58,9 +47,9 @@ def create_app(profiler: Profiler, token: str, max_bytes: int = MAX_BYTES) -> Fa
     """The service measuring with ``profiler``, for clients that send ``token``, taking models of
     at most ``max_bytes`` bytes."""
     if not token:
-        raise UsageError("the profiler service needs a non-empty token")
+        raise ProfilerUsageError("the profiler service needs a non-empty token")
     if not profiler.measures_onnx:
-        raise UsageError(
+        raise ProfilerUsageError(
             f"target '{profiler.target.name}' is measured here by {profiler.runtime}, which runs "
             "PyTorch modules, not the ONNX files clients upload: install TensorRT on this machine to serve it"
         )
@@ -162,7 +151,7 @@ def _measure(
         _check_onnx(data, path, name)
         if knobs:
             # A copy with the client's timing knobs, checked by the base class's own rule.
-            current = {key: getattr(profiler, key) for key in TIMING_KNOBS}
+            current = profiler.timing()
             profiler = copy.copy(profiler)
             try:
                 Profiler.__init__(profiler, profiler.target, **{**current, **knobs})
@@ -170,7 +159,7 @@ def _measure(
                 raise HTTPException(400, str(exc)) from None
         try:
             return profiler.measure(path).to_dict()
-        except CandidateError as exc:
+        except MeasurementError as exc:
             raise HTTPException(422, str(exc).replace(str(path), name)) from None
         except Exception as exc:
             logger.exception("the profiler failed on %s", name)
@@ -224,12 +213,10 @@ def serve(
 
     Listens on ``host`` (127.0.0.1 unless told otherwise: pass the device's address, or
     0.0.0.0, to let another machine in). ``timing`` sets the Profiler knobs used when a request
-    sends none. Raises :class:`~search._errors.UsageError` for an empty token.
+    sends none. Raises :class:`~profilers.ProfilerUsageError` for an empty token.
     """
-    from profilers import get_profiler
-
     if not token:
-        raise UsageError(
+        raise ProfilerUsageError(
             "the profiler service needs a token: pass --token or set SEARCH_PROFILER_TOKEN "
             "(clients send the same one)"
         )

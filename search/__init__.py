@@ -1,38 +1,45 @@
 """Hardware-aware compression search: an Optuna study over combined pruning, sparsity,
 quantization and distillation plans, each candidate built, fine-tuned and measured on the target.
 
-Public names load on first use (PEP 562): ``targets`` and ``profilers`` import ``search._errors``,
-and ``search.run`` imports them, so an eager ``__init__`` would be a circular import.
+The concerns live in subpackages, each importing only those below it::
+
+    cli           the command line, over this API
+    study         RunSpec, run/work, one trial's objective, workers, baseline, results, export
+    costmodel     features, the latency model, its measurements, the gate
+    tasks         Task, load_task, the built-in tasks and their data
+    artifacts     ONNX export and scoring, PyTorch modules for the runtime, measuring them
+    compress      transforms, quantizers, distillation, size, Transformer pruning
+    plan          Plan, SearchSpace, Budget
+    model         calling a task's model, its layers and Transformer blocks
+
+Below them all, ``profilers`` (measuring a built model) and ``targets`` (device data).
+
+The public names below load on first use (PEP 562), so that ``import search`` stays light: it
+imports neither torch nor any runtime until a name that needs one is used.
 """
 
 import importlib
 
-from search._errors import (
-    CandidateError,
-    SearchError,
-    TargetFileError,
-    TargetUnavailableError,
-    UnknownTargetError,
-    UsageError,
-)
+from profilers import MeasurementError, TargetUnavailableError
+from search._errors import CandidateError, SearchError, UsageError
+from targets import TargetFileError, UnknownTargetError
 
 _LAZY = {
-    "search._budget": ("Budget", "parse_budget"),
-    "search._deploy": ("export",),
-    "search._distill": ("Finetune",),
-    "search._plan": ("ChannelPruning", "Depth", "HeadPruning", "LayerPlan", "Plan", "Quantization", "WeightSparsity"),
-    "search._results": ("load_trials", "open_study"),
-    "search._space": ("SearchSpace",),
-    "search._study": ("run",),
-    "search._task": ("Task", "load_task", "top1_accuracy"),
-    "search._transforms": ("apply_plan", "build_structure"),
-}
+    "search.compress": ("Finetune", "apply_plan", "build_structure"),
+    "search.plan": (
+        "Budget", "ChannelPruning", "Depth", "HeadPruning", "LayerPlan", "Plan", "Quantization", "SearchSpace",
+        "WeightSparsity", "parse_budget",
+    ),
+    "search.study": ("RunSpec", "export", "load_trials", "open_study", "run", "work"),
+    "search.tasks": ("Task", "load_task", "top1_accuracy"),
+}  # fmt: skip
 _HOME = {name: module for module, names in _LAZY.items() for name in names}
 
 __all__ = sorted(
     [
         *_HOME,
         "CandidateError",
+        "MeasurementError",
         "SearchError",
         "TargetFileError",
         "TargetUnavailableError",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import dataclasses
 import json
 import os
 import time
@@ -21,21 +20,37 @@ from rich.text import Text
 import profilers
 import targets
 from profilers import serve
-from search._budget import parse_budget
-from search._costgate import cost_model_report
-from search._deploy import export
-from search._distill import Finetune
 from search._errors import SearchError, UsageError
-from search._results import load_trials, open_study, pareto_front, plot_front
-from search._space import SearchSpace
-from search._study import OBJECTIVES, SAMPLERS, STAGES, _check_objectives, _sampler, run, work
-from search._workers import FINISHED, WORKER_ATTR, finished_count
-from search._task import DEFAULT_TASK, load_task
+from search._record import Key, StudyKey
+from search.compress import Finetune
+from search.costmodel import cost_model_report
+from search.plan import SearchSpace
+from search.study import (
+    FINISHED,
+    OBJECTIVES,
+    SAMPLERS,
+    STAGES,
+    RunSpec,
+    export,
+    finished_count,
+    load_trials,
+    open_study,
+    pareto_front,
+    plot_front,
+    run,
+    spec_of,
+    work,
+)
+from search.tasks import DEFAULT_TASK, load_task
+
 
 class Switch(str, enum.Enum):
     on = "on"
     off = "off"
 
+
+# What the packages raise on purpose: each becomes one line on stderr and exit status 1.
+ERRORS = (SearchError, targets.TargetError, profilers.ProfilerError)
 
 app = typer.Typer(help="Hardware-aware compression search for PyTorch models.", no_args_is_help=True)
 console = Console()
@@ -52,7 +67,7 @@ def _user_errors():
     """The one place a library error becomes one line on stderr and exit status 1."""
     try:
         yield
-    except SearchError as exc:
+    except ERRORS as exc:
         if _debug["on"]:
             raise
         # soft_wrap: one line whatever the terminal's width, so it greps and pipes whole
@@ -69,14 +84,6 @@ def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
         return tuple(float(v) for v in text.split(","))
     except ValueError:
         raise UsageError(f"{flag} {text!r}: expected comma-separated numbers such as 1.0,0.75") from None
-
-
-def _finetune(base: Finetune, flags: dict) -> Finetune:
-    """The task's fine-tune (or the default one) with the flags given on the command line."""
-    try:
-        return dataclasses.replace(base, **flags)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
 
 
 def _space(path: Path | None, **flags) -> SearchSpace:
@@ -153,38 +160,32 @@ def run_command(
         target_spec = targets.load_target(target)
         # An unreachable target fails before any work.
         measurer = profilers.get_profiler(target_spec, service=profiler, token=token)
-        budget_spec = parse_budget(budget) if budget is not None else None
-        objective_names = _check_objectives(objectives.split(","))
-        _sampler(sampler, seed)
-        space_spec = _space(
-            space,
-            width=_floats(width, "--width"),
-            bits=tuple(int(b) for b in _floats(bits, "--bits")) if bits else None,
-            pruning=_floats(pruning, "--pruning"),
-            sparsity=_floats(sparsity, "--sparsity"),
-            two_four=two_four,
-        )
         tuning = {"steps": steps, "alpha": alpha, "temperature": temperature, "lr": lr, "schedule": lr_schedule}
-        tuning = {key: value for key, value in tuning.items() if value is not None}
-        _finetune(Finetune(), tuning)  # a bad value fails before the task loads
-        task_options = {"seq_len": seq_len} if seq_len is not None else {}
-        spec = {
-            "task": task, "target": target_spec.name, "budget": str(budget_spec) if budget_spec else None,
-            "objectives": list(objective_names), "trials": trials, "timeout": timeout, "sampler": sampler,
-            "seed": seed, "space": space_spec.to_dict(), "finetune": tuning, "task_options": task_options,
-            "cost_model": cost_model.value, "storage": storage, "study_name": study_name,
-            "results_dir": str(results_dir), "workers": workers,
-            "profiler": getattr(measurer, "address", "local"),
-        }  # fmt: skip
+        spec = RunSpec(
+            target=target_spec, budget=budget, objectives=tuple(objectives.split(",")), trials=trials,
+            timeout=timeout, sampler=sampler, seed=seed,
+            space=_space(
+                space,
+                width=_floats(width, "--width"),
+                bits=tuple(int(b) for b in _floats(bits, "--bits")) if bits else None,
+                pruning=_floats(pruning, "--pruning"),
+                sparsity=_floats(sparsity, "--sparsity"),
+                two_four=two_four,
+            ),
+            finetune={key: value for key, value in tuning.items() if value is not None},  # the task's for the rest
+            pruner="percentile" if prune_trials else "none", cost_model=cost_model == Switch.on,
+            task=task, task_options={"seq_len": seq_len} if seq_len is not None else {},
+            profiler=getattr(measurer, "address", None), storage=storage, study_name=study_name,
+            results_dir=results_dir, workers=workers,
+        )  # fmt: skip
         if dry_run:
-            console.print_json(json.dumps(spec, default=str))
+            console.print_json(json.dumps(spec.to_dict(), default=str))
             return
         if isinstance(measurer, profilers.RemoteProfiler):
             with console.status(f"checking the profiler service at {measurer.address}…"):
                 measurer.check()
         with console.status(f"loading task {task}…"):
-            task_obj = load_task(task, **task_options)
-        finetune = _finetune(task_obj.finetune or Finetune(), tuning)
+            task_obj = load_task(task, **spec.task_options)
         if workers > 1 and not isinstance(measurer, profilers.RemoteProfiler):
             console.print(
                 f"note: {workers} workers fine-tune on this machine while it measures; measurements take "
@@ -198,16 +199,11 @@ def run_command(
         ) as status:
             progress.status = status
             study = run(
-                task_obj, target=target_spec, budget=budget_spec, objectives=spec["objectives"],
-                trials=trials, timeout=timeout, sampler=sampler, seed=seed, space=space_spec,
-                finetune=finetune, pruner=None if prune_trials else optuna.pruners.NopPruner(),
-                cost_model=cost_model == Switch.on, profiler=measurer,
-                storage=storage, study_name=study_name, results_dir=results_dir, workers=workers,
-                on_stage=progress.stage, callbacks=[progress.trial_done],
-            )  # fmt: skip
+                task_obj, spec=spec, profiler=measurer, on_stage=progress.stage, callbacks=[progress.trial_done]
+            )
         progress.trial_done(study)  # the other workers' last trials
         _print_front(study)
-        folder = results_dir.resolve() / study.study_name
+        folder = _folder(study)
         console.print(
             f"\nResults in [bold]{folder}[/]: study.db, trials.parquet, trials/<n>/model.onnx\n"
             f"  search results {folder}        # front table and pareto.png\n"
@@ -215,6 +211,7 @@ def run_command(
             f"  python -c \"import search; print(search.load_trials('{folder}'))\"\n"
             f"  optuna-dashboard {storage or 'sqlite:///' + str(folder / 'study.db')}",
             highlight=False,
+            soft_wrap=True,  # whole lines, to copy from a pipe or a log too
         )
 
 
@@ -282,15 +279,15 @@ class _Progress:
         for finished in study.get_trials(deepcopy=False, states=FINISHED):
             if finished.number not in self.printed:
                 self.printed.add(finished.number)
-                worker = finished.user_attrs.get(WORKER_ATTR, {})
+                worker = finished.user_attrs.get(Key.WORKER, {})
                 by = f"  (worker {worker['pid']})" if worker and worker.get("pid") != mine else ""
                 console.print(_trial_line(finished) + by, highlight=False, soft_wrap=True)
         self.done = finished_count(study)
-        self.trials = study.user_attrs.get("run_spec", {}).get("trials", self.trials)
+        self.trials = study.user_attrs.get(StudyKey.RUN_SPEC, {}).get("trials", self.trials)
         feasible = study.best_trials
         if feasible:
-            top = max(feasible, key=lambda t: t.user_attrs["metric"])
-            self.best = f"metric {top.user_attrs['metric']:.4f} at {top.user_attrs['latency_ms']:.4f} ms"
+            top = max(feasible, key=lambda t: t.user_attrs[Key.METRIC])
+            self.best = f"metric {top.user_attrs[Key.METRIC]:.4f} at {top.user_attrs[Key.LATENCY_MS]:.4f} ms"
 
 
 def _trial_line(trial: optuna.trial.FrozenTrial) -> str:
@@ -298,36 +295,54 @@ def _trial_line(trial: optuna.trial.FrozenTrial) -> str:
     if trial.state == optuna.trial.TrialState.COMPLETE:
         feasible = all(v <= 0 for v in trial.constraints.values())
         return (
-            f"trial {trial.number:>3}  metric {attrs['metric']:.4f}  latency {attrs['latency_ms']:.4f} ms"
-            f"  size {attrs['size_bytes'] / 1024:.0f} KiB  {'within budget' if feasible else 'over budget'}"
+            f"trial {trial.number:>3}  metric {attrs[Key.METRIC]:.4f}  latency {attrs[Key.LATENCY_MS]:.4f} ms"
+            f"  size {attrs[Key.SIZE_BYTES] / 1024:.0f} KiB  {'within budget' if feasible else 'over budget'}"
         )
-    reason = attrs.get("fail_reason") or attrs.get("pruned_reason") or trial.system_attrs.get("fail_reason", "")
+    reason = attrs.get(Key.FAIL_REASON) or attrs.get(Key.PRUNED_REASON) or trial.system_attrs.get("fail_reason", "")
     return f"trial {trial.number:>3}  {trial.state.name.lower()}  {reason}"
 
 
 def _print_front(study: optuna.Study) -> None:
     frame = load_trials(study)
-    baseline = study.user_attrs.get("baseline", {})
+    baseline = study.user_attrs.get(StudyKey.BASELINE, {})
     counts = frame["state"].value_counts().to_dict() if not frame.empty else {}
-    budget_ms = study.user_attrs.get("budget_ms")
+    budget_ms = study.user_attrs.get(StudyKey.BUDGET_MS)
     title = (
         f"{study.study_name}: Pareto front ({', '.join(f'{n} {s.lower()}' for s, n in counts.items()) or 'no trials'}"
         f"; budget {f'{budget_ms:.4g} ms' if budget_ms else 'none'})"
     )
-    runtime = frame["runtime"].dropna().iloc[0] if "runtime" in frame and frame["runtime"].notna().any() else "the target"
+    runtime = frame[Key.RUNTIME].dropna().iloc[0] if Key.RUNTIME in frame and frame[Key.RUNTIME].notna().any() else "the target"
     table = Table(title=title, caption=f"latency: median and p90, measured by {runtime}; * estimated, not measured")
     for column in ("trial", "metric", "ms", "p90 ms", "speedup", "energy mJ", "KiB", "precision"):
         table.add_column(column, justify="right")
-    base_ms = baseline.get("latency_ms")
+    base_ms = baseline.get(Key.LATENCY_MS)
     rows = [("teacher", baseline, "fp32")] if baseline else []
-    rows += [(str(row["number"]), row, row["precision"]) for _, row in pareto_front(frame).iterrows()]
+    rows += [(str(row["number"]), row, row[Key.PRECISION]) for _, row in pareto_front(frame).iterrows()]
     for label, row, precision in rows:
         table.add_row(
-            label, f"{row['metric']:.4f}", f"{row['latency_ms']:.4f}", f"{row['latency_p90_ms']:.4f}",
-            f"{base_ms / row['latency_ms']:.2f}×" if base_ms else "",
-            _energy(row["energy_mj"], row["energy_source"]), f"{row['size_bytes'] / 1024:.0f}", precision,
+            label, f"{row[Key.METRIC]:.4f}", f"{row[Key.LATENCY_MS]:.4f}", f"{row[Key.LATENCY_P90_MS]:.4f}",
+            f"{base_ms / row[Key.LATENCY_MS]:.2f}×" if base_ms else "",
+            _energy(row[Key.ENERGY_MJ], row[Key.ENERGY_SOURCE]), f"{row[Key.SIZE_BYTES] / 1024:.0f}", precision,
         )  # fmt: skip
-    console.print(table)
+    _print_table(table)
+
+
+def _folder(study: optuna.Study) -> Path:
+    """The folder a study writes in: its results folder where ``search run`` started it."""
+    if StudyKey.RUN_SPEC not in study.user_attrs:
+        return Path(".")
+    spec = spec_of(study)
+    return spec.results_dir / spec.study_name
+
+
+def _print_table(table: Table) -> None:
+    """A table as wide as it needs on a pipe or in a file, so no name is cut there (``search
+    targets | grep jetson-orin-nano``); a terminal's width folds it as usual."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    natural = console.measure(table, options=console.options.update_width(10_000)).maximum
+    Console(file=console.file, width=max(console.width, natural)).print(table)
 
 
 def _energy(value: float | None, source: str) -> str:
@@ -342,7 +357,7 @@ def results_command(study: StudyArg, study_name: StudyName = None) -> None:
     with _user_errors():
         opened = open_study(study, study_name)
         _print_front(opened)
-        folder = Path(opened.user_attrs.get("results_dir", "."))
+        folder = _folder(opened)
         console.print(f"plot: {plot_front(opened, folder / 'pareto.png')}", highlight=False)
 
 
@@ -357,8 +372,7 @@ def export_command(
     """Write every Pareto-optimal model (ONNX, plan JSON, checkpoint) and re-measure it on the target."""
     with _user_errors():
         opened = open_study(study, study_name)
-        target_spec = targets.load_target(opened.user_attrs["target_file"])
-        measurer = profilers.get_profiler(target_spec, service=profiler, token=token)
+        measurer = profilers.get_profiler(spec_of(opened).target, service=profiler, token=token)
         with console.status("exporting and re-measuring the Pareto front…"):
             rows = export(opened, out, profiler=measurer)
         table = Table(title=f"exported to {out}")
@@ -366,10 +380,10 @@ def export_command(
             table.add_column(column, justify="right")
         for _, row in rows.iterrows():
             table.add_row(
-                str(row["number"]), f"{row['metric']:.4f}", f"{row['search_latency_ms']:.4f}",
+                str(row["number"]), f"{row[Key.METRIC]:.4f}", f"{row['search_latency_ms']:.4f}",
                 f"{row['export_latency_ms']:.4f}", f"{row['export_latency_p90_ms']:.4f}", row["path"],
             )  # fmt: skip
-        console.print(table)
+        _print_table(table)
 
 
 @app.command("costmodel")
@@ -380,7 +394,7 @@ def costmodel_command(study: StudyArg, study_name: StudyName = None) -> None:
         report = cost_model_report(opened)
         console.print(
             f"{opened.study_name}: {report['measured']} measured trials, {report['predicted_online']} of them "
-            f"predicted before they ran; {opened.user_attrs.get('cost_model_warm_start', 0)} measurements "
+            f"predicted before they ran; {opened.user_attrs.get(StudyKey.COST_MODEL_WARM_START, 0)} measurements "
             "from earlier studies warm-started the model",
             highlight=False,
         )
@@ -389,10 +403,10 @@ def costmodel_command(study: StudyArg, study_name: StudyName = None) -> None:
             "held_out": "held out (5-fold)",
             "held_out_flops_baseline": "FLOPs-only baseline, held out",
         }
-        console.print(_error_table("latency prediction error (predicted vs measured)", latency, report))
+        _print_table(_error_table("latency prediction error (predicted vs measured)", latency, report))
         if "online_energy" in report:
             energy = {"online_energy": "during the search (sensor-measured energy)"}
-            console.print(_error_table("energy prediction error (predicted vs measured)", energy, report))
+            _print_table(_error_table("energy prediction error (predicted vs measured)", energy, report))
         if "held_out" not in report:
             console.print("too few measured trials for a held-out estimate (10 needed)")
 
@@ -438,11 +452,11 @@ def targets_command() -> None:
     for spec in targets.list_targets():
         try:
             reachable = f"yes ({profilers.get_profiler(spec).runtime})"
-        except SearchError:
+        except profilers.ProfilerError:
             reachable = "no: see --target"
         runtime = f"{spec.runtime}, else {spec.fallback_runtime}" if spec.fallback_runtime else spec.runtime
         table.add_row(spec.name, runtime, ", ".join(spec.precisions), str(spec.threads), spec.power_sensor, reachable)
-    console.print(table)
+    _print_table(table)
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
-from search._errors import TargetFileError, UnknownTargetError
+from targets._errors import TargetFileError, UnknownTargetError
 from targets._spec import Target
 
 _REQUIRED = ("description", "runtime", "precisions", "power_sensor", "power_w", "peak", "source")

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from search._errors import TargetFileError
+from targets._errors import TargetFileError
 
 RUNTIMES = ("onnxruntime-cpu", "tensorrt", "pytorch-cuda", "pytorch-cpu")
 PRECISIONS = ("fp32", "fp16", "int8", "int4-weight-only", "sparse-2:4")

@@ -1,6 +1,6 @@
 import pytest
 
-from search._budget import Budget, parse_budget
+from search.plan import Budget, parse_budget
 from search._errors import UsageError
 
 

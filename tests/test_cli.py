@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 import profilers
 import search
 from search import cli
-from search._budget import Budget
-from search._distill import Finetune
+from search.compress import Finetune
+from search.plan import Budget
 
 runner = CliRunner()
 CPU_TARGET = Path(__file__).resolve().parents[1] / "targets" / "cpu.toml"
@@ -26,8 +26,8 @@ CPU_TARGET = Path(__file__).resolve().parents[1] / "targets" / "cpu.toml"
 def captured(monkeypatch, tiny_task):
     calls = {}
 
-    def fake_run(task, **kwargs):
-        calls["task"], calls["kwargs"] = task, kwargs
+    def fake_run(task, spec, **kwargs):  # the settings as the run would use them, by name
+        calls["task"], calls["kwargs"] = task, {**vars(spec), "finetune": spec.finetune_for(task.finetune), **kwargs}
         study = optuna.create_study(directions=["maximize", "minimize"])
         study.set_user_attr("results_dir", "results/fake")
         return study
@@ -81,7 +81,7 @@ def test_run_passes_the_parsed_flags_to_the_api(captured, tmp_path):
     assert captured["spec"] == "mine:make"
     assert kwargs["budget"] == Budget(ms=5.0, text="5ms")
     assert kwargs["trials"] == 7 and kwargs["seed"] == 3 and kwargs["sampler"] == "random"
-    assert kwargs["objectives"] == ["metric", "latency", "size"]
+    assert kwargs["objectives"] == ("metric", "latency", "size")
     assert kwargs["space"].bits == (32, 8) and kwargs["space"].width == (1.0, 0.5)
     assert kwargs["space"].two_four is False
     assert kwargs["finetune"].steps == 12

@@ -12,8 +12,8 @@ import pytest
 import search
 from profilers import OnnxRuntimeCpuProfiler
 from search import Finetune, UsageError, run
-from search._costgate import MAX_EXPECTED_HEADROOM, CostGate, cost_model_report, measured_rows
-from search._costmodel import FEATURE_NAMES, expected_headroom
+from search.costmodel import MAX_EXPECTED_HEADROOM, CostGate, cost_model_report, measured_rows
+from search.costmodel import FEATURE_NAMES, expected_headroom
 from targets import load_target
 
 QUICK = dict(finetune=Finetune(steps=1), pruner=optuna.pruners.NopPruner())

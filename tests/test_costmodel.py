@@ -12,12 +12,12 @@ from sklearn.exceptions import NotFittedError
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from models import Conv1dNet, example_input
-from search._costmodel import (
+from search.costmodel._estimator import UNCALIBRATED_LOG_SIGMA
+from search.costmodel import (
     BASE_FEATURES,
     FEATURE_NAMES,
     FEATURE_VERSION,
     MACS_FEATURES,
-    UNCALIBRATED_LOG_SIGMA,
     FlopsBaseline,
     LatencyModel,
     accuracy,
@@ -27,8 +27,8 @@ from search._costmodel import (
     save_measurements,
 )
 from search._errors import UsageError
-from search._plan import ChannelPruning, LayerPlan, Plan, Quantization, WeightSparsity
-from search._transforms import apply_plan, build_structure
+from search.plan import ChannelPruning, LayerPlan, Plan, Quantization, WeightSparsity
+from search.compress import apply_plan, build_structure
 from targets import load_target
 
 CNN_LAYERS = ("conv1", "conv2", "conv3", "fc")

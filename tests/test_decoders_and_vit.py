@@ -28,14 +28,15 @@ from graphs import initializer_shapes, optimized_ops  # noqa: E402
 from models import tiny_llama, tiny_vit  # noqa: E402
 
 from search._errors import CandidateError, UsageError  # noqa: E402
-from search._io import call  # noqa: E402
-from search._export import OnnxModule, export_candidate, export_float, weight_name  # noqa: E402
-from search._layers import describe_layers  # noqa: E402
-from search._plan import ChannelPruning, Depth, HeadPruning, LayerPlan, Plan, Quantization  # noqa: E402
-from search._quant import bake  # noqa: E402
-from search._space import SearchSpace, suggest_plan  # noqa: E402
-from search._transformer import drop_blocks, find_blocks, prune_heads_and_ffn  # noqa: E402
-from search._transforms import apply_plan  # noqa: E402
+from search.model import call  # noqa: E402
+from search.artifacts import OnnxModule, export_candidate, export_float, weight_name  # noqa: E402
+from search.model import describe_layers  # noqa: E402
+from search.plan import ChannelPruning, Depth, HeadPruning, LayerPlan, Plan, Quantization  # noqa: E402
+from search.compress import bake  # noqa: E402
+from search.plan import SearchSpace, suggest_plan  # noqa: E402
+from search.compress import drop_blocks, prune_heads_and_ffn  # noqa: E402
+from search.model import find_blocks  # noqa: E402
+from search.compress import apply_plan  # noqa: E402
 
 CPU = ("fp32", "int8", "int4-weight-only")
 CONTEXT = 16

@@ -1,4 +1,4 @@
-"""``search.export`` (``search/_deploy.py``) with a checkpoint that would run code: copied, never unpickled.
+"""``search.export`` (``search/study/_deploy.py``) with a checkpoint that would run code: copied, never unpickled.
 The export of a sound study is tested in test_results.py."""
 
 from __future__ import annotations

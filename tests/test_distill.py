@@ -3,10 +3,10 @@ import torch
 from torch import nn
 
 from models import SmallCNN
-from search._distill import Finetune, distill, distillation_loss
+from search.compress import Finetune, distill, distillation_loss
 from search._errors import CandidateError
-from search._plan import Plan
-from search._transforms import apply_plan
+from search.plan import Plan
+from search.compress import apply_plan
 
 
 def test_distillation_loss_goes_down_on_the_digits(tiny_task):
@@ -141,7 +141,7 @@ def test_an_unknown_loss_is_refused_with_the_accepted_forms():
 
 
 def test_the_cosine_schedule_warms_up_then_decays_to_zero():
-    from search._distill import _scheduler
+    from search.compress._distill import _scheduler
 
     config = Finetune(steps=50, lr=0.1, schedule="cosine")
     optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=config.lr)

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from profilers import RaplReader
-from profilers._energy import PowerSampler, energy_reader
-from profilers._ina3221 import Ina3221Reader
-from profilers._nvml import NvmlReader, device_state
+from profilers.energy import PowerSampler, energy_reader
+from profilers.energy import Ina3221Reader
+from profilers.energy import NvmlReader, device_state
 from targets import load_target
 
 

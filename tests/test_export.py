@@ -7,10 +7,10 @@ from torch import nn
 
 from models import example_input
 from search._errors import CandidateError
-from search._export import OnnxModule, export_candidate, export_float, runtime_precision
-from search._plan import ChannelPruning, LayerPlan, Plan, Quantization, WeightSparsity
-from search._quant import bake
-from search._transforms import apply_plan
+from search.artifacts import OnnxModule, export_candidate, export_float, runtime_precision
+from search.plan import ChannelPruning, LayerPlan, Plan, Quantization, WeightSparsity
+from search.compress import bake
+from search.compress import apply_plan
 
 CPU = ("fp32", "int8")
 

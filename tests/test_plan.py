@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from search._plan import (
+from search.plan import (
     PLAN_VERSION,
     ChannelPruning,
     LayerPlan,

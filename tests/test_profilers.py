@@ -14,15 +14,16 @@ from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_
 
 from profilers import (
     Measurement,
+    MeasurementError,
     OnnxRuntimeCpuProfiler,
     Profiler,
     RaplReader,
     RemoteProfiler,
+    TargetUnavailableError,
     get_profiler,
     random_inputs,
 )
 from profilers._base import QUIET_BLOCK_RUNS, SessionTiming, quiet_samples
-from search._errors import CandidateError, TargetUnavailableError
 from targets import load_target
 
 from loopback import TOKEN
@@ -166,13 +167,13 @@ class TestProfilerContract:
                 profiler.measure(fp32_model, inputs)
             return
         assert profiler.measure(fp32_model, inputs).latency_ms > 0
-        with pytest.raises(CandidateError, match="fp32.onnx"):
+        with pytest.raises(MeasurementError, match="fp32.onnx"):
             profiler.measure(fp32_model, {"not_x": inputs["x"]})
 
     def test_file_that_is_not_onnx_fails_the_candidate(self, profiler, tmp_path):
         path = tmp_path / "broken.onnx"
         path.write_bytes(b"this is not a protobuf")
-        with pytest.raises(CandidateError, match="broken.onnx"):
+        with pytest.raises(MeasurementError, match="broken.onnx"):
             profiler.measure(path)
 
     def test_unstable_when_out_of_time(self, profiler, fp32_model):
@@ -217,7 +218,7 @@ def test_random_inputs_set_symbolic_dims_to_one(fp32_model):
 def test_random_inputs_feed_a_text_model_int64_ids_and_mask(tmp_path):
     from models import TinyText, text_inputs
 
-    from search._export import export_float
+    from search.artifacts import export_float
 
     export_float(TinyText().eval(), text_inputs(1), tmp_path / "text.onnx")
     inputs = random_inputs(tmp_path / "text.onnx")

@@ -15,12 +15,11 @@ import torch
 from torch import nn
 
 import search
-from profilers import PyTorchProfiler, get_profiler
-from profilers._pytorch import float_precision, prepare
+from profilers import ProfilerUsageError, PyTorchProfiler, get_profiler
 from search import Finetune, Plan, TargetUnavailableError, UsageError
-from search._errors import TargetFileError
-from search._plan import LayerPlan, Quantization, WeightSparsity
-from targets import load_target
+from search.artifacts import float_precision, measure_candidate, prepare
+from search.plan import LayerPlan, Quantization, WeightSparsity
+from targets import TargetFileError, load_target
 
 FAST_TIMING = dict(warmup_runs=2, warmup_s=0.01, min_runs=20, min_time_s=0.02, max_time_s=0.5, sessions=2)
 TWO_FOUR = LayerPlan(sparsity=WeightSparsity(0.5, "2:4"))
@@ -72,7 +71,7 @@ def test_a_layer_at_a_precision_the_target_does_not_list_runs_as_float():
 
 
 def test_without_torchao_int8_runs_as_float_and_the_note_says_how_to_get_it(monkeypatch):
-    monkeypatch.setattr("profilers._pytorch.torchao_version", lambda: None)
+    monkeypatch.setattr("search.artifacts._pytorch.torchao_version", lambda: None)
     prepared = prepare(mlp(), Plan(layers={"0": INT8}), ("fp32", "int8"), torch.device("cpu"))
     assert prepared.layer_precision["0"] == "fp32"
     assert "torchao is not installed: pip install '.[cuda]'" in prepared.notes[0]
@@ -87,7 +86,7 @@ def test_an_int8_convolution_has_no_pytorch_kernel(cnn):
 
 def test_measures_the_module_on_the_cpu(cnn, cnn_input, tmp_path):
     profiler = PyTorchProfiler(pytorch_target(tmp_path), compile_mode=None, **FAST_TIMING)
-    result = profiler.measure_candidate(tmp_path / "unused.onnx", cnn, cnn_input)
+    result = measure_candidate(profiler, tmp_path / "unused.onnx", cnn, cnn_input)
     assert result.runtime == "pytorch-cpu" and result.runtime_version.startswith(f"torch {torch.__version__}")
     assert result.source == "measured" and result.precision == "fp32"
     assert result.latency_ms > 0 and result.runs >= 2 * FAST_TIMING["min_runs"]
@@ -102,7 +101,7 @@ def test_measures_the_module_on_the_cpu(cnn, cnn_input, tmp_path):
 def test_the_compiled_module_is_what_gets_timed(cnn, cnn_input, tmp_path):
     """torch.compile on the CPU (inductor's C++ backend; about 30 s here), as the GPU path compiles."""
     profiler = PyTorchProfiler(pytorch_target(tmp_path), compile_mode="default", **FAST_TIMING)
-    result = profiler.measure_candidate(tmp_path / "unused.onnx", cnn, cnn_input)
+    result = measure_candidate(profiler, tmp_path / "unused.onnx", cnn, cnn_input)
     assert result.device["compile_mode"] == "default" and result.latency_ms > 0
 
 
@@ -114,20 +113,20 @@ def test_dynamo_starts_afresh_for_every_compiled_candidate(cnn, cnn_input, tmp_p
     monkeypatch.setattr(torch, "compile", lambda model, mode: calls.append(mode) or model)
     profiler = PyTorchProfiler(pytorch_target(tmp_path), compile_mode="reduce-overhead", **FAST_TIMING)
     for _ in range(2):
-        profiler.measure_candidate(tmp_path / "unused.onnx", cnn, cnn_input)
+        measure_candidate(profiler, tmp_path / "unused.onnx", cnn, cnn_input)
     assert calls == ["reset", "reduce-overhead"] * 2
 
 
 def test_a_model_that_fails_to_run_fails_the_candidate(tmp_path):
     profiler = PyTorchProfiler(pytorch_target(tmp_path), compile_mode=None, **FAST_TIMING)
-    with pytest.raises(search.CandidateError, match="pytorch-cpu failed to run the model"):
-        profiler.measure_candidate(tmp_path / "unused.onnx", mlp(), torch.randn(1, 7))
+    with pytest.raises(search.MeasurementError, match="pytorch-cpu failed to run the model"):
+        measure_candidate(profiler, tmp_path / "unused.onnx", mlp(), torch.randn(1, 7))
 
 
 def test_an_onnx_file_is_refused_with_what_to_do(tmp_path):
     profiler = PyTorchProfiler(pytorch_target(tmp_path), compile_mode=None)
     assert not profiler.measures_onnx
-    with pytest.raises(UsageError, match="measures PyTorch modules, not ONNX files"):
+    with pytest.raises(ProfilerUsageError, match="measures PyTorch modules, not ONNX files"):
         profiler.measure(tmp_path / "model.onnx")
 
 
@@ -157,7 +156,7 @@ def test_a_target_file_with_an_unknown_fallback_runtime_names_the_field(tmp_path
 def test_the_profiler_service_refuses_a_runtime_that_cannot_measure_onnx(tmp_path):
     from profilers import create_app
 
-    with pytest.raises(UsageError, match="not the ONNX files clients upload"):
+    with pytest.raises(ProfilerUsageError, match="not the ONNX files clients upload"):
         create_app(PyTorchProfiler(pytorch_target(tmp_path), compile_mode=None), token="t")
 
 
@@ -200,9 +199,9 @@ def test_on_the_gpu_int8_and_2_4_layers_run_as_planned_and_the_energy_is_read(tm
     with torch.no_grad():  # a 2:4 pattern, as the plan's sparsity leaves it
         model[2].weight.view(-1, 4)[:, :2] = 0
     plan = Plan(layers={"0": INT8, "2": TWO_FOUR})
-    result = profiler.measure_candidate(tmp_path / "unused.onnx", model.eval(), torch.randn(64, 1024))
+    result = measure_candidate(profiler, tmp_path / "unused.onnx", model.eval(), torch.randn(64, 1024))
     assert result.precision == "fp16"  # no plan: every layer in the target's float precision
-    planned = profiler.measure_candidate(tmp_path / "unused.onnx", model.eval(), torch.randn(64, 1024), plan)
+    planned = measure_candidate(profiler, tmp_path / "unused.onnx", model.eval(), torch.randn(64, 1024), plan)
     precisions = dict(planned.device["layer_precision"])
     assert precisions == {"0": "int8", "2": "sparse-2:4+fp16", "4": "fp16"}, planned.device["notes"]
     assert planned.precision == "sparse-2:4+int8+fp16"

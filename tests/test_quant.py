@@ -3,9 +3,9 @@ import torch
 from torch.nn.utils import parametrize
 
 from models import example_input
-from search._plan import LayerPlan, Plan, Quantization, WeightSparsity
-from search._quant import BinarizeWeight, FakeQuantWeight, InputFakeQuant, bake
-from search._transforms import apply_plan
+from search.plan import LayerPlan, Plan, Quantization, WeightSparsity
+from search.compress import BinarizeWeight, FakeQuantWeight, InputFakeQuant, bake
+from search.compress import apply_plan
 
 
 def _quantized(cnn, cnn_input, **bits):

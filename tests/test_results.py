@@ -9,8 +9,8 @@ import torch
 
 import search
 from search import Finetune, Plan, UsageError, build_structure, run
-from search._export import OnnxModule
-from search._results import plot_front
+from search.artifacts import OnnxModule
+from search.study import plot_front
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,15 @@ from onnx import TensorProto, helper
 
 from loopback import TOKEN, serving
 from pickles import WritesMarker, code_running_checkpoint
-from profilers import Measurement, OnnxRuntimeCpuProfiler, RemoteProfiler, serve
-from search._errors import CandidateError, TargetUnavailableError, UsageError
+from profilers import (
+    Measurement,
+    MeasurementError,
+    OnnxRuntimeCpuProfiler,
+    ProfilerUsageError,
+    RemoteProfiler,
+    TargetUnavailableError,
+    serve,
+)
 from targets import load_target
 from test_profilers import SHORT, two_matmuls
 
@@ -102,7 +109,7 @@ def test_serve_binds_localhost_by_default(monkeypatch):
 
 @pytest.mark.parametrize("token", [None, ""])
 def test_serve_refuses_an_empty_token(token):
-    with pytest.raises(UsageError, match="SEARCH_PROFILER_TOKEN"):
+    with pytest.raises(ProfilerUsageError, match="SEARCH_PROFILER_TOKEN"):
         serve(load_target("cpu"), token=token)
 
 
@@ -117,7 +124,7 @@ def test_wrong_token_is_refused_and_the_server_goes_on(address, model):
 def test_oversized_model_is_refused_and_the_server_goes_on(address, model, tmp_path):
     big = tmp_path / "big.onnx"
     big.write_bytes(b"\0" * (2 * MAX_BYTES))
-    with pytest.raises(CandidateError, match=r"big.onnx.*\(413\).*at most 1048576"):
+    with pytest.raises(MeasurementError, match=r"big.onnx.*\(413\).*at most 1048576"):
         client(address).measure(big)
     # Without a Content-Length (chunked), the service stops reading once over the limit.
     chunks = (b"\0" * 65536 for _ in range(4 * MAX_BYTES // 65536))
@@ -131,7 +138,7 @@ def test_oversized_model_is_refused_and_the_server_goes_on(address, model, tmp_p
 def test_file_that_is_not_onnx_is_refused(address, model, tmp_path):
     path = tmp_path / "notes.onnx"
     path.write_bytes(b"this is not a protobuf")
-    with pytest.raises(CandidateError, match=r"notes.onnx.*\(400\).*notes.onnx is not"):
+    with pytest.raises(MeasurementError, match=r"notes.onnx.*\(400\).*notes.onnx is not"):
         client(address).measure(path)
     assert_serving(address, model)
 
@@ -143,7 +150,7 @@ def test_model_the_runtime_cannot_run_fails_the_candidate(address, tmp_path):
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)]
     path = tmp_path / "custom.onnx"
     onnx.save(helper.make_model(graph, opset_imports=opsets, ir_version=9), path)
-    with pytest.raises(CandidateError, match=r"\(422\).*custom.onnx: ONNX Runtime cannot build"):
+    with pytest.raises(MeasurementError, match=r"\(422\).*custom.onnx: ONNX Runtime cannot build"):
         client(address).measure(path)
 
 
@@ -203,7 +210,7 @@ def test_a_pickle_upload_is_refused_and_never_unpickled(address, model, tmp_path
     marker = tmp_path / "marker"
     path = code_running_checkpoint(tmp_path / "checkpoint.onnx", marker)
     refused = r"checkpoint.onnx.*\(400\).*checkpoint.onnx is not (an|a valid) ONNX model"
-    with pytest.raises(CandidateError, match=refused):
+    with pytest.raises(MeasurementError, match=refused):
         client(address).measure(path)
     raw = pickle.dumps(WritesMarker(marker))  # a bare pickle, not torch's zip
     response = httpx.post(
@@ -288,7 +295,7 @@ def test_service_for_another_target_is_refused(address, model):
 
 @pytest.mark.parametrize("text", ["nohost", "host:", "host:99999", ":80"])
 def test_bad_address_is_a_usage_error(text):
-    with pytest.raises(UsageError, match="expected host:port"):
+    with pytest.raises(ProfilerUsageError, match="expected host:port"):
         RemoteProfiler(load_target("cpu"), text, TOKEN)
 
 

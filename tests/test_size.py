@@ -1,10 +1,10 @@
 import pytest
 
-from search._layers import compressible_layers
-from search._plan import ChannelPruning, LayerPlan, Plan, Quantization, WeightSparsity
-from search._quant import bake
-from search._size import packed_size_bytes
-from search._transforms import apply_plan
+from search.model import compressible_layers
+from search.plan import ChannelPruning, LayerPlan, Plan, Quantization, WeightSparsity
+from search.compress import bake
+from search.compress import packed_size_bytes
+from search.compress import apply_plan
 
 LAYERS = ("conv1", "conv2", "conv3", "fc")
 

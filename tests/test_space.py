@@ -3,9 +3,9 @@ import pytest
 from optuna.trial import FixedTrial
 
 from search._errors import UsageError
-from search._layers import LayerInfo, describe_layers
-from search._plan import ChannelPruning, LayerPlan, Plan, Quantization, WeightSparsity
-from search._space import SearchSpace, suggest_plan
+from search.model import LayerInfo, describe_layers
+from search.plan import ChannelPruning, LayerPlan, Plan, Quantization, WeightSparsity
+from search.plan import SearchSpace, suggest_plan
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from models import Conv1dNet, ResidualNet, resnet18, settle
 
 import search
 from search import Finetune, SearchSpace, Task, TargetUnavailableError, UsageError, run
-from search._study import OBJECTIVES
+from search.study import OBJECTIVES
 
 FAST = dict(finetune=Finetune(steps=6, eval_every=3), pruner=optuna.pruners.NopPruner())
 
@@ -232,7 +232,7 @@ def _first_fails_next_completes(study: optuna.Study) -> str:
 
 def _first_loss(monkeypatch, change) -> None:
     """The first candidate's first fine-tune step computes ``change(loss)`` instead of its loss."""
-    from search import _distill
+    from search.compress import _distill
 
     real, calls = _distill.distillation_loss, []
 

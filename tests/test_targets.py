@@ -2,8 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from search._errors import TargetFileError, UnknownTargetError
-from targets import Target, list_targets, load_target
+from targets import Target, TargetFileError, UnknownTargetError, list_targets, load_target
 
 USER_TARGET = """
 description = "A board on my desk"

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from search._errors import UsageError
-from search._task import Task, load_task, top1_accuracy
+from search.tasks import Task, load_task, top1_accuracy
 
 TASK_MODULE = """
 import torch

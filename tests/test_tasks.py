@@ -1,4 +1,4 @@
-"""The built-in tasks (``search/tasks.py``): the digits teacher cache loads weights, never code."""
+"""The built-in tasks (``search/tasks/``): the digits teacher cache loads weights, never code."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def test_nothing_in_the_repo_unpickles_except_weights_only():
         path for path in REPO.rglob("*.py")
         if not {".venv", "build", ".git", "results"} & set(path.relative_to(REPO).parts)
     ]  # fmt: skip
-    assert REPO / "search" / "tasks.py" in sources
+    assert REPO / "search" / "tasks" / "_digits.py" in sources
     offenders = {}
     for path in sources:
         lines = path.read_text().splitlines()

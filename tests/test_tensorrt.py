@@ -21,10 +21,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import profilers
-import profilers._tensorrt as tensorrt_profiler
-from profilers import Measurement, RemoteProfiler, TensorRTProfiler, get_profiler
-from profilers._energy import CounterWindow, EnergyReader
-from profilers._tensorrt import (
+import profilers.tensorrt._cuda as tensorrt_profiler
+from profilers import Measurement, MeasurementError, RemoteProfiler, TargetUnavailableError, TensorRTProfiler, get_profiler
+from profilers.energy import CounterWindow, EnergyReader
+from profilers.tensorrt import (
     BuildPlan,
     CudaError,
     EngineLayer,
@@ -41,10 +41,10 @@ from profilers._tensorrt import (
     layer_report,
     parse_engine_information,
     profile_shapes,
+    qdq_hint,
     summarise_graph,
     tensorrt_unavailable_reason,
 )
-from search._errors import CandidateError, TargetUnavailableError
 from targets import load_target
 
 from loopback import TOKEN, serving
@@ -232,9 +232,9 @@ def test_qdq_graph_marks_the_quantized_layers_and_the_2_4_one():
 def test_uint8_or_nonzero_zero_points_are_named():
     summary = summarise_graph(qdq_net(zero_point_type=TensorProto.UINT8, zero_point=128))
     assert set(summary.asymmetric_qdq) == {"node_QuantizeLinear_0", "dq_x", "q_2", "dq_2"}
-    hint = tensorrt_profiler.qdq_hint(summary)
+    hint = qdq_hint(summary)
     assert "4 Q/DQ node(s)" in hint and "symmetric int8" in hint
-    assert tensorrt_profiler.qdq_hint(summarise_graph(qdq_net())) == ""
+    assert qdq_hint(summarise_graph(qdq_net())) == ""
 
 
 def test_fp16_tensors_are_seen():
@@ -413,7 +413,7 @@ class TestEngineCacheKey:
 
     def test_missing_external_data_fails_the_candidate(self, external_model):
         (external_model.parent / "model.onnx.data").unlink()
-        with pytest.raises(CandidateError, match="cannot read the model"):
+        with pytest.raises(MeasurementError, match="cannot read the model"):
             engine_cache_key(external_model, **KEY_ARGS)
 
 
@@ -561,7 +561,7 @@ class TestBuild:
         trt, _ = fake_tensorrt("11.4.0")
         plan = build_plan(GPU_PRECISIONS, QDQ, "10.8.0")
         with pytest.raises(
-            CandidateError, match=r"TensorRT 11.4.0 has no BuilderFlag.FP16 .*10.8.0"
+            MeasurementError, match=r"TensorRT 11.4.0 has no BuilderFlag.FP16 .*10.8.0"
         ):
             build_serialized_engine(trt, tmp_path / "m.onnx", plan, {"x": (1, 16, 8, 8)})
 
@@ -570,10 +570,10 @@ class TestBuild:
         trt, _ = fake_tensorrt(errors=[error])
         plan = build_plan(GPU_PRECISIONS, QDQ, "10.8.0")
         summary = summarise_graph(qdq_net(zero_point_type=TensorProto.UINT8, zero_point=128))
-        with pytest.raises(CandidateError) as info:
+        with pytest.raises(MeasurementError) as info:
             build_serialized_engine(
                 trt, tmp_path / "m.onnx", plan, {"x": (1, 16, 8, 8)},
-                hint=tensorrt_profiler.qdq_hint(summary),
+                hint=qdq_hint(summary),
             )  # fmt: skip
         message = str(info.value)
         assert "m.onnx: TensorRT 10.8.0 cannot parse the model" in message
@@ -587,14 +587,14 @@ class TestBuild:
         )
         plan = build_plan(GPU_PRECISIONS, FLOAT, "10.8.0")
         with pytest.raises(
-            CandidateError, match="could not build an engine: Requested amount of GPU memory"
+            MeasurementError, match="could not build an engine: Requested amount of GPU memory"
         ):
             build_serialized_engine(trt, tmp_path / "m.onnx", plan, {"x": (1, 16, 8, 8)})
 
     def test_a_build_returning_none_without_a_log(self, tmp_path):
         trt, _ = fake_tensorrt(build=None)
         plan = build_plan(GPU_PRECISIONS, FLOAT, "10.8.0")
-        with pytest.raises(CandidateError, match="TensorRT gave no reason"):
+        with pytest.raises(MeasurementError, match="TensorRT gave no reason"):
             build_serialized_engine(trt, tmp_path / "m.onnx", plan, {"x": (1, 16, 8, 8)})
 
 
@@ -607,10 +607,10 @@ class TestProfileShapes:
 
     def test_a_shape_that_does_not_fit(self):
         with pytest.raises(
-            CandidateError, match=r"'x' of dimensions \[-1, 16\] cannot take shape \[1, 8\]"
+            MeasurementError, match=r"'x' of dimensions \[-1, 16\] cannot take shape \[1, 8\]"
         ):
             profile_shapes({"x": (-1, 16)}, {"x": (1, 8)})
-        with pytest.raises(CandidateError, match="no shape to build for"):
+        with pytest.raises(MeasurementError, match="no shape to build for"):
             profile_shapes({"x": (-1, 16)}, {"y": (1, 16)})
 
 
@@ -894,13 +894,13 @@ class FakeBackend:
 
     def build(self, onnx_path, plan, input_shapes, *, workspace_bytes, hint):
         if self.fail:
-            raise CandidateError(f"{onnx_path}: {self.fail}{hint}")
+            raise MeasurementError(f"{onnx_path}: {self.fail}{hint}")
         self.builds.append({"path": Path(onnx_path), "plan": plan, "shapes": dict(input_shapes)})
         return b"fake-engine " + json.dumps(plan.builder_flags).encode()
 
     def session(self, engine, feeds, name):
         if not engine.startswith(b"fake-engine"):
-            raise CandidateError(f"{name}: TensorRT cannot load the engine")
+            raise MeasurementError(f"{name}: TensorRT cannot load the engine")
         self.sessions.append(FakeSession(self))
         return self.sessions[-1]
 
@@ -1000,7 +1000,7 @@ class TestProfiler:
             tmp_path, FakeBackend(fail="TensorRT 10.8.0 cannot parse the model")
         )
         with pytest.raises(
-            CandidateError, match="u8.onnx: TensorRT 10.8.0 cannot parse.*symmetric int8"
+            MeasurementError, match="u8.onnx: TensorRT 10.8.0 cannot parse.*symmetric int8"
         ):
             profiler.measure(path)
         assert not list(tmp_path.glob("engines/*"))
@@ -1008,7 +1008,7 @@ class TestProfiler:
     def test_a_file_that_is_not_onnx(self, tmp_path):
         path = tmp_path / "broken.onnx"
         path.write_bytes(b"not a protobuf")
-        with pytest.raises(CandidateError, match="broken.onnx"):
+        with pytest.raises(MeasurementError, match="broken.onnx"):
             fake_profiler(tmp_path).measure(path)
 
     def test_strongly_typed_is_passed_to_the_plan(self, tmp_path, qdq_file):

@@ -16,7 +16,8 @@ transformers = pytest.importorskip("transformers", reason="the Transformer opera
 from models import SmallCNN, text_inputs, tiny_bert  # noqa: E402
 
 from search._errors import UsageError  # noqa: E402
-from search._transformer import describe_blocks, drop_blocks, prune_heads_and_ffn  # noqa: E402
+from search.compress import drop_blocks, prune_heads_and_ffn  # noqa: E402
+from search.model import describe_blocks  # noqa: E402
 
 HIDDEN, HEADS, HEAD_SIZE, FFN, LAYERS = 64, 4, 16, 128, 4
 

@@ -19,11 +19,11 @@ pytest.importorskip("transformers", reason="the Transformer plans need transform
 from graphs import initializer_shapes, optimized_ops  # noqa: E402
 from models import text_inputs, tiny_bert  # noqa: E402
 
-from search._distill import Finetune, distill  # noqa: E402
+from search.compress import Finetune, distill  # noqa: E402
 from search._errors import UsageError  # noqa: E402
-from search._export import OnnxModule, export_candidate, weight_name  # noqa: E402
-from search._layers import describe_layers  # noqa: E402
-from search._plan import (  # noqa: E402
+from search.artifacts import OnnxModule, export_candidate, weight_name  # noqa: E402
+from search.model import describe_layers  # noqa: E402
+from search.plan import (  # noqa: E402
     ChannelPruning,
     Depth,
     HeadPruning,
@@ -32,11 +32,11 @@ from search._plan import (  # noqa: E402
     Quantization,
     WeightSparsity,
 )
-from search._quant import bake  # noqa: E402
-from search._size import packed_size_bytes  # noqa: E402
-from search._space import SearchSpace, kept_blocks, suggest_plan  # noqa: E402
-from search._transformer import describe_blocks  # noqa: E402
-from search._transforms import apply_plan, build_structure  # noqa: E402
+from search.compress import bake  # noqa: E402
+from search.compress import packed_size_bytes  # noqa: E402
+from search.plan import SearchSpace, kept_blocks, suggest_plan  # noqa: E402
+from search.model import describe_blocks  # noqa: E402
+from search.compress import apply_plan, build_structure  # noqa: E402
 
 CPU = ("fp32", "int8", "int4-weight-only")
 LAYER = "encoder.layer"

@@ -11,12 +11,13 @@ from models import (
     Conv1dNet, ResidualNet, TinyText, TwoInputNet, example_input, resnet18, settle, text_inputs, two_inputs,
 )
 from search._errors import CandidateError, UsageError
-from search._export import export_float
-from search._io import call
-from search._layers import compressible_layers, describe_layers
-from search._plan import ChannelPruning, LayerPlan, Plan, Quantization, WeightSparsity
-from search._quant import bake
-from search._transforms import _transform_for, apply_plan, build_structure
+from search.artifacts import export_float
+from search.model import call
+from search.model import compressible_layers, describe_layers
+from search.plan import ChannelPruning, LayerPlan, Plan, Quantization, WeightSparsity
+from search.compress import bake
+from search.compress import apply_plan, build_structure
+from search.compress._transforms import _transform_for
 
 
 def _prune(**ratios) -> Plan:

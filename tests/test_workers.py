@@ -20,8 +20,8 @@ from optuna.trial import TrialState
 import search
 from profilers import get_profiler
 from search import Finetune, SearchSpace, UsageError, load_task, run
-from search._study import _storage, work
-from search._workers import (
+from search.study import make_storage, work
+from search.study._workers import (
     RetryOnce,
     Surplus,
     _start_time,
@@ -40,7 +40,7 @@ FAST = dict(finetune=Finetune(steps=6, eval_every=3), pruner=optuna.pruners.NopP
 
 
 def _study(tmp_path, name="s") -> optuna.Study:
-    return optuna.create_study(storage=_storage(f"sqlite:///{tmp_path / 'study.db'}"), study_name=name)
+    return optuna.create_study(storage=make_storage(f"sqlite:///{tmp_path / 'study.db'}"), study_name=name)
 
 
 def _running(study: optuna.Study, **user_attrs) -> optuna.trial.FrozenTrial:
@@ -225,7 +225,7 @@ timing = dict(warmup_runs=2, warmup_s=0.01, min_runs=20, min_time_s=0.02, max_ti
 if slow == "measure":
     timing.update(min_time_s=300, max_time_s=300)
 if slow == "export":  # the file is half written when the process dies
-    import time, search._study as study
+    import time, search.study._objective as study
     real = study.export_candidate
     def export_candidate(*args, **kwargs):
         exported = real(*args, **kwargs)
@@ -323,7 +323,7 @@ def test_local_workers_measure_through_the_same_profiler_service(monkeypatch, tm
         def __init__(self, command, stdout, stderr, env):
             started.append((command, env))
 
-    monkeypatch.setattr("search._workers.subprocess.Popen", Popen)
+    monkeypatch.setattr("search.study._workers.subprocess.Popen", Popen)
     spawn_workers(2, "sqlite:///x.db", "s", tmp_path, 7, "device:8765", {"SEARCH_PROFILER_TOKEN": "T"})
     (first, env), (second, _) = started
     assert first[1:4] == ["-m", "search", "worker"] and first[first.index("--profiler") + 1] == "device:8765"

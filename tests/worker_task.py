@@ -14,8 +14,8 @@ from models import SmallCNN
 from torch import nn
 from torch.utils.data import DataLoader
 
-from search._task import Task
-from search.tasks import _digits_data
+from search.tasks import Task
+from search.tasks._digits import _digits_data
 
 
 def tiny_task(weights: Path | None = None) -> Task:

@@ -1,0 +1,85 @@
+"""What a study records, by name: a trial's user attrs (:class:`Key`) and the study's own
+(:class:`StudyKey`). The objective writes them, the DataFrame promotes them to columns
+(:data:`COLUMNS`), the CLI prints them and the cost model learns from them, all by these names.
+"""
+
+
+class Key:
+    """The user attrs of a trial."""
+
+    WORKER = "worker"  # which process runs the trial: host, pid, start time
+    STAGE = "stage"  # what the trial is doing (build, fine-tune, export, evaluate, measure)
+    PLAN = "plan"  # the plan as JSON data (Plan.to_dict)
+    CHANNELS = "channels"  # output channels per compressible layer of the built candidate
+    COST_FEATURES = "cost_features"  # the cost model's features of the built candidate
+    FINETUNE_CURVE = "finetune_curve"  # {step: metric} reported to the pruner during the fine-tune
+    FINETUNE_LOSS = "finetune_loss_first_last"
+    # The measured record: what the front and the DataFrame are made of.
+    METRIC = "metric"
+    METRIC_SOURCE = "metric_source"
+    METRIC_TORCH = "metric_torch"
+    LATENCY_MS = "latency_ms"
+    LATENCY_P90_MS = "latency_p90_ms"
+    LATENCY_RUNS = "latency_runs"
+    LATENCY_SPREAD = "latency_spread"
+    LATENCY_STABLE = "latency_stable"
+    LATENCY_SESSION_MEDIANS_MS = "latency_session_medians_ms"
+    LATENCY_QUIET_SHARE = "latency_quiet_share"
+    LATENCY_SOURCE = "latency_source"
+    ENERGY_MJ = "energy_mj"
+    ENERGY_SOURCE = "energy_source"
+    SIZE_BYTES = "size_bytes"
+    SIZE_SOURCE = "size_source"
+    ONNX_BYTES = "onnx_bytes"
+    PRECISION = "precision"
+    LAYER_PRECISION = "layer_precision"
+    RUNTIME = "runtime"
+    MEASURED_ON = "measured_on"
+    DEVICE = "device"
+    LAYER_TIMES = "layer_times"
+    ARTIFACTS = "artifacts"
+    SECONDS = "seconds"
+    # The cost model's prediction, made before the fine-tune.
+    PREDICTED_LATENCY_MS = "predicted_latency_ms"
+    PREDICTED_LATENCY_LOW_MS = "predicted_latency_low_ms"
+    PREDICTED_HEADROOM = "predicted_headroom"
+    PREDICTED_SOURCE = "predicted_source"
+    PREDICTED_ENERGY_MJ = "predicted_energy_mj"
+    # Why a trial did not complete, or completed without a fine-tune of its own.
+    PRUNED_BY = "pruned_by"
+    PRUNED_REASON = "pruned_reason"
+    DUPLICATE_OF = "duplicate_of"
+    FAIL_REASON = "fail_reason"
+    INTERRUPTED = "interrupted"
+    SURPLUS = "surplus"
+    # Columns the DataFrame derives from the others and from the storage.
+    FEASIBLE = "feasible"  # completed within every constraint (the budget)
+    PARETO = "pareto"  # on the feasible Pareto front
+    LATENCY_PREDICTION_ERROR = "latency_prediction_error"
+    ENERGY_PREDICTION_ERROR = "energy_prediction_error"
+    RETRY_OF = "retry_of"
+
+
+# Trial user attrs promoted to plain DataFrame columns, in this order; the rest stay user_attrs_*.
+COLUMNS = (
+    Key.METRIC, Key.METRIC_SOURCE, Key.METRIC_TORCH,
+    Key.LATENCY_MS, Key.LATENCY_P90_MS, Key.LATENCY_RUNS, Key.LATENCY_SPREAD, Key.LATENCY_STABLE,
+    Key.LATENCY_SESSION_MEDIANS_MS, Key.LATENCY_QUIET_SHARE, Key.LATENCY_SOURCE,
+    Key.ENERGY_MJ, Key.ENERGY_SOURCE, Key.SIZE_BYTES, Key.SIZE_SOURCE, Key.ONNX_BYTES,
+    Key.PREDICTED_LATENCY_MS, Key.PREDICTED_LATENCY_LOW_MS, Key.PREDICTED_HEADROOM, Key.PREDICTED_SOURCE,
+    Key.LATENCY_PREDICTION_ERROR,
+    Key.PREDICTED_ENERGY_MJ, Key.ENERGY_PREDICTION_ERROR,
+    Key.PRUNED_BY, Key.PRUNED_REASON, Key.DUPLICATE_OF,
+    Key.PRECISION, Key.RUNTIME, Key.MEASURED_ON, Key.FAIL_REASON, Key.RETRY_OF, Key.ARTIFACTS,
+)  # fmt: skip
+
+
+class StudyKey:
+    """The user attrs of a study."""
+
+    RUN_SPEC = "run_spec"  # the RunSpec, as one versioned JSON document
+    TASK = "task"  # the task's name: a resumed or joined study must compress the same task
+    TEACHER_SHA256 = "teacher_sha256"  # and the same teacher weights
+    BASELINE = "baseline"  # the uncompressed teacher, scored and measured once
+    BUDGET_MS = "budget_ms"  # the budget in ms, resolved once against the baseline
+    COST_MODEL_WARM_START = "cost_model_warm_start"  # measurements from earlier studies

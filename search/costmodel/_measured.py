@@ -1,0 +1,39 @@
+"""A study's measurements as the cost model learns from them: each measured trial's features,
+latency and sensor-measured energy."""
+
+from __future__ import annotations
+
+import optuna
+from optuna.trial import TrialState
+
+from search._record import Key
+
+
+def measured_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The study's completed trials that measured their plan: a trial that reused another's
+    results (``duplicate_of``) is not a second measurement, and counted as one it would shrink
+    the out-of-bag residual, so the spread, with a copy of a training row."""
+    return [
+        trial
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if Key.DUPLICATE_OF not in trial.user_attrs
+    ]
+
+
+def measured_rows(study: optuna.Study) -> tuple[list[dict[str, float]], list[float], list[float | None]]:
+    """Features, measured latency and sensor-measured energy (None when estimated) of the study's
+    measured trials."""
+    rows, latency, energy = [], [], []
+    for trial in measured_trials(study):
+        attrs = trial.user_attrs
+        if attrs.get(Key.COST_FEATURES) is not None and attrs.get(Key.LATENCY_MS) is not None:
+            rows.append(attrs[Key.COST_FEATURES])
+            latency.append(attrs[Key.LATENCY_MS])
+            energy.append(sensor_energy(attrs))
+    return rows, latency, energy
+
+
+def sensor_energy(attrs: dict) -> float | None:
+    """A trial's energy per inference where a sensor measured it; None where it was estimated."""
+    measured = str(attrs.get(Key.ENERGY_SOURCE, "")).startswith("measured:")
+    return attrs.get(Key.ENERGY_MJ) if measured and attrs.get(Key.ENERGY_MJ) else None

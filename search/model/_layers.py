@@ -1,0 +1,72 @@
+"""Which layers of a model a plan can address, and which of them lead a channel-pruning group."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from search._errors import UsageError
+from search.model._inputs import Inputs, call
+
+COMPRESSIBLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerInfo:
+    name: str
+    kind: str
+    weight_shape: tuple[int, ...]
+    prunable: bool  # leads a Torch-Pruning group whose output channels can be removed
+    two_four: bool  # the input dimension splits into groups of 4 (2:4 sparsity possible)
+    edge: bool  # first or last compressible layer
+
+
+def compressible_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Conv1d/Conv2d/Linear modules by dotted name, in registration order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, COMPRESSIBLE)}
+
+
+def output_layer(model: nn.Module) -> nn.Module:
+    """The last compressible layer: its outputs are the model's, so its channels are never pruned."""
+    layers = compressible_layers(model)
+    if not layers:
+        raise UsageError(
+            f"model {type(model).__name__} has no Conv1d, Conv2d or Linear layer to compress"
+        )
+    return list(layers.values())[-1]
+
+
+@torch.enable_grad()  # Torch-Pruning traces through autograd, even under a caller's no_grad
+def dependency_graph(model: nn.Module, example_input: Inputs) -> tp.DependencyGraph:
+    was_training = model.training
+    model.eval()  # tracing runs a forward pass: keep BatchNorm statistics untouched
+    try:
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example_input, forward_fn=call)
+    finally:
+        model.train(was_training)
+
+
+def describe_layers(model: nn.Module, example_input: Inputs) -> list[LayerInfo]:
+    layers = compressible_layers(model)
+    graph = dependency_graph(model, example_input)
+    roots = {
+        group[0].dep.target.module
+        for group in graph.get_all_groups(
+            ignored_layers=[output_layer(model)], root_module_types=list(COMPRESSIBLE)
+        )
+    }
+    names = list(layers)
+    return [
+        LayerInfo(
+            name=name,
+            kind=type(module).__name__,
+            weight_shape=tuple(module.weight.shape),
+            prunable=module in roots,
+            two_four=module.weight.shape[1] % 4 == 0,
+            edge=name in (names[0], names[-1]),
+        )
+        for name, module in layers.items()
+    ]

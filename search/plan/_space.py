@@ -1,0 +1,143 @@
+"""The search space as data (a TOML file or flags), and the one function that samples a plan from it."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+
+import optuna
+
+from search._errors import UsageError
+from search.model import EncoderBlocks, LayerInfo
+from search.plan._plan import BITS, ChannelPruning, Depth, HeadPruning, LayerPlan, Plan, Quantization, WeightSparsity
+
+TWO_FOUR = "2:4"
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpace:
+    """Choices offered to every layer. Narrow any of them with ``--space file.toml`` or flags.
+
+    ``edge_min_bits``: the first and last layers keep at least this many bits (1 lifts the rule).
+    ``layers``: only these layers are compressed (all when empty); the others stay as in the teacher.
+    Transformers (a model with attention modules in one block list) are searched by ``depth`` (share
+    of the blocks kept: the student) and ``heads`` (share of each attention module's heads removed)
+    instead of ``width``; ``pruning`` narrows only their FFN layers, and their linear layers take
+    the ``bits`` above 1.
+    """
+
+    width: tuple[float, ...] = (1.0, 0.75, 0.5)
+    depth: tuple[float, ...] = (1.0, 0.67, 0.5)
+    heads: tuple[float, ...] = (0.0, 0.25, 0.5)
+    pruning: tuple[float, ...] = (0.0, 0.25, 0.5)
+    sparsity: tuple[float, ...] = (0.0, 0.5, 0.75)
+    two_four: bool = True
+    bits: tuple[int, ...] = (32, 8, 4, 1)
+    edge_min_bits: int = 8
+    layers: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        def check(field: str, values: Sequence, ok, accepted: str) -> None:
+            if not values:
+                raise UsageError(f"search space: {field!r} needs at least one value ({accepted})")
+            bad = [v for v in values if not ok(v)]
+            if bad:
+                raise UsageError(f"search space: {field!r} has {bad}; accepted: {accepted}")
+
+        check("width", self.width, lambda v: 0 < v <= 1, "numbers in (0, 1]")
+        check("depth", self.depth, lambda v: 0 < v <= 1, "numbers in (0, 1]")
+        check("heads", self.heads, lambda v: 0 <= v < 1, "numbers in [0, 1)")
+        check("pruning", self.pruning, lambda v: 0 <= v < 1, "numbers in [0, 1)")
+        check("sparsity", self.sparsity, lambda v: 0 <= v < 1, "numbers in [0, 1)")
+        check("bits", self.bits, lambda v: v in BITS, ", ".join(map(str, BITS)))
+        if self.edge_min_bits not in BITS:
+            raise UsageError(f"search space: 'edge_min_bits' is {self.edge_min_bits}; accepted: {BITS}")
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> SearchSpace:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise UsageError(f"search space file {path}: {exc}") from exc
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "search space") -> SearchSpace:
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise UsageError(f"{source}: unknown key(s) {', '.join(unknown)}; accepted: {', '.join(fields)}")
+        values = {}
+        for key, value in data.items():
+            default = fields[key].default
+            if isinstance(default, tuple):
+                if not isinstance(value, (list, tuple)):
+                    raise UsageError(f"{source}: {key!r} must be a list, got {value!r}")
+                value = tuple(value)
+            values[key] = value
+        return cls(**values)
+
+    def replace(self, **changes) -> SearchSpace:
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _bits_for(layer: LayerInfo, space: SearchSpace, transformer: bool) -> list[int]:
+    allowed = [
+        b for b in space.bits if (not layer.edge or b >= space.edge_min_bits) and not (transformer and b == 1)
+    ]
+    return allowed or [max(BITS)]  # no offered width is wide enough for an edge layer: it stays float
+
+
+def kept_blocks(blocks: int, kept: int) -> tuple[int, ...]:
+    """``kept`` of ``blocks`` indices, evenly spaced from the first block to the last."""
+    if kept == 1:
+        return (0,)
+    return tuple(sorted({round(i * (blocks - 1) / (kept - 1)) for i in range(kept)}))
+
+
+def _suggest_depth(trial: optuna.Trial, space: SearchSpace, blocks: EncoderBlocks) -> Depth | None:
+    choices = sorted({max(1, round(share * blocks.blocks)) for share in space.depth}, reverse=True)
+    kept = trial.suggest_categorical("depth", choices)
+    return None if kept == blocks.blocks else Depth(blocks.container, kept_blocks(blocks.blocks, kept))
+
+
+def suggest_plan(
+    trial: optuna.Trial, space: SearchSpace, layers: Sequence[LayerInfo], blocks: EncoderBlocks | None = None
+) -> Plan:
+    """Sample one plan: width (or, for a Transformer with ``blocks``, depth and per attention module
+    the heads removed), then per layer bit width, sparsity (dense when binarized) and pruning.
+
+    Parameter names are ``width``/``depth``, ``<attention module>.heads`` and ``<layer>.bits`` /
+    ``.sparsity`` / ``.pruning``, so the study's DataFrame has one column per module and technique.
+    Modules of dropped blocks get no parameters.
+    """
+    width, depth, heads = 1.0, None, {}
+    if blocks is None:
+        width = trial.suggest_categorical("width", list(space.width))
+    else:
+        depth = _suggest_depth(trial, space, blocks)
+        for name in blocks.heads:
+            if depth is None or depth.rename(name) is not None:
+                heads[name] = HeadPruning(trial.suggest_categorical(f"{name}.heads", list(space.heads)))
+    plans = {}
+    for layer in layers:
+        if space.layers and layer.name not in space.layers:
+            continue
+        if depth is not None and depth.rename(layer.name) is None:
+            continue
+        bits = trial.suggest_categorical(f"{layer.name}.bits", _bits_for(layer, space, blocks is not None))
+        sparsity = WeightSparsity()
+        if bits != 1:
+            choices = list(space.sparsity) + ([TWO_FOUR] if space.two_four and layer.two_four else [])
+            chosen = trial.suggest_categorical(f"{layer.name}.sparsity", choices)
+            sparsity = WeightSparsity(0.5, "2:4") if chosen == TWO_FOUR else WeightSparsity(float(chosen))
+        pruning = ChannelPruning()
+        if layer.prunable if blocks is None else layer.name in blocks.ffn:
+            pruning = ChannelPruning(trial.suggest_categorical(f"{layer.name}.pruning", list(space.pruning)))
+        plans[layer.name] = LayerPlan(pruning, sparsity, Quantization(bits))
+    return Plan(width=width, layers=plans, heads=heads, depth=depth)

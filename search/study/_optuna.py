@@ -1,0 +1,91 @@
+"""The Optuna objects a study runs with: its sampler, its storage, and its pruner, with the view
+that lets a single-objective pruner judge a multi-objective study's fine-tunes."""
+
+from __future__ import annotations
+
+import optuna
+from optuna.storages import RDBStorage
+from optuna.study import StudyDirection
+from optuna.trial import TrialState
+
+from search._record import Key
+from search.compress import Finetune
+from search.study._results import storage_url
+from search.study._workers import RetryOnce
+
+HEARTBEAT_S = 30
+_SAMPLERS = {
+    # Categorical, conditional space, a few hundred trials at most: what AutoSampler picks too.
+    "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True),
+    "nsga2": lambda seed: optuna.samplers.NSGAIISampler(seed=seed),
+    "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
+}
+SAMPLERS = tuple(_SAMPLERS)
+# "percentile": Optuna's PercentilePruner on the fine-tune curves; "none"; "custom": a pruner object
+# passed to search.run, which worker processes cannot rebuild.
+PRUNERS = ("percentile", "none", "custom")
+
+
+def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
+    """The sampler named ``name``, one of :data:`SAMPLERS`."""
+    return _SAMPLERS[name](seed)
+
+
+def make_storage(url: str) -> optuna.storages.BaseStorage:
+    url = storage_url(url)
+    if url.startswith(("sqlite:", "postgresql", "mysql")):
+        # Heartbeats: a trial whose process died is failed and its plan retried once.
+        return RDBStorage(
+            url,
+            heartbeat_interval=HEARTBEAT_S,
+            grace_period=4 * HEARTBEAT_S,
+            heartbeat_stale_trial_callback=RetryOnce(),
+        )
+    return optuna.storages.get_storage(url)
+
+
+def make_pruner(name: str, finetune: Finetune) -> optuna.pruners.BasePruner:
+    """``"none"``, or else the default (``"percentile"``): keep the top 80 %, pruning a fine-tune
+    whose metric from half-way on is in the bottom fifth."""
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.PercentilePruner(80.0, n_startup_trials=8, n_warmup_steps=finetune.steps // 2)
+
+
+def _curve_trial(trial: optuna.trial.FrozenTrial | None, curve: dict | None = None) -> optuna.trial.FrozenTrial:
+    """A trial as a single-objective pruner sees it: its fine-tune curve of the metric, nothing else."""
+    curve = curve if curve is not None else trial.user_attrs.get(Key.FINETUNE_CURVE, {})
+    return optuna.trial.create_trial(
+        state=TrialState.RUNNING if trial is None else trial.state,
+        values=trial.values if trial is not None and trial.state == TrialState.COMPLETE else None,
+        intermediate_values={int(step): value for step, value in curve.items()},
+    )
+
+
+class _MetricView:
+    """The study as Optuna's single-objective pruners see it: the metric's fine-tune curves, maximised.
+
+    Optuna's pruners, and ``Trial.report``, reject multi-objective studies (and intermediate values
+    stored in one break TPE's handling of pruned trials), so the curves live in a user attr and the
+    pruner judges them here. A fine-tune that is hopeless is hopeless on the metric, whatever its latency.
+    """
+
+    direction = StudyDirection.MAXIMIZE
+
+    def __init__(self, study: optuna.Study) -> None:
+        self._study = study
+
+    def get_trials(self, deepcopy: bool = False, states=None) -> list[optuna.trial.FrozenTrial]:
+        return [_curve_trial(t) for t in self._study.get_trials(deepcopy=False, states=states)]
+
+
+def report_and_maybe_prune(study: optuna.Study, trial: optuna.Trial, curve: dict, step: int, value: float) -> None:
+    """Add ``value`` at fine-tune ``step`` to the trial's curve, and raise ``optuna.TrialPruned``
+    when the study's pruner says the fine-tune is hopeless."""
+    curve[str(step)] = value
+    trial.set_user_attr(Key.FINETUNE_CURVE, curve)
+    if study.pruner.prune(_MetricView(study), _curve_trial(None, curve)):
+        reason = f"metric {value:.4f} at fine-tune step {step} is below the pruner's bar"
+        trial.set_user_attr(Key.PRUNED_BY, "pruner")
+        trial.set_user_attr(Key.PRUNED_REASON, reason)
+        raise optuna.TrialPruned(reason)

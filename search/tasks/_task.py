@@ -1,0 +1,167 @@
+"""What gets compressed: the teacher, its data and how it is scored."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import importlib
+import inspect
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from search._errors import UsageError
+from search.artifacts import OnnxModule
+from search.compress import DistillLoss, Finetune, check_distill_loss
+from search.model import Inputs, Output, call, check_example_input, reduce_output, reduced_output, split_batch
+
+Metric = Callable[[nn.Module, Iterable], float]
+
+
+@torch.no_grad()
+def top1_accuracy(model: nn.Module, val: Iterable) -> float:
+    """Share of ``(inputs, labels)`` batches' samples whose arg-max logit is the label."""
+    correct = total = 0
+    for batch in val:
+        inputs, labels = split_batch(batch)
+        if labels is None:
+            raise UsageError(
+                "the default metric, top-1 accuracy, needs labelled val batches; got (inputs, None): "
+                "name the task's metric (Task.metric)"
+            )
+        correct += int((call(model, inputs).argmax(dim=1) == labels).sum())
+        total += len(labels)
+    return correct / total
+
+
+@dataclasses.dataclass
+class Task:
+    """A trained teacher and its data.
+
+    ``train`` and ``val`` are iterables of ``(inputs, labels)`` batches (DataLoaders); inputs are a
+    tensor, a tuple of tensors or a dict of tensors by argument name (``model(x)``, ``model(*x)``,
+    ``model(**x)``), labels ``None`` for unlabelled data. ``example_input`` has the same form with
+    batch size 1 and fixes the shape latency is measured at. ``metric(model, val)`` is
+    higher-is-better and is called on the exported ONNX model (wrapped as an ``nn.Module``) as well as
+    on torch models; both return the same tensor: ``output(model's output)``, or the output itself.
+    ``distill_loss``: ``"kl"`` (on logits, plus cross-entropy where labels are given), ``"mse"``,
+    ``"cosine"`` (on the output tensors, such as embeddings), or ``loss(student_out, teacher_out,
+    labels)`` returning a scalar tensor. ``finetune``: the fine-tune this teacher wants when the run
+    names none (a pretrained Transformer needs a far smaller learning rate than a CNN trained from
+    scratch). ``calibration``: ``(inputs, labels)`` batches at ``example_input``'s shape for static
+    int8 calibration, when ``train``'s batches have another (e.g. trimmed padding); default ``train``.
+    ``spec`` is the ``module:function`` that made the task and ``options`` the keywords it was
+    called with (set by :func:`load_task`): worker processes load the task by them.
+    """
+
+    model: nn.Module
+    train: Iterable
+    val: Iterable
+    example_input: Inputs
+    metric: Metric | None = None
+    name: str = "task"
+    spec: str | None = None
+    output: Output | None = None
+    distill_loss: DistillLoss = "kl"
+    finetune: Finetune | None = None
+    calibration: Iterable | None = None
+    options: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, nn.Module):
+            raise UsageError(f"Task.model must be a torch.nn.Module, got {type(self.model).__name__}")
+        check_example_input(self.example_input)
+        if self.output is not None and not callable(self.output):
+            raise UsageError(f"Task.output must be None or a function of the model's output, got {self.output!r}")
+        check_distill_loss(self.distill_loss)
+        if self.finetune is not None and not isinstance(self.finetune, Finetune):
+            raise UsageError(f"Task.finetune must be a search.Finetune or None, got {type(self.finetune).__name__}")
+        self._check_forward()
+        if self.metric is None:
+            self.metric = top1_accuracy
+
+    def _check_forward(self) -> None:
+        """The teacher runs on ``example_input`` and its output reduces to one tensor."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                out = call(self.model, self.example_input)
+        except Exception as exc:
+            raise UsageError(f"Task.model(example_input) raised {type(exc).__name__}: {exc}") from exc
+        finally:
+            self.model.train(was_training)
+        reduce_output(out, self.output)
+
+    def reseed(self, seed: int) -> None:
+        """Restart the shuffled order of the task's DataLoaders that own a generator: a loader's
+        generator otherwise goes on from wherever earlier trials left it, and the same plan would
+        be fine-tuned and calibrated on other batches depending on what ran before it in this
+        process. (A loader without one shuffles from torch's global RNG, which the trial seeds.)"""
+        for loader in (self.train, self.val, self.calibration):
+            generator = getattr(loader, "generator", None)
+            if isinstance(generator, torch.Generator):
+                generator.manual_seed(seed)
+
+    def fingerprint(self) -> str:
+        """sha256 of the teacher's weights: every worker of a study must compress the same model."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def score(self, model: nn.Module) -> float:
+        """``metric`` of a torch model of the task (its output reduced by ``output``) or of an
+        :class:`~search._export.OnnxModule` (whose graph already ends in that reduction)."""
+        model.eval()
+        reduced = contextlib.nullcontext() if isinstance(model, OnnxModule) else reduced_output(model, self.output)
+        with torch.no_grad(), reduced:
+            return float(self.metric(model, self.val))
+
+
+DEFAULT_TASK = "search.tasks:digits"
+
+
+def load_task(spec: str, **options) -> Task:
+    """``module:function`` → the Task that function returns, called with ``options`` as keywords
+    (such as ``seq_len`` from ``--seq-len``), none by default.
+
+    The module is imported from the current directory or an installed package.
+    """
+    module_name, sep, function_name = spec.partition(":")
+    if not sep or not module_name or not function_name:
+        raise UsageError(f"task {spec!r}: expected module:function, such as {DEFAULT_TASK}")
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"task {spec!r}: cannot import module {module_name!r} ({exc})") from exc
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise UsageError(f"task {spec!r}: module {module_name!r} has no function {function_name!r}")
+    _check_options(spec, function, options)
+    try:
+        task = function(**options)
+    except UsageError:
+        raise
+    except Exception as exc:
+        raise UsageError(f"task {spec!r}: {function_name}() raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(task, Task):
+        raise UsageError(f"task {spec!r}: {function_name}() returned {type(task).__name__}, not a search.Task")
+    task.spec, task.options = spec, dict(options)
+    return task
+
+
+def _check_options(spec: str, function: Callable, options: dict) -> None:
+    try:
+        inspect.signature(function).bind(**options)
+    except TypeError:
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in options)
+        signature = f"{function.__name__}{inspect.signature(function)}"
+        raise UsageError(f"task {spec!r} does not take {flags}: its function is {signature}") from None
