@@ -30,7 +30,7 @@ _LAZY = {
         "Budget", "ChannelPruning", "Depth", "HeadPruning", "LayerPlan", "Plan", "Quantization", "SearchSpace",
         "WeightSparsity", "parse_budget",
     ),
-    "search.study": ("RunSpec", "export", "load_trials", "open_study", "run", "work"),
+    "search.study": ("RunSpec", "export", "load_sensitivity", "load_trials", "open_study", "run", "work"),
     "search.tasks": ("Task", "load_task", "top1_accuracy"),
 }  # fmt: skip
 _HOME = {name: module for module, names in _LAZY.items() for name in names}

@@ -14,6 +14,13 @@ class Key:
     COST_FEATURES = "cost_features"  # the cost model's features of the built candidate
     FINETUNE_CURVE = "finetune_curve"  # {step: metric} reported to the pruner during the fine-tune
     FINETUNE_LOSS = "finetune_loss_first_last"
+    FINETUNE_STEPS = "finetune_steps"  # the steps the plan was fine-tuned for, over all its rungs
+    BEST_STEP = "best_step"  # the step whose state was kept (0: the fine-tune improved nothing)
+    RUNG = "rung"  # 0: screened with the shortest fine-tune; each promotion one more
+    CONTINUE_FROM = "continue_from"  # a promotion: the trial whose fine-tune it goes on with
+    FINETUNE_FROM = "finetune_from"  # where a promotion's fine-tune started: its parent's saved state
+    RECIPE = "recipe"  # a plan users know (int8 everywhere, uniform pruning, a student width, ...)
+    FINETUNE_SKIPPED = "finetune_skipped"  # why the plan was not fine-tuned (measured over the budget)
     # The measured record: what the front and the DataFrame are made of.
     METRIC = "metric"
     METRIC_SOURCE = "metric_source"
@@ -58,6 +65,7 @@ class Key:
     LATENCY_PREDICTION_ERROR = "latency_prediction_error"
     ENERGY_PREDICTION_ERROR = "energy_prediction_error"
     RETRY_OF = "retry_of"
+    SUPERSEDED_BY = "superseded_by"  # the promotion that fine-tuned this plan further
 
 
 # Trial user attrs promoted to plain DataFrame columns, in this order; the rest stay user_attrs_*.
@@ -69,7 +77,8 @@ COLUMNS = (
     Key.PREDICTED_LATENCY_MS, Key.PREDICTED_LATENCY_LOW_MS, Key.PREDICTED_HEADROOM, Key.PREDICTED_SOURCE,
     Key.LATENCY_PREDICTION_ERROR,
     Key.PREDICTED_ENERGY_MJ, Key.ENERGY_PREDICTION_ERROR,
-    Key.PRUNED_BY, Key.PRUNED_REASON, Key.DUPLICATE_OF,
+    Key.RECIPE, Key.RUNG, Key.FINETUNE_STEPS, Key.BEST_STEP, Key.CONTINUE_FROM, Key.SUPERSEDED_BY,
+    Key.FINETUNE_SKIPPED, Key.PRUNED_BY, Key.PRUNED_REASON, Key.DUPLICATE_OF,
     Key.PRECISION, Key.RUNTIME, Key.MEASURED_ON, Key.FAIL_REASON, Key.RETRY_OF, Key.ARTIFACTS,
 )  # fmt: skip
 
@@ -83,3 +92,5 @@ class StudyKey:
     BASELINE = "baseline"  # the uncompressed teacher, scored and measured once
     BUDGET_MS = "budget_ms"  # the budget in ms, resolved once against the baseline
     COST_MODEL_WARM_START = "cost_model_warm_start"  # measurements from earlier studies
+    FINETUNE_NOTE = "finetune_note"  # how the longest fine-tune was chosen
+    SENSITIVITY = "sensitivity"  # each layer's metric with only it compressed, per option

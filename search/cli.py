@@ -27,12 +27,14 @@ from search.costmodel import cost_model_report
 from search.plan import SearchSpace
 from search.study import (
     FINISHED,
+    METRIC_WINDOW,
     OBJECTIVES,
     SAMPLERS,
     STAGES,
     RunSpec,
     export,
     finished_count,
+    load_sensitivity,
     load_trials,
     open_study,
     pareto_front,
@@ -109,7 +111,7 @@ def run_command(
     objectives: Annotated[str, typer.Option(help=f"Comma-separated from {', '.join(OBJECTIVES)}.")] = "metric,latency",
     trials: Annotated[int, typer.Option(min=1, help="Finished trials the study should hold.")] = 20,
     timeout: Annotated[
-        Optional[float], typer.Option(min=0.001, help="Stop starting trials after this many seconds.")
+        Optional[float], typer.Option(min=0.001, help="Stop starting trials this many seconds after the start (set-up included).")
     ] = None,
     sampler: Annotated[str, typer.Option(help=f"One of {', '.join(SAMPLERS)}.")] = "tpe",
     seed: Annotated[int, typer.Option()] = 0,
@@ -119,8 +121,13 @@ def run_command(
     pruning: Annotated[Optional[str], typer.Option(help="Channel pruning ratios, e.g. 0,0.25,0.5.")] = None,
     sparsity: Annotated[Optional[str], typer.Option(help="Weight sparsity ratios, e.g. 0,0.5.")] = None,
     two_four: Annotated[Optional[bool], typer.Option("--two-four/--no-two-four", help="Offer 2:4 sparsity.")] = None,
+    epochs: Annotated[
+        Optional[float],
+        typer.Option(min=0.001, help="The longest fine-tune, in epochs of the task's training data [default: the "
+                     "task's, else from the data's size and the run's time]."),
+    ] = None,
     steps: Annotated[
-        Optional[int], typer.Option(min=0, help=f"Fine-tune steps per candidate [default: the task's, or {Finetune.steps}].")
+        Optional[int], typer.Option(min=0, help="The longest fine-tune in steps (batches), instead of --epochs.")
     ] = None,
     alpha: Annotated[
         Optional[float], typer.Option(help=f"Weight of the distillation (KL) term [default: {Finetune.alpha}].")
@@ -138,7 +145,17 @@ def run_command(
     seq_len: Annotated[
         Optional[int], typer.Option(help="Sequence length latency is measured at, for tasks that take one.")
     ] = None,
-    prune_trials: Annotated[bool, typer.Option("--pruner/--no-pruner", help="Stop weak fine-tunes early.")] = True,
+    prune_trials: Annotated[
+        bool,
+        typer.Option("--pruner/--no-pruner", help="Successive halving: screen every plan with a short fine-tune and "
+                     "fine-tune longer only those that could still reach the front (off: every plan gets the longest)."),
+    ] = True,
+    recipes: Annotated[
+        bool, typer.Option(help="Start with the recipes users know (int8 everywhere, uniform pruning, students).")
+    ] = True,
+    sensitivity: Annotated[
+        bool, typer.Option(help="Measure each layer's sensitivity first; it seeds a recipe and steers the search.")
+    ] = True,
     cost_model: Annotated[
         Switch,
         typer.Option(help="Skip plans the learned cost model predicts over the budget and not worth measuring."),
@@ -160,7 +177,8 @@ def run_command(
         target_spec = targets.load_target(target)
         # An unreachable target fails before any work.
         measurer = profilers.get_profiler(target_spec, service=profiler, token=token)
-        tuning = {"steps": steps, "alpha": alpha, "temperature": temperature, "lr": lr, "schedule": lr_schedule}
+        tuning = {"steps": steps, "epochs": epochs, "alpha": alpha, "temperature": temperature, "lr": lr,
+                  "schedule": lr_schedule}  # fmt: skip
         spec = RunSpec(
             target=target_spec, budget=budget, objectives=tuple(objectives.split(",")), trials=trials,
             timeout=timeout, sampler=sampler, seed=seed,
@@ -173,7 +191,8 @@ def run_command(
                 two_four=two_four,
             ),
             finetune={key: value for key, value in tuning.items() if value is not None},  # the task's for the rest
-            pruner="percentile" if prune_trials else "none", cost_model=cost_model == Switch.on,
+            pruner="asha" if prune_trials else "none", cost_model=cost_model == Switch.on, recipes=recipes,
+            sensitivity=sensitivity,
             task=task, task_options={"seq_len": seq_len} if seq_len is not None else {},
             profiler=getattr(measurer, "address", None), storage=storage, study_name=study_name,
             results_dir=results_dir, workers=workers,
@@ -195,7 +214,8 @@ def run_command(
             )
         progress = _Progress(trials)
         with _resumable("the same command"), console.status(
-            f"measuring the uncompressed teacher on {target_spec.name}…"
+            f"measuring the uncompressed teacher on {target_spec.name}"
+            + (" and each layer's sensitivity…" if sensitivity else "…")
         ) as status:
             progress.status = status
             study = run(
@@ -236,7 +256,7 @@ def worker_command(
     results_dir: Annotated[Path, typer.Option(help="Where this worker writes its trials' files.")] = Path("results"),
     seed: Annotated[Optional[int], typer.Option(help="This worker's sampler seed (default: random).")] = None,
     timeout: Annotated[
-        Optional[float], typer.Option(min=0.001, help="Stop starting trials after this many seconds.")
+        Optional[float], typer.Option(min=0.001, help="Stop starting trials this many seconds after the start (set-up included).")
     ] = None,
     profiler: ProfilerAddress = None,
     token: ProfilerToken = None,
@@ -297,9 +317,24 @@ def _trial_line(trial: optuna.trial.FrozenTrial) -> str:
         return (
             f"trial {trial.number:>3}  metric {attrs[Key.METRIC]:.4f}  latency {attrs[Key.LATENCY_MS]:.4f} ms"
             f"  size {attrs[Key.SIZE_BYTES] / 1024:.0f} KiB  {'within budget' if feasible else 'over budget'}"
+            f"  {_finetune_words(attrs)}{_recipe_words(attrs)}"
         )
     reason = attrs.get(Key.FAIL_REASON) or attrs.get(Key.PRUNED_REASON) or trial.system_attrs.get("fail_reason", "")
     return f"trial {trial.number:>3}  {trial.state.name.lower()}  {reason}"
+
+
+def _finetune_words(attrs: dict) -> str:
+    """How the trial's plan was fine-tuned: skipped, or its steps, rung and where it came from."""
+    if attrs.get(Key.FINETUNE_SKIPPED):
+        return f"not fine-tuned ({attrs[Key.FINETUNE_SKIPPED]})"
+    if Key.FINETUNE_STEPS not in attrs:
+        return ""
+    parent = f", continues trial {attrs[Key.CONTINUE_FROM]}" if Key.CONTINUE_FROM in attrs else ""
+    return f"fine-tuned {attrs[Key.FINETUNE_STEPS]} steps (rung {attrs.get(Key.RUNG, 0)}{parent}, best at {attrs.get(Key.BEST_STEP)})"
+
+
+def _recipe_words(attrs: dict) -> str:
+    return f"  recipe: {attrs[Key.RECIPE]}" if attrs.get(Key.RECIPE) else ""
 
 
 def _print_front(study: optuna.Study) -> None:
@@ -313,18 +348,34 @@ def _print_front(study: optuna.Study) -> None:
     )
     runtime = frame[Key.RUNTIME].dropna().iloc[0] if Key.RUNTIME in frame and frame[Key.RUNTIME].notna().any() else "the target"
     table = Table(title=title, caption=f"latency: median and p90, measured by {runtime}; * estimated, not measured")
-    for column in ("trial", "metric", "ms", "p90 ms", "speedup", "energy mJ", "KiB", "precision"):
-        table.add_column(column, justify="right")
+    for column in ("trial", "metric", "ms", "p90 ms", "speedup", "energy mJ", "KiB", "precision", "steps", "recipe"):
+        table.add_column(column, justify="left" if column == "recipe" else "right")
     base_ms = baseline.get(Key.LATENCY_MS)
-    rows = [("teacher", baseline, "fp32")] if baseline else []
-    rows += [(str(row["number"]), row, row[Key.PRECISION]) for _, row in pareto_front(frame).iterrows()]
-    for label, row, precision in rows:
+    rows = [("teacher", baseline, "fp32", "", "")] if baseline else []
+    rows += [
+        (str(row["number"]), row, row[Key.PRECISION], _steps(row[Key.FINETUNE_STEPS]), _text(row[Key.RECIPE]))
+        for _, row in pareto_front(frame).iterrows()
+    ]
+    for label, row, precision, steps, recipe in rows:
         table.add_row(
             label, f"{row[Key.METRIC]:.4f}", f"{row[Key.LATENCY_MS]:.4f}", f"{row[Key.LATENCY_P90_MS]:.4f}",
             f"{base_ms / row[Key.LATENCY_MS]:.2f}×" if base_ms else "",
             _energy(row[Key.ENERGY_MJ], row[Key.ENERGY_SOURCE]), f"{row[Key.SIZE_BYTES] / 1024:.0f}", precision,
+            steps, recipe,
         )  # fmt: skip
     _print_table(table)
+    note = study.user_attrs.get(StudyKey.FINETUNE_NOTE)
+    if note:
+        console.print(f"longest fine-tune: {note}", highlight=False, soft_wrap=True)
+
+
+def _steps(value) -> str:
+    return "" if value is None or value != value else str(int(value))
+
+
+def _text(value) -> str:
+    """A DataFrame cell that holds text or nothing (None, NaN)."""
+    return value if isinstance(value, str) else ""
 
 
 def _folder(study: optuna.Study) -> Path:
@@ -352,13 +403,40 @@ def _energy(value: float | None, source: str) -> str:
 
 
 @app.command("results")
-def results_command(study: StudyArg, study_name: StudyName = None) -> None:
+def results_command(
+    study: StudyArg,
+    study_name: StudyName = None,
+    sensitivity: Annotated[bool, typer.Option(help="Print each layer's sensitivity instead.")] = False,
+) -> None:
     """Print the Pareto front and trial counts; write pareto.png beside the study."""
     with _user_errors():
         opened = open_study(study, study_name)
+        if sensitivity:
+            _print_sensitivity(opened)
+            return
         _print_front(opened)
         folder = _folder(opened)
         console.print(f"plot: {plot_front(opened, folder / 'pareto.png')}", highlight=False)
+
+
+def _print_sensitivity(study: optuna.Study) -> None:
+    frame = load_sensitivity(study)
+    if frame.empty:
+        console.print(f"{study.study_name}: no layer sensitivity (the study ran with --no-sensitivity)", highlight=False)
+        return
+    teacher = study.user_attrs.get(StudyKey.BASELINE, {}).get(Key.METRIC)
+    table = Table(
+        title=f"{study.study_name}: the metric with one layer compressed, no fine-tune (most sensitive first)",
+        caption=f"excluded: a bit width not offered to that layer (alone it drops the metric by more than {METRIC_WINDOW:g})"
+        + (f"; teacher's metric on its ONNX file {teacher:.4f}" if teacher is not None else ""),
+    )  # fmt: skip
+    for column in ("layer", "kind", "option", "metric", "drop", "excluded"):
+        table.add_column(column, justify="right" if column in ("metric", "drop") else "left")
+    for row in frame.itertuples():
+        metric = "failed" if row.error else f"{row.metric:.4f}"
+        drop = "" if row.error else f"{row.drop:+.4f}"
+        table.add_row(row.layer, row.kind, row.option, metric, drop, "yes" if row.excluded else "")
+    _print_table(table)
 
 
 @app.command("export")
@@ -376,12 +454,14 @@ def export_command(
         with console.status("exporting and re-measuring the Pareto front…"):
             rows = export(opened, out, profiler=measurer)
         table = Table(title=f"exported to {out}")
-        for column in ("trial", "metric", "search-time ms", "re-measured ms", "p90 ms", "file"):
+        for column in ("trial", "metric", "re-scored", "search-time ms", "re-measured ms", "p90 ms", "file"):
             table.add_column(column, justify="right")
         for _, row in rows.iterrows():
+            rescored = row["export_metric"]
             table.add_row(
-                str(row["number"]), f"{row[Key.METRIC]:.4f}", f"{row['search_latency_ms']:.4f}",
-                f"{row['export_latency_ms']:.4f}", f"{row['export_latency_p90_ms']:.4f}", row["path"],
+                str(row["number"]), f"{row[Key.METRIC]:.4f}", "" if rescored is None else f"{rescored:.4f}",
+                f"{row['search_latency_ms']:.4f}", f"{row['export_latency_ms']:.4f}",
+                f"{row['export_latency_p90_ms']:.4f}", row["path"],
             )  # fmt: skip
         _print_table(table)
 

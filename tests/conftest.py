@@ -57,6 +57,17 @@ def fast_profiler():
     )
 
 
+@pytest.fixture
+def worker_env(tmp_path, monkeypatch):
+    """Worker processes load ``worker_task:tiny`` with one teacher file; returns that task."""
+    from search.tasks import load_task
+
+    tests = Path(__file__).resolve().parent
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("SEARCH_TEST_TEACHER", str(tmp_path / "teacher.pt"))
+    return load_task("worker_task:tiny")
+
+
 @pytest.fixture(scope="module")
 def loopback_service():
     """The cpu target's ONNX Runtime profiler behind the profiler service on loopback, for one

@@ -16,7 +16,7 @@ from search.costmodel import MAX_EXPECTED_HEADROOM, CostGate, cost_model_report,
 from search.costmodel import FEATURE_NAMES, expected_headroom
 from targets import load_target
 
-QUICK = dict(finetune=Finetune(steps=1), pruner=optuna.pruners.NopPruner())
+QUICK = dict(finetune=Finetune(steps=1), pruner=optuna.pruners.NopPruner(), recipes=False, sensitivity=False)
 
 
 class MeteredProfiler(OnnxRuntimeCpuProfiler):

@@ -3,10 +3,9 @@ import torch
 from torch import nn
 
 from models import SmallCNN
-from search.compress import Finetune, distill, distillation_loss
 from search._errors import CandidateError
+from search.compress import Distillation, Finetune, apply_plan, distill, distillation_loss
 from search.plan import Plan
-from search.compress import apply_plan
 
 
 def test_distillation_loss_goes_down_on_the_digits(tiny_task):
@@ -159,3 +158,62 @@ def test_the_cosine_schedule_warms_up_then_decays_to_zero():
 def test_an_unknown_schedule_is_refused():
     with pytest.raises(ValueError, match="schedule must be one of constant, cosine, got 'linear'"):
         Finetune(schedule="linear")
+
+
+def test_a_fine_tune_that_makes_the_plan_worse_keeps_its_step_0_state(tiny_task):
+    """A learning rate far too high wrecks the student; the best state scored (before step 1) is
+    what the fine-tune leaves, and it says that step 0 was best."""
+    student = apply_plan(tiny_task.model, Plan(), tiny_task.example_input)
+    before = {key: value.clone() for key, value in student.state_dict().items()}
+    run = Distillation(student, tiny_task.model, tiny_task.train, Finetune(steps=6, eval_every=3, lr=50.0))
+    start = run.score(lambda: tiny_task.score(student))
+    scores = []
+    run.run(6, evaluate=lambda: tiny_task.score(student), on_eval=lambda step, value: scores.append((step, value)))
+    assert [step for step, _ in scores] == [3, 6] and all(value < start for _, value in scores)
+    run.restore_best()
+    assert run.best_step == 0 and run.best_metric == start and run.step == 6
+    assert all(torch.equal(before[key], value) for key, value in student.state_dict().items())
+    assert tiny_task.score(student) == start
+
+
+def test_a_fine_tune_goes_on_from_its_saved_state_as_if_it_had_not_stopped(tiny_task):
+    """Stopped at step 4, saved, and continued in a new run (a promotion): the same losses and
+    weights as one run of 8 steps; the step count goes on, the schedule too."""
+    config = Finetune(steps=8, eval_every=2, lr=1e-3, schedule="cosine")
+
+    tiny_task.reseed(0)
+    batches = [batch for _, batch in zip(range(8), tiny_task.train)]
+
+    def fresh() -> tuple[torch.nn.Module, Distillation]:
+        torch.manual_seed(0)
+        student = apply_plan(tiny_task.model, Plan(width=0.5), tiny_task.example_input)
+        return student, Distillation(student, tiny_task.model, batches, config)
+
+    whole_student, whole = fresh()
+    whole.run(8)
+    first_student, first = fresh()
+    first.run(4)
+    saved = first.state_dict()
+    second_student, second = fresh()
+    second.load_state_dict(saved)
+    second._batches = iter(batches[4:])  # the batches it had left
+    second.run(8)
+    assert second.step == 8 and second.scheduler.last_epoch == whole.scheduler.last_epoch == 8
+    assert second.first_last_losses() == pytest.approx(whole.first_last_losses(), rel=1e-5)
+    for key, value in whole_student.state_dict().items():
+        assert torch.allclose(second_student.state_dict()[key], value, atol=1e-5), key
+
+
+@pytest.mark.parametrize(
+    "steps, rungs, reduction, ends",
+    [(900, 3, 3, (100, 300, 900)), (6, 3, 3, (1, 2, 6)), (10, 1, 3, (10,)), (2, 3, 3, (1, 2)), (0, 3, 3, (0,))],
+)
+def test_rung_ends_divide_the_longest_fine_tune(steps, rungs, reduction, ends):
+    assert Finetune(steps=steps, rungs=rungs, reduction=reduction).rung_ends() == ends
+
+
+def test_an_unresolved_fine_tune_has_no_rungs_yet():
+    with pytest.raises(ValueError, match="not resolved yet"):
+        Finetune(epochs=3).rung_ends()
+    with pytest.raises(ValueError, match="fine-tune epochs must be > 0"):
+        Finetune(epochs=0)

@@ -5,12 +5,12 @@ import torch
 from onnx import TensorProto, numpy_helper
 from torch import nn
 
-from models import example_input
+from models import example_input, settle
 from search._errors import CandidateError
-from search.artifacts import OnnxModule, export_candidate, export_float, runtime_precision
+from search.artifacts import OnnxModule, export_candidate, export_float, export_raw, runtime_precision, with_weights
 from search.plan import ChannelPruning, LayerPlan, Plan, Quantization, WeightSparsity
 from search.compress import bake
-from search.compress import apply_plan
+from search.compress import apply_plan, build_structure
 
 CPU = ("fp32", "int8")
 
@@ -286,3 +286,38 @@ def test_a_static_int8_export_of_a_dict_input_model_calibrates_on_dict_batches(t
         expected = candidate(**x)
     cosine = nn.functional.cosine_similarity(OnnxModule(exported.path)(**x), expected, dim=1)
     assert cosine.min() > 0.9  # symmetric int8 activations spend half their levels on the negative side
+
+
+def test_weights_written_into_the_raw_graph_give_the_file_a_fresh_export_gives(tmp_path, cnn):
+    """A trial exports its plan's graph once, before the fine-tune, and writes the fine-tuned weights
+    into it: the file must be the one a second export of the fine-tuned model would have written."""
+    plan = Plan(layers={"conv1": LayerPlan(pruning=ChannelPruning(0.5)), "conv2": LayerPlan(quantization=Quantization(8))})
+    x = example_input(cnn, batch=8, seed=3)
+    structure = build_structure(cnn, plan, x)
+    export_raw(structure, x, tmp_path / "raw.onnx")
+    before = OnnxModule(tmp_path / "raw.onnx")(x)
+
+    settle(structure.train(), steps=2, seed=7)  # new BatchNorm statistics, as a fine-tune leaves
+    with torch.no_grad():
+        for parameter in structure.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    structure.eval()
+    with_weights(tmp_path / "raw.onnx", structure, tmp_path / "rewritten.onnx")
+    export_float(structure, x, tmp_path / "fresh.onnx")
+
+    rewritten, fresh = OnnxModule(tmp_path / "rewritten.onnx")(x), OnnxModule(tmp_path / "fresh.onnx")(x)
+    torch.testing.assert_close(rewritten, fresh, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(rewritten, structure(x), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(rewritten, before, atol=1e-3)  # the new weights, not the exported ones
+    ops = lambda p: sorted(n.op_type for n in onnx.load(str(p)).graph.node)  # noqa: E731
+    assert ops(tmp_path / "rewritten.onnx") == ops(tmp_path / "fresh.onnx")  # BatchNorm folded alike
+
+    quantized = {}
+    for name, raw in (("from-raw", tmp_path / "raw.onnx"), ("exported", None)):
+        quantized[name] = export_candidate(
+            structure, x, tmp_path / f"{name}.onnx", plan=plan, precisions=CPU, calibration=_calibration(cnn), raw=raw
+        )
+    assert quantized["from-raw"].layer_precision == quantized["exported"].layer_precision
+    torch.testing.assert_close(
+        OnnxModule(quantized["from-raw"].path)(x), OnnxModule(quantized["exported"].path)(x), rtol=1e-3, atol=1e-3
+    )

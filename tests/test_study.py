@@ -15,7 +15,7 @@ import search
 from search import Finetune, SearchSpace, Task, TargetUnavailableError, UsageError, run
 from search.study import OBJECTIVES
 
-FAST = dict(finetune=Finetune(steps=6, eval_every=3), pruner=optuna.pruners.NopPruner())
+FAST = dict(finetune=Finetune(steps=6, eval_every=3), pruner=optuna.pruners.NopPruner(), recipes=False, sensitivity=False)
 
 
 def test_a_study_builds_measures_and_records_every_trial(tiny_task, fast_profiler, tmp_path):
@@ -119,7 +119,7 @@ def test_the_pruner_stops_weak_fine_tunes(tiny_task, fast_profiler, tmp_path):
     frame = search.load_trials(study)
     assert list(frame["state"]) == ["PRUNED", "PRUNED"]
     assert frame["pruned_reason"].str.contains("fine-tune step 3").all()
-    assert all(t.user_attrs["finetune_curve"].keys() == {"3"} for t in study.trials)
+    assert all(t.user_attrs["finetune_curve"].keys() == {"0", "3"} for t in study.trials)  # scored before step 1 too
 
 
 @pytest.mark.parametrize(
@@ -356,3 +356,31 @@ def test_an_embedding_model_on_dict_inputs_runs_end_to_end(fast_profiler, tmp_pa
         assert [value.name for value in graph.input] == ["input_ids", "attention_mask"]
         int8_weights = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2]
         assert len(int8_weights) == 2  # fc1 and fc2
+
+
+def test_a_plan_over_the_budget_is_measured_but_never_fine_tuned(tiny_task, fast_profiler, tmp_path, monkeypatch):
+    """Latency does not depend on the fine-tuned weights: a plan measured over the budget is scored
+    as it is, and no fine-tune starts."""
+    from search.compress import Distillation
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an over-budget plan was fine-tuned")
+
+    monkeypatch.setattr(Distillation, "run", refuse)
+    study = run(tiny_task, budget="1us", trials=2, profiler=fast_profiler, results_dir=tmp_path, **FAST)
+    for trial in study.trials:
+        assert trial.state == optuna.trial.TrialState.COMPLETE
+        assert trial.user_attrs["finetune_steps"] == 0 and trial.user_attrs["finetune_skipped"] == "measured over the budget"
+        assert 0.0 <= trial.user_attrs["metric"] <= 1.0 and trial.constraints["latency_over_budget_ms"] > 0
+
+
+def test_the_exported_file_is_the_fine_tuned_one_and_export_scores_it_again(tiny_task, fast_profiler, tmp_path):
+    """Measured before the fine-tune, the trial's file is written again with the fine-tuned weights:
+    its metric is what the study recorded, and search.export scores it once more."""
+    study = run(tiny_task, trials=2, profiler=fast_profiler, results_dir=tmp_path, **FAST)
+    exported = search.export(study, tmp_path / "deploy", profiler=fast_profiler, task=tiny_task)
+    assert len(exported) >= 1
+    for _, row in exported.iterrows():
+        assert row["export_metric"] == pytest.approx(row["metric"], abs=1e-9)
+    for trial in study.trials:
+        assert trial.user_attrs["metric_torch"] is not None and trial.user_attrs["finetune_steps"] == 6

@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 
 import search
 from profilers import get_profiler
-from search import Finetune, SearchSpace, UsageError, load_task, run
+from search import Finetune, SearchSpace, UsageError, run
 from search.study import make_storage, work
 from search.study._workers import (
     RetryOnce,
@@ -36,7 +36,10 @@ from search.study._workers import (
 from targets import load_target
 
 TESTS = Path(__file__).resolve().parent
-FAST = dict(finetune=Finetune(steps=6, eval_every=3), pruner=optuna.pruners.NopPruner(), cost_model=False)
+FAST = dict(
+    finetune=Finetune(steps=6, eval_every=3), pruner=optuna.pruners.NopPruner(), cost_model=False, recipes=False,
+    sensitivity=False,
+)
 
 
 def _study(tmp_path, name="s") -> optuna.Study:
@@ -48,14 +51,6 @@ def _running(study: optuna.Study, **user_attrs) -> optuna.trial.FrozenTrial:
     for key, value in user_attrs.items():
         trial.set_user_attr(key, value)
     return study.get_trials(deepcopy=False)[trial.number]
-
-
-@pytest.fixture
-def worker_env(tmp_path, monkeypatch):
-    """Worker processes load ``worker_task:tiny`` with one teacher file; returns that task."""
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
-    monkeypatch.setenv("SEARCH_TEST_TEACHER", str(tmp_path / "teacher.pt"))
-    return load_task("worker_task:tiny")
 
 
 def _tolerant_profiler(**timing):

@@ -5,26 +5,27 @@ for the target (:func:`module_artifact`); :func:`measure_candidate` hands either
 
 from search.artifacts._measure import measure_candidate
 from search.artifacts._onnx import (
-    CALIBRATION_BATCHES,
     INT4_BLOCK,
     ExportedModel,
     OnnxModule,
     export_candidate,
     export_float,
+    export_raw,
     layer_precision,
     runtime_precision,
     weight_name,
+    with_weights,
 )
 from search.artifacts._pytorch import Prepared, float_precision, module_artifact, prepare, torchao_version
 
 __all__ = [
-    "CALIBRATION_BATCHES",
     "INT4_BLOCK",
     "ExportedModel",
     "OnnxModule",
     "Prepared",
     "export_candidate",
     "export_float",
+    "export_raw",
     "float_precision",
     "layer_precision",
     "measure_candidate",
@@ -33,4 +34,5 @@ __all__ = [
     "runtime_precision",
     "torchao_version",
     "weight_name",
+    "with_weights",
 ]

@@ -26,14 +26,16 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
+import onnxscript.optimizer
 import torch
 from torch import nn
 
 from search._errors import CandidateError
+from search.compress import CALIBRATION_BATCHES
 from search.model import Inputs, Output, compressible_layers, reduced_output, split_batch, tensors
 from search.plan import Plan
 
-CALIBRATION_BATCHES = 8
 INT4_BLOCK = 32  # MatMulNBits block size along the input dimension
 
 
@@ -90,18 +92,48 @@ def _twice(inputs: Inputs) -> Inputs:
     return type(inputs)(torch.cat([value, value]) for value in inputs)
 
 
-def export_float(model: nn.Module, example_input: Inputs, path: Path, output: Output | None = None) -> None:
-    """torch.export-based ONNX export, one file, dynamic batch dimension; the graph's one output is
+def export_raw(model: nn.Module, example_input: Inputs, path: Path, output: Output | None = None) -> None:
+    """torch.export-based ONNX export, one file, dynamic batch dimension, *not optimised*: every
+    parameter and buffer stays an initializer under its state-dict name, so that
+    :func:`with_weights` can write other weights of the same model into it without exporting again
+    (the exporter's tracing is most of an export's time). The graph's one output is
     ``output(model's output)`` (the task's reduction), or the model's output tensor itself."""
     model.eval()
     try:
         with _quiet(), torch.no_grad(), reduced_output(model, output):
-            torch.onnx.export(
-                model, f=str(path), dynamo=True, external_data=False, **_export_arguments(example_input)
+            program = torch.onnx.export(
+                model, f=None, dynamo=True, external_data=False, optimize=False, **_export_arguments(example_input)
             )
+        program.save(str(path))
     except Exception as exc:  # the exporter raises many types; the trial records the reason
         raise CandidateError(f"ONNX export failed: {type(exc).__name__}: {exc}".strip()) from exc
+
+
+def with_weights(raw: Path, model: nn.Module, path: Path) -> None:
+    """Write to ``path`` the graph of ``raw`` (:func:`export_raw` of a model of ``model``'s
+    structure) holding ``model``'s state dict, optimised as the exporter optimises (BatchNorm
+    folded, constants folded): the file :func:`export_float` writes for ``model``."""
+    graph = ir.load(str(raw))
+    state = model.state_dict()
+    for name, value in graph.graph.initializers.items():
+        if name in state:
+            value.const_value = ir.tensor(state[name].detach().cpu().contiguous().numpy())
+    try:
+        with _quiet():
+            onnxscript.optimizer.optimize(graph)
+    except Exception as exc:
+        raise CandidateError(f"ONNX optimisation failed: {type(exc).__name__}: {exc}".strip()) from exc
+    ir.save(graph, str(path))
     _name_weights(path, model)
+
+
+def export_float(model: nn.Module, example_input: Inputs, path: Path, output: Output | None = None) -> None:
+    """torch.export-based ONNX export, one file, dynamic batch dimension, optimised; the graph's
+    one output is ``output(model's output)`` (the task's reduction), or the model's output itself."""
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp, "raw.onnx")
+        export_raw(model, example_input, raw, output)
+        with_weights(raw, model, path)
 
 
 def _name_weights(path: Path, model: nn.Module) -> None:
@@ -189,10 +221,12 @@ def export_candidate(
     calibration: Iterable,
     symmetric: bool = False,
     output: Output | None = None,
+    raw: Path | None = None,
 ) -> ExportedModel:
-    """Write ``path``: float ONNX (see :func:`export_float`), then the plan's int8 and int4 layers,
-    as the module docstring says. Static int8 is calibrated on the first ``(inputs, labels)``
-    batches of ``calibration``.
+    """Write ``path``: float ONNX (see :func:`export_float`; from ``raw``, an :func:`export_raw` of
+    the model's structure, when given: no second export), then the plan's int8 and int4 layers, as
+    the module docstring says. Static int8 is calibrated on the first ``(inputs, labels)`` batches
+    of ``calibration``.
 
     Activations are uint8 with a zero point, the only form ONNX Runtime's CPU kernels run fast;
     ``symmetric``: int8 activations with zero point 0 and static Q/DQ on every layer (MatMuls too),
@@ -202,7 +236,10 @@ def export_candidate(
     precisions, path = tuple(precisions), Path(path)
     with tempfile.TemporaryDirectory() as tmp:
         current = Path(tmp, "float.onnx")
-        export_float(model, example_input, current, output)
+        if raw is None:
+            export_float(model, example_input, current, output)
+        else:
+            with_weights(raw, model, current)
         nodes = _layer_nodes(onnx.load(str(current)), compressible_layers(model))
         wanted = {
             name: runtime_precision(plan.layer(name).quantization.bits, precisions, node.op_type == "MatMul")

@@ -23,27 +23,60 @@ SCHEDULES = ("constant", "cosine")
 
 @dataclasses.dataclass(frozen=True)
 class Finetune:
-    """``loss = alpha · T² · KL(teacher_T ‖ student_T) + (1 − alpha) · CE(student, labels)`` for the
-    ``"kl"`` distillation loss; the other losses use only ``steps``, ``lr`` and ``eval_every``."""
+    """How a candidate is fine-tuned by distillation.
 
-    steps: int = 80
+    ``loss = alpha · T² · KL(teacher_T ‖ student_T) + (1 − alpha) · CE(student, labels)`` for the
+    ``"kl"`` distillation loss; the other losses use only the schedule fields.
+
+    The longest fine-tune a plan may get is ``steps`` batches, or ``epochs`` passes over the task's
+    training data; with neither, a study derives it from the data's size and the run's time
+    (:func:`search.study.resolve_finetune`). A study screens every plan with the shortest of
+    ``rungs`` fine-tunes, each ``reduction`` times longer than the one before, and promotes a plan
+    to the next while it could still reach the front. The student is scored every ``eval_every``
+    steps (and before the first): the fine-tune keeps its best state, so it never ends worse than
+    it started.
+    """
+
+    steps: int | None = None
+    epochs: float | None = None
     alpha: float = 0.7
     temperature: float = 4.0
     lr: float = 1e-3
-    eval_every: int = 20  # steps between intermediate scores reported to the pruner
-    schedule: str = "constant"  # or "cosine": 10 % linear warm-up, then cosine decay to 0
+    eval_every: int | None = None  # None: once per screening fine-tune's length
+    schedule: str = "constant"  # or "cosine": 10 % linear warm-up, then cosine decay to 0 over `steps`
+    rungs: int = 3
+    reduction: int = 3
 
     def __post_init__(self) -> None:
-        if self.steps < 0:
-            raise ValueError(f"fine-tune steps must be >= 0, got {self.steps}")
+        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0):
+            raise ValueError(f"fine-tune steps must be a whole number >= 0, got {self.steps!r}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ValueError(f"fine-tune epochs must be > 0, got {self.epochs!r}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"distillation alpha must be in [0, 1], got {self.alpha}")
         if self.temperature <= 0 or self.lr <= 0:
             raise ValueError(f"temperature and lr must be positive, got {self.temperature}, {self.lr}")
-        if self.eval_every < 1:
+        if self.eval_every is not None and self.eval_every < 1:
             raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"learning-rate schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.rungs < 1 or self.reduction < 2:
+            raise ValueError(f"fine-tune rungs must be >= 1 and reduction >= 2, got {self.rungs}, {self.reduction}")
+
+    def rung_ends(self) -> tuple[int, ...]:
+        """The step each rung's fine-tune ends at, shortest first: ``steps`` divided by
+        ``reduction`` once for each rung above, rounded up (rungs that would repeat a length, or
+        be shorter than one step, are left out)."""
+        if self.steps is None:
+            raise ValueError("the fine-tune's length is not resolved yet: steps is None")
+        ends = [math.ceil(self.steps / self.reduction**k) for k in reversed(range(self.rungs))]
+        return tuple(sorted({end for end in ends if end >= 1})) or (0,)
+
+    @property
+    def eval_interval(self) -> int:
+        """Steps between scores: ``eval_every``, or the screening fine-tune's length (a score takes
+        a pass over the task's validation data: a Transformer's can take as long as its steps)."""
+        return self.eval_every or max(1, self.rung_ends()[0])
 
 
 def check_distill_loss(loss: DistillLoss) -> None:
@@ -82,6 +115,117 @@ def distillation_loss(
     return config.alpha * soft + (1.0 - config.alpha) * hard
 
 
+class Distillation:
+    """A fine-tune of ``student`` by distillation from ``teacher`` that can stop at any step and go
+    on later from where it stopped (:meth:`state_dict`), keeping the student's best state.
+
+    ``loss`` and ``output`` are the task's ``distill_loss`` and ``output`` (see
+    :class:`~search.Task`). The learning-rate schedule spans ``config.steps``, the longest
+    fine-tune, so a fine-tune continued later follows the same schedule as one run at once.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        train: Iterable,
+        config: Finetune,
+        *,
+        loss: DistillLoss = "kl",
+        output: Output | None = None,
+    ) -> None:
+        check_distill_loss(loss)
+        if config.steps is None:
+            raise ValueError("the fine-tune's length is not resolved yet: steps is None")
+        self.student, self.teacher, self.config = student, teacher, config
+        self.loss, self.output = loss, output
+        self.optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=config.lr)
+        self.scheduler = _scheduler(self.optimizer, config)
+        self.step = 0
+        self.losses: list[float] = []
+        self.best_metric: float | None = None
+        self.best_step: int | None = None
+        self._best_state: dict[str, torch.Tensor] | None = None
+        self._batches = itertools.chain.from_iterable(itertools.repeat(train))
+
+    def score(self, evaluate: Callable[[], float]) -> float:
+        """``evaluate()`` of the student as it is now; kept as the best state when it beats the best."""
+        self.student.eval()
+        value = float(evaluate())
+        if math.isfinite(value) and (self.best_metric is None or value > self.best_metric):
+            self.best_metric, self.best_step = value, self.step
+            self._best_state = {key: tensor.detach().clone() for key, tensor in self.student.state_dict().items()}
+        return value
+
+    def run(
+        self,
+        until: int,
+        evaluate: Callable[[], float] | None = None,
+        on_eval: Callable[[int, float], None] | None = None,
+    ) -> None:
+        """Train to step ``until``. With ``evaluate``, the student is scored every
+        ``config.eval_interval`` steps and at ``until`` (:meth:`score`), and ``on_eval(step,
+        value)`` hears each score (it may raise ``optuna.TrialPruned``). A non-finite loss fails
+        the candidate."""
+        teacher, student, config = self.teacher, self.student, self.config
+        teacher.eval()
+        student.train()
+        while self.step < until:
+            inputs, labels = split_batch(next(self._batches))
+            with torch.no_grad():
+                teacher_out = reduce_output(call(teacher, inputs), self.output)
+            value = distillation_loss(
+                reduce_output(call(student, inputs), self.output), teacher_out, labels, config, self.loss
+            )
+            if not math.isfinite(value.item()):
+                raise CandidateError(f"fine-tuning diverged: loss is {value.item()} at step {self.step + 1}")
+            self.optimizer.zero_grad()
+            value.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            self.losses.append(value.item())
+            if evaluate is not None and (self.step % config.eval_interval == 0 or self.step == until):
+                scored = self.score(evaluate)
+                if on_eval is not None:
+                    on_eval(self.step, scored)
+                student.train()
+        student.eval()
+
+    def restore_best(self) -> None:
+        """Put the best state scored back into the student (its state now, if none was scored)."""
+        if self._best_state is not None:
+            self.student.load_state_dict(self._best_state)
+
+    def state_dict(self) -> dict:
+        """Everything needed to go on later: the student, the optimizer and schedule, the step,
+        the best state and its score, the first and last losses. Tensors and plain data only, so
+        it loads with ``torch.load(..., weights_only=True)``."""
+        return {
+            "step": self.step,
+            "student": self.student.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "best_metric": self.best_metric,
+            "best_step": self.best_step,
+            "best_state": None if self.best_step == self.step else self._best_state,  # else: the student's own
+            "losses_first_last": self.first_last_losses(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.student.load_state_dict(state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+        self.best_metric, self.best_step = state["best_metric"], state["best_step"]
+        best = state["best_state"] if state["best_state"] is not None else state["student"]
+        self._best_state = {key: tensor.detach().clone() for key, tensor in best.items()}
+        self.losses = list(state["losses_first_last"][:1])
+
+    def first_last_losses(self) -> list[float]:
+        return [self.losses[0], self.losses[-1]] if self.losses else []
+
+
 def distill(
     student: nn.Module,
     teacher: nn.Module,
@@ -94,40 +238,23 @@ def distill(
 ) -> list[float]:
     """Train ``student`` in place for ``config.steps`` batches; returns the loss of every step.
 
-    ``loss`` and ``output`` are the task's ``distill_loss`` and ``output`` (see :class:`~search.Task`).
-    ``on_eval(step)`` runs every ``eval_every`` steps (it may raise ``optuna.TrialPruned``).
-    A non-finite loss fails the candidate.
+    ``on_eval(step)`` runs every ``eval_interval`` steps before the last (it may raise
+    ``optuna.TrialPruned``). A non-finite loss fails the candidate. (:class:`Distillation` is the
+    same fine-tune, resumable and keeping the best state.)
     """
-    check_distill_loss(loss)
-    teacher.eval()
-    student.train()
-    optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=config.lr)
-    scheduler = _scheduler(optimizer, config)
-    batches = itertools.chain.from_iterable(itertools.repeat(train))
-    losses = []
-    for step, batch in zip(range(1, config.steps + 1), batches):
-        inputs, labels = split_batch(batch)
-        with torch.no_grad():
-            teacher_out = reduce_output(call(teacher, inputs), output)
-        value = distillation_loss(reduce_output(call(student, inputs), output), teacher_out, labels, config, loss)
-        if not math.isfinite(value.item()):
-            raise CandidateError(f"fine-tuning diverged: loss is {value.item()} at step {step}")
-        optimizer.zero_grad()
-        value.backward()
-        optimizer.step()
-        scheduler.step()
-        losses.append(value.item())
-        if on_eval is not None and step % config.eval_every == 0 and step < config.steps:
-            on_eval(step)
-            student.train()
-    student.eval()
-    return losses
+    run = Distillation(student, teacher, train, config, loss=loss, output=output)
+    for step in range(config.eval_interval, config.steps, config.eval_interval) if on_eval else ():
+        run.run(step)
+        student.train()  # as it trains: the callback may score it (and leave it in eval mode)
+        on_eval(step)
+    run.run(config.steps)
+    return run.losses
 
 
 def _scheduler(optimizer: torch.optim.Optimizer, config: Finetune) -> torch.optim.lr_scheduler.LRScheduler:
     """``cosine``: a pretrained model whose loss is already low is not walked away from its
     optimum by full-size Adam steps to the end (measured on MiniLM: see search/tasks.py)."""
-    if config.schedule == "constant" or config.steps == 0:
+    if config.schedule == "constant" or not config.steps:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     warmup = max(1, config.steps // 10)
 

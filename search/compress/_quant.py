@@ -7,9 +7,16 @@ Weights are quantized through ``torch.nn.utils.parametrize`` so that the float w
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+
+from search.model import call, split_batch
+
+CALIBRATION_BATCHES = 8  # batches that set int8 activation ranges, in torch and in the exported graph
 
 
 def _per_channel(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -86,6 +93,41 @@ def _quantize_input(module: nn.Module, args: tuple) -> tuple:
 def add_input_quant(module: nn.Module) -> None:
     module.input_quant = InputFakeQuant()
     module.register_forward_pre_hook(_quantize_input)
+
+
+@torch.no_grad()
+def calibrate_input_quant(model: nn.Module, batches: Iterable, count: int = CALIBRATION_BATCHES) -> None:
+    """Set the input fake-quantizers' ranges from the first ``count`` ``(inputs, labels)`` batches,
+    as the exporter's int8 calibration sets the graph's: the rest of the model stays in eval mode
+    (BatchNorm statistics untouched). Before it, an input quantizer passes its input through, and a
+    score of the candidate would leave its int8 activations out."""
+    quantizers = [module for module in model.modules() if isinstance(module, InputFakeQuant)]
+    if not quantizers:
+        return
+    model.eval()
+    for quantizer in quantizers:
+        quantizer.train()
+    try:
+        for batch in itertools.islice(batches, count):
+            call(model, split_batch(batch)[0])
+    finally:
+        model.eval()
+
+
+@torch.no_grad()
+def baked_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state dict as :func:`bake` would leave it, with ``model`` left as it is: each
+    parametrized weight at its current value (masked, on the quantization grid), no input
+    quantizers. It loads into the model :func:`~search.compress.build_structure` made for the plan."""
+    state = {
+        key: value.detach().clone()
+        for key, value in model.state_dict().items()
+        if ".parametrizations." not in f".{key}" and ".input_quant." not in f".{key}"
+    }
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module, "weight"):
+            state[f"{name}.weight" if name else "weight"] = module.weight.detach().clone()
+    return state
 
 
 def bake(model: nn.Module) -> nn.Module:

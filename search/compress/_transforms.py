@@ -206,8 +206,13 @@ def _check_forward(model: nn.Module, example_input: Inputs) -> None:
         model.train(was_training)
 
 
-def apply_plan(teacher: nn.Module, plan: Plan, example_input: Inputs) -> nn.Module:
-    """A new model: the teacher with the whole plan applied, quantizers active (ready for QAT)."""
-    model = build_structure(teacher, plan, example_input)
+def add_compression(model: nn.Module, plan: Plan, example_input: Inputs) -> nn.Module:
+    """``model`` (:func:`build_structure`'s output, or a copy of it) with the plan's sparsity masks
+    and quantizers added, in place: ready for QAT. Returns ``model``."""
     _apply(model, plan.student(), ("sparsity", "quantization"), example_input)
     return model
+
+
+def apply_plan(teacher: nn.Module, plan: Plan, example_input: Inputs) -> nn.Module:
+    """A new model: the teacher with the whole plan applied, quantizers active (ready for QAT)."""
+    return add_compression(build_structure(teacher, plan, example_input), plan, example_input)

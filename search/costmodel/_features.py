@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from search.artifacts import runtime_precision
-from search.model import Inputs, batch_size, call, compressible_layers
+from search.model import Inputs, applied_as_matmul, batch_size, compressible_layers, forward_calls
 from search.plan import Plan
 
 if TYPE_CHECKING:
@@ -89,24 +89,12 @@ def plan_features(
     calls: list[tuple[str, int, int]] = []  # (name, input elements, output elements) per call
     matmul: set[str] = set()  # Linear layers applied to sequences: MatMul nodes in the graph
 
-    def record(name: str):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            calls.append((name, args[0].numel(), output.numel()))
-            if isinstance(module, nn.Linear) and args[0].dim() > 2:
-                matmul.add(name)
+    def observe(name: str, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        calls.append((name, args[0].numel(), output.numel()))
+        if applied_as_matmul(module, args[0]):
+            matmul.add(name)
 
-        return hook
-
-    handles = [module.register_forward_hook(record(name)) for name, module in layers.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            call(model, example_input)
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
+    forward_calls(model, example_input, observe)
 
     batch = batch_size(example_input)
     precision = {}

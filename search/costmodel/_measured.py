@@ -16,7 +16,7 @@ def measured_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return [
         trial
         for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if Key.DUPLICATE_OF not in trial.user_attrs
+        if Key.DUPLICATE_OF not in trial.user_attrs and Key.CONTINUE_FROM not in trial.user_attrs
     ]
 
 

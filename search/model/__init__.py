@@ -19,9 +19,12 @@ from search.model._inputs import (
 from search.model._layers import (
     COMPRESSIBLE,
     LayerInfo,
+    applied_as_matmul,
     compressible_layers,
     dependency_graph,
     describe_layers,
+    forward_calls,
+    matmul_layers,
     output_layer,
 )
 
@@ -32,6 +35,7 @@ __all__ = [
     "Inputs",
     "LayerInfo",
     "Output",
+    "applied_as_matmul",
     "arguments",
     "batch_size",
     "call",
@@ -41,8 +45,10 @@ __all__ = [
     "describe",
     "describe_blocks",
     "describe_layers",
+    "forward_calls",
     "find_blocks",
     "is_gated_mlp",
+    "matmul_layers",
     "output_layer",
     "reduce_output",
     "reduced_output",

@@ -22,6 +22,7 @@ class LayerInfo:
     prunable: bool  # leads a Torch-Pruning group whose output channels can be removed
     two_four: bool  # the input dimension splits into groups of 4 (2:4 sparsity possible)
     edge: bool  # first or last compressible layer
+    matmul: bool = False  # a Linear applied to a sequence: a MatMul in the graph, not a Gemm
 
 
 def compressible_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -49,9 +50,51 @@ def dependency_graph(model: nn.Module, example_input: Inputs) -> tp.DependencyGr
         model.train(was_training)
 
 
+def applied_as_matmul(module: nn.Module, layer_input: torch.Tensor) -> bool:
+    """A Linear applied to a sequence (an input of more than two dimensions) exports as a MatMul
+    node, not a Gemm: int4 weight-only (``MatMulNBits``) can run it."""
+    return isinstance(module, nn.Linear) and layer_input.dim() > 2
+
+
+def forward_calls(model: nn.Module, example_input: Inputs, observe) -> None:
+    """Run one no-grad, eval-mode forward pass of ``example_input`` and call
+    ``observe(name, module, args, output)`` for every call of a compressible layer."""
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple, output: object) -> None:
+            observe(name, module, args, output)
+
+        return record
+
+    handles = [module.register_forward_hook(hook(name)) for name, module in compressible_layers(model).items()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            call(model, example_input)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+
+
+def matmul_layers(model: nn.Module, example_input: Inputs) -> set[str]:
+    """The Linear layers that one forward pass of ``example_input`` applies to sequences
+    (:func:`applied_as_matmul`)."""
+    found: set[str] = set()
+
+    def observe(name: str, module: nn.Module, args: tuple, output: object) -> None:
+        if applied_as_matmul(module, args[0]):
+            found.add(name)
+
+    forward_calls(model, example_input, observe)
+    return found
+
+
 def describe_layers(model: nn.Module, example_input: Inputs) -> list[LayerInfo]:
     layers = compressible_layers(model)
     graph = dependency_graph(model, example_input)
+    matmuls = matmul_layers(model, example_input)
     roots = {
         group[0].dep.target.module
         for group in graph.get_all_groups(
@@ -67,6 +110,7 @@ def describe_layers(model: nn.Module, example_input: Inputs) -> list[LayerInfo]:
             prunable=module in roots,
             two_four=module.weight.shape[1] % 4 == 0,
             edge=name in (names[0], names[-1]),
+            matmul=name in matmuls,
         )
         for name, module in layers.items()
     ]

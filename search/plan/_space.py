@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import optuna
@@ -100,44 +100,56 @@ def kept_blocks(blocks: int, kept: int) -> tuple[int, ...]:
     return tuple(sorted({round(i * (blocks - 1) / (kept - 1)) for i in range(kept)}))
 
 
-def _suggest_depth(trial: optuna.Trial, space: SearchSpace, blocks: EncoderBlocks) -> Depth | None:
+def _suggest_depth(trial: optuna.Trial, space: SearchSpace, blocks: EncoderBlocks, suggest) -> Depth | None:
     choices = sorted({max(1, round(share * blocks.blocks)) for share in space.depth}, reverse=True)
-    kept = trial.suggest_categorical("depth", choices)
+    kept = suggest("depth", choices)
     return None if kept == blocks.blocks else Depth(blocks.container, kept_blocks(blocks.blocks, kept))
 
 
 def suggest_plan(
-    trial: optuna.Trial, space: SearchSpace, layers: Sequence[LayerInfo], blocks: EncoderBlocks | None = None
+    trial: optuna.Trial,
+    space: SearchSpace,
+    layers: Sequence[LayerInfo],
+    blocks: EncoderBlocks | None = None,
+    exclude: Mapping[str, Collection] | None = None,
 ) -> Plan:
     """Sample one plan: width (or, for a Transformer with ``blocks``, depth and per attention module
     the heads removed), then per layer bit width, sparsity (dense when binarized) and pruning.
 
     Parameter names are ``width``/``depth``, ``<attention module>.heads`` and ``<layer>.bits`` /
     ``.sparsity`` / ``.pruning``, so the study's DataFrame has one column per module and technique.
-    Modules of dropped blocks get no parameters.
+    Modules of dropped blocks get no parameters. ``exclude`` names, per parameter, values the space
+    offers that this study does not (options that layer sensitivity ruled out); a parameter keeps
+    its choices if all of them are excluded.
     """
+    exclude = exclude or {}
+
+    def suggest(name: str, choices: list):
+        offered = [choice for choice in choices if choice not in exclude.get(name, ())]
+        return trial.suggest_categorical(name, offered or choices)
+
     width, depth, heads = 1.0, None, {}
     if blocks is None:
-        width = trial.suggest_categorical("width", list(space.width))
+        width = suggest("width", list(space.width))
     else:
-        depth = _suggest_depth(trial, space, blocks)
+        depth = _suggest_depth(trial, space, blocks, suggest)
         for name in blocks.heads:
             if depth is None or depth.rename(name) is not None:
-                heads[name] = HeadPruning(trial.suggest_categorical(f"{name}.heads", list(space.heads)))
+                heads[name] = HeadPruning(suggest(f"{name}.heads", list(space.heads)))
     plans = {}
     for layer in layers:
         if space.layers and layer.name not in space.layers:
             continue
         if depth is not None and depth.rename(layer.name) is None:
             continue
-        bits = trial.suggest_categorical(f"{layer.name}.bits", _bits_for(layer, space, blocks is not None))
+        bits = suggest(f"{layer.name}.bits", _bits_for(layer, space, blocks is not None))
         sparsity = WeightSparsity()
         if bits != 1:
             choices = list(space.sparsity) + ([TWO_FOUR] if space.two_four and layer.two_four else [])
-            chosen = trial.suggest_categorical(f"{layer.name}.sparsity", choices)
+            chosen = suggest(f"{layer.name}.sparsity", choices)
             sparsity = WeightSparsity(0.5, "2:4") if chosen == TWO_FOUR else WeightSparsity(float(chosen))
         pruning = ChannelPruning()
         if layer.prunable if blocks is None else layer.name in blocks.ffn:
-            pruning = ChannelPruning(trial.suggest_categorical(f"{layer.name}.pruning", list(space.pruning)))
+            pruning = ChannelPruning(suggest(f"{layer.name}.pruning", list(space.pruning)))
         plans[layer.name] = LayerPlan(pruning, sparsity, Quantization(bits))
     return Plan(width=width, layers=plans, heads=heads, depth=depth)

@@ -12,7 +12,7 @@ import torch
 from profilers import Measurement, Profiler, get_profiler
 from search._errors import UsageError
 from search._record import Key
-from search.artifacts import measure_candidate
+from search.artifacts import OnnxModule, measure_candidate
 from search.compress import build_structure
 from search.plan import Plan
 from search.study._results import load_trials, open_study, pareto_front
@@ -30,9 +30,13 @@ def export(
     task: Task | None = None,
 ) -> pd.DataFrame:
     """Copy each Pareto-optimal trial's ONNX file, plan JSON and PyTorch checkpoint to
-    ``out/trial-<number>/`` and re-measure the copied ONNX file on the study's target.
+    ``out/trial-<number>/``, score the copied ONNX file on the task's data and re-measure it on the
+    study's target. Each front plan is its longest fine-tune (a plan promoted to a longer one is
+    represented by that promotion, see :func:`search.load_trials`).
 
-    Returns one row per exported model: search-time and export-time latency side by side.
+    Returns one row per exported model: search-time and export-time metric and latency side by
+    side (``export_metric`` is None where no task could be had: a study started with a Task object,
+    exported without ``task``).
     The checkpoint holds ``{"plan": json, "state_dict": ...}``; load it with ``weights_only=True``
     into ``search.build_structure(teacher, Plan.from_json(plan), example_input)``.
     ``profiler`` defaults to the study's target's own (a :class:`~profilers.RemoteProfiler` measures
@@ -47,8 +51,8 @@ def export(
         raise UsageError(f"study {study.study_name!r} has no feasible completed trial to export yet")
     spec = spec_of(study)
     profiler = profiler or get_profiler(spec.target)
-    if not profiler.measures_onnx:
-        task = task or task_of_study(
+    if task is None and (spec.task is not None or not profiler.measures_onnx):
+        task = task_of_study(
             spec, study.study_name,
             "it is measured on PyTorch, which re-measures the checkpoint rebuilt on the teacher: pass the task "
             "(search.export(..., task=...))",
@@ -71,6 +75,7 @@ def export(
                 "number": trial["number"],
                 "path": str(destination / "model.onnx"),
                 Key.METRIC: trial[Key.METRIC],
+                "export_metric": task.score(OnnxModule(destination / "model.onnx")) if task is not None else None,
                 Key.SIZE_BYTES: trial[Key.SIZE_BYTES],
                 "search_latency_ms": trial[Key.LATENCY_MS],
                 "export_latency_ms": measurement.latency_ms,

@@ -1,43 +1,77 @@
-"""One trial: a plan sampled, built, fine-tuned by distillation, exported, scored and measured."""
+"""One trial: a plan sampled, built, exported and measured on the target, then fine-tuned by
+distillation (only if it fits the budget), exported again with its fine-tuned weights and scored.
+
+Latency, energy and size depend on the plan's structure and precisions, not on the fine-tuned
+weights, so they are measured first: a plan over the budget costs no fine-tune. The graph is
+exported once per trial (:func:`~search.artifacts.export_raw`); the fine-tuned weights are written
+into it (:func:`~search.artifacts.with_weights`) rather than exported again. The fine-tune keeps
+its best state, scored before the first step too, so it never ends worse than it started; it runs
+to the end of the plan's rung, and a promotion (``continue_from``) goes on from the state its
+parent trial saved.
+"""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+import shutil
 import socket
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import optuna
 import torch
 from optuna.trial import TrialState
 
-from profilers import MeasurementError, Profiler
+from profilers import Measurement, MeasurementError, Profiler
 from search._errors import CandidateError
 from search._record import Key
-from search.artifacts import OnnxModule, export_candidate, measure_candidate
-from search.compress import Finetune, apply_plan, bake, distill, packed_size_bytes
+from search.artifacts import OnnxModule, export_candidate, export_raw, measure_candidate
+from search.compress import (
+    Distillation,
+    Finetune,
+    add_compression,
+    baked_state_dict,
+    build_structure,
+    calibrate_input_quant,
+    packed_size_bytes,
+)
 from search.costmodel import CostGate, plan_features
 from search.model import EncoderBlocks, LayerInfo, compressible_layers
-from search.plan import suggest_plan
+from search.plan import Plan, suggest_plan
 from search.study._optuna import report_and_maybe_prune
 from search.study._spec import RunSpec
 from search.study._workers import claim_slot, measuring_alone, this_worker
 from search.tasks import Task
 
-STAGES = ("build", "fine-tune", "export", "evaluate", "measure")
+STAGES = ("build", "export", "measure", "fine-tune", "evaluate")
 LAYER_TIMES_KEPT = 20  # slowest layers recorded on a trial; a large model has hundreds
 OutOfMemory = (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
 # What fails one candidate's trial and lets the study go on.
 CANDIDATE_FAILURES = (CandidateError, MeasurementError)
+FINETUNE_STATE = "finetune.pt"  # a trial's fine-tune as it stopped, for a promotion to go on with
+RAW_GRAPH = "raw.onnx"  # the trial's graph as exported (export_raw), for a promotion to write its weights into
+# What a promotion copies from the trial it continues: the measured record of the same plan.
+MEASURED = (
+    Key.LATENCY_MS, Key.LATENCY_P90_MS, Key.LATENCY_RUNS, Key.LATENCY_SPREAD,
+    Key.LATENCY_STABLE, Key.LATENCY_SESSION_MEDIANS_MS, Key.LATENCY_QUIET_SHARE, Key.LATENCY_SOURCE, Key.ENERGY_MJ,
+    Key.ENERGY_SOURCE, Key.PRECISION, Key.LAYER_PRECISION, Key.RUNTIME, Key.MEASURED_ON, Key.DEVICE, Key.LAYER_TIMES,
+)  # fmt: skip
 
 StageCallback = Callable[[int, str], None]
 
 
 @dataclasses.dataclass
 class Objective:
-    """Everything one worker's objective needs, built once before its first trial."""
+    """Everything one worker's objective needs, built once before its first trial.
+
+    ``finetune`` is resolved (its ``steps`` set); ``rungs`` the step each rung's fine-tune ends at
+    (one rung, the longest, without successive halving); ``exclude`` the options layer sensitivity
+    ruled out, per parameter.
+    """
 
     task: Task
     spec: RunSpec
@@ -45,6 +79,8 @@ class Objective:
     layers: list[LayerInfo]
     blocks: EncoderBlocks | None  # a Transformer's blocks, heads and FFN layers; None for a CNN
     finetune: Finetune
+    rungs: tuple[int, ...]
+    exclude: Mapping[str, Sequence]
     budget_ms: float | None
     directory: Path
     on_stage: StageCallback
@@ -70,14 +106,20 @@ class Objective:
             trial.set_user_attr(Key.FAIL_REASON, f"interrupted during {trial.user_attrs.get(Key.STAGE, 'build')}")
             raise
 
-    def _stage(self, trial: optuna.Trial, stage: str, seconds: dict) -> None:
-        seconds[stage] = time.perf_counter()
-        trial.set_user_attr(Key.STAGE, stage)  # what a crashed trial was doing
-        self.on_stage(trial.number, stage)
+    def _stage(self, trial: optuna.Trial, stage: str | None, seconds: dict) -> None:
+        """Close the stage running (its seconds add up in ``seconds``) and open ``stage``."""
+        now = time.perf_counter()
+        if "_open" in seconds:
+            running, since = seconds.pop("_open")
+            seconds[running] = seconds.get(running, 0.0) + now - since
+        if stage is not None:
+            seconds["_open"] = (stage, now)
+            trial.set_user_attr(Key.STAGE, stage)  # what a crashed trial was doing
+            self.on_stage(trial.number, stage)
 
     def _veto_if_over_budget(self, study: optuna.Study, trial: optuna.Trial, features: dict) -> None:
-        """Skip fine-tuning and measuring a plan the cost model predicts over the budget, with too
-        little expected headroom under it to be worth it (:meth:`CostGate.veto_reason`)."""
+        """Skip exporting, measuring and fine-tuning a plan the cost model predicts over the budget,
+        with too little expected headroom under it to be worth it (:meth:`CostGate.veto_reason`)."""
         prediction = self.gate.predict(study, features, self.budget_ms)
         if prediction is None:
             return
@@ -96,68 +138,102 @@ class Objective:
 
     def _evaluate(self, study: optuna.Study, trial: optuna.Trial) -> tuple[float, ...]:
         task, target, seconds = self.task, self.spec.target, {}
-        plan = suggest_plan(trial, self.spec.space, self.layers, self.blocks)
-        same = _same_plan(study, trial)
-        if same is not None:
-            return self._reuse(study, trial, same)
+        plan = suggest_plan(trial, self.spec.space, self.layers, self.blocks, self.exclude)
+        parent = _parent(study, trial)
+        if parent is None:
+            same = _same_plan(study, trial)
+            if same is not None:
+                return self._reuse(study, trial, same)
         trial.set_user_attr(Key.PLAN, plan.to_dict())
         self._stage(trial, "build", seconds)
         torch.manual_seed(self.spec.seed + trial.number)
         task.reseed(self.spec.seed + trial.number)
-        candidate = apply_plan(task.model, plan, task.example_input)
-        layers = compressible_layers(candidate)
-        trial.set_user_attr(Key.CHANNELS, {name: int(m.weight.shape[0]) for name, m in layers.items()})
-        features = plan_features(candidate, plan, task.example_input, target)
-        trial.set_user_attr(Key.COST_FEATURES, features)
-        if self.gate is not None:
-            self._veto_if_over_budget(study, trial, features)
+        structure = build_structure(task.model, plan, task.example_input)
+        candidate = add_compression(copy.deepcopy(structure), plan, task.example_input)
+        calibrate_input_quant(candidate, task.calibration or task.train)
+        if parent is None:
+            layers = compressible_layers(candidate)
+            trial.set_user_attr(Key.CHANNELS, {name: int(m.weight.shape[0]) for name, m in layers.items()})
+            features = plan_features(candidate, plan, task.example_input, target)
+            trial.set_user_attr(Key.COST_FEATURES, features)
+            if self.gate is not None:
+                self._veto_if_over_budget(study, trial, features)
 
-        self._stage(trial, "fine-tune", seconds)
-
-        curve: dict[str, float] = {}
-
-        def on_eval(step: int) -> None:
-            report_and_maybe_prune(study, trial, curve, step, task.score(candidate))
-
-        losses = distill(
-            candidate, task.model, task.train, self.finetune, on_eval, loss=task.distill_loss, output=task.output
-        )
-        trial.set_user_attr(Key.FINETUNE_LOSS, [losses[0], losses[-1]] if losses else [])
-        metric_torch = task.score(candidate)
-        bake(candidate)
-
-        self._stage(trial, "export", seconds)
-        trial_dir = self.directory / "trials" / f"{trial.number:05d}"
+        trial_dir = self._trial_dir(trial.number)
         trial_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="search-trial-") as tmp:
+            raw = Path(tmp, RAW_GRAPH)
+            self._stage(trial, "export", seconds)
+            structure.load_state_dict(baked_state_dict(candidate))
+            inherited = None if parent is None else self._trial_dir(parent.number) / RAW_GRAPH
+            if inherited is not None and inherited.exists():  # the same plan's graph: no second export
+                shutil.copyfile(inherited, raw)
+            else:
+                export_raw(structure, task.example_input, raw, task.output)
+            if parent is None:
+                exported = self._export(structure, plan, trial_dir, raw)
+                self._stage(trial, "measure", seconds)
+                measurement = self._measure(exported.path, structure, plan)
+                over = self._record_measurement(trial, measurement, exported.layer_precision)
+            else:
+                over = self._copy_measurement(trial, parent)
+            if over:  # a plan over the budget is never fine-tuned, only scored as it is (never promoted either)
+                trial.set_user_attr(Key.FINETUNE_SKIPPED, "measured over the budget")
+                self._stage(trial, "evaluate", seconds)
+                metric = self._score(exported.path)
+                return self._finish(
+                    trial, plan, seconds, metric, size=packed_size_bytes(structure, plan), metric_torch=None, steps=0,
+                    best_step=0, rung=0,
+                )  # fmt: skip
+
+            self._stage(trial, "fine-tune", seconds)
+            run, rung, curve = self._finetune(study, trial, candidate, parent, trial_dir)
+
+            self._stage(trial, "evaluate", seconds)
+            structure.load_state_dict(baked_state_dict(candidate))
+            exported = self._export(structure, plan, trial_dir, raw)
+            if rung < len(self.rungs) - 1:  # a promotion of this plan needs no export of its own
+                shutil.copyfile(raw, trial_dir / RAW_GRAPH)
+        metric = self._score(exported.path)
+        if parent is not None:  # the plan lives on in this trial: the state it went on from is not needed
+            for name in (RAW_GRAPH, FINETUNE_STATE):
+                (self._trial_dir(parent.number) / name).unlink(missing_ok=True)
+        trial.set_user_attr(Key.FINETUNE_CURVE, curve)
+        return self._finish(
+            trial, plan, seconds, metric, size=packed_size_bytes(structure, plan), metric_torch=run.best_metric,
+            steps=run.step, best_step=run.best_step, rung=rung, losses=run.first_last_losses(),
+        )  # fmt: skip
+
+    def _trial_dir(self, number: int) -> Path:
+        return self.directory / "trials" / f"{number:05d}"
+
+    def _export(self, structure: torch.nn.Module, plan: Plan, trial_dir: Path, raw: Path):
+        """The trial's ONNX file with ``structure``'s weights, and its plan and checkpoint beside it."""
+        task, target = self.task, self.spec.target
         exported = export_candidate(
-            candidate, task.example_input, trial_dir / "model.onnx",
+            structure, task.example_input, trial_dir / "model.onnx",
             plan=plan, precisions=target.precisions, calibration=task.calibration or task.train,
-            symmetric=target.runtime == "tensorrt", output=task.output,
+            symmetric=target.runtime == "tensorrt", output=task.output, raw=raw,
         )  # fmt: skip
         (trial_dir / "plan.json").write_text(plan.to_json())
-        torch.save({"plan": plan.to_json(), "state_dict": candidate.state_dict()}, trial_dir / "checkpoint.pt")
+        torch.save({"plan": plan.to_json(), "state_dict": structure.state_dict()}, trial_dir / "checkpoint.pt")
+        return exported
 
-        self._stage(trial, "evaluate", seconds)
-        metric = task.score(OnnxModule(exported.path))
-        if not math.isfinite(metric):
-            raise CandidateError(f"metric is {metric} on the exported model")
-
-        self._stage(trial, "measure", seconds)
-        with measuring_alone(target.name):
-            measurement = measure_candidate(self.profiler, exported.path, candidate, task.example_input, plan)
-        seconds["end"] = time.perf_counter()
+    def _measure(self, path: Path, structure: torch.nn.Module, plan: Plan) -> Measurement:
+        with measuring_alone(self.spec.target.name):
+            measurement = measure_candidate(self.profiler, path, structure, self.task.example_input, plan)
         if not measurement.stable:
             raise CandidateError(
                 f"latency did not stabilise: in the fastest of {len(measurement.session_medians_ms) or 1} "
                 f"sessions the median still moved after {self.profiler.max_time_s:g} s (spread "
                 f"{measurement.spread:.1%}); is the machine busy?"
             )
+        return measurement
 
-        stages = list(seconds)
+    def _record_measurement(self, trial: optuna.Trial, measurement: Measurement, layer_precision: Mapping) -> bool:
+        """Record what was measured, with the budget as a constraint; whether it is over the budget."""
+        summary = measurement.to_dict()
         record = {
-            Key.METRIC: metric,
-            Key.METRIC_SOURCE: "measured:exported-onnx",
-            Key.METRIC_TORCH: metric_torch,
             Key.LATENCY_MS: measurement.latency_ms,
             Key.LATENCY_P90_MS: measurement.latency_p90_ms,
             Key.LATENCY_RUNS: measurement.runs,
@@ -168,24 +244,90 @@ class Objective:
             Key.LATENCY_SOURCE: f"{measurement.source}:{measurement.runtime}",
             Key.ENERGY_MJ: measurement.energy_mj,
             Key.ENERGY_SOURCE: measurement.energy_source,
-            Key.SIZE_BYTES: packed_size_bytes(candidate, plan),
-            Key.SIZE_SOURCE: "counted:packed-bits",
-            Key.ONNX_BYTES: exported.onnx_bytes,
             Key.PRECISION: measurement.precision,
-            Key.LAYER_PRECISION: dict(exported.layer_precision),
+            Key.LAYER_PRECISION: dict(layer_precision),
             Key.RUNTIME: f"{measurement.runtime} {measurement.runtime_version}",
             Key.MEASURED_ON: measurement.device.get("host", socket.gethostname()),
-            Key.DEVICE: measurement.to_dict()["device"],
+            Key.DEVICE: summary["device"],
             # The runtime's per-layer times (TensorRT), slowest first: why a plan is not faster.
-            Key.LAYER_TIMES: measurement.to_dict()["layers"][:LAYER_TIMES_KEPT],
-            Key.ARTIFACTS: str(trial_dir),
-            Key.SECONDS: {s: round(seconds[n] - seconds[s], 3) for s, n in zip(stages, stages[1:])},
+            Key.LAYER_TIMES: summary["layers"][:LAYER_TIMES_KEPT],
         }
         for key, value in record.items():
             trial.set_user_attr(key, value)
-        if self.budget_ms is not None:
-            trial.set_constraint("latency_over_budget_ms", measurement.latency_ms - self.budget_ms)
-        return tuple(record[name] for name in self.spec.metric_names)
+        return self._constrain(trial, measurement.latency_ms)
+
+    def _copy_measurement(self, trial: optuna.Trial, parent: optuna.trial.FrozenTrial) -> bool:
+        """A promotion's plan was measured by the trial it continues: the same figures (not a second
+        measurement for the cost model to learn from: no features are recorded)."""
+        for key in MEASURED:
+            if key in parent.user_attrs:
+                trial.set_user_attr(key, parent.user_attrs[key])
+        return self._constrain(trial, parent.user_attrs[Key.LATENCY_MS])
+
+    def _constrain(self, trial: optuna.Trial, latency_ms: float) -> bool:
+        if self.budget_ms is None:
+            return False
+        trial.set_constraint("latency_over_budget_ms", latency_ms - self.budget_ms)
+        return latency_ms > self.budget_ms
+
+    def _finetune(self, study, trial, candidate, parent, trial_dir: Path) -> tuple[Distillation, int, dict]:
+        """Fine-tune ``candidate`` to the end of its rung, keeping its best state (restored into it);
+        a promotion goes on from its parent's saved state. The run, the rung and the metric curve."""
+        task = self.task
+        run = Distillation(candidate, task.model, task.train, self.finetune, loss=task.distill_loss, output=task.output)
+        curve: dict[str, float] = {}
+        rung = 0 if parent is None else min(trial.user_attrs[Key.RUNG], len(self.rungs) - 1)
+        saved = None if parent is None else self._trial_dir(parent.number) / FINETUNE_STATE
+        if saved is not None and saved.exists():
+            run.load_state_dict(torch.load(saved, weights_only=True, map_location="cpu"))
+            curve.update(parent.user_attrs.get(Key.FINETUNE_CURVE, {}))
+            trial.set_user_attr(Key.FINETUNE_FROM, f"trial {parent.number}'s state at step {run.step}")
+        else:  # a new plan, or a promotion whose parent ran on another machine: from the start
+            curve["0"] = run.score(lambda: task.score(candidate))
+            if parent is not None:
+                trial.set_user_attr(Key.FINETUNE_FROM, f"the start: trial {parent.number}'s state is not here")
+        trial.set_user_attr(Key.RUNG, rung)
+
+        def on_eval(step: int, value: float) -> None:
+            report_and_maybe_prune(study, trial, curve, step, value)
+
+        run.run(self.rungs[rung], evaluate=lambda: task.score(candidate), on_eval=on_eval)
+        if rung < len(self.rungs) - 1:  # a later promotion goes on from here
+            torch.save(run.state_dict(), trial_dir / FINETUNE_STATE)
+        run.restore_best()
+        return run, rung, curve
+
+    def _score(self, path: Path) -> float:
+        metric = self.task.score(OnnxModule(path))
+        if not math.isfinite(metric):
+            raise CandidateError(f"metric is {metric} on the exported model")
+        return metric
+
+    def _finish(
+        self, trial, plan: Plan, seconds: dict, metric: float, *, size: int, metric_torch: float | None, steps: int,
+        best_step: int | None, rung: int, losses: Sequence[float] = (),
+    ) -> tuple[float, ...]:  # fmt: skip
+        """Record the scored result and the trial's timings; the study's objective values."""
+        self._stage(trial, None, seconds)
+        exported = self._trial_dir(trial.number) / "model.onnx"
+        record = {
+            Key.METRIC: metric,
+            Key.METRIC_SOURCE: "measured:exported-onnx",
+            Key.METRIC_TORCH: metric_torch,
+            Key.SIZE_BYTES: size,
+            Key.FINETUNE_STEPS: steps,
+            Key.BEST_STEP: best_step,
+            Key.RUNG: rung,
+            Key.FINETUNE_LOSS: list(losses),
+            Key.SIZE_SOURCE: "counted:packed-bits",
+            Key.ONNX_BYTES: exported.stat().st_size,
+            Key.ARTIFACTS: str(exported.parent),
+            Key.SECONDS: {name: round(value, 3) for name, value in seconds.items()},
+        }
+        for key, value in record.items():
+            trial.set_user_attr(key, value)
+        values = {**trial.user_attrs, **record}
+        return tuple(values[name] for name in self.spec.metric_names)
 
     def _reuse(self, study: optuna.Study, trial: optuna.Trial, same: optuna.trial.FrozenTrial) -> tuple[float, ...]:
         """A plan some trial already evaluated: its results, not a second fine-tune and measurement.
@@ -197,7 +339,7 @@ class Objective:
             trial.set_user_attr(Key.PRUNED_REASON, f"same plan as trial {same.number}, running in another worker")
             raise optuna.TrialPruned(f"same plan as running trial {same.number}")
         for key, value in same.user_attrs.items():
-            if key not in (Key.WORKER, Key.STAGE):
+            if key not in (Key.WORKER, Key.STAGE, Key.RECIPE):
                 trial.set_user_attr(key, value)
         trial.set_user_attr(Key.DUPLICATE_OF, same.number)
         for key, value in same.constraints.items():
@@ -205,9 +347,28 @@ class Objective:
         return tuple(same.values)
 
 
-def _same_plan(study: optuna.Study, trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
-    """An earlier trial, completed or running, with exactly this trial's parameters."""
+def _parent(study: optuna.Study, trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
+    """The trial a promotion continues, or None for a plan screened afresh. A promotion that another
+    trial already runs or ran (two workers queued it at once) is pruned as a duplicate."""
+    number = trial.user_attrs.get(Key.CONTINUE_FROM)
+    if number is None:
+        return None
     for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
-        if other.number != trial.number and other.params == trial.params and Key.DUPLICATE_OF not in other.user_attrs:
+        if other.number < trial.number and other.user_attrs.get(Key.CONTINUE_FROM) == number:
+            trial.set_user_attr(Key.PRUNED_BY, "duplicate")
+            trial.set_user_attr(Key.PRUNED_REASON, f"trial {other.number} already continues trial {number}")
+            raise optuna.TrialPruned(f"trial {other.number} already continues trial {number}")
+    return study.get_trials(deepcopy=False)[number]
+
+
+def _same_plan(study: optuna.Study, trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
+    """An earlier trial, completed or running, with exactly this trial's parameters: the plan's
+    screening trial (a promotion of the same plan is not a second plan)."""
+    for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
+        attrs = other.user_attrs
+        if (
+            other.number != trial.number and other.params == trial.params
+            and Key.DUPLICATE_OF not in attrs and Key.CONTINUE_FROM not in attrs
+        ):  # fmt: skip
             return other
     return None

@@ -21,9 +21,10 @@ _SAMPLERS = {
     "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
 }
 SAMPLERS = tuple(_SAMPLERS)
-# "percentile": Optuna's PercentilePruner on the fine-tune curves; "none"; "custom": a pruner object
-# passed to search.run, which worker processes cannot rebuild.
-PRUNERS = ("percentile", "none", "custom")
+# "asha": successive halving over the plans' fine-tunes (search.study._promote); "none": every plan
+# fine-tuned to the longest at once; "custom": an Optuna pruner object passed to search.run, asked at
+# every score of a fine-tune (worker processes cannot rebuild it).
+PRUNERS = ("asha", "none", "custom")
 
 
 def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
@@ -44,12 +45,9 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
     return optuna.storages.get_storage(url)
 
 
-def make_pruner(name: str, finetune: Finetune) -> optuna.pruners.BasePruner:
-    """``"none"``, or else the default (``"percentile"``): keep the top 80 %, pruning a fine-tune
-    whose metric from half-way on is in the bottom fifth."""
-    if name == "none":
-        return optuna.pruners.NopPruner()
-    return optuna.pruners.PercentilePruner(80.0, n_startup_trials=8, n_warmup_steps=finetune.steps // 2)
+def rung_ends(pruner: str, finetune: Finetune) -> tuple[int, ...]:
+    """The step each rung's fine-tune ends at: successive halving's rungs, or only the longest."""
+    return finetune.rung_ends() if pruner == "asha" else (finetune.steps,)
 
 
 def _curve_trial(trial: optuna.trial.FrozenTrial | None, curve: dict | None = None) -> optuna.trial.FrozenTrial:

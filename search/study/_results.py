@@ -8,10 +8,12 @@ from pathlib import Path
 
 import optuna
 import pandas as pd
+from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
 from search._errors import UsageError
 from search._record import COLUMNS, Key, StudyKey
+from search.study._sensitivity import excluded_bits, sensitivity_frame
 from search.study._workers import retried
 
 SQLITE_FILE = "study.db"
@@ -68,9 +70,8 @@ def _frame(study: optuna.Study) -> pd.DataFrame:
     frame["state"] = [t.state.name for t in trials]
     renames = {f"user_attrs_{c}": c for c in COLUMNS}
     frame = frame.rename(columns=renames)
-    for column in COLUMNS:  # one schema whatever the trials recorded
-        if column not in frame:
-            frame[column] = None
+    missing = [c for c in COLUMNS if c not in frame]  # one schema whatever the trials recorded
+    frame = pd.concat([frame, pd.DataFrame(None, index=frame.index, columns=missing, dtype=object)], axis=1)
     frame[Key.LATENCY_PREDICTION_ERROR] = (
         pd.to_numeric(frame[Key.PREDICTED_LATENCY_MS]) / pd.to_numeric(frame[Key.LATENCY_MS]) - 1.0
     )
@@ -84,14 +85,34 @@ def _frame(study: optuna.Study) -> pd.DataFrame:
     frame[Key.RETRY_OF] = [t.system_attrs.get("failed_trial") for t in trials]
     frame[Key.FAIL_REASON] = _fail_reasons(trials, frame[Key.FAIL_REASON])
     complete = any(t.state == TrialState.COMPLETE for t in trials)
-    # A duplicate repeats an earlier trial's result: the earlier one stands for both on the front.
-    pareto = {t.number for t in study.best_trials if Key.DUPLICATE_OF not in t.user_attrs} if complete else set()
+    superseded = _superseded(study, trials)
+    frame[Key.SUPERSEDED_BY] = [superseded.get(t.number) for t in trials]
+    # A duplicate repeats an earlier trial's result, and a plan's promotion goes on with its
+    # fine-tune: the earlier trial, or the longer fine-tune, stands for both on the front.
+    pareto = (
+        {t.number for t in study.best_trials if Key.DUPLICATE_OF not in t.user_attrs and t.number not in superseded}
+        if complete else set()
+    )  # fmt: skip
     frame[Key.FEASIBLE] = [
         t.state == TrialState.COMPLETE and all(v <= 0 for v in t.constraints.values()) for t in trials
     ]
     frame[Key.PARETO] = frame["number"].isin(pareto)
     first = ["number", "state", Key.PARETO, Key.FEASIBLE, *COLUMNS]
     return frame[first + [c for c in frame if c not in first]]
+
+
+def _superseded(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> dict[int, int]:
+    """Trial number -> the completed promotion that fine-tuned its plan further and is at least as
+    good on every objective (the same plan, so the same latency: at least as high a metric)."""
+    found = {}
+    for trial in trials:
+        parent = trial.user_attrs.get(Key.CONTINUE_FROM)
+        if trial.state != TrialState.COMPLETE or parent is None or trials[parent].state != TrialState.COMPLETE:
+            continue
+        pairs = zip(study.directions, trial.values, trials[parent].values)
+        if all(new >= old if d == StudyDirection.MAXIMIZE else new <= old for d, new, old in pairs):
+            found[parent] = trial.number
+    return found
 
 
 def _fail_reasons(trials: list[optuna.trial.FrozenTrial], recorded: pd.Series) -> list:
@@ -126,12 +147,29 @@ def write_parquet(study: optuna.Study, folder: str | Path) -> Path:
     frame = _frame(study)
     for column in frame.columns[frame.dtypes == object]:
         kinds = {type(v) for v in frame[column] if v is not None and v == v}
-        if len(kinds) > 1:  # e.g. sparsity choices 0.5 and "2:4": Parquet columns hold one type
+        if kinds & {dict, list}:  # nested records (an enqueued trial's fixed params): JSON text, any types
+            frame[column] = frame[column].map(lambda v: v if v is None or v != v else json.dumps(v, default=str))
+        elif len(kinds) > 1:  # e.g. sparsity choices 0.5 and "2:4": Parquet columns hold one type
             frame[column] = frame[column].map(lambda v: None if v is None or v != v else str(v))
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per worker process
     frame.to_parquet(temporary)
     os.replace(temporary, path)
     return path
+
+
+def load_sensitivity(study: str | Path | optuna.Study, study_name: str | None = None) -> pd.DataFrame:
+    """The study's layer sensitivity (:func:`~search.study.layer_sensitivity`): one row per layer
+    and option, with ``excluded`` for the bit widths the study did not offer that layer.
+    Empty for a study run without it."""
+    if not isinstance(study, optuna.Study):
+        study = open_study(study, study_name)
+    rows = study.user_attrs.get(StudyKey.SENSITIVITY, [])
+    frame = sensitivity_frame(rows)
+    excluded = excluded_bits(rows)
+    frame["excluded"] = [
+        row.pruning == 0 and row.bits in excluded.get(f"{row.layer}.bits", ()) for row in frame.itertuples()
+    ]
+    return frame
 
 
 def pareto_front(frame: pd.DataFrame) -> pd.DataFrame:

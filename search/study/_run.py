@@ -3,6 +3,7 @@ joined, every candidate built and measured for real."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -14,13 +15,19 @@ import torch
 
 from profilers import TOKEN_ENV, Profiler, RemoteProfiler, get_profiler
 from search._errors import SearchError, UsageError
-from search._record import StudyKey
+from search._record import Key, StudyKey
+from search.compress import Finetune
 from search.costmodel import CostGate
 from search.model import describe_layers, find_blocks
 from search.study._baseline import measure_baseline
+from search.study._exclude import exclusions
+from search.study._fidelity import resolve_finetune
 from search.study._objective import CANDIDATE_FAILURES, Objective, StageCallback
-from search.study._optuna import make_pruner, make_sampler, make_storage
+from search.study._optuna import make_sampler, make_storage, rung_ends
+from search.study._promote import promote
+from search.study._recipes import enqueue_recipes, recipe_params, recipe_rules
 from search.study._results import locate_study, write_parquet
+from search.study._sensitivity import layer_sensitivity, mixed_rules
 from search.study._spec import SPEC_VERSION, RunSpec, pruner_name, spec_of, task_of_study
 from search.study._workers import (
     Surplus,
@@ -35,6 +42,7 @@ from targets import Target
 
 BASELINE_WAIT_S = 600  # how long a joining worker waits for the first process to measure the teacher
 CLAIMED = ("target", "objectives", "budget")  # settings a resumed study must keep
+SENSITIVITY_SHARE = 0.1  # with a timeout, layer sensitivity takes at most this share of it
 
 
 def run(
@@ -63,8 +71,9 @@ def run(
     share the study (the task must come from :func:`search.load_task`, so that they can load it
     too); other machines join with :func:`work` on the same ``storage``.
     """
+    started = time.monotonic()  # the timeout counts from here: setup (baseline, sensitivity) included
     if spec is None:
-        spec = RunSpec(pruner=pruner_name(pruner, "percentile"), **settings)
+        spec = RunSpec(pruner=pruner_name(pruner, "asha"), **settings)
     elif settings:
         raise UsageError(f"pass a RunSpec or its settings as keywords, not both; got spec and {', '.join(settings)}")
     else:
@@ -82,22 +91,19 @@ def run(
             f"search space names layers the model lacks: {', '.join(unknown)}; "
             f"known: {', '.join(layer.name for layer in layers)}"
         )
-    finetune = spec.finetune_for(task.finetune)
     spec = spec.replace(
-        task=task.spec, task_options=task.options, finetune=finetune, timing=profiler.timing(),
-        profiler=getattr(profiler, "address", None), study_name=spec.study_name or default_study_name(task, spec.target),
-        results_dir=spec.results_dir.resolve(),
+        task=task.spec, task_options=task.options, timing=profiler.timing(), profiler=getattr(profiler, "address", None),
+        study_name=spec.study_name or default_study_name(task, spec.target), results_dir=spec.results_dir.resolve(),
     )  # fmt: skip
     gate = _gate(spec, task)
     directory = spec.results_dir / spec.study_name
     directory.mkdir(parents=True, exist_ok=True)
     url = spec.storage or f"sqlite:///{directory / 'study.db'}"
-    custom = pruner if isinstance(pruner, optuna.pruners.BasePruner) else None
     study = optuna.create_study(
         storage=make_storage(url),
         study_name=spec.study_name,
         directions=spec.directions,
-        pruner=custom or make_pruner(spec.pruner, finetune),
+        pruner=pruner if isinstance(pruner, optuna.pruners.BasePruner) else optuna.pruners.NopPruner(),
         load_if_exists=True,
     )
     _claim(study, StudyKey.TASK, task.name)
@@ -106,12 +112,24 @@ def run(
     study.set_metric_names(spec.metric_names)
     # A resumed study must not replay the first session's random start-up plans.
     study.sampler = make_sampler(spec.sampler, spec.seed + len(study.trials))
+    finetune, note = _finetune(study, spec, task)
+    spec = spec.replace(finetune=finetune)
     study.set_user_attr(StudyKey.RUN_SPEC, spec.to_dict())
+    study.set_user_attr(StudyKey.FINETUNE_NOTE, note)
 
     if StudyKey.BASELINE not in study.user_attrs:
         study.set_user_attr(StudyKey.BASELINE, measure_baseline(task, profiler, directory))
     budget_ms = spec.budget.resolve(study.user_attrs[StudyKey.BASELINE]["latency_ms"]) if spec.budget else None
     study.set_user_attr(StudyKey.BUDGET_MS, budget_ms)
+    blocks = find_blocks(task.model)
+    if spec.sensitivity and StudyKey.SENSITIVITY not in study.user_attrs:
+        deadline = _deadline(started, spec.timeout and SENSITIVITY_SHARE * spec.timeout)
+        study.set_user_attr(StudyKey.SENSITIVITY, layer_sensitivity(task, layers, spec.space, blocks, deadline))
+    sensitivity = study.user_attrs.get(StudyKey.SENSITIVITY, [])
+    if spec.recipes and not study.trials:
+        rules = recipe_rules(spec.space, blocks, mixed_rules(sensitivity))
+        recipes = recipe_params(rules, spec.space, layers, blocks, _exclusions(study, spec, layers))
+        enqueue_recipes(study, dict(list(recipes.items())[: spec.trials]))  # no more than the study runs
 
     objective = _objective(study, task, spec, profiler, directory, on_stage, layers, gate)
     after_trial = _after_trial(directory, gate)
@@ -126,7 +144,7 @@ def run(
         torch.set_num_threads(threads_per_worker(spec.workers))
     interrupted = False
     try:
-        _work(study, objective, spec.timeout, [after_trial, *callbacks])
+        _work(study, objective, _deadline(started, spec.timeout), [after_trial, *callbacks])
     except KeyboardInterrupt:
         interrupted = True
         raise
@@ -163,6 +181,7 @@ def work(
     same (same weights) as the first process's. Measurements go to ``profiler``, or to the target's
     own (a profiler service with ``service`` and ``token``), timed as the first process timed them.
     """
+    started = time.monotonic()
     url, study_name = locate_study(study, study_name)
     opened = optuna.load_study(study_name=study_name, storage=make_storage(url))
     spec = spec_of(opened)
@@ -181,7 +200,7 @@ def work(
         results_dir=Path(results_dir), workers=1,
     )  # fmt: skip
     opened.sampler = make_sampler(spec.sampler, spec.seed)
-    opened.pruner = make_pruner(spec.pruner, spec.finetune_for(task.finetune))
+    opened.pruner = optuna.pruners.NopPruner()
     gate = _gate(spec, task)
     directory = spec.results_dir / opened.study_name
     directory.mkdir(parents=True, exist_ok=True)
@@ -189,7 +208,7 @@ def work(
     objective = _objective(opened, task, spec, profiler, directory, on_stage, layers, gate)
     after_trial = _after_trial(directory, gate)
     try:
-        _work(opened, objective, timeout, [after_trial, *callbacks])
+        _work(opened, objective, _deadline(started, timeout), [after_trial, *callbacks])
     finally:
         after_trial(opened, None)
     return opened
@@ -241,21 +260,28 @@ def _trials_wanted(study: optuna.Study) -> Callable[[], int]:
     return lambda: study.user_attrs[StudyKey.RUN_SPEC]["trials"]
 
 
-def _work(study: optuna.Study, objective: Objective, timeout: float | None, callbacks: Sequence[Callable]) -> None:
-    """This process's share of the study's trials; Ctrl-C queues the interrupted trial to run again."""
-    deadline = None if timeout is None else time.monotonic() + timeout
+def _deadline(started: float, timeout: float | None) -> float | None:
+    """When to stop starting trials (``time.monotonic()``): ``timeout`` seconds after ``started``."""
+    return None if timeout is None else started + timeout
+
+
+def _work(study: optuna.Study, objective: Objective, deadline: float | None, callbacks: Sequence[Callable]) -> None:
+    """This process's share of the study's trials; Ctrl-C queues the interrupted trial to run again.
+    Before each trial, with successive halving, the plan that has earned a longer fine-tune is
+    queued first (:func:`promote`)."""
+    baseline = study.user_attrs[StudyKey.BASELINE]
+    teacher = (baseline[Key.METRIC], baseline[Key.LATENCY_MS])
+
+    def run_one() -> None:
+        if objective.spec.pruner == "asha":
+            promote(study, objective.finetune, teacher)
+        study.optimize(
+            lambda trial: objective(study, trial), n_trials=1, catch=(*CANDIDATE_FAILURES, Surplus),
+            callbacks=list(callbacks),
+        )  # fmt: skip
+
     try:
-        work_loop(
-            study,
-            lambda: study.optimize(
-                lambda trial: objective(study, trial),
-                n_trials=1,
-                catch=(*CANDIDATE_FAILURES, Surplus),
-                callbacks=list(callbacks),
-            ),
-            objective.trials,
-            deadline,
-        )
+        work_loop(study, run_one, objective.trials, deadline)
     except KeyboardInterrupt:
         retry_interrupted(study, objective.current)
         raise
@@ -274,11 +300,29 @@ def _objective(
     """The objective of one worker of ``study``, which already holds its settings and baseline."""
     if gate is not None:
         study.set_user_attr(StudyKey.COST_MODEL_WARM_START, gate.warm_start)
+    finetune = spec.finetune_for(task.finetune)
     return Objective(
-        task, spec, profiler, layers, find_blocks(task.model), spec.finetune_for(task.finetune),
-        study.user_attrs[StudyKey.BUDGET_MS], directory, on_stage or (lambda number, stage: None), gate,
-        _trials_wanted(study),
+        task, spec, profiler, layers, find_blocks(task.model), finetune, rung_ends(spec.pruner, finetune),
+        _exclusions(study, spec, layers), study.user_attrs[StudyKey.BUDGET_MS], directory,
+        on_stage or (lambda number, stage: None), gate, _trials_wanted(study),
     )  # fmt: skip
+
+
+def _exclusions(study: optuna.Study, spec: RunSpec, layers: list) -> dict[str, list]:
+    """What the study does not offer of its space (:func:`exclusions`): the same for every worker."""
+    sensitivity = study.user_attrs.get(StudyKey.SENSITIVITY, [])
+    return exclusions(spec.space, layers, spec.target.precisions, spec.objectives, sensitivity)
+
+
+def _finetune(study: optuna.Study, spec: RunSpec, task: Task) -> tuple[Finetune, str]:
+    """The run's fine-tune, its longest in steps: as a resumed study chose it, unless this run
+    sets its length anew; else resolved now (:func:`resolve_finetune`)."""
+    finetune = spec.finetune_for(task.finetune)
+    stored = study.user_attrs.get(StudyKey.RUN_SPEC, {}).get("finetune", {})
+    if finetune.steps is None and finetune.epochs is None and stored.get("steps") is not None:
+        finetune = dataclasses.replace(finetune, steps=stored["steps"], epochs=stored.get("epochs"))
+        return finetune, study.user_attrs.get(StudyKey.FINETUNE_NOTE, f"{finetune.steps} steps")
+    return resolve_finetune(finetune, task, spec.timeout)
 
 
 def _gate(spec: RunSpec, task: Task) -> CostGate | None:

@@ -45,6 +45,9 @@ class RunSpec:
     :meth:`finetune_for`. ``task`` and ``task_options`` are the ``module:function`` that makes the
     task and its keywords, which workers load it by; ``timing`` the profiler's timing knobs;
     ``profiler`` the address of the profiler service measuring on the target (None: this machine).
+    ``recipes``: the study's first trials are the recipes users know (:mod:`search.study._recipes`);
+    ``sensitivity``: each layer's sensitivity is measured first and steers the search
+    (:mod:`search.study._sensitivity`).
     ``seed``, ``timeout`` and ``workers`` are this process's own: a joining worker sets its own.
     """
 
@@ -57,8 +60,10 @@ class RunSpec:
     seed: int = 0
     space: SearchSpace = SearchSpace()
     finetune: Mapping[str, Any] | Finetune = dataclasses.field(default_factory=dict)
-    pruner: str = "percentile"
+    pruner: str = "asha"
     cost_model: bool = True
+    recipes: bool = True
+    sensitivity: bool = True
     timing: Mapping[str, float] = dataclasses.field(default_factory=dict)
     task: str | None = None
     task_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -147,6 +152,8 @@ class RunSpec:
             "finetune": dict(self.finetune),
             "pruner": self.pruner,
             "cost_model": "on" if self.cost_model else "off",
+            "recipes": self.recipes,
+            "sensitivity": self.sensitivity,
             "timing": dict(self.timing),
             "profiler": self.profiler or "local",
             "storage": _without_password(self.storage),
@@ -178,6 +185,8 @@ class RunSpec:
             finetune=data["finetune"],
             pruner=data["pruner"],
             cost_model=data["cost_model"] == "on",
+            recipes=data["recipes"],
+            sensitivity=data["sensitivity"],
             timing=data["timing"],
             task=data["task"],
             task_options=data["task_options"],

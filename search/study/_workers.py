@@ -29,14 +29,16 @@ from optuna.trial import FrozenTrial, TrialState
 from search._record import Key
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)  # count towards --trials
+IDENTITY = (Key.RECIPE, Key.CONTINUE_FROM, Key.RUNG)  # what a retry keeps of the failed trial's attrs
 POLL_S = 1.0
 
 
 class RetryOnce(RetryHeartbeatStaleTrialCallback):
     """Queue a crashed or interrupted trial's plan again, once, as a fresh WAITING trial.
 
-    The retry starts with no user attrs: the failed trial keeps its own record (stage, reason), and
-    the retry must not inherit a half-finished one.
+    The retry starts with none of the failed trial's record (stage, reason, half-finished
+    figures), which stays with the failed trial; only what the trial *is* goes along: a recipe, or a
+    promotion and the trial it continues (:data:`IDENTITY`).
     """
 
     def __init__(self) -> None:
@@ -46,7 +48,7 @@ class RetryOnce(RetryHeartbeatStaleTrialCallback):
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         clean = copy.copy(trial)
-        clean.user_attrs = {}
+        clean.user_attrs = {key: value for key, value in trial.user_attrs.items() if key in IDENTITY}
         super().__call__(study, clean)
 
 

@@ -4,7 +4,6 @@ its teacher on first use (cached under ``results/teachers``)."""
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -13,8 +12,8 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from search._errors import UsageError
 from search.tasks._task import Task
+from search.tasks._teachers import cached_teacher, train_classifier
 
 TEACHER_VERSION = 1
 
@@ -46,53 +45,11 @@ def _digits_data(seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
     )
 
 
-def _train_teacher(model: nn.Module, train: DataLoader, epochs: int = 12) -> None:
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 4e-3, total_steps=epochs * len(train))
-    model.train()
-    for _ in range(epochs):
-        for inputs, labels in train:
-            loss = nn.functional.cross_entropy(model(inputs), labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    model.eval()
-
-
-def _load_teacher(model: nn.Module, cache: Path) -> None:
-    """Load the cached teacher's state dict into ``model``. ``weights_only=True``: tensors and plain
-    containers only, so a file that would run code when unpickled is refused, and nothing in it runs."""
-    try:
-        model.load_state_dict(torch.load(cache, weights_only=True, map_location="cpu"))
-    except Exception as exc:  # UnpicklingError: a refused object; RuntimeError, EOFError: damage, other keys
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        detail = " ".join(str(exc).split())
-        reason = (
-            f"it names {refused.group(1)}, which a weights-only load refuses to call"
-            if refused else f"{type(exc).__name__}: {detail[:300]}{'…' if len(detail) > 300 else ''}"
-        )  # fmt: skip
-        raise UsageError(
-            f"teacher cache {cache} is not a weights-only state dict of this teacher ({reason}); "
-            "nothing in it was run. Delete the file to retrain the teacher."
-        ) from exc
-
-
 def digits(cache_dir: str | os.PathLike | None = None) -> Task:
     """A CNN on scikit-learn's bundled 8×8 digits; the teacher is cached under ``results/teachers``."""
     train_set, val_set = _digits_data()
     train = DataLoader(train_set, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
     val = DataLoader(val_set, batch_size=256)
-    model = digits_cnn()
     cache = Path(cache_dir or Path("results") / "teachers") / f"digits-cnn-v{TEACHER_VERSION}.pt"
-    if cache.exists():
-        _load_teacher(model, cache)
-    else:
-        torch.manual_seed(0)
-        _train_teacher(model, train)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")  # never a half-written cache
-        torch.save(model.state_dict(), partial)
-        os.replace(partial, cache)
-    model.eval()
+    model = cached_teacher(digits_cnn(), cache, lambda model: train_classifier(model, train, epochs=12, max_lr=4e-3))
     return Task(model=model, train=train, val=val, example_input=val_set[0][0][None], name="digits-cnn")

@@ -1,0 +1,167 @@
+"""The search's front against the recipes users already know, in one process on one machine
+(prints figures; asserts nothing).
+
+    python benchmarks/front_vs_recipes.py --task digits [--task motifs] [--task minilm --seq-len 32]
+        [--json results.json] [--keep DIR]
+
+Per task: the teacher is exported and measured; then each recipe alone, through the same pipeline
+(build, calibrate, fine-tune by distillation for the study's longest fine-tune, no keep-best; the
+int8 recipe without a fine-tune: post-training quantization; export, score the ONNX file, measure
+it), timed; then the search, with the same longest fine-tune and a timeout of the recipes' total
+wall-clock (set-up included), budget 1x. Printed: each recipe's metric, latency and speed-up, the
+search's front, the hypervolume share of each (reference point: the teacher's metric minus 0.1,
+the teacher's latency; the share is the dominated area over 0.1 × the teacher's latency), and
+which recipe points the front dominates (weakly: a front point at least as good on both axes;
+"within noise": at most 3 % slower, the spread of repeated measurements on these VMs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import optuna
+import torch
+
+import search
+from profilers import cpu_info, get_profiler
+from search.artifacts import OnnxModule, export_candidate, measure_candidate
+from search.compress import Distillation, Finetune, apply_plan, bake, calibrate_input_quant
+from search.model import describe_layers, find_blocks
+from search.plan import SearchSpace, suggest_plan
+from search.study import hypervolume_share, measure_baseline, recipe_params, recipe_rules, resolve_finetune
+from search.tasks import load_task
+from targets import load_target
+
+TASKS = {"digits": "search.tasks:digits", "motifs": "search.tasks:motifs", "minilm": "search.tasks:minilm"}
+NOISE = 0.03  # latency within this share counts as equal ("within noise")
+
+
+def front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The non-dominated points, once each (a plan and its promotion can score alike)."""
+    unique = set(points)
+    return sorted((m, ms) for m, ms in unique if not any(m2 >= m and ms2 <= ms and (m2, ms2) != (m, ms) for m2, ms2 in unique))
+
+
+def _recipe_alone(task, plan, finetune: Finetune | None, profiler, folder: Path) -> dict:
+    """One recipe as a user runs it: build, fine-tune (or not), export, score, measure."""
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    task.reseed(0)
+    candidate = apply_plan(task.model, plan, task.example_input)
+    calibrate_input_quant(candidate, task.calibration or task.train)
+    steps = 0
+    if finetune is not None:
+        run = Distillation(candidate, task.model, task.train, finetune, loss=task.distill_loss, output=task.output)
+        run.run(finetune.steps)
+        steps = run.step
+    bake(candidate)
+    exported = export_candidate(
+        candidate, task.example_input, folder / "model.onnx", plan=plan, precisions=profiler.target.precisions,
+        calibration=task.calibration or task.train, output=task.output,
+    )  # fmt: skip
+    metric = task.score(OnnxModule(exported.path))
+    measurement = measure_candidate(profiler, exported.path, candidate, task.example_input, plan)
+    return {"metric": metric, "latency_ms": measurement.latency_ms, "steps": steps,
+            "seconds": time.perf_counter() - start}  # fmt: skip
+
+
+def benchmark(name: str, seq_len: int | None, results: Path) -> dict:
+    options = {"seq_len": seq_len} if seq_len else {}
+    task = load_task(TASKS[name], **options)
+    target = load_target("cpu")
+    profiler = get_profiler(target)
+    space = SearchSpace()
+    layers, blocks = describe_layers(task.model, task.example_input), find_blocks(task.model)
+    start = time.perf_counter()
+    baseline = measure_baseline(task, profiler, results / f"{name}-recipes")
+    teacher_metric, teacher_ms = baseline["metric"], baseline["latency_ms"]
+    finetune, note = resolve_finetune(task.finetune or Finetune(), task, None)
+    print(f"\n== {name}: teacher metric {teacher_metric:.4f}, {teacher_ms:.4f} ms; longest fine-tune {note}", flush=True)
+    recipes = {}
+    for recipe, params in recipe_params(recipe_rules(space, blocks), space, layers, blocks).items():
+        plan = suggest_plan(optuna.trial.FixedTrial(params), space, layers, blocks)
+        folder = results / f"{name}-recipes" / recipe.replace(" ", "-")
+        folder.mkdir(parents=True, exist_ok=True)
+        ptq = recipe.startswith("int8")
+        recipes[recipe] = _recipe_alone(copy.copy(task), plan, None if ptq else finetune, profiler, folder)
+        r = recipes[recipe]
+        print(f"recipe {recipe:22s} metric {r['metric']:.4f}  {r['latency_ms']:.4f} ms  "
+              f"{teacher_ms / r['latency_ms']:.2f}x  {r['steps']} steps  {r['seconds']:.0f} s", flush=True)  # fmt: skip
+    recipes_s = time.perf_counter() - start
+    print(f"recipes, teacher included: {recipes_s:.0f} s", flush=True)
+
+    started = time.perf_counter()
+    study = search.run(
+        task, target=target, budget="1x", trials=10**6, timeout=recipes_s, finetune=finetune,
+        results_dir=results, study_name=f"{name}-search", profiler=profiler,
+    )  # fmt: skip
+    search_s = time.perf_counter() - started
+    frame = search.load_trials(study)
+    done = frame[frame["feasible"]]
+    points = list(zip(done["metric"], done["latency_ms"]))
+    search_front = front(points)
+    families: dict[str, list[tuple[float, float]]] = {}
+    for recipe, r in recipes.items():
+        families.setdefault(recipe.split()[0] if not recipe[0].isdigit() else "blocks", []).append(
+            (r["metric"], r["latency_ms"])
+        )
+    recipe_points = [p for ps in families.values() for p in ps]
+    shares = {family: hypervolume_share(ps, (teacher_metric, teacher_ms)) for family, ps in families.items()}
+    share_all = hypervolume_share(recipe_points, (teacher_metric, teacher_ms))
+    share_search = hypervolume_share(points, (teacher_metric, teacher_ms))
+    best_family = max(shares, key=shares.get)
+    print(f"search: {len(frame)} trials ({(frame['state'] == 'COMPLETE').sum()} complete) in {search_s:.0f} s "
+          f"(timeout {recipes_s:.0f} s)")  # fmt: skip
+    for m, ms in search_front:
+        print(f"  front: metric {m:.4f}  {ms:.4f} ms  {teacher_ms / ms:.2f}x")
+    dominated = {}
+    for recipe, r in recipes.items():
+        strict = any(m >= r["metric"] and ms <= r["latency_ms"] for m, ms in search_front)
+        noisy = any(m >= r["metric"] and ms <= r["latency_ms"] * (1 + NOISE) for m, ms in search_front)
+        dominated[recipe] = "yes" if strict else "within noise" if noisy else "no"
+        print(f"  recipe {recipe:22s} dominated by the front: {dominated[recipe]}")
+    ratio = share_search / shares[best_family] if shares[best_family] > 0 else float("inf")
+    print(f"hypervolume share: search {share_search:.3f}; recipes: "
+          + ", ".join(f"{f} {v:.3f}" for f, v in shares.items()) + f"; all recipes together {share_all:.3f}")
+    print(f"search / best recipe family ({best_family}): {ratio:.2f}x (goal 1.2x)", flush=True)
+    result = {
+        "task": name, "teacher_metric": teacher_metric, "teacher_ms": teacher_ms, "finetune": note,
+        "recipes": recipes, "recipes_s": recipes_s, "search_s": search_s, "trials": len(frame),
+        "front": search_front, "shares": shares, "share_all_recipes": share_all, "share_search": share_search,
+        "ratio": ratio, "dominated": dominated,
+    }  # fmt: skip
+    if name == "minilm":
+        int8 = recipes.get("int8 everywhere")
+        faster = [(m, ms) for m, ms in search_front if m >= 0.99 and int8 and ms < int8["latency_ms"]]
+        result["minilm_goal"] = bool(faster)
+        print(f"a front point at cosine >= 0.99 faster than uniform dynamic int8: {faster or 'none'}")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", action="append", choices=list(TASKS), help="Repeatable; default: digits.")
+    parser.add_argument("--seq-len", type=int, help="Sequence length for minilm.")
+    parser.add_argument("--json", type=Path, help="Also write the figures here.")
+    parser.add_argument("--keep", type=Path, help="Write the recipes' files and the studies here (default: a temporary folder).")
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore")
+    info = cpu_info()
+    print(f"machine: {info['cpu']}, ISA {', '.join(info['isa']) or 'none listed'}, {info['logical_cpus']} logical CPUs; "
+          f"ONNX Runtime threads: {load_target('cpu').threads}; torch threads: {torch.get_num_threads()}")  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="front-vs-recipes-") as tmp:
+        folder = args.keep or Path(tmp)
+        results = [benchmark(task, args.seq_len if task == "minilm" else None, folder) for task in args.task or ["digits"]]
+    if args.json:
+        args.json.write_text(json.dumps({"machine": info, "results": results}, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

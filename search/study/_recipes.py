@@ -1,0 +1,95 @@
+"""The recipes users already know, as a study's first trials: the teacher at int8 everywhere, uniform
+channel pruning at each ratio of the space, each student width; for a Transformer, uniform int8,
+uniform FFN pruning, fewer blocks. Each is a plan of the search space, enqueued through Optuna with
+its ``recipe`` name, so the front starts from them and is never worse than the best of them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import optuna
+
+from search._record import Key
+from search.model import EncoderBlocks, LayerInfo
+from search.plan import SearchSpace, suggest_plan
+
+Rule = Callable[[str, list], Any]  # (parameter name, its choices) -> the recipe's choice
+
+
+class _NotInSpace(Exception):
+    """A recipe asks for a value the search space does not offer."""
+
+
+class _Recipe:
+    """Stands in for an Optuna trial: :func:`suggest_plan` asks it as it asks a trial, and the
+    recipe's rule answers, so a recipe's parameters are named and conditioned as a sampled plan's."""
+
+    def __init__(self, rule: Rule) -> None:
+        self.rule = rule
+        self.params: dict[str, Any] = {}
+
+    def suggest_categorical(self, name: str, choices: Sequence) -> Any:
+        value = self.rule(name, list(choices))
+        if value not in choices:
+            raise _NotInSpace(name)
+        self.params[name] = value
+        return value
+
+
+def _uncompressed(name: str, choices: list) -> Any:
+    """The choice that leaves a module as the teacher has it."""
+    if name.endswith((".bits", "width", "depth")):
+        return max(choices)
+    return 0.0  # sparsity, pruning, heads
+
+
+def _rule(**overrides: Any) -> Rule:
+    """Uncompressed but for the parameter kinds in ``overrides`` (``bits``, ``pruning``, ``width``,
+    ``depth``), set to the given value."""
+
+    def choose(name: str, choices: list) -> Any:
+        kind = name.rpartition(".")[2]
+        return overrides[kind] if kind in overrides else _uncompressed(name, choices)
+
+    return choose
+
+
+def recipe_rules(space: SearchSpace, blocks: EncoderBlocks | None, extra: Mapping[str, Rule] = ()) -> dict[str, Rule]:
+    """The recipes for a space, by name, plus ``extra`` ones (the sensitivity-aware mix)."""
+    rules = {"int8 everywhere": _rule(bits=8)}
+    rules.update({f"prune {ratio:g}": _rule(pruning=ratio) for ratio in space.pruning if ratio > 0})
+    if blocks is None:
+        rules.update({f"width {width:g}": _rule(width=width) for width in space.width if width < 1})
+    else:
+        shares = sorted({max(1, round(share * blocks.blocks)) for share in space.depth if share < 1}, reverse=True)
+        rules.update({f"{kept} of {blocks.blocks} blocks": _rule(depth=kept) for kept in shares})
+    rules.update(extra)
+    return rules
+
+
+def recipe_params(
+    rules: Mapping[str, Rule],
+    space: SearchSpace,
+    layers: Sequence[LayerInfo],
+    blocks: EncoderBlocks | None,
+    exclude: Mapping[str, Sequence] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Each recipe's trial parameters; a recipe the space cannot express (int8 where ``bits`` has
+    no 8, a ratio that is not offered) is left out, and so is one equal to an earlier one."""
+    found: dict[str, dict[str, Any]] = {}
+    for name, rule in rules.items():
+        trial = _Recipe(rule)
+        try:
+            suggest_plan(trial, space, layers, blocks, exclude)
+        except _NotInSpace:
+            continue
+        if trial.params not in found.values():
+            found[name] = trial.params
+    return found
+
+
+def enqueue_recipes(study: optuna.Study, recipes: Mapping[str, Mapping[str, Any]]) -> None:
+    """Queue the recipes as the study's first trials, each marked with its name."""
+    for name, params in recipes.items():
+        study.enqueue_trial(dict(params), user_attrs={Key.RECIPE: name})

@@ -1,0 +1,136 @@
+"""Layer sensitivity: the task's metric with one layer compressed at a time, before any fine-tune.
+
+For every layer the search may compress and every option the space offers it (bit widths below 32,
+each channel-pruning ratio: each FFN layer's, for a Transformer), the teacher with only that layer
+changed is built and scored, its int8 activations calibrated as the export's are. This is the
+signal HAWQ and modelopt's AutoQuantize build on. A study uses it twice:
+
+- **sensitivity-aware recipes** (:func:`mixed_rules`), mild to strong: int8 everywhere, and on
+  each prunable layer the largest ratio whose drop is within the level's share of all the pruning
+  drops, so the layers that lose least lose most;
+- it **prunes the sampler** (:func:`excluded_bits`): a bit width that alone drops the metric by
+  more than the front's whole window (:data:`METRIC_WINDOW`) is not offered to that layer. Pruning ratios
+  are never ruled out: a structure recovers through distillation far more than its drop before
+  fine-tuning suggests.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from search._errors import CandidateError
+from search.compress import apply_plan, calibrate_input_quant
+from search.model import EncoderBlocks, LayerInfo
+from search.plan import ChannelPruning, LayerPlan, Plan, Quantization, SearchSpace
+from search.study._front import METRIC_WINDOW
+from search.study._recipes import Rule
+from search.tasks import Task
+
+COLUMNS = ("layer", "kind", "option", "bits", "pruning", "metric", "drop", "error")
+
+
+def _options(layer: LayerInfo, space: SearchSpace, blocks: EncoderBlocks | None) -> list[tuple[int, float]]:
+    """(bits, pruning ratio) pairs to try on ``layer``: each lower bit width the space offers it,
+    and each pruning ratio where it leads a pruning group (a Transformer's FFN layers)."""
+    transformer = blocks is not None
+    bits = [b for b in space.bits if b < 32 and (not layer.edge or b >= space.edge_min_bits) and not (transformer and b == 1)]
+    prunable = layer.name in blocks.ffn if transformer else layer.prunable
+    ratios = [r for r in space.pruning if r > 0] if prunable else []
+    return [(b, 0.0) for b in bits] + [(32, r) for r in ratios]
+
+
+def layer_sensitivity(
+    task: Task,
+    layers: Sequence[LayerInfo],
+    space: SearchSpace,
+    blocks: EncoderBlocks | None,
+    deadline: float | None = None,
+) -> list[dict]:
+    """One row per layer and option: the metric of the teacher with only that layer compressed and
+    its drop from the teacher's own (both in torch). A candidate that cannot be built records its
+    error instead.
+
+    The pruning options come first (the mixed recipes rank layers by them), then the bit widths.
+    With a ``deadline`` (``time.monotonic()``), options not reached by then are left out: a run's
+    time is not spent on its preparation (a Transformer has hundreds of options)."""
+    teacher_metric = task.score(task.model)
+    calibration = task.calibration or task.train
+    options = [
+        (layer, bits, ratio)
+        for layer in layers
+        if not space.layers or layer.name in space.layers
+        for bits, ratio in _options(layer, space, blocks)
+    ]
+    rows = []
+    for layer, bits, ratio in sorted(options, key=lambda option: option[2] == 0):  # pruning first, stable
+        if deadline is not None and time.monotonic() > deadline:
+            break
+        entry = LayerPlan(pruning=ChannelPruning(ratio), quantization=Quantization(bits))
+        option = f"bits={bits}" if ratio == 0 else f"pruning={ratio:g}"
+        row = {"layer": layer.name, "kind": layer.kind, "option": option, "bits": bits, "pruning": ratio,
+               "metric": math.nan, "drop": math.nan, "error": None}  # fmt: skip
+        try:
+            candidate = apply_plan(task.model, Plan(layers={layer.name: entry}), task.example_input)
+            calibrate_input_quant(candidate, calibration, count=SENSITIVITY_CALIBRATION_BATCHES)
+            row["metric"] = task.score(candidate)
+            row["drop"] = teacher_metric - row["metric"]
+        except CandidateError as exc:
+            row["error"] = str(exc)
+        rows.append(row)
+    return rows
+
+
+def sensitivity_frame(rows: Sequence[Mapping]) -> pd.DataFrame:
+    """The rows as a DataFrame, most sensitive first within each option."""
+    frame = pd.DataFrame(list(rows), columns=list(COLUMNS))
+    return frame.sort_values(["option", "drop"], ascending=[True, False], ignore_index=True)
+
+
+def excluded_bits(rows: Sequence[Mapping], window: float = METRIC_WINDOW) -> dict[str, list[int]]:
+    """Per ``<layer>.bits`` parameter, the bit widths that alone drop the metric by more than
+    ``window`` (or cannot be built): not offered to that layer."""
+    excluded: dict[str, list[int]] = {}
+    for row in rows:
+        if row["pruning"] == 0 and (row["error"] is not None or row["drop"] > window):
+            excluded.setdefault(f"{row['layer']}.bits", []).append(row["bits"])
+    return excluded
+
+
+SENSITIVITY_CALIBRATION_BATCHES = 2  # one quantizer's input range: a couple of batches set it
+MIX_LEVELS = {"mild": 0.25, "medium": 0.5, "strong": 0.75}  # quantile of the pruning drops each mix tolerates
+
+
+def mixed_rules(rows: Sequence[Mapping]) -> dict[str, Rule]:
+    """The sensitivity-aware recipes, from mild to strong (:data:`MIX_LEVELS`): 8 bits where 8 is
+    offered (below 8 gains no latency on most runtimes, and slows short sequences' MatMuls), and
+    per prunable layer the largest ratio whose drop is within the level's quantile of all the
+    pruning drops measured, so the layers that lose least are pruned most. None without rows."""
+    if not rows:
+        return {}
+    pruning = [(row["layer"], row["pruning"], row["drop"]) for row in rows if row["pruning"] > 0 and row["error"] is None]
+
+    def rule(tolerance: float) -> Rule:
+        pruned: dict[str, float] = {}
+        for layer, ratio, drop in pruning:
+            if drop <= tolerance and ratio > pruned.get(layer, 0.0):
+                pruned[layer] = ratio
+
+        def choose(name: str, choices: list):
+            layer, _, kind = name.rpartition(".")
+            if kind == "bits":
+                return 8 if 8 in choices else max(choices)
+            if kind == "pruning":
+                return pruned.get(layer, 0.0)
+            if name in ("width", "depth"):
+                return max(choices)
+            return 0.0  # sparsity, heads
+
+        return choose
+
+    tolerances = np.quantile([drop for _, _, drop in pruning], list(MIX_LEVELS.values())) if pruning else [-math.inf] * 3
+    return {f"sensitivity mix ({level})": rule(t) for level, t in zip(MIX_LEVELS, tolerances)}

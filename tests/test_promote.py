@@ -1,0 +1,189 @@
+"""Successive halving over a study's plans: which plan is promoted, and a promoted trial going on
+from the state its parent saved, through a kill -9 too."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState
+
+import search
+from search._record import Key
+from search.compress import Finetune
+from search.study import next_promotion
+
+FINETUNE = Finetune(steps=9, rungs=3, reduction=3)  # rungs end at steps 1, 3, 9
+
+
+def _study() -> optuna.Study:
+    return optuna.create_study(directions=["maximize", "minimize"])
+
+
+def _trial(study: optuna.Study, metric: float, latency: float, rung: int = 0, parent: int | None = None) -> int:
+    """A completed trial at ``rung`` (a promotion of ``parent`` when given); its number."""
+    attrs = {Key.METRIC: metric, Key.LATENCY_MS: latency, Key.RUNG: rung}
+    if parent is not None:
+        attrs[Key.CONTINUE_FROM] = parent
+    study.add_trial(
+        optuna.trial.create_trial(
+            values=[metric, latency], params={"x": float(len(study.trials))},
+            distributions={"x": FloatDistribution(0, 1000)}, user_attrs=attrs,
+        )
+    )  # fmt: skip
+    return study.trials[-1].number
+
+
+TEACHER = (1.0, 4.0)  # metric, latency: the front's box spans metrics 0.9 to 1.0, latencies 0 to 4
+
+
+def test_no_plan_is_promoted_before_reduction_plans_reached_its_rung():
+    study = _study()
+    _trial(study, 0.95, 1.0)
+    _trial(study, 0.93, 0.5)
+    assert next_promotion(study, FINETUNE, TEACHER) is None
+
+
+def test_the_plan_that_could_add_most_to_the_front_is_promoted_and_one_in_reduction_at_most():
+    """Three plans at rung 0: the fast one at 0.92 could add more hypervolume by recovering half its
+    gap (to 0.96 at 0.5) than the slow one at 0.97 could (to 0.985 at 3.0)."""
+    study = _study()
+    _trial(study, 0.97, 3.0)
+    fast = _trial(study, 0.92, 0.5)
+    _trial(study, 0.91, 2.0)
+    assert next_promotion(study, FINETUNE, TEACHER).number == fast
+    study.enqueue_trial({"x": 0.0}, user_attrs={Key.CONTINUE_FROM: fast, Key.RUNG: 1})  # queued: it counts
+    assert next_promotion(study, FINETUNE, TEACHER) is None
+    for metric in (0.91, 0.905, 0.902):
+        _trial(study, metric, 3.5)
+    assert next_promotion(study, FINETUNE, TEACHER) is not None  # six at rung 0: a second slot
+
+
+def test_a_plan_that_cannot_reach_the_front_at_its_latency_is_not_promoted():
+    """Promotions from rung 0 closed a tenth of their gap to the teacher; plans at 0.91 could reach
+    0.919 at most, under the 0.985 a faster plan already has: they add nothing, and wait, though
+    there is a slot for one. A plan that could add is promoted to it."""
+    study, halving = _study(), Finetune(steps=4, rungs=2, reduction=2)
+    for metric, latency in ((0.93, 3.5), (0.94, 3.6), (0.98, 0.5)):
+        parent = _trial(study, metric, latency)
+        _trial(study, metric + 0.1 * (1.0 - metric), latency, rung=1, parent=parent)
+    for latency in (1.0, 1.1, 1.2, 1.3, 1.4, 1.5):
+        _trial(study, 0.91, latency)  # nine plans at rung 0, three moved on: one slot left
+    assert next_promotion(study, halving, TEACHER) is None
+    hopeful = _trial(study, 0.97, 0.4)
+    assert next_promotion(study, halving, TEACHER).number == hopeful
+
+
+def test_the_highest_rung_promotes_first():
+    study = _study()
+    points = ((0.95, 1.0), (0.94, 0.9), (0.93, 0.8))
+    lines = [_trial(study, m, l) for m, l in points]
+    ones = [_trial(study, m + 0.01, l, rung=1, parent=p) for p, (m, l) in zip(lines, points)]
+    for metric, latency in ((0.92, 2.0), (0.91, 2.1), (0.905, 2.2)):
+        _trial(study, metric, latency)  # six at rung 0, two slots there, one still free
+    promoted = next_promotion(study, FINETUNE, TEACHER)
+    assert promoted is not None and promoted.number in ones
+
+
+ASHA = dict(
+    finetune=Finetune(steps=9, eval_every=2, rungs=2, reduction=3), recipes=False, sensitivity=False,
+    cost_model=False, sampler="random",
+)  # fmt: skip
+
+
+def test_a_promoted_trial_goes_on_from_its_parent_s_saved_state(tiny_task, fast_profiler, tmp_path):
+    """Three plans screened with 3 steps; the fourth trial fine-tunes the best of them on to step 9
+    from the state its trial saved: its step count grows, and its curve starts with its parent's."""
+    study = search.run(tiny_task, trials=4, profiler=fast_profiler, results_dir=tmp_path, **ASHA)
+    trials = study.get_trials(deepcopy=False)
+    assert [t.user_attrs[Key.RUNG] for t in trials] == [0, 0, 0, 1]
+    child = trials[3]
+    parent = trials[child.user_attrs[Key.CONTINUE_FROM]]
+    assert child.params == parent.params and child.state == parent.state == TrialState.COMPLETE
+    assert parent.user_attrs[Key.FINETUNE_STEPS] == 3 and child.user_attrs[Key.FINETUNE_STEPS] == 9
+    parent_curve, child_curve = parent.user_attrs[Key.FINETUNE_CURVE], child.user_attrs[Key.FINETUNE_CURVE]
+    assert child_curve.items() >= parent_curve.items() and max(map(int, child_curve)) == 9
+    assert child.user_attrs[Key.FINETUNE_FROM] == f"trial {parent.number}'s state at step 3"
+    parent_files = {path.name for path in Path(parent.user_attrs[Key.ARTIFACTS]).iterdir()}
+    assert "finetune.pt" not in parent_files and "raw.onnx" not in parent_files  # handed on, then let go
+    other = next(t for t in trials[:3] if t.number != parent.number)  # screened, not promoted (yet)
+    assert {"finetune.pt", "raw.onnx"} <= {path.name for path in Path(other.user_attrs[Key.ARTIFACTS]).iterdir()}
+    assert child.user_attrs[Key.LATENCY_MS] == parent.user_attrs[Key.LATENCY_MS]  # measured once, by the parent
+    assert child.user_attrs[Key.METRIC_TORCH] >= parent.user_attrs[Key.METRIC_TORCH]  # its best includes the parent's
+    frame = search.load_trials(study).set_index("number")
+    if child.values[0] >= parent.values[0]:
+        assert frame.loc[parent.number, "superseded_by"] == child.number and not frame.loc[parent.number, "pareto"]
+
+
+PROMOTION_KILLED = """
+import time
+import search, search.study._objective as objective
+from search.compress import Finetune
+from profilers import get_profiler
+from targets import load_target
+real = objective.Distillation.run
+def run(self, until, *args, **kwargs):
+    if self.step >= 3:  # a promotion, going on from its parent's state: stays here until killed
+        time.sleep(300)
+    return real(self, until, *args, **kwargs)
+objective.Distillation.run = run
+timing = dict(warmup_runs=2, warmup_s=0.01, min_runs=20, min_time_s=0.02, max_time_s=0.5, tolerance=0.5)
+search.run(
+    search.load_task("worker_task:tiny"), trials=4, results_dir={results!r}, study_name="promoted",
+    profiler=get_profiler(load_target("cpu"), **timing), cost_model=False, recipes=False, sensitivity=False,
+    sampler="random", finetune=Finetune(steps=9, eval_every=2, rungs=2, reduction=3),
+)
+"""
+
+
+@pytest.mark.slow
+def test_a_promoted_trial_killed_mid_fine_tune_is_retried_from_its_parent_s_state(worker_env, tmp_path):
+    """The promotion is killed (kill -9) in its fine-tune. The same study run again retries it: the
+    retry is still the promotion, and goes on from the state the parent saved at step 3 to step 9."""
+    kwargs = dict(profiler=_tolerant(), results_dir=tmp_path, study_name="promoted", **ASHA)
+    search.run(worker_env, trials=3, **kwargs)
+    process = subprocess.Popen(
+        [sys.executable, "-c", PROMOTION_KILLED.format(results=str(tmp_path))],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        killed = _wait_for_promotion(tmp_path / "promoted" / "study.db", process)
+    finally:
+        process.kill()
+        process.wait()
+    study = search.run(worker_env, trials=4, **kwargs)
+    trials = study.get_trials(deepcopy=False)
+    assert trials[killed].state == TrialState.FAIL
+    retry = next(t for t in trials if t.system_attrs.get("failed_trial") == killed)
+    parent = trials[trials[killed].user_attrs[Key.CONTINUE_FROM]]
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs[Key.CONTINUE_FROM] == parent.number
+    assert retry.user_attrs[Key.RUNG] == 1 and retry.user_attrs[Key.FINETUNE_STEPS] == 9 > parent.user_attrs[Key.FINETUNE_STEPS]
+    assert retry.user_attrs[Key.FINETUNE_CURVE].items() >= parent.user_attrs[Key.FINETUNE_CURVE].items()
+    assert retry.user_attrs[Key.FINETUNE_FROM] == f"trial {parent.number}'s state at step 3"  # no restart
+
+
+def _tolerant():
+    from profilers import get_profiler
+    from targets import load_target
+
+    return get_profiler(
+        load_target("cpu"), warmup_runs=2, warmup_s=0.01, min_runs=20, min_time_s=0.02, max_time_s=0.5, tolerance=0.5
+    )
+
+
+def _wait_for_promotion(database: Path, process: subprocess.Popen, limit_s: float = 240) -> int:
+    """The number of the promotion that reached its fine-tune in the study ``process`` runs."""
+    start = time.monotonic()
+    while time.monotonic() - start < limit_s:
+        assert process.poll() is None, process.stdout.read()
+        study = optuna.load_study(study_name="promoted", storage=f"sqlite:///{database}")
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if Key.CONTINUE_FROM in trial.user_attrs and trial.user_attrs.get(Key.STAGE) == "fine-tune":
+                return trial.number
+        time.sleep(0.2)
+    raise AssertionError(f"no promotion reached its fine-tune in {limit_s} s")

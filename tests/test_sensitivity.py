@@ -1,0 +1,84 @@
+"""Layer sensitivity: one layer compressed at a time, no fine-tune; what a study does with it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+import search
+from search.compress import Finetune
+from search.model import describe_layers
+from search.plan import SearchSpace
+from search.study import METRIC_WINDOW, layer_sensitivity
+from search.study._sensitivity import excluded_bits, mixed_rules
+
+
+def _expected(task, space: SearchSpace) -> set[tuple[str, str]]:
+    rows = set()
+    for layer in describe_layers(task.model, task.example_input):
+        bits = [b for b in space.bits if b < 32 and (not layer.edge or b >= space.edge_min_bits)]
+        rows |= {(layer.name, f"bits={b}") for b in bits}
+        if layer.prunable:
+            rows |= {(layer.name, f"pruning={r:g}") for r in space.pruning if r > 0}
+    return rows
+
+
+def test_the_sensitivity_table_has_one_row_per_layer_and_option(tiny_task):
+    space = SearchSpace()
+    layers = describe_layers(tiny_task.model, tiny_task.example_input)
+    rows = layer_sensitivity(tiny_task, layers, space, None)
+    assert sorted((r["layer"], r["option"]) for r in rows) == sorted(_expected(tiny_task, space))
+    teacher = tiny_task.score(tiny_task.model)
+    for row in rows:
+        assert row["error"] is None and 0.0 <= row["metric"] <= 1.0
+        assert row["drop"] == pytest.approx(teacher - row["metric"])
+    eight = {r["layer"]: r["drop"] for r in rows if r["option"] == "bits=8"}
+    one = {r["layer"]: r["drop"] for r in rows if r["option"] == "bits=1"}
+    assert all(one[name] >= eight[name] - 0.02 for name in one)  # a binarized layer costs more than an int8 one
+
+
+ROWS = [
+    {"layer": "a", "option": "bits=8", "bits": 8, "pruning": 0.0, "drop": 0.001, "error": None},
+    {"layer": "a", "option": "bits=4", "bits": 4, "pruning": 0.0, "drop": 0.001, "error": None},
+    {"layer": "a", "option": "bits=1", "bits": 1, "pruning": 0.0, "drop": 0.5, "error": None},
+    {"layer": "b", "option": "bits=8", "bits": 8, "pruning": 0.0, "drop": 0.01, "error": None},
+    {"layer": "b", "option": "bits=4", "bits": 4, "pruning": 0.0, "drop": 0.05, "error": None},
+    {"layer": "a", "option": "pruning=0.25", "bits": 32, "pruning": 0.25, "drop": 0.3, "error": None},
+    {"layer": "a", "option": "pruning=0.5", "bits": 32, "pruning": 0.5, "drop": 0.6, "error": None},
+    {"layer": "b", "option": "pruning=0.25", "bits": 32, "pruning": 0.25, "drop": 0.05, "error": None},
+    {"layer": "b", "option": "pruning=0.5", "bits": 32, "pruning": 0.5, "drop": 0.2, "error": None},
+]
+
+
+def test_a_bit_width_that_alone_drops_the_metric_out_of_the_window_is_not_offered():
+    assert excluded_bits(ROWS) == {"a.bits": [1]}  # pruning is never ruled out, however it drops
+    assert METRIC_WINDOW == 0.1
+
+
+def test_the_mixed_recipes_spend_bits_and_pruning_where_they_cost_least():
+    """Pruning drops 0.05, 0.2, 0.3, 0.6: the mixes tolerate their quartiles, 0.16, 0.25, 0.38."""
+    rules = mixed_rules(ROWS)
+    assert list(rules) == ["sensitivity mix (mild)", "sensitivity mix (medium)", "sensitivity mix (strong)"]
+    pruning = {level: (rule("a.pruning", [0.0, 0.25, 0.5]), rule("b.pruning", [0.0, 0.25, 0.5])) for level, rule in rules.items()}
+    assert list(pruning.values()) == [(0.0, 0.25), (0.0, 0.5), (0.25, 0.5)]
+    mild = rules["sensitivity mix (mild)"]
+    assert mild("a.bits", [32, 8, 4, 1]) == 8 and mild("b.bits", [32, 4]) == 32
+    assert mild("width", [1.0, 0.5]) == 1.0 and mild("a.sparsity", [0.0, 0.5]) == 0.0
+    assert mixed_rules([]) == {}
+
+
+def test_a_study_records_the_sensitivity_prints_it_and_seeds_a_recipe(tiny_task, fast_profiler, tmp_path):
+    study = search.run(
+        tiny_task, trials=6, profiler=fast_profiler, results_dir=tmp_path, finetune=Finetune(steps=2),
+        pruner="none", cost_model=False,
+    )  # fmt: skip
+    frame = search.load_sensitivity(tmp_path / study.study_name)
+    assert sorted(zip(frame["layer"], frame["option"])) == sorted(_expected(tiny_task, SearchSpace()))
+    assert "excluded" in frame and all(math.isfinite(v) for v in frame["metric"])
+    assert study.trials[5].user_attrs.get("recipe", "").startswith("sensitivity mix")
+    from search import cli
+
+    output = CliRunner().invoke(cli.app, ["results", str(tmp_path / study.study_name), "--sensitivity"]).output
+    assert all(name in output for name in ("conv1", "conv2", "conv3", "fc", "bits=8", "pruning=0.5"))
