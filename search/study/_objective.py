@@ -164,11 +164,11 @@ class Objective:
         with tempfile.TemporaryDirectory(prefix="search-trial-") as tmp:
             raw = Path(tmp, RAW_GRAPH)
             self._stage(trial, "export", seconds)
-            structure.load_state_dict(baked_state_dict(candidate))
             inherited = None if parent is None else self._trial_dir(parent.number) / RAW_GRAPH
             if inherited is not None and inherited.exists():  # the same plan's graph: no second export
                 shutil.copyfile(inherited, raw)
             else:
+                structure.load_state_dict(baked_state_dict(candidate))
                 export_raw(structure, task.example_input, raw, task.output)
             if parent is None:
                 exported = self._export(structure, plan, trial_dir, raw)

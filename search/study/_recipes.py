@@ -37,7 +37,7 @@ class _Recipe:
         return value
 
 
-def _uncompressed(name: str, choices: list) -> Any:
+def uncompressed(name: str, choices: list) -> Any:
     """The choice that leaves a module as the teacher has it."""
     if name.endswith((".bits", "width", "depth")):
         return max(choices)
@@ -50,7 +50,7 @@ def _rule(**overrides: Any) -> Rule:
 
     def choose(name: str, choices: list) -> Any:
         kind = name.rpartition(".")[2]
-        return overrides[kind] if kind in overrides else _uncompressed(name, choices)
+        return overrides[kind] if kind in overrides else uncompressed(name, choices)
 
     return choose
 

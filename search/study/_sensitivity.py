@@ -28,10 +28,12 @@ from search.compress import apply_plan, calibrate_input_quant
 from search.model import EncoderBlocks, LayerInfo
 from search.plan import ChannelPruning, LayerPlan, Plan, Quantization, SearchSpace
 from search.study._front import METRIC_WINDOW
-from search.study._recipes import Rule
+from search.study._recipes import Rule, uncompressed
 from search.tasks import Task
 
 COLUMNS = ("layer", "kind", "option", "bits", "pruning", "metric", "drop", "error")
+SENSITIVITY_CALIBRATION_BATCHES = 2  # one quantizer's input range: a couple of batches set it
+MIX_LEVELS = {"mild": 0.25, "medium": 0.5, "strong": 0.75}  # quantile of the pruning drops each mix tolerates
 
 
 def _options(layer: LayerInfo, space: SearchSpace, blocks: EncoderBlocks | None) -> list[tuple[int, float]]:
@@ -101,15 +103,13 @@ def excluded_bits(rows: Sequence[Mapping], window: float = METRIC_WINDOW) -> dic
     return excluded
 
 
-SENSITIVITY_CALIBRATION_BATCHES = 2  # one quantizer's input range: a couple of batches set it
-MIX_LEVELS = {"mild": 0.25, "medium": 0.5, "strong": 0.75}  # quantile of the pruning drops each mix tolerates
-
 
 def mixed_rules(rows: Sequence[Mapping]) -> dict[str, Rule]:
     """The sensitivity-aware recipes, from mild to strong (:data:`MIX_LEVELS`): 8 bits where 8 is
     offered (below 8 gains no latency on most runtimes, and slows short sequences' MatMuls), and
     per prunable layer the largest ratio whose drop is within the level's quantile of all the
-    pruning drops measured, so the layers that lose least are pruned most. None without rows."""
+    pruning drops measured, so the layers that lose least are pruned most. None without rows
+    (an empty dict)."""
     if not rows:
         return {}
     pruning = [(row["layer"], row["pruning"], row["drop"]) for row in rows if row["pruning"] > 0 and row["error"] is None]
@@ -126,9 +126,7 @@ def mixed_rules(rows: Sequence[Mapping]) -> dict[str, Rule]:
                 return 8 if 8 in choices else max(choices)
             if kind == "pruning":
                 return pruned.get(layer, 0.0)
-            if name in ("width", "depth"):
-                return max(choices)
-            return 0.0  # sparsity, heads
+            return uncompressed(name, choices)  # width, depth, sparsity, heads
 
         return choose
 
