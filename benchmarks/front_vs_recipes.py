@@ -54,7 +54,7 @@ def _recipe_alone(task, plan, finetune: Finetune | None, profiler, folder: Path)
     torch.manual_seed(0)
     task.reseed(0)
     candidate = apply_plan(task.model, plan, task.example_input)
-    calibrate_input_quant(candidate, task.calibration or task.train)
+    calibrate_input_quant(candidate, task.calibration_batches())
     steps = 0
     if finetune is not None:
         run = Distillation(candidate, task.model, task.train, finetune, loss=task.distill_loss, output=task.output)
@@ -63,7 +63,7 @@ def _recipe_alone(task, plan, finetune: Finetune | None, profiler, folder: Path)
     bake(candidate)
     exported = export_candidate(
         candidate, task.example_input, folder / "model.onnx", plan=plan, precisions=profiler.target.precisions,
-        calibration=task.calibration or task.train, output=task.output,
+        calibration=task.calibration_batches(), output=task.output,
     )  # fmt: skip
     metric = task.score(OnnxModule(exported.path))
     measurement = measure_candidate(profiler, exported.path, candidate, task.example_input, plan)

@@ -20,7 +20,9 @@ class Key:
     CONTINUE_FROM = "continue_from"  # a promotion: the trial whose fine-tune it goes on with
     FINETUNE_FROM = "finetune_from"  # where a promotion's fine-tune started: its parent's saved state
     RECIPE = "recipe"  # a plan users know (int8 everywhere, uniform pruning, a student width, ...)
-    FINETUNE_SKIPPED = "finetune_skipped"  # why the plan was not fine-tuned (measured over the budget)
+    FINETUNE_SKIPPED = "finetune_skipped"  # why the plan was not fine-tuned (over the budget, a PTQ recipe)
+    POST_TRAINING = "post_training"  # a recipe users run without a fine-tune (int8 PTQ): scored as calibrated
+    BUILD_DIGEST = "build_digest"  # sha256 of the built candidate: two plans that build the same model share it
     # The measured record: what the front and the DataFrame are made of.
     METRIC = "metric"
     METRIC_SOURCE = "metric_source"

@@ -25,9 +25,11 @@ def _study() -> optuna.Study:
     return optuna.create_study(directions=["maximize", "minimize"])
 
 
-def _trial(study: optuna.Study, metric: float, latency: float, rung: int = 0, parent: int | None = None) -> int:
+def _trial(
+    study: optuna.Study, metric: float, latency: float, rung: int = 0, parent: int | None = None, **extra
+) -> int:
     """A completed trial at ``rung`` (a promotion of ``parent`` when given); its number."""
-    attrs = {Key.METRIC: metric, Key.LATENCY_MS: latency, Key.RUNG: rung}
+    attrs = {Key.METRIC: metric, Key.LATENCY_MS: latency, Key.RUNG: rung, **extra}
     if parent is not None:
         attrs[Key.CONTINUE_FROM] = parent
     study.add_trial(
@@ -88,6 +90,16 @@ def test_the_highest_rung_promotes_first():
         _trial(study, metric, latency)  # six at rung 0, two slots there, one still free
     promoted = next_promotion(study, FINETUNE, TEACHER)
     assert promoted is not None and promoted.number in ones
+
+
+def test_a_plan_scored_without_a_fine_tune_and_a_copy_of_another_plan_are_not_promoted():
+    """The fast plans are a PTQ recipe and a copy of the slow plan: only the slow one can move on."""
+    study = _study()
+    slow = _trial(study, 0.97, 3.0)
+    _trial(study, 0.92, 0.5, **{Key.FINETUNE_SKIPPED: "post-training quantization: scored as calibrated"})
+    _trial(study, 0.97, 3.0, **{Key.DUPLICATE_OF: slow})
+    _trial(study, 0.91, 0.6, **{Key.FINETUNE_SKIPPED: "post-training quantization: scored as calibrated"})
+    assert next_promotion(study, FINETUNE, TEACHER).number == slow
 
 
 ASHA = dict(

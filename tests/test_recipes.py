@@ -83,3 +83,43 @@ def test_no_recipes_and_no_more_recipes_than_trials(tiny_task, fast_profiler, tm
     few = search.run(tiny_task, trials=2, profiler=fast_profiler, results_dir=tmp_path, study_name="few", **QUICK)
     assert [t.user_attrs[Key.RECIPE] for t in few.trials] == CNN_RECIPES[:2]  # none left waiting
     assert math.isfinite(few.trials[0].values[0])
+
+
+def test_int8_ptq_is_scored_as_calibrated_and_a_plan_that_builds_an_earlier_plan_s_model_is_not_run_again(
+    tiny_task, fast_profiler, tmp_path
+):
+    """On this CNN, width 0.5 keeps the very channels prune 0.5 keeps (both rank by L2 magnitude)."""
+    study = search.run(tiny_task, trials=5, profiler=fast_profiler, results_dir=tmp_path, **QUICK)
+    trials = {t.user_attrs[Key.RECIPE]: t for t in study.trials}
+    int8 = trials["int8 everywhere"].user_attrs
+    assert int8[Key.FINETUNE_SKIPPED].startswith("post-training quantization")
+    assert int8[Key.FINETUNE_STEPS] == 0 and Key.FINETUNE_CURVE not in int8
+    for width, prune in (("width 0.5", "prune 0.5"), ("width 0.75", "prune 0.25")):
+        copy = trials[width]
+        assert copy.user_attrs[Key.DUPLICATE_OF] == trials[prune].number
+        assert copy.values == trials[prune].values
+        assert copy.user_attrs[Key.PLAN]["width"] == float(width.split()[1])  # its own plan, the other's result
+    assert Key.DUPLICATE_OF not in trials["prune 0.5"].user_attrs and trials["prune 0.5"].user_attrs[Key.FINETUNE_STEPS] > 0
+
+
+def test_the_build_digest_tells_plans_apart_by_what_they_build():
+    import copy
+
+    import torch
+    from models import SmallCNN
+
+    from search.compress import add_compression, build_structure
+    from search.plan import LayerPlan, Plan, Quantization, WeightSparsity
+    from search.study._objective import build_digest
+
+    model, example = SmallCNN(), torch.randn(1, 1, 8, 8)
+
+    def digest(plan: Plan) -> str:
+        return build_digest(add_compression(copy.deepcopy(build_structure(model, plan, example)), plan, example), plan)
+
+    name = next(n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d))
+    float_plan = Plan(layers={name: LayerPlan()})
+    assert digest(float_plan) == digest(Plan())  # an entry that changes nothing
+    assert digest(Plan(layers={name: LayerPlan(quantization=Quantization(8))})) != digest(Plan())
+    assert digest(Plan(layers={name: LayerPlan(sparsity=WeightSparsity(0.5))})) != digest(Plan())
+    assert digest(Plan(width=0.5)) != digest(Plan())

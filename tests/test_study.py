@@ -114,7 +114,7 @@ def test_the_pruner_stops_weak_fine_tunes(tiny_task, fast_profiler, tmp_path):
 
     study = run(
         tiny_task, trials=2, profiler=fast_profiler, results_dir=tmp_path,
-        finetune=Finetune(steps=6, eval_every=3), pruner=PruneAll(),
+        finetune=Finetune(steps=6, eval_every=3), pruner=PruneAll(), recipes=False,  # int8 PTQ is not fine-tuned
     )  # fmt: skip
     frame = search.load_trials(study)
     assert list(frame["state"]) == ["PRUNED", "PRUNED"]

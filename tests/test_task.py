@@ -175,3 +175,23 @@ def test_a_task_whose_parts_do_not_fit_is_a_usage_error(kwargs, message):
 def test_an_option_the_task_function_does_not_take_is_a_usage_error(task_module):
     with pytest.raises(UsageError, match=r"does not take --seq-len: its function is make\(\)"):
         load_task(f"{task_module}:make", seq_len=32)
+
+
+def test_every_trial_calibrates_on_the_same_batches_and_drawing_them_leaves_the_loaders_as_they_were():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from search.compress import CALIBRATION_BATCHES
+
+    data = TensorDataset(torch.arange(40.0).reshape(40, 1), torch.zeros(40, dtype=torch.long))
+    generator = torch.Generator()
+    train = DataLoader(data, batch_size=2, shuffle=True, generator=generator)
+    task = Task(nn.Linear(1, 2), train, train, torch.zeros(1, 1))
+    generator.manual_seed(123)
+    expected_next = torch.Generator().set_state(generator.get_state())
+    first = task.calibration_batches()
+    assert len(first) == CALIBRATION_BATCHES
+    assert torch.equal(generator.get_state(), expected_next.get_state())
+    other = Task(nn.Linear(1, 2), train, train, torch.zeros(1, 1))
+    generator.manual_seed(7)  # another trial's seed: the same batches all the same
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, other.calibration_batches()))
+    assert task.calibration_batches() is first  # drawn once

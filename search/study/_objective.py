@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 import math
 import shutil
 import socket
@@ -41,7 +43,7 @@ from search.compress import (
 )
 from search.costmodel import CostGate, plan_features
 from search.model import EncoderBlocks, LayerInfo, compressible_layers
-from search.plan import Plan, suggest_plan
+from search.plan import Plan, Quantization, WeightSparsity, suggest_plan
 from search.study._optuna import report_and_maybe_prune
 from search.study._spec import RunSpec
 from search.study._workers import claim_slot, measuring_alone, this_worker
@@ -150,8 +152,13 @@ class Objective:
         task.reseed(self.spec.seed + trial.number)
         structure = build_structure(task.model, plan, task.example_input)
         candidate = add_compression(copy.deepcopy(structure), plan, task.example_input)
-        calibrate_input_quant(candidate, task.calibration or task.train)
+        calibrate_input_quant(candidate, task.calibration_batches())
         if parent is None:
+            digest = build_digest(candidate, plan)
+            trial.set_user_attr(Key.BUILD_DIGEST, digest)
+            same = _same_build(study, trial, digest)
+            if same is not None:  # another plan that builds this very model (prune 0.5 and width 0.5)
+                return self._reuse(study, trial, same)
             layers = compressible_layers(candidate)
             trial.set_user_attr(Key.CHANNELS, {name: int(m.weight.shape[0]) for name, m in layers.items()})
             features = plan_features(candidate, plan, task.example_input, target)
@@ -177,8 +184,11 @@ class Objective:
                 over = self._record_measurement(trial, measurement, exported.layer_precision)
             else:
                 over = self._copy_measurement(trial, parent)
-            if over:  # a plan over the budget is never fine-tuned, only scored as it is (never promoted either)
-                trial.set_user_attr(Key.FINETUNE_SKIPPED, "measured over the budget")
+            skipped = "measured over the budget" if over else None
+            if parent is None and trial.user_attrs.get(Key.POST_TRAINING):
+                skipped = skipped or "post-training quantization: scored as calibrated"
+            if skipped:  # scored as it is, never promoted either
+                trial.set_user_attr(Key.FINETUNE_SKIPPED, skipped)
                 self._stage(trial, "evaluate", seconds)
                 metric = self._score(exported.path)
                 return self._finish(
@@ -212,7 +222,7 @@ class Objective:
         task, target = self.task, self.spec.target
         exported = export_candidate(
             structure, task.example_input, trial_dir / "model.onnx",
-            plan=plan, precisions=target.precisions, calibration=task.calibration or task.train,
+            plan=plan, precisions=target.precisions, calibration=task.calibration_batches(),
             symmetric=target.runtime == "tensorrt", output=task.output, raw=raw,
         )  # fmt: skip
         (trial_dir / "plan.json").write_text(plan.to_json())
@@ -339,7 +349,7 @@ class Objective:
             trial.set_user_attr(Key.PRUNED_REASON, f"same plan as trial {same.number}, running in another worker")
             raise optuna.TrialPruned(f"same plan as running trial {same.number}")
         for key, value in same.user_attrs.items():
-            if key not in (Key.WORKER, Key.STAGE, Key.RECIPE):
+            if key not in (Key.WORKER, Key.STAGE, Key.RECIPE, Key.PLAN, Key.POST_TRAINING):
                 trial.set_user_attr(key, value)
         trial.set_user_attr(Key.DUPLICATE_OF, same.number)
         for key, value in same.constraints.items():
@@ -359,6 +369,35 @@ def _parent(study: optuna.Study, trial: optuna.Trial) -> optuna.trial.FrozenTria
             trial.set_user_attr(Key.PRUNED_REASON, f"trial {other.number} already continues trial {number}")
             raise optuna.TrialPruned(f"trial {other.number} already continues trial {number}")
     return study.get_trials(deepcopy=False)[number]
+
+
+def _same_build(study: optuna.Study, trial: optuna.Trial, digest: str) -> optuna.trial.FrozenTrial | None:
+    """An earlier plan, completed or running, whose candidate was built the same (:func:`build_digest`)."""
+    for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
+        attrs = other.user_attrs
+        if (
+            other.number < trial.number and attrs.get(Key.BUILD_DIGEST) == digest
+            and Key.DUPLICATE_OF not in attrs and Key.CONTINUE_FROM not in attrs
+        ):  # fmt: skip
+            return other
+    return None
+
+
+def build_digest(candidate: torch.nn.Module, plan: Plan) -> str:
+    """sha256 of a built candidate: its weights, masks and quantizer ranges, and each layer's weight
+    sparsity and bit width (which export reads from the plan). Two plans with one digest build,
+    export and measure as the same model: the same channels kept, the same precisions."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(candidate.state_dict().items()):
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    applied = {
+        name: [entry.sparsity.ratio, entry.sparsity.pattern, entry.quantization.bits]
+        for name, entry in plan.student().layers.items()
+        if (entry.sparsity, entry.quantization) != (WeightSparsity(), Quantization())
+    }
+    digest.update(json.dumps(applied, sort_keys=True).encode())
+    return digest.hexdigest()
 
 
 def _same_plan(study: optuna.Study, trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:

@@ -40,7 +40,7 @@ def lineages(trials: Sequence[FrozenTrial]) -> dict[int, dict[int, FrozenTrial]]
     by_number = {trial.number: trial for trial in trials}
     found: dict[int, dict[int, FrozenTrial]] = {}
     for trial in trials:
-        if Key.RUNG not in trial.user_attrs:
+        if Key.RUNG not in trial.user_attrs or Key.DUPLICATE_OF in trial.user_attrs:  # a copy is not a plan
             continue
         root = trial
         while Key.CONTINUE_FROM in root.user_attrs and root.user_attrs[Key.CONTINUE_FROM] in by_number:
@@ -112,7 +112,10 @@ def next_promotion(
         at_rung = {root: line[rung] for root, line in lines.items() if rung in line and _feasible(line[rung])}
         moved_on = {root for root, line in lines.items() if any(r > rung for r in line)}  # promoted (any state)
         slots = len(at_rung) // finetune.reduction - len(moved_on & set(at_rung))
-        waiting = {root: trial for root, trial in at_rung.items() if root not in moved_on}
+        waiting = {  # a plan scored without a fine-tune (a PTQ recipe) is not fine-tuned longer either
+            root: trial for root, trial in at_rung.items()
+            if root not in moved_on and Key.FINETUNE_SKIPPED not in trial.user_attrs
+        }  # fmt: skip
         if slots <= 0 or not waiting:
             continue
         promising = {root: p for root, trial in waiting.items() if (p := promise(root, trial, rung)) is not None}

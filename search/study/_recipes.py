@@ -15,6 +15,7 @@ from search.model import EncoderBlocks, LayerInfo
 from search.plan import SearchSpace, suggest_plan
 
 Rule = Callable[[str, list], Any]  # (parameter name, its choices) -> the recipe's choice
+INT8 = "int8 everywhere"  # post-training quantization: users run it without a fine-tune, and so does the study
 
 
 class _NotInSpace(Exception):
@@ -57,7 +58,7 @@ def _rule(**overrides: Any) -> Rule:
 
 def recipe_rules(space: SearchSpace, blocks: EncoderBlocks | None, extra: Mapping[str, Rule] = ()) -> dict[str, Rule]:
     """The recipes for a space, by name, plus ``extra`` ones (the sensitivity-aware mix)."""
-    rules = {"int8 everywhere": _rule(bits=8)}
+    rules = {INT8: _rule(bits=8)}
     rules.update({f"prune {ratio:g}": _rule(pruning=ratio) for ratio in space.pruning if ratio > 0})
     if blocks is None:
         rules.update({f"width {width:g}": _rule(width=width) for width in space.width if width < 1})
@@ -90,6 +91,8 @@ def recipe_params(
 
 
 def enqueue_recipes(study: optuna.Study, recipes: Mapping[str, Mapping[str, Any]]) -> None:
-    """Queue the recipes as the study's first trials, each marked with its name."""
+    """Queue the recipes as the study's first trials, each marked with its name (and int8 PTQ as a
+    plan that is scored as calibrated, never fine-tuned)."""
     for name, params in recipes.items():
-        study.enqueue_trial(dict(params), user_attrs={Key.RECIPE: name})
+        attrs = {Key.RECIPE: name, **({Key.POST_TRAINING: True} if name == INT8 else {})}
+        study.enqueue_trial(dict(params), user_attrs=attrs)

@@ -61,7 +61,7 @@ def layer_sensitivity(
     With a ``deadline`` (``time.monotonic()``), options not reached by then are left out: a run's
     time is not spent on its preparation (a Transformer has hundreds of options)."""
     teacher_metric = task.score(task.model)
-    calibration = task.calibration or task.train
+    calibration = task.calibration_batches()
     options = [
         (layer, bits, ratio)
         for layer in layers

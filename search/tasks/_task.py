@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import importlib
 import inspect
+import itertools
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -16,7 +17,7 @@ from torch import nn
 
 from search._errors import UsageError
 from search.artifacts import OnnxModule
-from search.compress import DistillLoss, Finetune, check_distill_loss
+from search.compress import CALIBRATION_BATCHES, DistillLoss, Finetune, check_distill_loss
 from search.model import Inputs, Output, call, check_example_input, reduce_output, reduced_output, split_batch
 
 Metric = Callable[[nn.Module, Iterable], float]
@@ -70,6 +71,7 @@ class Task:
     finetune: Finetune | None = None
     calibration: Iterable | None = None
     options: dict = dataclasses.field(default_factory=dict)
+    _calibration_batches: list | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, nn.Module):
@@ -106,6 +108,26 @@ class Task:
             generator = getattr(loader, "generator", None)
             if isinstance(generator, torch.Generator):
                 generator.manual_seed(seed)
+
+    def calibration_batches(self) -> list:
+        """The batches that set int8 activation ranges: the first :data:`CALIBRATION_BATCHES` of
+        ``calibration`` (default ``train``), drawn once in the order a fixed seed gives. Every plan
+        is calibrated on the same data, so its int8 result does not depend on its trial's number;
+        drawing them leaves the loaders' and torch's random state as it was."""
+        if self._calibration_batches is None:
+            loader = self.calibration or self.train
+            generator = getattr(loader, "generator", None)
+            state = generator.get_state() if isinstance(generator, torch.Generator) else None
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                if state is not None:
+                    generator.manual_seed(0)
+                try:
+                    self._calibration_batches = list(itertools.islice(loader, CALIBRATION_BATCHES))
+                finally:
+                    if state is not None:
+                        generator.set_state(state)
+        return self._calibration_batches
 
     def fingerprint(self) -> str:
         """sha256 of the teacher's weights: every worker of a study must compress the same model."""
