@@ -453,9 +453,9 @@ def declared_bytes(model: onnx.ModelProto) -> int:
 
 
 def _value_bytes(value: onnx.ValueInfoProto) -> int:
-    tensor = value.type.tensor_type
-    if not value.type.HasField("tensor_type"):
+    if not value.type.HasField("tensor_type"):  # a sequence or map: sized where its tensors are
         return 0
+    tensor = value.type.tensor_type
     dims = [d.dim_value if d.HasField("dim_value") else 1 for d in tensor.shape.dim]
     return _tensor_bytes(tensor.elem_type, dims)
 
