@@ -10,11 +10,17 @@ PyTorch: :func:`get_profiler` does, and only for a target measured by them
 
 from profilers._base import TIMING_KNOBS, Measurement, ModuleArtifact, Profiler, random_inputs
 from profilers._cpuinfo import cpu_info
-from profilers._errors import MeasurementError, ProfilerError, ProfilerUsageError, TargetUnavailableError
+from profilers._errors import (
+    MeasurementCancelled,
+    MeasurementError,
+    ProfilerError,
+    ProfilerUsageError,
+    TargetUnavailableError,
+)
 from profilers._factory import get_profiler
 from profilers._onnxruntime_cpu import OnnxRuntimeCpuProfiler
 from profilers._remote import RemoteProfiler
-from profilers._service import create_app, serve
+from profilers._service import ServiceLimits, create_app, serve
 from profilers._wire import DEFAULT_PORT, TOKEN_ENV
 from profilers.energy import RaplReader
 from profilers.tensorrt import TensorRTProfiler, default_timing, tensorrt_unavailable_reason
@@ -22,6 +28,7 @@ from profilers.tensorrt import TensorRTProfiler, default_timing, tensorrt_unavai
 __all__ = [
     "DEFAULT_PORT",
     "Measurement",
+    "MeasurementCancelled",
     "MeasurementError",
     "ModuleArtifact",
     "OnnxRuntimeCpuProfiler",
@@ -31,6 +38,7 @@ __all__ = [
     "PyTorchProfiler",
     "RaplReader",
     "RemoteProfiler",
+    "ServiceLimits",
     "TIMING_KNOBS",
     "TOKEN_ENV",
     "TargetUnavailableError",

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
-from profilers._errors import ProfilerUsageError
+from profilers._errors import MeasurementCancelled, ProfilerUsageError
 from targets import Target
 
 if TYPE_CHECKING:
@@ -143,6 +143,11 @@ class Profiler(abc.ABC):
     """
 
     measures_onnx = True  # False: it measures PyTorch modules (measure_module)
+    # Asked before each session and after each warm-up and timed run (outside the timed span);
+    # when it answers True the measurement stops with MeasurementCancelled. The profiler service
+    # sets it on its per-request copy, so a client that left or a stopping service ends a
+    # measurement within one run instead of at max_time_s.
+    should_stop: Callable[[], bool] | None = None
 
     def __init__(
         self,
@@ -203,6 +208,7 @@ class Profiler(abc.ABC):
         runs = 0
         while True:
             run()
+            self._stop_if_asked()
             runs += 1
             elapsed = time.perf_counter() - start
             done = runs >= self.warmup_runs and elapsed >= self.warmup_s
@@ -230,6 +236,7 @@ class Profiler(abc.ABC):
                 result = run()
                 t1 = time.perf_counter_ns()
                 samples_ms.append(float(result) if self_timed else (t1 - t0) / 1e6)
+                self._stop_if_asked()
                 if t1 >= deadline:
                     break
             elapsed_s = (time.perf_counter_ns() - start) / 1e9
@@ -257,6 +264,7 @@ class Profiler(abc.ABC):
         reader, or None) opens a window around each session's timed runs."""
         timings = []
         for index in range(self.sessions):
+            self._stop_if_asked()
             with open_session(index) as run:
                 self._warm_up(run)
                 window = energy.window() if energy else None
@@ -264,6 +272,10 @@ class Profiler(abc.ABC):
                     samples_ms, stable = self._time(run, self_timed=self_timed)
             timings.append(SessionTiming(samples_ms, stable, window))
         return timings
+
+    def _stop_if_asked(self) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise MeasurementCancelled("the measurement was cancelled")
 
     def _summarise(self, timings: Sequence[SessionTiming], **fields: object) -> Measurement:
         """A :class:`Measurement` of the fastest of ``timings`` (the lowest median of its quiet

@@ -20,3 +20,9 @@ class TargetUnavailableError(ProfilerError, RuntimeError):
 
 class MeasurementError(ProfilerError, RuntimeError):
     """A model the runtime could not build, load or run; only that model's measurement fails."""
+
+
+class MeasurementCancelled(ProfilerError, RuntimeError):
+    """A measurement stopped between two runs because its profiler's
+    :attr:`~profilers.Profiler.should_stop` said so: in the profiler service, the client left or
+    the service is stopping. It says nothing about the model."""

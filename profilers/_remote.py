@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import numpy as np
 
 from profilers._base import Measurement, Profiler
 from profilers._errors import MeasurementError, ProfilerUsageError, TargetUnavailableError
-from profilers._wire import DEFAULT_PORT, TOKEN_ENV
+from profilers._wire import DEFAULT_PORT, TIMING_LIMITS, TOKEN_ENV
 from targets import Target
 
 # Waiting for a connection is short whatever the timeout: an address that does not answer in
@@ -33,10 +34,11 @@ class RemoteProfiler(Profiler):
     """Measures on ``target`` by uploading each model to the profiler service at ``address``
     (``host:port``), which measures it with the device's own profiler, one model at a time.
 
-    The timing knobs are sent with every request, so they work as they do locally. The
-    service sends no samples: a remote :class:`Measurement` has ``samples_ms == ()``, and its
-    ``device["host"]`` names the machine that measured. ``timeout_s`` bounds one measurement,
-    upload included.
+    The timing knobs are sent with every request, so they work as they do locally, within the
+    service's limits (:meth:`check` compares them). The service sends no samples: a remote
+    :class:`Measurement` has ``samples_ms == ()``, and its ``device["host"]`` names the machine
+    that measured. ``timeout_s`` bounds one measurement, upload and waiting included: a busy
+    service answers 503 with ``Retry-After``, and the request is sent again after that long.
     """
 
     def __init__(
@@ -70,10 +72,21 @@ class RemoteProfiler(Profiler):
         except OSError as exc:
             raise MeasurementError(f"{path}: cannot read the model: {exc.strerror or exc}") from exc
         params = {"name": path.name, **self.timing()}
-        response = self._request(
-            "POST", "/measure", content=data, params=params,
-            headers={"Content-Type": "application/octet-stream"},
-        )  # fmt: skip
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            response = self._request(
+                "POST", "/measure", content=data, params=params,
+                headers={"Content-Type": "application/octet-stream"},
+            )  # fmt: skip
+            wait = _retry_after(response)
+            if wait is None or time.monotonic() + wait > deadline:
+                break
+            time.sleep(wait)
+        if response.status_code == 503:
+            raise TargetUnavailableError(
+                f"the profiler service at {self.address} did not take {path.name} within the "
+                f"timeout ({self.timeout_s:g} s): {_detail(response)}"
+            )
         if response.status_code in (400, 413, 422, 500):
             raise MeasurementError(
                 f"{path}: the profiler service at {self.address} could not measure it "
@@ -97,6 +110,7 @@ class RemoteProfiler(Profiler):
         Raises :class:`~profilers.TargetUnavailableError` otherwise."""
         answer = self._json(self._request("GET", "/health"))
         self._check_target(answer.get("target"))
+        self._check_limits(answer.get("limits"))
         return answer
 
     def _request(self, method: str, route: str, **kwargs: object) -> httpx.Response:
@@ -135,6 +149,22 @@ class RemoteProfiler(Profiler):
                 f"`--target {served}`"
             )
 
+    def _check_limits(self, limits: object) -> None:
+        """A :class:`~profilers.ProfilerUsageError` naming this profiler's timing knobs above
+        the service's limits (a service from before the limits sends none)."""
+        if not isinstance(limits, dict):
+            return
+        over = [
+            f"{key}={getattr(self, key):g} (at most {limits[limit]:g}, search serve {flag})"
+            for key, (limit, flag) in TIMING_LIMITS.items()
+            if isinstance(limits.get(limit), (int, float)) and getattr(self, key) > limits[limit]
+        ]
+        if over:
+            raise ProfilerUsageError(
+                f"the profiler service at {self.address} allows less than this run asks: {', '.join(over)}; "
+                "ask for less, or restart the service with a higher limit"
+            )
+
     def _unavailable(self, reason: str) -> TargetUnavailableError:
         port = self.address.rpartition(":")[2]
         return TargetUnavailableError(
@@ -143,6 +173,14 @@ class RemoteProfiler(Profiler):
             "(it listens on 127.0.0.1 only unless --host says otherwise; or forward the port, "
             f"`ssh -L {port}:127.0.0.1:{port} <device>`), and pass the same token here"
         )
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Seconds to wait before sending again, when the service is busy (503 with Retry-After)."""
+    if response.status_code != 503:
+        return None
+    text = response.headers.get("retry-after", "")
+    return float(text) if text.isdigit() else None
 
 
 def _detail(response: httpx.Response) -> str:

@@ -516,11 +516,32 @@ def serve_command(
         Optional[str],
         typer.Option(envvar=profilers.TOKEN_ENV, show_envvar=True, help="Token clients must send (required)."),
     ] = None,
+    max_upload_mib: Annotated[
+        float, typer.Option(min=0.001, help="Largest model file a client may upload, in MiB (larger: 413).")
+    ] = profilers.ServiceLimits.max_bytes / 2**20,
+    max_model_memory_mib: Annotated[
+        float,
+        typer.Option(min=0.001, help="Most tensor memory a model may declare (inputs, outputs, weights, inferred "
+                     "shapes), in MiB; refused (413) before a runtime session is made."),
+    ] = profilers.ServiceLimits.max_model_memory / 2**20,
+    max_time_s: Annotated[
+        float, typer.Option(min=0.001, help="Most a client may ask for warmup_s, min_time_s and max_time_s (above: 400).")
+    ] = profilers.ServiceLimits.max_time_s,
+    max_sessions: Annotated[
+        int, typer.Option(min=1, help="Most sessions a client may ask for (above: 400).")
+    ] = profilers.ServiceLimits.max_sessions,
+    max_queue: Annotated[
+        int, typer.Option(min=0, help="Requests waiting beside the one measured; the next gets 503 with Retry-After.")
+    ] = profilers.ServiceLimits.max_queue,
 ) -> None:
     """Measure models for other machines: run the target's profiler as a service (`search run --profiler`)."""
     with _user_errors():
         target_spec = targets.load_target(target)
-        serve(target_spec, host=host, port=port, token=token)
+        limits = profilers.ServiceLimits(
+            max_bytes=int(max_upload_mib * 2**20), max_model_memory=int(max_model_memory_mib * 2**20),
+            max_time_s=max_time_s, max_sessions=max_sessions, max_queue=max_queue,
+        )  # fmt: skip
+        serve(target_spec, host=host, port=port, token=token, limits=limits)
 
 
 @app.command("targets")

@@ -208,10 +208,26 @@ def test_serve_passes_the_parsed_flags_to_the_api(monkeypatch):
     result = runner.invoke(cli.app, ["serve", "--target", "cpu", "--port", "9000", "--token", "T"])
     assert result.exit_code == 0, result.output
     target, kwargs = calls[0]
-    assert target.name == "cpu" and kwargs == {"host": "127.0.0.1", "port": 9000, "token": "T"}
+    assert target.name == "cpu"
+    assert kwargs == {"host": "127.0.0.1", "port": 9000, "token": "T", "limits": profilers.ServiceLimits()}
     monkeypatch.setenv("SEARCH_PROFILER_TOKEN", "from-env")
     assert runner.invoke(cli.app, ["serve"]).exit_code == 0
-    assert calls[1][1] == {"host": "127.0.0.1", "port": 8765, "token": "from-env"}
+    assert calls[1][1] == {"host": "127.0.0.1", "port": 8765, "token": "from-env", "limits": profilers.ServiceLimits()}
+    limited = [
+        "serve", "--token", "T", "--max-upload-mib", "8", "--max-model-memory-mib", "512", "--max-time-s", "5",
+        "--max-sessions", "4", "--max-queue", "0",
+    ]  # fmt: skip
+    assert runner.invoke(cli.app, limited).exit_code == 0
+    assert calls[2][1]["limits"] == profilers.ServiceLimits(
+        max_bytes=8 * 2**20, max_model_memory=512 * 2**20, max_time_s=5, max_sessions=4, max_queue=0
+    )
+
+
+@pytest.mark.parametrize("flag", ["--max-upload-mib", "--max-time-s", "--max-sessions"])
+def test_serve_refuses_a_limit_of_zero(monkeypatch, flag):
+    monkeypatch.setattr(cli, "serve", lambda target, **kwargs: pytest.fail("served"))
+    result = runner.invoke(cli.app, ["serve", "--token", "T", flag, "0"])
+    assert result.exit_code == 2 and flag in result.output
 
 
 def test_serve_without_a_token_is_an_error(monkeypatch):

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_
 
 from profilers import (
     Measurement,
+    MeasurementCancelled,
     MeasurementError,
     OnnxRuntimeCpuProfiler,
     Profiler,
@@ -345,6 +347,22 @@ def test_quiet_samples_keep_every_stretch_within_the_tolerance_and_short_session
     assert list(quiet_samples(samples, tolerance=0.1)) == samples[: 3 * runs]
     short = [3.0, 1.0, 2.0] * (runs // 2)  # under two blocks: nothing to compare, all kept
     assert list(quiet_samples(short)) == short
+
+
+@pytest.mark.parametrize("after_calls", [1, 3, 40])  # before the first session, in warm-up, in the timed runs
+def test_should_stop_ends_a_measurement_within_one_run(fp32_model, after_calls):
+    """The profiler service's way to cancel: asked between runs, never inside the timed span."""
+    calls = itertools.count(1)
+    profiler = OnnxRuntimeCpuProfiler(
+        load_target("cpu"), warmup_runs=2, warmup_s=0, min_runs=10**6, min_time_s=60, max_time_s=60
+    )
+    profiler.should_stop = lambda: next(calls) >= after_calls
+    started = time.monotonic()
+    with pytest.raises(MeasurementCancelled, match="cancelled"):
+        profiler.measure(fp32_model)
+    assert time.monotonic() - started < 10  # not the 60 s asked for
+    assert next(calls) == after_calls + 1  # it stopped at the first True
+    assert OnnxRuntimeCpuProfiler.should_stop is None  # a local profiler is never cancelled
 
 
 @pytest.mark.parametrize("sessions", [0, -1])

@@ -23,6 +23,7 @@ from profilers import (
     OnnxRuntimeCpuProfiler,
     ProfilerUsageError,
     RemoteProfiler,
+    ServiceLimits,
     TargetUnavailableError,
     serve,
 )
@@ -55,7 +56,7 @@ def recording():
 @pytest.fixture(scope="module")
 def service(recording):
     """``(server, address)`` of a service over ``recording``, for this module."""
-    with serving(recording, max_bytes=MAX_BYTES) as running:
+    with serving(recording, limits=ServiceLimits(max_bytes=MAX_BYTES)) as running:
         yield running
 
 
