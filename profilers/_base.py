@@ -38,10 +38,12 @@ class Measurement:
     session. ``energy_source`` says whether the energy was ``"measured:<sensor>"`` (over all the
     session's runs) or ``"estimated:spec-power"`` (the target's ``power_w`` times the latency).
 
-    ``layers`` is the runtime's per-layer report where it gives one (TensorRT), slowest first:
-    one mapping per engine layer with its ``name``, ``type``, ``ms`` per inference, ``share`` of
-    the summed layer time, ``precision``, ``tactic``, the ``onnx_nodes`` it came from and a
-    ``note`` saying why it may not be as fast as the plan wanted. Empty for other runtimes.
+    ``layers`` is the runtime's per-layer report where it gives one (TensorRT's engine layers, ONNX
+    Runtime's compute nodes with their Q/DQ, reorder and transpose overhead), slowest first: one
+    mapping per layer with its ``name``, ``type`` (the kernel), ``ms`` per inference, ``share`` of
+    the summed layer time, ``precision``, ``tactic``, the ``onnx_nodes`` of the measured file it
+    came from and a ``note`` saying why it may not be as fast as the plan wanted. Empty for
+    PyTorch CUDA.
     """
 
     latency_ms: float

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import logging
 import os
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -16,8 +19,20 @@ import onnxruntime as ort
 from profilers._base import Measurement, Profiler, random_inputs
 from profilers._cpuinfo import cpu_info
 from profilers._errors import MeasurementError
+from profilers._onnxruntime_layers import (
+    PROFILE_RUNS,
+    PROFILE_WARMUP_RUNS,
+    graph_weights,
+    layer_entries,
+    node_times,
+    read_trace,
+    scaled_to,
+    source_nodes,
+)
 from profilers.energy import EnergyReader, energy_reader
 from targets import Target
+
+logger = logging.getLogger(__name__)
 
 # Kernels that compute on integers, as named in ORT's optimized graph (fused QDQ groups).
 _INT8_OPS = frozenset({
@@ -37,24 +52,55 @@ class OnnxRuntimeCpuProfiler(Profiler):
     """One ``InferenceSession`` on ``CPUExecutionProvider`` with the target's intra-op threads,
     one inter-op thread, sequential execution and every graph optimization but
     ``WeightBiasQuantization``, which would quantize the float layers of a mixed-precision
-    graph. Energy comes from RAPL when it can be read."""
+    graph. Energy comes from RAPL when it can be read.
 
-    def __init__(self, target: Target, *, energy: EnergyReader | None = None, **timing: float) -> None:
+    The first session also profiles itself for the per-layer report (:attr:`Measurement.layers
+    <profilers.Measurement.layers>`): ``profile_runs`` runs under ORT's profiler before any timed
+    run, the profiler then stopped (``end_profiling``), so the timed runs are not profiled. The
+    report's cost is recorded as ``device["layer_profile_ms"]``. Each entry's ``ms`` is its share
+    of the profiled time times the measured latency (:func:`scaled_to`). ``profile_runs=0``: no
+    report.
+    """
+
+    def __init__(
+        self,
+        target: Target,
+        *,
+        energy: EnergyReader | None = None,
+        profile_runs: int = PROFILE_RUNS,
+        **timing: float,
+    ) -> None:
         super().__init__(target, **timing)
+        if profile_runs < 0:
+            raise ValueError(f"profile_runs must be >= 0, got {profile_runs}")
         self._energy = energy or energy_reader(target)
+        self.profile_runs = profile_runs
 
     def measure(
         self, onnx_path: str | Path, inputs: Mapping[str, np.ndarray] | None = None
     ) -> Measurement:
         path = Path(onnx_path)
         cpus = _measurement_cpus(self.target.threads)
-        first, precision = self._session(path, cpus, inspect=True)
-        feeds = dict(inputs) if inputs is not None else random_inputs(path)
-        # ORT's errors share no base class but Exception.
-        try:
-            first.run(None, feeds)
-        except Exception as exc:
-            raise MeasurementError(f"{path}: ONNX Runtime failed to run the model: {exc}") from exc
+        with tempfile.TemporaryDirectory(prefix="ort-profile-") as tmp:
+            first, precision, inspected = self._session(path, cpus, inspect=Path(tmp))
+            feeds = dict(inputs) if inputs is not None else random_inputs(path)
+            # ORT's errors share no base class but Exception.
+            try:
+                first.run(None, feeds)
+                started = time.perf_counter()  # what the report adds to a measurement
+                for _ in range(PROFILE_WARMUP_RUNS + self.profile_runs if self.profile_runs else 0):
+                    first.run(None, feeds)
+            except Exception as exc:
+                raise MeasurementError(f"{path}: ONNX Runtime failed to run the model: {exc}") from exc
+            layers, profile_ms = (), None
+            if self.profile_runs:  # the first run checked the model, the next warmed up; profiling stops here
+                trace = first.end_profiling()
+                try:
+                    times = node_times(read_trace(trace), skip_runs=1 + PROFILE_WARMUP_RUNS)
+                    layers = layer_entries(inspected.graph, times, inspected.sources())
+                except (OSError, ValueError, KeyError) as exc:  # the report only explains; the latency stands
+                    logger.warning("%s: no per-layer report from ONNX Runtime's profiler: %s", path, exc)
+                profile_ms = (time.perf_counter() - started) * 1000.0
 
         @contextlib.contextmanager
         def fresh_session(index: int):
@@ -63,19 +109,24 @@ class OnnxRuntimeCpuProfiler(Profiler):
                 yield functools.partial(session.run, None, feeds)
 
         timings = self._time_sessions(fresh_session, self._energy)
-        return self._summarise(
+        measurement = self._summarise(
             timings,
             runtime=self.target.runtime,
             runtime_version=ort.__version__,
             precision=precision,
-            device={**cpu_info(), "threads": self.target.threads, "pinned_cpus": list(cpus)},
-        )
+            device={
+                **cpu_info(), "threads": self.target.threads, "pinned_cpus": list(cpus),
+                "layer_profile_runs": self.profile_runs, "layer_profile_ms": profile_ms,
+            },
+        )  # fmt: skip
+        return dataclasses.replace(measurement, layers=scaled_to(layers, measurement.latency_ms))
 
     def _session(
-        self, path: Path, cpus: tuple[int, ...], inspect: bool = False
-    ) -> tuple[ort.InferenceSession, str | None]:
-        """A new session, and with ``inspect`` the precisions of the graph ORT will actually run
-        (after fusing; None without ``inspect``)."""
+        self, path: Path, cpus: tuple[int, ...], inspect: Path | None = None
+    ) -> tuple[ort.InferenceSession, str | None, _Inspected | None]:
+        """A new session; with ``inspect`` (a scratch folder that outlives the session's use), the
+        precisions of the graph ORT will actually run (after fusing) and that graph, and the
+        session profiles its runs until ``end_profiling`` (when :attr:`profile_runs` is not 0)."""
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.target.threads
         options.inter_op_num_threads = 1
@@ -85,29 +136,52 @@ class OnnxRuntimeCpuProfiler(Profiler):
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # saving an ORT_ENABLE_ALL graph always warns
-        with tempfile.TemporaryDirectory() as tmp:
-            optimized = Path(tmp) / "optimized.onnx"
-            if inspect:
-                options.optimized_model_filepath = str(optimized)
-                # Weights go to a side file: the graph is read for its node types only.
-                options.add_session_config_entry(
-                    "session.optimized_model_external_initializers_file_name", "weights.bin"
-                )
-            try:
-                session = ort.InferenceSession(
-                    str(path),
-                    options,
-                    providers=["CPUExecutionProvider"],
-                    disabled_optimizers=["WeightBiasQuantization"],
-                )
-            except Exception as exc:
-                raise MeasurementError(
-                    f"{path}: ONNX Runtime cannot build a CPU session: {exc}"
-                ) from exc
-            if not inspect:
-                return session, None
-            graph = onnx.load(str(optimized), load_external_data=False).graph
-        return session, graph_precision(graph)
+        if inspect is not None:
+            optimized = inspect / "optimized.onnx"
+            options.optimized_model_filepath = str(optimized)
+            # Weights go to a side file: the graph is read for its node types, the weights only if needed.
+            options.add_session_config_entry(
+                "session.optimized_model_external_initializers_file_name", "weights.bin"
+            )
+            if self.profile_runs:
+                options.enable_profiling = True
+                options.profile_file_prefix = str(inspect / "profile")
+        try:
+            session = ort.InferenceSession(
+                str(path),
+                options,
+                providers=["CPUExecutionProvider"],
+                disabled_optimizers=["WeightBiasQuantization"],
+            )
+        except Exception as exc:
+            raise MeasurementError(
+                f"{path}: ONNX Runtime cannot build a CPU session: {exc}"
+            ) from exc
+        if inspect is None:
+            return session, None, None
+        inspected = _Inspected(path, optimized)
+        return session, graph_precision(inspected.graph), inspected
+
+
+class _Inspected:
+    """The graph ORT runs for a model (saved by its session) and the model's own graph."""
+
+    def __init__(self, original: Path, optimized: Path) -> None:
+        self.original, self.optimized = original, optimized
+        self.graph = onnx.load(str(optimized), load_external_data=False).graph
+
+    def sources(self) -> dict[str, tuple[str, ...]]:
+        """For each node ORT runs, the nodes of the model's file it came from (:func:`source_nodes`)."""
+        original = onnx.load(str(self.original), load_external_data=False)
+
+        def optimized_weights():
+            model = onnx.load(str(self.optimized))
+            return graph_weights(model)
+
+        def original_weights():
+            return graph_weights(onnx.load(str(self.original)))
+
+        return source_nodes(self.graph, original.graph, optimized_weights, original_weights)
 
 
 def _measurement_cpus(threads: int) -> tuple[int, ...]:

@@ -4,6 +4,7 @@ quantization and distillation plans, each candidate built, fine-tuned and measur
 The concerns live in subpackages, each importing only those below it::
 
     cli           the command line, over this API
+    report        one trial, layer by layer: what the runtime ran, against the teacher
     study         RunSpec, run/work, one trial's objective, workers, baseline, results, export
     costmodel     features, the latency model, its measurements, the gate
     tasks         Task, load_task, the built-in tasks and their data
@@ -31,6 +32,7 @@ _LAZY = {
         "WeightSparsity", "parse_budget",
     ),
     "search.study": ("RunSpec", "export", "load_sensitivity", "load_trials", "open_study", "run", "work"),
+    "search.report": ("load_layers", "plot_layers"),
     "search.tasks": ("Task", "load_task", "top1_accuracy"),
 }  # fmt: skip
 _HOME = {name: module for module, names in _LAZY.items() for name in names}

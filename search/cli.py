@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
+import math
 import os
 import time
 import warnings
@@ -25,6 +26,7 @@ from search._record import Key, StudyKey
 from search.compress import Finetune
 from search.costmodel import cost_model_report
 from search.plan import SearchSpace
+from search.report import load_layers, plot_layers
 from search.study import (
     FINISHED,
     METRIC_WINDOW,
@@ -337,7 +339,7 @@ def _recipe_words(attrs: dict) -> str:
     return f"  recipe: {attrs[Key.RECIPE]}" if attrs.get(Key.RECIPE) else ""
 
 
-def _print_front(study: optuna.Study) -> None:
+def _print_front(study: optuna.Study, sort: str | None = None) -> None:
     frame = load_trials(study)
     baseline = study.user_attrs.get(StudyKey.BASELINE, {})
     counts = frame["state"].value_counts().to_dict() if not frame.empty else {}
@@ -354,7 +356,7 @@ def _print_front(study: optuna.Study) -> None:
     rows = [("teacher", baseline, "fp32", "", "")] if baseline else []
     rows += [
         (str(row["number"]), row, row[Key.PRECISION], _steps(row[Key.FINETUNE_STEPS]), _text(row[Key.RECIPE]))
-        for _, row in pareto_front(frame).iterrows()
+        for _, row in sorted_by(pareto_front(frame), sort).iterrows()
     ]
     for label, row, precision, steps, recipe in rows:
         table.add_row(
@@ -407,16 +409,205 @@ def results_command(
     study: StudyArg,
     study_name: StudyName = None,
     sensitivity: Annotated[bool, typer.Option(help="Print each layer's sensitivity instead.")] = False,
+    all_trials: Annotated[
+        bool, typer.Option("--all", help="Every trial, front or not, pruned and failed ones with the reason.")
+    ] = False,
+    sort: Annotated[
+        Optional[str], typer.Option(help="Sort the rows by this column of search.load_trials (e.g. metric).")
+    ] = None,
 ) -> None:
-    """Print the Pareto front and trial counts; write pareto.png beside the study."""
+    """Print the Pareto front (or --all trials) and trial counts; write pareto.png beside the study."""
     with _user_errors():
         opened = open_study(study, study_name)
         if sensitivity:
             _print_sensitivity(opened)
             return
-        _print_front(opened)
+        if all_trials:
+            _print_all(opened, sort)
+        else:
+            _print_front(opened, sort)
         folder = _folder(opened)
         console.print(f"plot: {plot_front(opened, folder / 'pareto.png')}", highlight=False)
+
+
+def sorted_by(frame, column: str | None):
+    """``frame`` sorted by ``column`` (None: as it is); a column it lacks is a usage error naming them all."""
+    if column is None or frame.empty:
+        return frame
+    if column not in frame.columns:
+        accepted = ", ".join(map(str, frame.columns))
+        raise UsageError(f"--sort {column!r}: not a column of the trials; accepted: {accepted}")
+    return frame.sort_values(column, kind="stable", na_position="last")
+
+
+def _print_all(study: optuna.Study, sort: str | None) -> None:
+    frame = sorted_by(load_trials(study), sort)
+    baseline = study.user_attrs.get(StudyKey.BASELINE, {})
+    base_ms = baseline.get(Key.LATENCY_MS)
+    table = Table(
+        title=f"{study.study_name}: every trial ({len(frame)})",
+        caption="front: on the feasible Pareto front; why: the reason a trial was pruned or failed, or superseded",
+    )
+    for column in ("trial", "state", "front", "metric", "ms", "speedup", "KiB", "precision", "recipe", "why"):
+        table.add_column(column, justify="left" if column in ("state", "recipe", "why", "precision") else "right")
+    for _, row in frame.iterrows():
+        latency = _number(row[Key.LATENCY_MS])
+        why = _text(row[Key.PRUNED_REASON]) or _text(row[Key.FAIL_REASON])
+        if not why and _number(row[Key.SUPERSEDED_BY]) is not None:
+            why = f"superseded by trial {int(row[Key.SUPERSEDED_BY])}"
+        if not why and _number(row[Key.DUPLICATE_OF]) is not None:
+            why = f"same plan as trial {int(row[Key.DUPLICATE_OF])}"
+        size = _number(row[Key.SIZE_BYTES])
+        metric = _number(row[Key.METRIC])
+        table.add_row(
+            str(row["number"]), row["state"].lower(), "yes" if row[Key.PARETO] else "",
+            "" if metric is None else f"{metric:.4f}", "" if latency is None else f"{latency:.4f}",
+            f"{base_ms / latency:.2f}×" if base_ms and latency else "", "" if size is None else f"{size / 1024:.0f}",
+            _text(row[Key.PRECISION]), _text(row[Key.RECIPE]), why,
+        )  # fmt: skip
+    _print_table(table)
+
+
+def _number(value) -> float | None:
+    """A DataFrame cell that holds a number or nothing (None, NaN)."""
+    if value is None or isinstance(value, str):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(number) else number
+
+
+@app.command("show")
+def show_command(
+    study: StudyArg,
+    trial: Annotated[int, typer.Argument(help="The trial's number (see `search results --all`).")],
+    study_name: StudyName = None,
+    plot: Annotated[bool, typer.Option(help="Also write a PNG: per-layer time, teacher against trial.")] = False,
+    out: Annotated[
+        Optional[Path], typer.Option(help="Where --plot writes [default: layers-<trial>.png beside the study].")
+    ] = None,
+) -> None:
+    """Why a trial is (not) faster, layer by layer: the plan, what the runtime ran, against the teacher."""
+    with _user_errors():
+        frame = load_layers(study, trial, study_name)
+        _print_layers(frame)
+        if plot:
+            folder = Path(frame.attrs["folder"]) if frame.attrs.get("folder") else Path(".")
+            path = plot_layers(frame, out or folder / f"layers-{trial:05d}.png")
+            console.print(f"plot: {path}", highlight=False)
+
+
+def _print_layers(frame) -> None:
+    attrs = frame.attrs
+    state = attrs["state"].lower()
+    runtime = attrs.get("runtime") or "the target"
+    title = f"{attrs['study']}: trial {attrs['trial']} ({state}), layer by layer on {runtime}"
+    caption = "! the plan asked for what this runtime does not accelerate: the layer shrank, its time did not"
+    table = Table(title=title, caption=caption)
+    for column in ("layer", "pruning", "sparsity", "bits", "channels", "kernel", "precision", "ms", "share",
+                   "teacher ms", "speedup", "", "why"):  # fmt: skip
+        table.add_column(column, justify="left" if column in ("layer", "kernel", "precision", "why", "") else "right")
+    for label, row in _layer_rows(frame):
+        is_layer = _number(row.get("bits")) is not None
+        channels = (
+            f"{_count(row.get('channels_before'))}→{_count(row.get('channels_after'))}"
+            if _number(row.get("channels_before")) is not None or _number(row.get("channels_after")) is not None
+            else ""
+        )  # fmt: skip
+        why = "; ".join(filter(None, (_text(row.get("flag")), _text(row.get("note")))))
+        table.add_row(
+            label,
+            _ratio(row.get("pruning")) if is_layer else "",
+            (_text(row.get("sparsity")) or _ratio(row.get("sparsity"))) if is_layer else "",
+            str(int(row["bits"])) if is_layer else "",
+            channels,
+            _text(row.get("kernel")), _text(row.get("precision")),
+            _fixed(row.get("ms")), _percent(row.get("share")), _fixed(row.get("teacher_ms")),
+            f"{row['speedup']:.2f}×" if _number(row.get("speedup")) is not None else "",
+            "!" if row.get("unaccelerated") else "", why,
+        )  # fmt: skip
+    _print_table(table)
+    if not attrs.get("layer_times"):
+        console.print("no per-layer times recorded for this trial (not measured, or measured before they were)",
+                      highlight=False)  # fmt: skip
+    if attrs.get("reason"):
+        console.print(f"{state}: {attrs['reason']}", highlight=False, soft_wrap=True)
+    for figure in attrs["figures"]:
+        value = _number(figure["value"])
+        if value is None:
+            continue
+        text = f"{value:.4f}" if figure["figure"] != "size" else f"{value / 1024:.0f} KiB"
+        unit = f" {figure['unit']}" if figure["unit"] and figure["figure"] != "size" else ""
+        teacher = _number(figure["teacher"])
+        against = ""
+        if teacher is not None:
+            shown = f"{teacher:.4f}{unit}" if figure["figure"] != "size" else f"{teacher / 1024:.0f} KiB"
+            against = f"  (teacher {shown})"
+        console.print(
+            f"{figure['figure']:>8}: {text}{unit}  {figure['kind'] or 'unknown'} "
+            f"({figure['source'] or 'no source recorded'}){against}",
+            highlight=False, soft_wrap=True,
+        )  # fmt: skip
+
+
+def _layer_rows(frame):
+    """(label, row) pairs; for a Transformer, each block's total, then its attention and FFN and
+    their projections indented, then the layers outside the blocks."""
+    records = frame.to_dict("records")
+    if frame["block"].isna().all():
+        return [(row["layer"], row) for row in records]
+    out, seen = [], set()
+    for row in records:
+        block = row["block"]
+        if not isinstance(block, str) or block in seen:
+            continue
+        seen.add(block)
+        members = [r for r in records if r["block"] == block]
+        out.append((f"[bold]{block}[/]", _total(members)))
+        for part in ("attention", "ffn", "projection"):
+            inside = [r for r in members if r["part"] == part]
+            if not inside:
+                continue
+            out.append((f"  {part}", _total(inside)))
+            out.extend((f"    {r['layer'].removeprefix(block + '.')}", r) for r in inside)
+    out.extend((row["layer"], row) for row in records if not isinstance(row["block"], str))
+    return out
+
+
+def _total(rows) -> dict:
+    ms = [r["ms"] for r in rows if _number(r["ms"]) is not None]
+    teacher = [r["teacher_ms"] for r in rows if _number(r["teacher_ms"]) is not None]
+    share = [r["share"] for r in rows if _number(r["share"]) is not None]
+    total = {
+        "ms": sum(ms) if ms else None,
+        "teacher_ms": sum(teacher) if teacher else None,
+        "share": sum(share) if share else None,
+        "unaccelerated": any(r["unaccelerated"] for r in rows),
+    }
+    total["speedup"] = total["teacher_ms"] / total["ms"] if total["ms"] and total["teacher_ms"] else None
+    return total
+
+
+def _fixed(value) -> str:
+    number = _number(value)
+    return "" if number is None else f"{number:.4f}"
+
+
+def _percent(value) -> str:
+    number = _number(value)
+    return "" if number is None else f"{number:.0%}"
+
+
+def _ratio(value) -> str:
+    number = _number(value)
+    return "" if number is None else f"{number:g}"
+
+
+def _count(value) -> str:
+    number = _number(value)
+    return "?" if number is None else str(int(number))
 
 
 def _print_sensitivity(study: optuna.Study) -> None:

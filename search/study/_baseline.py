@@ -10,6 +10,7 @@ from search._errors import CandidateError, UsageError
 from search._record import Key
 from search.artifacts import OnnxModule, export_float, measure_candidate
 from search.compress import packed_size_bytes
+from search.model import compressible_layers
 from search.plan import Plan
 from search.study._workers import measuring_alone
 from search.tasks import Task
@@ -19,7 +20,8 @@ BASELINE_TRIES = 3  # measurements of the teacher before an unsettled one stops 
 
 def measure_baseline(task: Task, profiler: Profiler, directory: Path) -> dict:
     """The teacher exported as fp32 to ``directory/baseline/model.onnx``, scored on that file and
-    measured on the target: the study's ``baseline`` record."""
+    measured on the target (with the runtime's per-layer report, as every trial): the study's
+    ``baseline`` record."""
     path = directory / "baseline" / "model.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -44,6 +46,8 @@ def measure_baseline(task: Task, profiler: Profiler, directory: Path) -> dict:
         Key.ENERGY_MJ: measurement.energy_mj,
         Key.ENERGY_SOURCE: measurement.energy_source,
         Key.SIZE_BYTES: packed_size_bytes(task.model, Plan()),
+        # Every layer a plan can address, with its output channels: the rows of `search show`.
+        Key.CHANNELS: {name: int(m.weight.shape[0]) for name, m in compressible_layers(task.model).items()},
         "onnx": str(path),
         "measurement": measurement.to_dict(),
     }
