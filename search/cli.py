@@ -101,9 +101,9 @@ def _user_errors():
     except ERRORS as exc:
         if _debug["on"]:
             raise
-        # soft_wrap: one line whatever the terminal's width, so it greps and pipes whole
+        # soft_wrap, and the lines of a message from elsewhere joined: one line, so it greps and pipes whole
         Console(stderr=True).print(
-            Text.assemble(("error: ", "bold red"), str(exc)), highlight=False, soft_wrap=True
+            Text.assemble(("error: ", "bold red"), " ".join(str(exc).split())), highlight=False, soft_wrap=True
         )
         raise typer.Exit(1) from None
 

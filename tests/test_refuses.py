@@ -210,7 +210,8 @@ def made_study(tmp_path_factory) -> Path:
     """A study of two front trials with sound files, made directly (no search): ``<folder>/made``."""
     root = tmp_path_factory.mktemp("made")
     folder = root / "made"
-    storage = make_storage(f"sqlite:///{folder / 'study.db'}") if folder.mkdir() is None else None
+    folder.mkdir()
+    storage = make_storage(f"sqlite:///{folder / 'study.db'}")
     study = optuna.create_study(storage=storage, study_name="made", directions=["maximize", "minimize"])
     spec = RunSpec(target="cpu", study_name="made", results_dir=root)
     study.set_user_attr(StudyKey.RUN_SPEC, spec.to_dict())
@@ -221,7 +222,8 @@ def made_study(tmp_path_factory) -> Path:
         export_float(model, example, artifacts / "model.onnx")
         (artifacts / "plan.json").write_text(Plan().to_json())
         torch.save({"plan": Plan().to_json(), "state_dict": model.state_dict()}, artifacts / "checkpoint.pt")
-        attrs = {Key.METRIC: metric, Key.LATENCY_MS: latency, Key.SIZE_BYTES: 1024, Key.ARTIFACTS: str(artifacts)}
+        relative = str(artifacts.relative_to(root))  # the CLI runs in a copy's parent folder
+        attrs = {Key.METRIC: metric, Key.LATENCY_MS: latency, Key.SIZE_BYTES: 1024, Key.ARTIFACTS: relative}
         study.add_trial(
             optuna.create_trial(values=[metric, latency], user_attrs=attrs, constraints={"latency_over_budget_ms": -1.0})
         )
@@ -230,13 +232,10 @@ def made_study(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def study_copy(made_study, tmp_path) -> Path:
-    """A copy of ``made_study`` whose trials' files are this test's own to break."""
+    """A copy of ``made_study`` in ``tmp_path``, whose trials' files (named relative to it) are this
+    test's own to break."""
     folder = tmp_path / "made"
     shutil.copytree(made_study, folder)
-    study = optuna.load_study(study_name="made", storage=make_storage(f"sqlite:///{folder / 'study.db'}"))
-    for trial in study.trials:
-        path = str(folder / "trials" / str(trial.number))
-        study._storage.set_trial_user_attr(trial._trial_id, Key.ARTIFACTS, path)
     return folder
 
 

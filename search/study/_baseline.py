@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from profilers import MeasurementError, Profiler
-from search._errors import CandidateError, UsageError
+from search._errors import CandidateError, UsageError, first_line
 from search._record import Key
 from search.artifacts import OnnxModule, export_float, measure_candidate
 from search.compress import packed_size_bytes
@@ -30,14 +30,13 @@ def measure_baseline(task: Task, profiler: Profiler, directory: Path) -> dict:
     try:
         export_float(task.model, task.example_input, path, task.output)
     except CandidateError as exc:
-        raise UsageError(f"the task's model cannot be exported to ONNX: {exc}") from exc
+        raise UsageError(f"the task's model cannot be exported to ONNX: {first_line(str(exc))}") from exc
     try:
         metric = task.score(OnnxModule(path))
     except UsageError:
         raise
     except Exception as exc:  # the task's own code: its error, in one line
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise UsageError(f"the task's metric raised {type(exc).__name__} on the teacher: {first}") from exc
+        raise UsageError(f"the task's metric raised {first_line(exc)} on the teacher") from exc
     if not math.isfinite(metric):
         raise UsageError(
             f"the task's metric is {metric} on the teacher (its exported ONNX model); every trial would "
@@ -48,7 +47,9 @@ def measure_baseline(task: Task, profiler: Profiler, directory: Path) -> dict:
             try:
                 measurement = measure_candidate(profiler, path, task.model, task.example_input)
             except (MeasurementError, CandidateError) as exc:
-                raise UsageError(f"the teacher cannot be measured on {profiler.target.name}: {exc}") from exc
+                raise UsageError(
+                    f"the teacher cannot be measured on {profiler.target.name}: {first_line(str(exc))}"
+                ) from exc
             if measurement.stable:
                 break
         else:

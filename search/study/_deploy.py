@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from profilers import Measurement, MeasurementError, Profiler, get_profiler
-from search._errors import UsageError
+from search._errors import UsageError, first_line
 from search._record import Key
 from search.artifacts import OnnxModule, measure_candidate
 from search.compress import build_structure
@@ -87,7 +87,7 @@ def export(
                 try:
                     row = _remeasure(trial, folder, out / folder.name, profiler, task)
                 except MeasurementError as exc:
-                    problem = f"model.onnx cannot be measured on {spec.target.name} ({exc})"
+                    problem = f"model.onnx cannot be measured on {spec.target.name} ({first_line(str(exc))})"
                     shutil.rmtree(folder)
             if problem is None:
                 rows.append(row)
@@ -115,18 +115,18 @@ def broken(folder: Path) -> str | None:
     try:
         Plan.from_json((folder / "plan.json").read_text(encoding="utf-8"))
     except Exception as exc:  # noqa: BLE001 (JSON, a type tag, a version, a field: any of them)
-        return f"{folder / 'plan.json'} is not a plan ({_first_line(exc)})"
+        return f"{folder / 'plan.json'} is not a plan ({first_line(exc)})"
     try:
         checkpoint = torch.load(folder / "checkpoint.pt", weights_only=True, map_location="cpu")
         if not isinstance(checkpoint, dict) or not {"plan", "state_dict"} <= set(checkpoint):
             raise ValueError("it holds no plan and state_dict")
         Plan.from_json(checkpoint["plan"])
     except Exception as exc:  # noqa: BLE001 (a truncated zip, a pickle weights_only refuses, …)
-        return f"{folder / 'checkpoint.pt'} cannot be loaded ({_first_line(exc)})"
+        return f"{folder / 'checkpoint.pt'} cannot be loaded ({first_line(exc)})"
     try:
         onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 (ONNX Runtime raises its own types)
-        return f"{folder / 'model.onnx'} cannot be loaded by ONNX Runtime ({_first_line(exc)})"
+        return f"{folder / 'model.onnx'} cannot be loaded by ONNX Runtime ({first_line(exc)})"
     return None
 
 
@@ -173,11 +173,6 @@ def _move_into_place(staging: Path, out: Path) -> None:
         finally:
             if aside is not None:
                 shutil.rmtree(aside, ignore_errors=True)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def _measure_checkpoint(profiler: Profiler, task: Task, folder: Path) -> Measurement:

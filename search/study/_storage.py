@@ -14,7 +14,7 @@ import optuna
 import sqlalchemy.exc
 from optuna.storages import RDBStorage
 
-from search._errors import UsageError
+from search._errors import UsageError, first_line
 from search.study._workers import RetryOnce
 
 HEARTBEAT_S = 30
@@ -75,7 +75,7 @@ def racing(create: Callable[[], T], url: str) -> T:
 def damaged(url: str, exc: BaseException) -> UsageError:
     """One line for a storage that cannot be read: the SQLite file (or the URL) and the database's words."""
     cause = getattr(exc, "orig", None) or exc.__cause__ or exc
-    reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    reason = first_line(str(cause)) or type(cause).__name__
     if url.startswith("sqlite:///"):
         path = Path(url.removeprefix("sqlite:///"))
         return UsageError(

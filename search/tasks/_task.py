@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from search._errors import UsageError
+from search._errors import UsageError, first_line
 from search.artifacts import OnnxModule
 from search.compress import DistillLoss, Finetune, check_distill_loss
 from search.model import Inputs, Output, call, check_example_input, reduce_output, reduced_output, split_batch
@@ -146,12 +146,6 @@ def _short(value: object, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _one_line(exc: BaseException) -> str:
-    """``Type: message``, its first line only: the CLI prints one line per error."""
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-
-
 DEFAULT_TASK = "search.tasks:digits"
 
 
@@ -175,7 +169,7 @@ def load_task(spec: str, **options) -> Task:
             f"task {spec!r}: module {module_name!r} has a syntax error: {exc.msg} ({exc.filename}, line {exc.lineno})"
         ) from exc
     except Exception as exc:  # the module's own code failed as it ran: its error, in one line
-        raise UsageError(f"task {spec!r}: importing module {module_name!r} raised {_one_line(exc)}") from exc
+        raise UsageError(f"task {spec!r}: importing module {module_name!r} raised {first_line(exc)}") from exc
     function = getattr(module, function_name, None)
     if not callable(function):
         raise UsageError(f"task {spec!r}: module {module_name!r} has no function {function_name!r}")
@@ -185,7 +179,7 @@ def load_task(spec: str, **options) -> Task:
     except UsageError:
         raise
     except Exception as exc:
-        raise UsageError(f"task {spec!r}: {function_name}() raised {_one_line(exc)}") from exc
+        raise UsageError(f"task {spec!r}: {function_name}() raised {first_line(exc)}") from exc
     if not isinstance(task, Task):
         raise UsageError(f"task {spec!r}: {function_name}() returned {type(task).__name__}, not a search.Task")
     task.spec, task.options = spec, dict(options)
