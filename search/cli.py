@@ -21,7 +21,7 @@ from rich.text import Text
 import profilers
 import targets
 from profilers import serve
-from search._errors import SearchError, UsageError
+from search._errors import SearchError, UsageError, first_line
 from search._record import Key, StudyKey
 from search.compress import Finetune
 from search.costmodel import cost_model_report
@@ -106,6 +106,15 @@ def _user_errors():
             Text.assemble(("error: ", "bold red"), " ".join(str(exc).split())), highlight=False, soft_wrap=True
         )
         raise typer.Exit(1) from None
+    except OSError as exc:  # a file the command writes (a plot, a folder): the system's words and the path
+        if _debug["on"]:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        Console(stderr=True).print(
+            Text.assemble(("error: ", "bold red"), f"{exc.strerror or first_line(exc)}{where}"),
+            highlight=False, soft_wrap=True,
+        )  # fmt: skip
+        raise typer.Exit(1) from None
 
 
 def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
@@ -131,6 +140,7 @@ def _space(path: Path | None, **flags) -> SearchSpace:
     return space.replace(**flags)
 
 
+TIMEOUT_HELP = "Stop starting trials this many seconds after the start (set-up included)."
 ProfilerAddress = Annotated[
     Optional[str], typer.Option(help="host:port of a `search serve` profiler service measuring on the target.")
 ]
@@ -150,7 +160,7 @@ def run_command(
     trials: Annotated[int, typer.Option(**within(1, MAX_TRIALS), help="Finished trials the study should hold.")] = 20,
     timeout: Annotated[
         Optional[float],
-        typer.Option(**within(0.001, MAX_TIMEOUT_S), help="Stop starting trials this many seconds after the start (set-up included)."),
+        typer.Option(**within(0.001, MAX_TIMEOUT_S), help=TIMEOUT_HELP),
     ] = None,
     sampler: Annotated[str, typer.Option(help=f"One of {', '.join(SAMPLERS)}.")] = "tpe",
     seed: Annotated[int, typer.Option(**within(0, MAX_SEED))] = 0,
@@ -162,8 +172,11 @@ def run_command(
     two_four: Annotated[Optional[bool], typer.Option("--two-four/--no-two-four", help="Offer 2:4 sparsity.")] = None,
     epochs: Annotated[
         Optional[float],
-        typer.Option(**within(0.001, MAX_EPOCHS), help="The longest fine-tune, in epochs of the task's training data [default: the "
-                     "task's, else from the data's size and the run's time]."),
+        typer.Option(
+            **within(0.001, MAX_EPOCHS),
+            help="The longest fine-tune, in epochs of the task's training data [default: the task's, else from the "
+            "data's size and the run's time].",
+        ),
     ] = None,
     steps: Annotated[
         Optional[int],
@@ -208,7 +221,8 @@ def run_command(
     study_name: Annotated[Optional[str], typer.Option(help="Default: <task>-<target>.")] = None,
     results_dir: Annotated[Path, typer.Option(help="Where studies write.")] = Path("results"),
     workers: Annotated[
-        int, typer.Option(**within(1, MAX_WORKERS), help="Processes on this machine sharing the study (this one included).")
+        int,
+        typer.Option(**within(1, MAX_WORKERS), help="Processes on this machine sharing the study (this one included)."),
     ] = 1,
     profiler: ProfilerAddress = None,
     token: ProfilerToken = None,
@@ -299,10 +313,12 @@ def worker_command(
     study: StudyArg,
     study_name: StudyName = None,
     results_dir: Annotated[Path, typer.Option(help="Where this worker writes its trials' files.")] = Path("results"),
-    seed: Annotated[Optional[int], typer.Option(**within(0, MAX_SEED), help="This worker's sampler seed (default: random).")] = None,
+    seed: Annotated[
+        Optional[int], typer.Option(**within(0, MAX_SEED), help="This worker's sampler seed (default: random).")
+    ] = None,
     timeout: Annotated[
         Optional[float],
-        typer.Option(**within(0.001, MAX_TIMEOUT_S), help="Stop starting trials this many seconds after the start (set-up included)."),
+        typer.Option(**within(0.001, MAX_TIMEOUT_S), help=TIMEOUT_HELP),
     ] = None,
     profiler: ProfilerAddress = None,
     token: ProfilerToken = None,

@@ -225,7 +225,9 @@ def made_study(tmp_path_factory) -> Path:
         relative = str(artifacts.relative_to(root))  # the CLI runs in a copy's parent folder
         attrs = {Key.METRIC: metric, Key.LATENCY_MS: latency, Key.SIZE_BYTES: 1024, Key.ARTIFACTS: relative}
         study.add_trial(
-            optuna.create_trial(values=[metric, latency], user_attrs=attrs, constraints={"latency_over_budget_ms": -1.0})
+            optuna.create_trial(
+                values=[metric, latency], user_attrs=attrs, constraints={"latency_over_budget_ms": -1.0}
+            )
         )
     return folder
 

@@ -71,7 +71,7 @@ class SearchSpace:
         except OSError as exc:
             raise UsageError(f"search space file {path}: cannot read it ({exc.strerror or exc})") from exc
         except UnicodeDecodeError as exc:
-            raise UsageError(f"search space file {path}: not UTF-8 text (byte {exc.start}); a TOML file is UTF-8") from exc
+            raise UsageError(f"search space file {path}: not UTF-8 text (at byte {exc.start}); TOML is UTF-8") from exc
         except tomllib.TOMLDecodeError as exc:
             raise UsageError(f"search space file {path}: not a valid TOML file ({exc})") from exc
         return cls.from_dict(data, source=str(path))

@@ -69,6 +69,9 @@ def racing(create: Callable[[], T], url: str) -> T:
                 time.sleep(random.uniform(0.05, 0.2) * (attempt + 1))
                 continue
             raise damaged(url, exc) from exc
+        except ImportError as exc:  # e.g. mysql:// without its driver
+            driver = exc.__cause__ or exc
+            raise UsageError(f"storage {_shown(url)}: its database driver is not installed ({driver})") from exc
     raise AssertionError("unreachable")
 
 
@@ -81,8 +84,12 @@ def damaged(url: str, exc: BaseException) -> UsageError:
         return UsageError(
             f"study file {path} cannot be read ({reason}): it is damaged or not a study; restore it from a copy"
         )
+    return UsageError(f"storage {_shown(url)} cannot be read ({reason})")
+
+
+def _shown(url: str) -> str:
+    """A storage URL as it may be printed: its password masked."""
     try:
-        shown = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a SQLAlchemy URL: shown as given
-        shown = url
-    return UsageError(f"storage {shown} cannot be read ({reason})")
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 (not a SQLAlchemy URL: shown as given)
+        return url
