@@ -130,7 +130,7 @@ class Setup(contextlib.AbstractContextManager):
             try:
                 if self.created.get_trials(deepcopy=False, states=STARTED):
                     return  # another process of the study is already at work: keep it all
-                optuna.delete_study(study_name=self.study_name, storage=self.created._storage)
+                optuna.delete_study(study_name=self.study_name, storage=make_storage(self.url))
             except Exception:  # noqa: BLE001 (the run's own error is the one to report)
                 return
         for path in reversed(self.made):
