@@ -175,3 +175,11 @@ def test_a_task_whose_parts_do_not_fit_is_a_usage_error(kwargs, message):
 def test_an_option_the_task_function_does_not_take_is_a_usage_error(task_module):
     with pytest.raises(UsageError, match=r"does not take --seq-len: its function is make\(\)"):
         load_task(f"{task_module}:make", seq_len=32)
+
+
+def test_a_metric_may_return_a_one_element_tensor_but_not_text():
+    from search.tasks._task import metric_value
+
+    assert metric_value(torch.tensor([0.25])) == 0.25 and isinstance(metric_value(torch.tensor(1)), float)
+    with pytest.raises(UsageError, match=r"metric accuracy\(\) returned 'high' \(str\); expected a number"):
+        metric_value("high", "accuracy")
