@@ -7,6 +7,21 @@ only its trial); the CLI prints each of them as one line.
 """
 
 
+import re
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def first_line(exc: BaseException | str) -> str:
+    """An error from other code (an exporter, a task, a database) as one line: its type and the
+    first line of its message, colour codes removed. Errors print one line each."""
+    text = _ANSI.sub("", str(exc)).strip()
+    line = text.splitlines()[0].strip() if text else ""
+    if isinstance(exc, str):
+        return line
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+
+
 class SearchError(Exception):
     """Base class of every error this package raises on purpose."""
 

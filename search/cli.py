@@ -7,6 +7,7 @@ import enum
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -21,7 +22,7 @@ from rich.text import Text
 import profilers
 import targets
 from profilers import serve
-from search._errors import SearchError, UsageError
+from search._errors import SearchError, UsageError, first_line
 from search._record import Key, StudyKey
 from search.compress import Finetune
 from search.costmodel import cost_model_report
@@ -34,6 +35,7 @@ from search.study import (
     SAMPLERS,
     STAGES,
     RunSpec,
+    check_results_dir,
     export,
     finished_count,
     load_sensitivity,
@@ -46,6 +48,33 @@ from search.study import (
     work,
 )
 from search.tasks import DEFAULT_TASK, load_task
+
+
+# Bounds of the numbers a user gives: each well past any real run, so that a typo (a unit, an
+# exponent, a stray digit) stops at the flag with its range instead of deep inside a run.
+MAX_TRIALS = 100_000
+MAX_TIMEOUT_S = 30 * 24 * 3600.0
+MAX_SEED = 2**32 - 1  # what NumPy's generators, under Optuna's samplers, take
+MAX_EPOCHS = 10_000.0
+MAX_STEPS = 10_000_000
+MAX_SEQ_LEN = 65_536
+MAX_WORKERS = 256
+
+
+def within(low: float, high: float) -> dict:
+    """A number option's keywords: it must lie in [low, high] (NaN never does), else a usage
+    error naming the option and the range."""
+
+    def check(value: float | None) -> float | None:
+        if value is not None and not low <= value <= high:
+            raise typer.BadParameter(f"{value} is not in the range {_shown(low)} to {_shown(high)}")
+        return value
+
+    return {"callback": check}
+
+
+def _shown(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
 
 
 class Switch(str, enum.Enum):
@@ -74,10 +103,19 @@ def _user_errors():
     except ERRORS as exc:
         if _debug["on"]:
             raise
-        # soft_wrap: one line whatever the terminal's width, so it greps and pipes whole
+        # soft_wrap, and the lines of a message from elsewhere joined: one line, so it greps and pipes whole
         Console(stderr=True).print(
-            Text.assemble(("error: ", "bold red"), str(exc)), highlight=False, soft_wrap=True
+            Text.assemble(("error: ", "bold red"), " ".join(str(exc).split())), highlight=False, soft_wrap=True
         )
+        raise typer.Exit(1) from None
+    except OSError as exc:  # a file the command writes (a plot, a folder): the system's words and the path
+        if _debug["on"]:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        Console(stderr=True).print(
+            Text.assemble(("error: ", "bold red"), f"{exc.strerror or first_line(exc)}{where}"),
+            highlight=False, soft_wrap=True,
+        )  # fmt: skip
         raise typer.Exit(1) from None
 
 
@@ -90,11 +128,21 @@ def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
         raise UsageError(f"{flag} {text!r}: expected comma-separated numbers such as 1.0,0.75") from None
 
 
+def _ints(text: str | None, flag: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: expected comma-separated whole numbers such as 32,8,4") from None
+
+
 def _space(path: Path | None, **flags) -> SearchSpace:
     space = SearchSpace.from_toml(path) if path else SearchSpace()
     return space.replace(**flags)
 
 
+TIMEOUT_HELP = "Stop starting trials this many seconds after the start (set-up included)."
 ProfilerAddress = Annotated[
     Optional[str], typer.Option(help="host:port of a `search serve` profiler service measuring on the target.")
 ]
@@ -111,12 +159,13 @@ def run_command(
     target: Annotated[str, typer.Option(help="Target name (see `search targets`) or a .toml file.")] = "cpu",
     budget: Annotated[Optional[str], typer.Option(help="Latency budget: 5ms, 500us, 0.005s or 0.5x.")] = None,
     objectives: Annotated[str, typer.Option(help=f"Comma-separated from {', '.join(OBJECTIVES)}.")] = "metric,latency",
-    trials: Annotated[int, typer.Option(min=1, help="Finished trials the study should hold.")] = 20,
+    trials: Annotated[int, typer.Option(**within(1, MAX_TRIALS), help="Finished trials the study should hold.")] = 20,
     timeout: Annotated[
-        Optional[float], typer.Option(min=0.001, help="Stop starting trials this many seconds after the start (set-up included).")
+        Optional[float],
+        typer.Option(**within(0.001, MAX_TIMEOUT_S), help=TIMEOUT_HELP),
     ] = None,
     sampler: Annotated[str, typer.Option(help=f"One of {', '.join(SAMPLERS)}.")] = "tpe",
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(**within(0, MAX_SEED))] = 0,
     space: Annotated[Optional[Path], typer.Option(help="Search space TOML file.")] = None,
     width: Annotated[Optional[str], typer.Option(help="Student widths, e.g. 1,0.75,0.5.")] = None,
     bits: Annotated[Optional[str], typer.Option(help="Bit widths, e.g. 32,8,4,1.")] = None,
@@ -125,27 +174,35 @@ def run_command(
     two_four: Annotated[Optional[bool], typer.Option("--two-four/--no-two-four", help="Offer 2:4 sparsity.")] = None,
     epochs: Annotated[
         Optional[float],
-        typer.Option(min=0.001, help="The longest fine-tune, in epochs of the task's training data [default: the "
-                     "task's, else from the data's size and the run's time]."),
+        typer.Option(
+            **within(0.001, MAX_EPOCHS),
+            help="The longest fine-tune, in epochs of the task's training data [default: the task's, else from the "
+            "data's size and the run's time].",
+        ),
     ] = None,
     steps: Annotated[
-        Optional[int], typer.Option(min=0, help="The longest fine-tune in steps (batches), instead of --epochs.")
+        Optional[int],
+        typer.Option(**within(0, MAX_STEPS), help="The longest fine-tune in steps (batches), instead of --epochs."),
     ] = None,
     alpha: Annotated[
-        Optional[float], typer.Option(help=f"Weight of the distillation (KL) term [default: {Finetune.alpha}].")
+        Optional[float],
+        typer.Option(**within(0.0, 1.0), help=f"Weight of the distillation (KL) term [default: {Finetune.alpha}]."),
     ] = None,
     temperature: Annotated[
-        Optional[float], typer.Option(help=f"Distillation temperature [default: {Finetune.temperature}].")
+        Optional[float],
+        typer.Option(**within(0.01, 100.0), help=f"Distillation temperature [default: {Finetune.temperature}]."),
     ] = None,
     lr: Annotated[
-        Optional[float], typer.Option(help=f"Fine-tune learning rate [default: the task's, or {Finetune.lr}].")
+        Optional[float],
+        typer.Option(**within(1e-9, 10.0), help=f"Fine-tune learning rate [default: the task's, or {Finetune.lr}]."),
     ] = None,
     lr_schedule: Annotated[
         Optional[str],
         typer.Option(help="Learning-rate schedule: constant or cosine [default: the task's, or constant]."),
     ] = None,
     seq_len: Annotated[
-        Optional[int], typer.Option(help="Sequence length latency is measured at, for tasks that take one.")
+        Optional[int],
+        typer.Option(**within(1, MAX_SEQ_LEN), help="Sequence length latency is measured at, for tasks that take one."),
     ] = None,
     prune_trials: Annotated[
         bool,
@@ -166,7 +223,8 @@ def run_command(
     study_name: Annotated[Optional[str], typer.Option(help="Default: <task>-<target>.")] = None,
     results_dir: Annotated[Path, typer.Option(help="Where studies write.")] = Path("results"),
     workers: Annotated[
-        int, typer.Option(min=1, help="Processes on this machine sharing the study (this one included).")
+        int,
+        typer.Option(**within(1, MAX_WORKERS), help="Processes on this machine sharing the study (this one included)."),
     ] = 1,
     profiler: ProfilerAddress = None,
     token: ProfilerToken = None,
@@ -187,7 +245,7 @@ def run_command(
             space=_space(
                 space,
                 width=_floats(width, "--width"),
-                bits=tuple(int(b) for b in _floats(bits, "--bits")) if bits else None,
+                bits=_ints(bits, "--bits"),
                 pruning=_floats(pruning, "--pruning"),
                 sparsity=_floats(sparsity, "--sparsity"),
                 two_four=two_four,
@@ -202,6 +260,7 @@ def run_command(
         if dry_run:
             console.print_json(json.dumps(spec.to_dict(), default=str))
             return
+        check_results_dir(results_dir)  # before the task loads: a folder it cannot write stops here
         if isinstance(measurer, profilers.RemoteProfiler):
             with console.status(f"checking the profiler service at {measurer.address}…"):
                 measurer.check()
@@ -256,9 +315,12 @@ def worker_command(
     study: StudyArg,
     study_name: StudyName = None,
     results_dir: Annotated[Path, typer.Option(help="Where this worker writes its trials' files.")] = Path("results"),
-    seed: Annotated[Optional[int], typer.Option(help="This worker's sampler seed (default: random).")] = None,
+    seed: Annotated[
+        Optional[int], typer.Option(**within(0, MAX_SEED), help="This worker's sampler seed (default: random).")
+    ] = None,
     timeout: Annotated[
-        Optional[float], typer.Option(min=0.001, help="Stop starting trials this many seconds after the start (set-up included).")
+        Optional[float],
+        typer.Option(**within(0.001, MAX_TIMEOUT_S), help=TIMEOUT_HELP),
     ] = None,
     profiler: ProfilerAddress = None,
     token: ProfilerToken = None,
@@ -637,13 +699,17 @@ def export_command(
     study_name: StudyName = None,
     profiler: ProfilerAddress = None,
     token: ProfilerToken = None,
+    skip_broken: Annotated[
+        bool, typer.Option(help="Export the trials whose files are sound and list the others, instead of stopping.")
+    ] = False,
 ) -> None:
-    """Write every Pareto-optimal model (ONNX, plan JSON, checkpoint) and re-measure it on the target."""
+    """Write every Pareto-optimal model (ONNX, plan JSON, checkpoint) and re-measure it on the target.
+    Each file is checked first; nothing is left half-written in --out."""
     with _user_errors():
         opened = open_study(study, study_name)
         measurer = profilers.get_profiler(spec_of(opened).target, service=profiler, token=token)
         with console.status("exporting and re-measuring the Pareto front…"):
-            rows = export(opened, out, profiler=measurer)
+            rows = export(opened, out, profiler=measurer, skip_broken=skip_broken)
         table = Table(title=f"exported to {out}")
         for column in ("trial", "metric", "re-scored", "search-time ms", "re-measured ms", "p90 ms", "file"):
             table.add_column(column, justify="right")
@@ -655,6 +721,8 @@ def export_command(
                 f"{row['export_latency_p90_ms']:.4f}", row["path"],
             )  # fmt: skip
         _print_table(table)
+        for skipped in rows.attrs.get("skipped", []):
+            Console(stderr=True).print(f"skipped {skipped}", highlight=False, soft_wrap=True)
 
 
 @app.command("costmodel")
@@ -752,4 +820,21 @@ def targets_command() -> None:
 
 
 def main() -> None:
-    app()
+    """The console script: a usage error (an unknown flag, a number out of its range) is one line on
+    stderr and exit status 2, as a library error is one line and exit status 1 (:func:`_user_errors`)."""
+    if len(sys.argv) <= 1:
+        app()  # no command: the help, as Typer shows it
+    try:
+        code = app(standalone_mode=False)
+    except typer.TyperException as exc:  # Typer's usage errors (click's, which Typer carries)
+        if _debug["on"]:
+            raise
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+        Console(stderr=True).print(
+            Text.assemble(("error: ", "bold red"), exc.format_message(), hint), highlight=False, soft_wrap=True
+        )
+        raise SystemExit(exc.exit_code) from None
+    except typer.Abort:
+        raise SystemExit(1) from None
+    raise SystemExit(code if isinstance(code, int) else 0)

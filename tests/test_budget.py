@@ -47,3 +47,15 @@ def test_rejected_budgets_list_the_accepted_forms(text):
     assert repr(text) in message
     for form in ("5ms", "500us", "0.005s", "0.5x"):
         assert form in message
+
+
+@pytest.mark.parametrize("text, accepted", [
+    ("3600s", True), ("3601s", False), ("1us", True), ("0.9us", False), ("1000x", True), ("1001x", False),
+    ("0.001x", True), ("1e999ms", False), ("1e-400ms", False), ("9e308ms", False),
+])  # fmt: skip
+def test_a_budget_lies_between_a_microsecond_and_an_hour_or_0_001x_and_1000x(text, accepted):
+    if accepted:
+        assert parse_budget(text).text == text
+    else:
+        with pytest.raises(UsageError, match=f"budget '{text}': out of range; expected a time from 1us to 3600s"):
+            parse_budget(text)

@@ -1,4 +1,4 @@
-"""``search.export`` (``search/study/_deploy.py``) with a checkpoint that would run code: copied, never unpickled.
+"""``search.export`` (``search/study/_deploy.py``) with a checkpoint that would run code: refused, never unpickled.
 The export of a sound study is tested in test_results.py."""
 
 from __future__ import annotations
@@ -14,20 +14,20 @@ import search
 from pickles import code_running_checkpoint
 
 
-def test_export_copies_a_checkpoint_without_unpickling_it(tiny_task, fast_profiler, tmp_path):
+def test_export_refuses_a_checkpoint_that_would_run_code_without_running_it(tiny_task, fast_profiler, tmp_path):
     study = search.run(
         tiny_task, trials=1, profiler=fast_profiler, results_dir=tmp_path / "results", cost_model=False,
         finetune=search.Finetune(steps=2, eval_every=1), pruner=optuna.pruners.NopPruner(),
     )  # fmt: skip
     (trial,) = study.best_trials
     marker = tmp_path / "marker"
-    code_running_checkpoint(Path(trial.user_attrs["artifacts"]) / "checkpoint.pt", marker)
+    checkpoint = Path(trial.user_attrs["artifacts"]) / "checkpoint.pt"
+    code_running_checkpoint(checkpoint, marker)
 
-    rows = search.export(study, tmp_path / "deploy", profiler=fast_profiler)
-
-    copied = Path(rows["path"].iloc[0]).parent / "checkpoint.pt"
-    assert copied.exists() and not marker.exists()
-    # Loaded the documented way (weights_only=True), the copy is refused and still runs nothing.
+    # Checked the documented way (weights_only=True) before it is copied: refused, nothing run, nothing written.
+    with pytest.raises(search.UsageError, match=f"trial 0: {checkpoint} cannot be loaded .*Weights only load failed"):
+        search.export(study, tmp_path / "deploy", profiler=fast_profiler)
+    assert not marker.exists() and not (tmp_path / "deploy").exists()
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
-        torch.load(copied, weights_only=True)
+        torch.load(checkpoint, weights_only=True)
     assert not marker.exists()

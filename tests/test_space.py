@@ -167,3 +167,18 @@ def test_a_missing_space_file_is_a_usage_error(tmp_path):
 def test_replace_ignores_unset_flags():
     space = SearchSpace().replace(bits=(8,), width=None)
     assert space.bits == (8,) and space.width == SearchSpace().width
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"width": ["half"]}, "'width' has ['half']"),
+        ({"bits": [8.0, True]}, "'bits' has [8.0, True]"),
+        ({"two_four": "yes"}, "'two_four' is 'yes'; accepted: true or false"),
+        ({"edge_min_bits": "8"}, "'edge_min_bits' is '8'"),
+        ({"layers": [3]}, "'layers' has [3]"),
+    ],
+)
+def test_a_space_value_of_the_wrong_type_is_a_usage_error(data, message):
+    with pytest.raises(UsageError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        SearchSpace.from_dict(data)

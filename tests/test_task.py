@@ -195,3 +195,11 @@ def test_every_trial_calibrates_on_the_same_batches_and_drawing_them_leaves_the_
     generator.manual_seed(7)  # another trial's seed: the same batches all the same
     assert all(torch.equal(a[0], b[0]) for a, b in zip(first, other.calibration_batches()))
     assert task.calibration_batches() is first  # drawn once
+
+
+def test_a_metric_may_return_a_one_element_tensor_but_not_text():
+    from search.tasks._task import metric_value
+
+    assert metric_value(torch.tensor([0.25])) == 0.25 and isinstance(metric_value(torch.tensor(1)), float)
+    with pytest.raises(UsageError, match=r"metric accuracy\(\) returned 'high' \(str\); expected a number"):
+        metric_value("high", "accuracy")

@@ -57,8 +57,10 @@ def runtime_precision(bits: int, precisions: Iterable[str], matmul: bool = False
 
 @contextlib.contextmanager
 def _quiet():
-    """The exporters report every pass on stdout and through warnings; a search runs hundreds."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    """The exporters report every pass on stdout and through warnings, and print the graph on stderr
+    when an export fails (the error, which the trial records, says why); a search runs hundreds."""
+    silenced = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
+    with warnings.catch_warnings(), silenced[0], silenced[1]:
         warnings.simplefilter("ignore")
         previous = logging.root.manager.disable
         logging.disable(logging.WARNING)

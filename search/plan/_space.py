@@ -46,21 +46,34 @@ class SearchSpace:
             if bad:
                 raise UsageError(f"search space: {field!r} has {bad}; accepted: {accepted}")
 
-        check("width", self.width, lambda v: 0 < v <= 1, "numbers in (0, 1]")
-        check("depth", self.depth, lambda v: 0 < v <= 1, "numbers in (0, 1]")
-        check("heads", self.heads, lambda v: 0 <= v < 1, "numbers in [0, 1)")
-        check("pruning", self.pruning, lambda v: 0 <= v < 1, "numbers in [0, 1)")
-        check("sparsity", self.sparsity, lambda v: 0 <= v < 1, "numbers in [0, 1)")
-        check("bits", self.bits, lambda v: v in BITS, ", ".join(map(str, BITS)))
-        if self.edge_min_bits not in BITS:
-            raise UsageError(f"search space: 'edge_min_bits' is {self.edge_min_bits}; accepted: {BITS}")
+        def number(v) -> bool:  # a TOML string or table, or a bool, is no share (NaN fails every bound)
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        def whole(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        check("width", self.width, lambda v: number(v) and 0 < v <= 1, "numbers in (0, 1]")
+        check("depth", self.depth, lambda v: number(v) and 0 < v <= 1, "numbers in (0, 1]")
+        check("heads", self.heads, lambda v: number(v) and 0 <= v < 1, "numbers in [0, 1)")
+        check("pruning", self.pruning, lambda v: number(v) and 0 <= v < 1, "numbers in [0, 1)")
+        check("sparsity", self.sparsity, lambda v: number(v) and 0 <= v < 1, "numbers in [0, 1)")
+        check("bits", self.bits, lambda v: whole(v) and v in BITS, ", ".join(map(str, BITS)))
+        check("layers", self.layers or ("",), lambda v: isinstance(v, str), "module names (text)")
+        if not (whole(self.edge_min_bits) and self.edge_min_bits in BITS):
+            raise UsageError(f"search space: 'edge_min_bits' is {self.edge_min_bits!r}; accepted: {BITS}")
+        if not isinstance(self.two_four, bool):
+            raise UsageError(f"search space: 'two_four' is {self.two_four!r}; accepted: true or false")
 
     @classmethod
     def from_toml(cls, path: str | Path) -> SearchSpace:
         try:
-            data = tomllib.loads(Path(path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise UsageError(f"search space file {path}: {exc}") from exc
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise UsageError(f"search space file {path}: cannot read it ({exc.strerror or exc})") from exc
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"search space file {path}: not UTF-8 text (at byte {exc.start}); TOML is UTF-8") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise UsageError(f"search space file {path}: not a valid TOML file ({exc})") from exc
         return cls.from_dict(data, source=str(path))
 
     @classmethod

@@ -9,7 +9,7 @@ from search.study._exclude import exclusions, unhelpful_options
 from search.study._fidelity import resolve_finetune
 from search.study._front import METRIC_WINDOW, hypervolume, hypervolume_share
 from search.study._objective import CANDIDATE_FAILURES, STAGES, Objective
-from search.study._optuna import PRUNERS, SAMPLERS, make_sampler, make_storage, rung_ends
+from search.study._optuna import PRUNERS, SAMPLERS, make_sampler, rung_ends
 from search.study._promote import next_promotion
 from search.study._recipes import enqueue_recipes, recipe_params, recipe_rules
 from search.study._results import (
@@ -23,6 +23,8 @@ from search.study._results import (
 )
 from search.study._run import default_study_name, run, work
 from search.study._sensitivity import layer_sensitivity, sensitivity_frame
+from search.study._setup import check_results_dir
+from search.study._storage import make_storage
 from search.study._spec import OBJECTIVES, SPEC_VERSION, RunSpec, spec_of, task_of_study
 from search.study._workers import FINISHED, finished_count, measuring_alone
 
@@ -37,6 +39,7 @@ __all__ = [
     "STAGES",
     "Objective",
     "RunSpec",
+    "check_results_dir",
     "default_study_name",
     "enqueue_recipes",
     "exclusions",

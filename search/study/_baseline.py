@@ -3,10 +3,11 @@ relative to it."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
-from profilers import Profiler
-from search._errors import CandidateError, UsageError
+from profilers import MeasurementError, Profiler
+from search._errors import CandidateError, UsageError, first_line
 from search._record import Key
 from search.artifacts import OnnxModule, export_float, measure_candidate
 from search.compress import packed_size_bytes
@@ -21,16 +22,36 @@ BASELINE_TRIES = 3  # measurements of the teacher before an unsettled one stops 
 def measure_baseline(task: Task, profiler: Profiler, directory: Path) -> dict:
     """The teacher exported as fp32 to ``directory/baseline/model.onnx``, scored on that file and
     measured on the target (with the runtime's per-layer report, as every trial): the study's
-    ``baseline`` record."""
+    ``baseline`` record.
+
+    It is also the check of the task that :func:`search.run` makes before it writes anything of a
+    new study: the teacher exports, its metric on the exported file is a finite number, and the
+    target measures it. Each failure is a :class:`UsageError` saying which of these went wrong."""
     path = directory / "baseline" / "model.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         export_float(task.model, task.example_input, path, task.output)
     except CandidateError as exc:
-        raise UsageError(f"the task's model cannot be exported to ONNX: {exc}") from exc
+        raise UsageError(f"the task's model cannot be exported to ONNX: {first_line(str(exc))}") from exc
+    try:
+        metric = task.score(OnnxModule(path))
+    except UsageError:
+        raise
+    except Exception as exc:  # the task's own code: its error, in one line
+        raise UsageError(f"the task's metric raised {first_line(exc)} on the teacher") from exc
+    if not math.isfinite(metric):
+        raise UsageError(
+            f"the task's metric is {metric} on the teacher (its exported ONNX model); every trial would "
+            "fail: check the metric and the task's val data"
+        )
     with measuring_alone(profiler.target.name):
         for _ in range(BASELINE_TRIES):
-            measurement = measure_candidate(profiler, path, task.model, task.example_input)
+            try:
+                measurement = measure_candidate(profiler, path, task.model, task.example_input)
+            except (MeasurementError, CandidateError) as exc:
+                raise UsageError(
+                    f"the teacher cannot be measured on {profiler.target.name}: {first_line(str(exc))}"
+                ) from exc
             if measurement.stable:
                 break
         else:
@@ -40,7 +61,7 @@ def measure_baseline(task: Task, profiler: Profiler, directory: Path) -> dict:
                 "quieter machine, or with a longer --profiler timing"
             )
     return {
-        Key.METRIC: task.score(OnnxModule(path)),
+        Key.METRIC: metric,
         Key.LATENCY_MS: measurement.latency_ms,
         Key.LATENCY_P90_MS: measurement.latency_p90_ms,
         Key.ENERGY_MJ: measurement.energy_mj,

@@ -1,19 +1,15 @@
-"""The Optuna objects a study runs with: its sampler, its storage, and its pruner, with the view
+"""The Optuna objects a study runs with: its sampler and its pruner, with the view
 that lets a single-objective pruner judge a multi-objective study's fine-tunes."""
 
 from __future__ import annotations
 
 import optuna
-from optuna.storages import RDBStorage
 from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
 from search._record import Key
 from search.compress import Finetune
-from search.study._results import storage_url
-from search.study._workers import RetryOnce
 
-HEARTBEAT_S = 30
 _SAMPLERS = {
     # Categorical, conditional space, a few hundred trials at most: what AutoSampler picks too.
     "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True),
@@ -30,19 +26,6 @@ PRUNERS = ("asha", "none", "custom")
 def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
     """The sampler named ``name``, one of :data:`SAMPLERS`."""
     return _SAMPLERS[name](seed)
-
-
-def make_storage(url: str) -> optuna.storages.BaseStorage:
-    url = storage_url(url)
-    if url.startswith(("sqlite:", "postgresql", "mysql")):
-        # Heartbeats: a trial whose process died is failed and its plan retried once.
-        return RDBStorage(
-            url,
-            heartbeat_interval=HEARTBEAT_S,
-            grace_period=4 * HEARTBEAT_S,
-            heartbeat_stale_trial_callback=RetryOnce(),
-        )
-    return optuna.storages.get_storage(url)
 
 
 def rung_ends(pruner: str, finetune: Finetune) -> tuple[int, ...]:

@@ -8,22 +8,17 @@ from pathlib import Path
 
 import optuna
 import pandas as pd
+import sqlalchemy.exc
 from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
 from search._errors import UsageError
 from search._record import COLUMNS, Key, StudyKey
+from search.study._storage import damaged, make_storage, storage_url
 from search.study._sensitivity import excluded_bits, sensitivity_frame
 from search.study._workers import retried
 
 SQLITE_FILE = "study.db"
-
-
-def storage_url(url: str) -> str:
-    """``postgresql://`` with the driver the ``postgres`` extra installs, whatever SQLAlchemy's default."""
-    if url.startswith("postgresql://"):
-        return "postgresql+psycopg://" + url.removeprefix("postgresql://")
-    return url
 
 
 def locate_study(study: str | Path, study_name: str | None = None) -> tuple[str, str]:
@@ -45,7 +40,10 @@ def locate_study(study: str | Path, study_name: str | None = None) -> tuple[str,
         study_name = study_name or folder.name
     else:
         study_name = study_name or (str(study) if study else None)
-    names = optuna.get_all_study_names(storage)
+    try:
+        names = optuna.get_all_study_names(make_storage(storage))
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
+        raise damaged(storage, exc) from exc
     if study_name is None and len(names) == 1:
         study_name = names[0]
     if study_name not in names:
@@ -54,9 +52,18 @@ def locate_study(study: str | Path, study_name: str | None = None) -> tuple[str,
 
 
 def open_study(study: str | Path, study_name: str | None = None) -> optuna.Study:
-    """A study from a results folder (``results/<name>``), a name under ``results/``, or a storage URL."""
+    """A study from a results folder (``results/<name>``), a name under ``results/``, or a storage URL.
+
+    The study's records are read once here, so that a damaged file stops at the door with one line
+    that names it (:class:`UsageError`) rather than halfway through a table or a copy."""
     storage, study_name = locate_study(study, study_name)
-    return optuna.load_study(study_name=study_name, storage=storage)
+    try:
+        opened = optuna.load_study(study_name=study_name, storage=make_storage(storage))
+        opened.get_trials(deepcopy=False)
+        opened.user_attrs  # noqa: B018 (read for its error)
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
+        raise damaged(storage, exc) from exc
+    return opened
 
 
 def _frame(study: optuna.Study) -> pd.DataFrame:

@@ -23,11 +23,13 @@ from search.study._baseline import measure_baseline
 from search.study._exclude import exclusions
 from search.study._fidelity import resolve_finetune
 from search.study._objective import CANDIDATE_FAILURES, Objective, StageCallback
-from search.study._optuna import make_sampler, make_storage, rung_ends
+from search.study._optuna import make_sampler, rung_ends
 from search.study._promote import promote
 from search.study._recipes import enqueue_recipes, recipe_params, recipe_rules
-from search.study._results import locate_study, write_parquet
+from search.study._results import SQLITE_FILE, locate_study, write_parquet
 from search.study._sensitivity import layer_sensitivity, mixed_rules
+from search.study._setup import Setup, check_results_dir
+from search.study._storage import make_storage
 from search.study._spec import SPEC_VERSION, RunSpec, pruner_name, spec_of, task_of_study
 from search.study._workers import (
     Surplus,
@@ -95,42 +97,41 @@ def run(
         task=task.spec, task_options=task.options, timing=profiler.timing(), profiler=getattr(profiler, "address", None),
         study_name=spec.study_name or default_study_name(task, spec.target), results_dir=spec.results_dir.resolve(),
     )  # fmt: skip
-    gate = _gate(spec, task)
     directory = spec.results_dir / spec.study_name
-    directory.mkdir(parents=True, exist_ok=True)
-    url = spec.storage or f"sqlite:///{directory / 'study.db'}"
-    study = optuna.create_study(
-        storage=make_storage(url),
-        study_name=spec.study_name,
-        directions=spec.directions,
-        pruner=pruner if isinstance(pruner, optuna.pruners.BasePruner) else optuna.pruners.NopPruner(),
-        load_if_exists=True,
-    )
-    _claim(study, StudyKey.TASK, task.name)
-    _claim_settings(study, spec)
-    _claim_teacher(study, task)
-    study.set_metric_names(spec.metric_names)
-    # A resumed study must not replay the first session's random start-up plans.
-    study.sampler = make_sampler(spec.sampler, spec.seed + len(study.trials))
-    finetune, note = _finetune(study, spec, task)
-    spec = spec.replace(finetune=finetune)
-    study.set_user_attr(StudyKey.RUN_SPEC, spec.to_dict())
-    study.set_user_attr(StudyKey.FINETUNE_NOTE, note)
-
-    if StudyKey.BASELINE not in study.user_attrs:
-        study.set_user_attr(StudyKey.BASELINE, measure_baseline(task, profiler, directory))
-    budget_ms = spec.budget.resolve(study.user_attrs[StudyKey.BASELINE]["latency_ms"]) if spec.budget else None
-    study.set_user_attr(StudyKey.BUDGET_MS, budget_ms)
-    blocks = find_blocks(task.model)
-    if spec.sensitivity and StudyKey.SENSITIVITY not in study.user_attrs:
-        deadline = _deadline(started, spec.timeout and SENSITIVITY_SHARE * spec.timeout)
-        study.set_user_attr(StudyKey.SENSITIVITY, layer_sensitivity(task, layers, spec.space, blocks, deadline))
-    sensitivity = study.user_attrs.get(StudyKey.SENSITIVITY, [])
-    if spec.recipes and not study.trials:
-        rules = recipe_rules(spec.space, blocks, mixed_rules(sensitivity))
-        recipes = recipe_params(rules, spec.space, layers, blocks, _exclusions(study, spec, layers))
-        enqueue_recipes(study, dict(list(recipes.items())[: spec.trials]))  # no more than the study runs
-
+    check_results_dir(spec.results_dir, directory)
+    gate = _gate(spec, task)
+    url = spec.storage or f"sqlite:///{directory / SQLITE_FILE}"
+    with Setup(url, spec.study_name, directory) as setup:
+        study = setup.existing()
+        if study is not None:  # resumed: refused here, before any work, when its settings differ
+            _claim_study(study, spec, task)
+        if study is None or StudyKey.BASELINE not in study.user_attrs:
+            # The task's check (it exports, scores to a finite number, measures) before a new study is written.
+            baseline = measure_baseline(task, profiler, setup.staging())
+            if study is None:
+                study = setup.create(spec.directions)
+                _claim_study(study, spec, task)
+            setup.keep_baseline(study, baseline)
+        study.pruner = pruner if isinstance(pruner, optuna.pruners.BasePruner) else optuna.pruners.NopPruner()
+        study.set_metric_names(spec.metric_names)
+        # A resumed study must not replay the first session's random start-up plans.
+        study.sampler = make_sampler(spec.sampler, spec.seed + len(study.trials))
+        finetune, note = _finetune(study, spec, task)
+        spec = spec.replace(finetune=finetune)
+        study.set_user_attr(StudyKey.RUN_SPEC, spec.to_dict())
+        study.set_user_attr(StudyKey.FINETUNE_NOTE, note)
+        budget_ms = spec.budget.resolve(study.user_attrs[StudyKey.BASELINE]["latency_ms"]) if spec.budget else None
+        study.set_user_attr(StudyKey.BUDGET_MS, budget_ms)
+        blocks = find_blocks(task.model)
+        if spec.sensitivity and StudyKey.SENSITIVITY not in study.user_attrs:
+            deadline = _deadline(started, spec.timeout and SENSITIVITY_SHARE * spec.timeout)
+            study.set_user_attr(StudyKey.SENSITIVITY, layer_sensitivity(task, layers, spec.space, blocks, deadline))
+        sensitivity = study.user_attrs.get(StudyKey.SENSITIVITY, [])
+        if spec.recipes and not study.trials:
+            rules = recipe_rules(spec.space, blocks, mixed_rules(sensitivity))
+            recipes = recipe_params(rules, spec.space, layers, blocks, _exclusions(study, spec, layers))
+            enqueue_recipes(study, dict(list(recipes.items())[: spec.trials]))  # no more than the study runs
+    directory.mkdir(parents=True, exist_ok=True)  # a study resumed from another machine's storage
     objective = _objective(study, task, spec, profiler, directory, on_stage, layers, gate)
     after_trial = _after_trial(directory, gate)
     helpers, threads = [], torch.get_num_threads()
@@ -201,8 +202,9 @@ def work(
     )  # fmt: skip
     opened.sampler = make_sampler(spec.sampler, spec.seed)
     opened.pruner = optuna.pruners.NopPruner()
-    gate = _gate(spec, task)
     directory = spec.results_dir / opened.study_name
+    check_results_dir(spec.results_dir, directory)
+    gate = _gate(spec, task)
     directory.mkdir(parents=True, exist_ok=True)
     layers = describe_layers(task.model, task.example_input)
     objective = _objective(opened, task, spec, profiler, directory, on_stage, layers, gate)
@@ -227,6 +229,19 @@ def _claim(study: optuna.Study, key: str, value, hint: str | None = None) -> Non
         raise UsageError(
             f"study {study.study_name!r} was made with {key} {stored!r}, not {value!r}; "
             + (hint or "resume it with the same settings or choose another --study-name")
+        )
+
+
+def _claim_study(study: optuna.Study, spec: RunSpec, task: Task) -> None:
+    """Refuse a study made for another task, other settings (:func:`_claim_settings`) or another
+    teacher; record them on a new one."""
+    _claim(study, StudyKey.TASK, task.name)
+    _claim_settings(study, spec)
+    _claim_teacher(study, task)
+    if [d.name for d in study.directions] != [d.name for d in spec.directions]:
+        raise UsageError(
+            f"study {study.study_name!r} was made with {len(study.directions)} objectives, not "
+            f"{','.join(spec.objectives)!r}; resume it with the same settings or choose another --study-name"
         )
 
 

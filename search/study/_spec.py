@@ -22,6 +22,7 @@ from search.tasks import Task, load_task
 from targets import Target, load_target
 
 SPEC_VERSION = 1
+MAX_STUDY_NAME = 200
 # objective name (--objectives) -> (study metric name and trial user attr, direction)
 OBJECTIVES = {
     "metric": (Key.METRIC, StudyDirection.MAXIMIZE),
@@ -116,6 +117,8 @@ class RunSpec:
         set_("timing", MappingProxyType(dict(self.timing)))
         set_("task_options", MappingProxyType(dict(self.task_options)))
         set_("results_dir", Path(self.results_dir))
+        if self.study_name is not None:
+            _check_study_name(self.study_name)
 
     @property
     def directions(self) -> list[StudyDirection]:
@@ -212,6 +215,18 @@ def task_of_study(spec: RunSpec, study_name: str, remedy: str) -> Task:
     if spec.task is None:
         raise UsageError(f"study {study_name!r} was not started with a 'module:function' task to load again: {remedy}")
     return load_task(spec.task, **spec.task_options)
+
+
+def _check_study_name(name: object) -> None:
+    """A study name is also its folder under the results: one plain folder name."""
+    if (
+        not isinstance(name, str) or not name.strip() or len(name) > MAX_STUDY_NAME or name.startswith(".")
+        or any(c in name for c in "/\\") or not name.isprintable()
+    ):  # fmt: skip
+        raise UsageError(
+            f"study name {name!r}: expected a folder name of 1 to {MAX_STUDY_NAME} printable characters, "
+            "without / or \\ and not starting with a dot"
+        )
 
 
 def _without_password(url: str | None) -> str | None:

@@ -8,6 +8,7 @@ import hashlib
 import importlib
 import inspect
 import itertools
+import numbers
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from search._errors import UsageError
+from search._errors import UsageError, first_line
 from search.artifacts import OnnxModule
 from search.compress import CALIBRATION_BATCHES, DistillLoss, Finetune, check_distill_loss
 from search.model import Inputs, Output, call, check_example_input, reduce_output, reduced_output, split_batch
@@ -143,7 +144,28 @@ class Task:
         model.eval()
         reduced = contextlib.nullcontext() if isinstance(model, OnnxModule) else reduced_output(model, self.output)
         with torch.no_grad(), reduced:
-            return float(self.metric(model, self.val))
+            value = self.metric(model, self.val)
+        return metric_value(value, getattr(self.metric, "__name__", "metric"))
+
+
+def metric_value(value: object, name: str = "metric") -> float:
+    """A metric's result as a float: a Python or NumPy number, or a one-element tensor. Anything
+    else is the task's mistake, the same for every candidate, so it stops the run
+    (:class:`UsageError`) instead of failing each trial. NaN passes: a broken candidate can score NaN
+    (the teacher may not: :func:`search.study.measure_baseline` checks)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise UsageError(
+            f"the task's metric {name}() returned {_short(value)} ({type(value).__name__}); expected a number "
+            "(higher is better)"
+        )
+    return float(value)
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 DEFAULT_TASK = "search.tasks:digits"
@@ -164,6 +186,12 @@ def load_task(spec: str, **options) -> Task:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise UsageError(f"task {spec!r}: cannot import module {module_name!r} ({exc})") from exc
+    except SyntaxError as exc:
+        raise UsageError(
+            f"task {spec!r}: module {module_name!r} has a syntax error: {exc.msg} ({exc.filename}, line {exc.lineno})"
+        ) from exc
+    except Exception as exc:  # the module's own code failed as it ran: its error, in one line
+        raise UsageError(f"task {spec!r}: importing module {module_name!r} raised {first_line(exc)}") from exc
     function = getattr(module, function_name, None)
     if not callable(function):
         raise UsageError(f"task {spec!r}: module {module_name!r} has no function {function_name!r}")
@@ -173,7 +201,7 @@ def load_task(spec: str, **options) -> Task:
     except UsageError:
         raise
     except Exception as exc:
-        raise UsageError(f"task {spec!r}: {function_name}() raised {type(exc).__name__}: {exc}") from exc
+        raise UsageError(f"task {spec!r}: {function_name}() raised {first_line(exc)}") from exc
     if not isinstance(task, Task):
         raise UsageError(f"task {spec!r}: {function_name}() returned {type(task).__name__}, not a search.Task")
     task.spec, task.options = spec, dict(options)
