@@ -117,6 +117,7 @@ def test_a_plan_already_evaluated_is_not_evaluated_again(tiny_task, fast_profile
     assert first.state == second.state == TrialState.COMPLETE
     assert second.user_attrs["duplicate_of"] == 0 and second.values == first.values
     assert second.user_attrs["artifacts"] == first.user_attrs["artifacts"]
+    assert second.user_attrs["plan"] == first.user_attrs["plan"]
     assert not (tmp_path / study.study_name / "trials" / "00001").exists()  # nothing built for it
     frame = search.load_trials(study).set_index("number")
     assert frame.loc[1, "duplicate_of"] == 0 and not frame.loc[1, "pareto"]

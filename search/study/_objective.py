@@ -142,11 +142,11 @@ class Objective:
         task, target, seconds = self.task, self.spec.target, {}
         plan = suggest_plan(trial, self.spec.space, self.layers, self.blocks, self.exclude)
         parent = _parent(study, trial)
+        trial.set_user_attr(Key.PLAN, plan.to_dict())
         if parent is None:
             same = _same_plan(study, trial)
             if same is not None:
                 return self._reuse(study, trial, same)
-        trial.set_user_attr(Key.PLAN, plan.to_dict())
         self._stage(trial, "build", seconds)
         torch.manual_seed(self.spec.seed + trial.number)
         task.reseed(self.spec.seed + trial.number)
