@@ -47,7 +47,7 @@ class Key:
     DEVICE = "device"
     LAYER_TIMES = "layer_times"
     ARTIFACTS = "artifacts"
-    SECONDS = "seconds"
+    SECONDS = "seconds"  # each stage's seconds (build, export, measure, fine-tune, evaluate), pruned trials too
     # The cost model's prediction, made before the fine-tune.
     PREDICTED_LATENCY_MS = "predicted_latency_ms"
     PREDICTED_LATENCY_LOW_MS = "predicted_latency_low_ms"
@@ -82,6 +82,7 @@ COLUMNS = (
     Key.RECIPE, Key.RUNG, Key.FINETUNE_STEPS, Key.BEST_STEP, Key.CONTINUE_FROM, Key.SUPERSEDED_BY,
     Key.FINETUNE_SKIPPED, Key.PRUNED_BY, Key.PRUNED_REASON, Key.DUPLICATE_OF,
     Key.PRECISION, Key.RUNTIME, Key.MEASURED_ON, Key.FAIL_REASON, Key.RETRY_OF, Key.ARTIFACTS,
+    Key.SECONDS,
 )  # fmt: skip
 
 

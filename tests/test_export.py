@@ -321,3 +321,37 @@ def test_weights_written_into_the_raw_graph_give_the_file_a_fresh_export_gives(t
     torch.testing.assert_close(
         OnnxModule(quantized["from-raw"].path)(x), OnnxModule(quantized["exported"].path)(x), rtol=1e-3, atol=1e-3
     )
+
+
+def test_the_exporters_function_table_is_built_once_and_the_files_are_those_of_a_plain_export(
+    tmp_path, cnn, monkeypatch
+):
+    """torch.onnx.export builds its ATen-to-ONNX table anew per export (most of a small model's export
+    time); export_raw builds it once per process, and leaves torch's builder as it found it."""
+    from torch.onnx._internal.exporter import _registration
+
+    from search.artifacts import _onnx
+
+    builder = _registration.ONNXRegistry.__dict__["from_torchlib"]
+    built = []
+
+    def counting(cls, *args, **kwargs):
+        built.append(kwargs)
+        return builder.__func__(cls, *args, **kwargs)
+
+    monkeypatch.setattr(_registration.ONNXRegistry, "from_torchlib", classmethod(counting))
+    monkeypatch.setattr(_onnx, "_REGISTRIES", {})
+    x = example_input(cnn, batch=2, seed=3)
+    cnn.eval()
+    export_raw(cnn, x, tmp_path / "first.onnx")
+    export_raw(cnn, x, tmp_path / "second.onnx")
+    assert len(built) == 1
+    assert _registration.ONNXRegistry.__dict__["from_torchlib"].__func__ is counting  # restored
+
+    with torch.no_grad():
+        plain = torch.onnx.export(cnn, f=None, dynamo=True, external_data=False, optimize=False,
+                                  **_onnx._export_arguments(x))  # fmt: skip
+    assert len(built) == 2  # outside export_raw, torch builds its table as it always does
+    plain.save(str(tmp_path / "plain.onnx"))
+    graphs = [onnx.load(str(tmp_path / f"{name}.onnx")).graph for name in ("first", "second", "plain")]
+    assert graphs[0] == graphs[1] == graphs[2]

@@ -36,6 +36,8 @@ def test_a_study_builds_measures_and_records_every_trial(tiny_task, fast_profile
         assert {"model.onnx", "plan.json", "checkpoint.pt"} <= files
         plan = search.Plan.from_json(Path(row["artifacts"], "plan.json").read_text())
         assert plan.width == row["params_width"]
+        assert row["seconds"].keys() == {"build", "export", "measure", "fine-tune", "evaluate"}
+        assert all(s > 0 for s in row["seconds"].values())
     assert frame["pareto"].sum() == len(study.best_trials)
     assert not (frame["pareto"] & ~frame["feasible"]).any()
     parquet = pd.read_parquet(tmp_path / study.study_name / "trials.parquet")
@@ -120,6 +122,7 @@ def test_the_pruner_stops_weak_fine_tunes(tiny_task, fast_profiler, tmp_path):
     assert list(frame["state"]) == ["PRUNED", "PRUNED"]
     assert frame["pruned_reason"].str.contains("fine-tune step 3").all()
     assert all(t.user_attrs["finetune_curve"].keys() == {"0", "3"} for t in study.trials)  # scored before step 1 too
+    assert all(t.user_attrs["seconds"]["fine-tune"] > 0 for t in study.trials)  # a pruned trial's time is kept too
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ import io
 import logging
 import shutil
 import tempfile
+import threading
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -70,6 +71,41 @@ def _quiet():
             logging.disable(previous)
 
 
+_REGISTRIES: dict = {}  # the exporter's ATen-to-ONNX tables, by how they were asked for
+_EXPORTING = threading.Lock()
+
+
+@contextlib.contextmanager
+def _registry_built_once():
+    """The dynamo exporter builds its table of ATen-to-ONNX functions anew for every export, parsing
+    the source of each of torchlib's ~500 functions (0.7 s of a 1.5 s export of a small CNN). The
+    table is the same for every export of a process, and ``torch.onnx.export`` changes it only for a
+    ``custom_translation_table`` (never passed here): within this block it is built once and reused.
+    A PyTorch without that table's builder where it is looked for exports as it would anyway."""
+    try:
+        from torch.onnx._internal.exporter import _registration
+
+        registry_class = _registration.ONNXRegistry
+        original = registry_class.__dict__["from_torchlib"]
+        build = original.__func__
+    except (ImportError, AttributeError, KeyError):
+        yield
+        return
+
+    def reused(cls, *args, **kwargs):
+        key = (cls, args, tuple(sorted(kwargs.items())))
+        if key not in _REGISTRIES:
+            _REGISTRIES[key] = build(cls, *args, **kwargs)
+        return _REGISTRIES[key]
+
+    with _EXPORTING:  # exports from threads (the service) take turns: each restores the builder
+        registry_class.from_torchlib = classmethod(reused)
+        try:
+            yield
+        finally:
+            registry_class.from_torchlib = original
+
+
 def _export_arguments(example_input: Inputs) -> dict:
     """``torch.onnx.export`` keywords for task inputs: a dict's keys name the graph's inputs, a tuple's
     are ``input_0``, ``input_1``, …; a single tensor keeps the name of the forward's argument. The
@@ -102,7 +138,7 @@ def export_raw(model: nn.Module, example_input: Inputs, path: Path, output: Outp
     ``output(model's output)`` (the task's reduction), or the model's output tensor itself."""
     model.eval()
     try:
-        with _quiet(), torch.no_grad(), reduced_output(model, output):
+        with _quiet(), torch.no_grad(), reduced_output(model, output), _registry_built_once():
             program = torch.onnx.export(
                 model, f=None, dynamo=True, external_data=False, optimize=False, **_export_arguments(example_input)
             )

@@ -94,8 +94,9 @@ class Objective:
         self.current = trial.number
         trial.set_user_attr(Key.WORKER, this_worker())
         claim_slot(study, trial, self.trials())
+        seconds: dict = {}
         try:
-            return self._evaluate(study, trial)
+            return self._evaluate(study, trial, seconds)
         except CANDIDATE_FAILURES as exc:
             trial.set_user_attr(Key.FAIL_REASON, f"{exc} (during {trial.user_attrs.get(Key.STAGE, 'build')})")
             raise
@@ -107,6 +108,10 @@ class Objective:
             trial.set_user_attr(Key.INTERRUPTED, True)
             trial.set_user_attr(Key.FAIL_REASON, f"interrupted during {trial.user_attrs.get(Key.STAGE, 'build')}")
             raise
+        finally:  # a pruned or failed trial's time is recorded too: where the study's time went
+            self._stage(trial, None, seconds)
+            if seconds:
+                trial.set_user_attr(Key.SECONDS, {name: round(value, 3) for name, value in seconds.items()})
 
     def _stage(self, trial: optuna.Trial, stage: str | None, seconds: dict) -> None:
         """Close the stage running (its seconds add up in ``seconds``) and open ``stage``."""
@@ -138,8 +143,9 @@ class Objective:
             trial.set_constraint("predicted_latency_over_budget_ms", over)
             raise optuna.TrialPruned(reason)
 
-    def _evaluate(self, study: optuna.Study, trial: optuna.Trial) -> tuple[float, ...]:
-        task, target, seconds = self.task, self.spec.target, {}
+    def _evaluate(self, study: optuna.Study, trial: optuna.Trial, seconds: dict) -> tuple[float, ...]:
+        """The trial's objective values; the seconds each stage took add up in ``seconds``."""
+        task, target = self.task, self.spec.target
         plan = suggest_plan(trial, self.spec.space, self.layers, self.blocks, self.exclude)
         parent = _parent(study, trial)
         trial.set_user_attr(Key.PLAN, plan.to_dict())
@@ -192,7 +198,7 @@ class Objective:
                 self._stage(trial, "evaluate", seconds)
                 metric = self._score(exported.path)
                 return self._finish(
-                    trial, plan, seconds, metric, size=packed_size_bytes(structure, plan), metric_torch=None, steps=0,
+                    trial, plan, metric, size=packed_size_bytes(structure, plan), metric_torch=None, steps=0,
                     best_step=0, rung=0,
                 )  # fmt: skip
 
@@ -210,7 +216,7 @@ class Objective:
                 (self._trial_dir(parent.number) / name).unlink(missing_ok=True)
         trial.set_user_attr(Key.FINETUNE_CURVE, curve)
         return self._finish(
-            trial, plan, seconds, metric, size=packed_size_bytes(structure, plan), metric_torch=run.best_metric,
+            trial, plan, metric, size=packed_size_bytes(structure, plan), metric_torch=run.best_metric,
             steps=run.step, best_step=run.best_step, rung=rung, losses=run.first_last_losses(),
         )  # fmt: skip
 
@@ -314,11 +320,10 @@ class Objective:
         return metric
 
     def _finish(
-        self, trial, plan: Plan, seconds: dict, metric: float, *, size: int, metric_torch: float | None, steps: int,
+        self, trial, plan: Plan, metric: float, *, size: int, metric_torch: float | None, steps: int,
         best_step: int | None, rung: int, losses: Sequence[float] = (),
     ) -> tuple[float, ...]:  # fmt: skip
-        """Record the scored result and the trial's timings; the study's objective values."""
-        self._stage(trial, None, seconds)
+        """Record the scored result; the study's objective values."""
         exported = self._trial_dir(trial.number) / "model.onnx"
         record = {
             Key.METRIC: metric,
@@ -332,7 +337,6 @@ class Objective:
             Key.SIZE_SOURCE: "counted:packed-bits",
             Key.ONNX_BYTES: exported.stat().st_size,
             Key.ARTIFACTS: str(exported.parent),
-            Key.SECONDS: {name: round(value, 3) for name, value in seconds.items()},
         }
         for key, value in record.items():
             trial.set_user_attr(key, value)
@@ -349,7 +353,7 @@ class Objective:
             trial.set_user_attr(Key.PRUNED_REASON, f"same plan as trial {same.number}, running in another worker")
             raise optuna.TrialPruned(f"same plan as running trial {same.number}")
         for key, value in same.user_attrs.items():
-            if key not in (Key.WORKER, Key.STAGE, Key.RECIPE, Key.PLAN, Key.POST_TRAINING):
+            if key not in (Key.WORKER, Key.STAGE, Key.RECIPE, Key.PLAN, Key.POST_TRAINING, Key.SECONDS):
                 trial.set_user_attr(key, value)
         trial.set_user_attr(Key.DUPLICATE_OF, same.number)
         for key, value in same.constraints.items():
