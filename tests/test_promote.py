@@ -17,6 +17,7 @@ import search
 from search._record import Key
 from search.compress import Finetune
 from search.study import next_promotion
+from search.study._promote import without_promise
 
 FINETUNE = Finetune(steps=9, rungs=3, reduction=3)  # rungs end at steps 1, 3, 9
 
@@ -100,6 +101,39 @@ def test_a_plan_scored_without_a_fine_tune_and_a_copy_of_another_plan_are_not_pr
     _trial(study, 0.97, 3.0, **{Key.DUPLICATE_OF: slow})
     _trial(study, 0.91, 0.6, **{Key.FINETUNE_SKIPPED: "post-training quantization: scored as calibrated"})
     assert next_promotion(study, FINETUNE, TEACHER).number == slow
+
+
+def test_the_plans_that_could_not_reach_the_front_as_it_stands_are_listed_to_give_up_their_state():
+    """Promotions closed a tenth of their gap: the plans at 0.91 behind the faster 0.985 could reach
+    0.919 at most; the fast 0.97 plan could still add to the front; the promoted plans' lines
+    waiting at rung 1 are at the last rung (nothing to go on from); a PTQ plan saved nothing."""
+    study, halving = _study(), Finetune(steps=4, rungs=2, reduction=2)
+    for metric, latency in ((0.93, 3.5), (0.94, 3.6), (0.98, 0.5)):
+        parent = _trial(study, metric, latency)
+        _trial(study, metric + 0.1 * (1.0 - metric), latency, rung=1, parent=parent)
+    hopeless = {_trial(study, 0.91, latency) for latency in (1.0, 1.1)}
+    _trial(study, 0.97, 0.4)
+    _trial(study, 0.90, 3.9, **{Key.FINETUNE_SKIPPED: "post-training quantization: scored as calibrated"})
+    assert {t.number for t in without_promise(study, halving, TEACHER)} == hopeless
+
+
+def test_a_plan_that_gave_up_its_saved_state_is_promoted_from_the_start(tiny_task, fast_profiler, tmp_path, monkeypatch):
+    """Every screened plan gives up its state here, the one promoted later too: its promotion
+    exports its graph again and fine-tunes from step 0 to the rung's end, and completes."""
+    from search.study import _run
+
+    def every_screened(study, finetune, teacher):
+        return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.user_attrs[Key.RUNG] == 0]
+
+    monkeypatch.setattr(_run, "without_promise", every_screened)
+    study = search.run(tiny_task, trials=4, profiler=fast_profiler, results_dir=tmp_path, **ASHA)
+    trials = study.get_trials(deepcopy=False)
+    child = trials[3]
+    parent = trials[child.user_attrs[Key.CONTINUE_FROM]]
+    assert child.state == TrialState.COMPLETE and child.user_attrs[Key.FINETUNE_STEPS] == 9
+    assert child.user_attrs[Key.FINETUNE_FROM] == f"the start: trial {parent.number}'s state is not here"
+    for trial in trials[:3]:
+        assert not {"finetune.pt", "raw.onnx"} & {p.name for p in Path(trial.user_attrs[Key.ARTIFACTS]).iterdir()}
 
 
 ASHA = dict(

@@ -223,6 +223,15 @@ class Objective:
     def _trial_dir(self, number: int) -> Path:
         return self.directory / "trials" / f"{number:05d}"
 
+    def drop_saved_states(self, trials: Sequence[optuna.trial.FrozenTrial]) -> None:
+        """Delete what ``trials`` saved for a promotion to go on from (its fine-tune state and graph:
+        330 MB for a MiniLM plan), for plans that could not reach the front as it stands
+        (:func:`~search.study._promote.without_promise`). Were one promoted after all, its
+        promotion exports again and fine-tunes from the start."""
+        for trial in trials:
+            for name in (RAW_GRAPH, FINETUNE_STATE):
+                (self._trial_dir(trial.number) / name).unlink(missing_ok=True)
+
     def _export(self, structure: torch.nn.Module, plan: Plan, trial_dir: Path, raw: Path):
         """The trial's ONNX file with ``structure``'s weights, and its plan and checkpoint beside it."""
         task, target = self.task, self.spec.target

@@ -76,14 +76,14 @@ def reachable(metric: float, rung: int, last: int, recoveries: Sequence[float], 
     return metric
 
 
-def next_promotion(
-    study: optuna.Study, finetune: Finetune, teacher: tuple[float, float], window: float = METRIC_WINDOW
-) -> FrozenTrial | None:
-    """The trial whose plan should be fine-tuned longer next, or None: see the module's doc.
-    ``teacher`` is the teacher's (metric, latency); ``window`` the metric the front's box spans."""
+def _waiting(
+    study: optuna.Study, finetune: Finetune, teacher: tuple[float, float], window: float
+) -> list[tuple[int, dict[int, tuple[FrozenTrial, tuple[float, float] | None]]]]:
+    """The plans waiting at each rung below the last, from the highest rung down: the rung's free
+    promotion slots, and each waiting plan's trial with its promise (None: it could not reach the
+    front as it stands). ``teacher`` is the teacher's (metric, latency); ``window`` the metric the
+    front's box spans."""
     last = len(finetune.rung_ends()) - 1
-    if last == 0:
-        return None
     teacher_metric, teacher_latency = teacher
     reference = (teacher_metric - window, teacher_latency)
     lines = lineages(study.get_trials(deepcopy=False))
@@ -108,20 +108,38 @@ def next_promotion(
         gain = hypervolume([*others, (reached, latency)], reference) - hypervolume([*others, (metric, latency)], reference)
         return gain, reached
 
+    found = []
     for rung in reversed(range(last)):
         at_rung = {root: line[rung] for root, line in lines.items() if rung in line and _feasible(line[rung])}
         moved_on = {root for root, line in lines.items() if any(r > rung for r in line)}  # promoted (any state)
         slots = len(at_rung) // finetune.reduction - len(moved_on & set(at_rung))
         waiting = {  # a plan scored without a fine-tune (a PTQ recipe) is not fine-tuned longer either
-            root: trial for root, trial in at_rung.items()
+            root: (trial, promise(root, trial, rung)) for root, trial in at_rung.items()
             if root not in moved_on and Key.FINETUNE_SKIPPED not in trial.user_attrs
         }  # fmt: skip
-        if slots <= 0 or not waiting:
-            continue
-        promising = {root: p for root, trial in waiting.items() if (p := promise(root, trial, rung)) is not None}
-        if promising:
-            return waiting[max(promising, key=promising.get)]
+        found.append((slots, waiting))
+    return found
+
+
+def next_promotion(
+    study: optuna.Study, finetune: Finetune, teacher: tuple[float, float], window: float = METRIC_WINDOW
+) -> FrozenTrial | None:
+    """The trial whose plan should be fine-tuned longer next, or None: see the module's doc.
+    ``teacher`` is the teacher's (metric, latency); ``window`` the metric the front's box spans."""
+    for slots, waiting in _waiting(study, finetune, teacher, window):
+        promising = {root: p for root, (_, p) in waiting.items() if p is not None}
+        if slots > 0 and promising:
+            return waiting[max(promising, key=promising.get)][0]
     return None
+
+
+def without_promise(
+    study: optuna.Study, finetune: Finetune, teacher: tuple[float, float], window: float = METRIC_WINDOW
+) -> list[FrozenTrial]:
+    """The trials waiting at a rung whose plans could not reach the front as it stands: the state
+    each saved for a promotion to go on from is kept for nothing, unless later promotions recover
+    more than those seen so far (then such a plan's promotion starts its fine-tune over)."""
+    return [trial for _, waiting in _waiting(study, finetune, teacher, window) for trial, p in waiting.values() if p is None]
 
 
 def promote(study: optuna.Study, finetune: Finetune, teacher: tuple[float, float]) -> int | None:

@@ -24,7 +24,7 @@ from search.study._exclude import exclusions
 from search.study._fidelity import resolve_finetune
 from search.study._objective import CANDIDATE_FAILURES, Objective, StageCallback
 from search.study._optuna import make_sampler, rung_ends
-from search.study._promote import promote
+from search.study._promote import promote, without_promise
 from search.study._recipes import enqueue_recipes, recipe_params, recipe_rules
 from search.study._results import SQLITE_FILE, locate_study, write_parquet
 from search.study._sensitivity import layer_sensitivity, mixed_rules
@@ -283,13 +283,15 @@ def _deadline(started: float, timeout: float | None) -> float | None:
 def _work(study: optuna.Study, objective: Objective, deadline: float | None, callbacks: Sequence[Callable]) -> None:
     """This process's share of the study's trials; Ctrl-C queues the interrupted trial to run again.
     Before each trial, with successive halving, the plan that has earned a longer fine-tune is
-    queued first (:func:`promote`)."""
+    queued first (:func:`promote`), and the plans that could not reach the front as it stands give
+    up the state they saved for a promotion (disk: a MiniLM plan's is 330 MB)."""
     baseline = study.user_attrs[StudyKey.BASELINE]
     teacher = (baseline[Key.METRIC], baseline[Key.LATENCY_MS])
 
     def run_one() -> None:
         if objective.spec.pruner == "asha":
             promote(study, objective.finetune, teacher)
+            objective.drop_saved_states(without_promise(study, objective.finetune, teacher))
         study.optimize(
             lambda trial: objective(study, trial), n_trials=1, catch=(*CANDIDATE_FAILURES, Surplus),
             callbacks=list(callbacks),
