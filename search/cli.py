@@ -508,7 +508,7 @@ def _print_all(study: optuna.Study, sort: str | None) -> None:
     base_ms = baseline.get(Key.LATENCY_MS)
     table = Table(
         title=f"{study.study_name}: every trial ({len(frame)})",
-        caption="front: on the feasible Pareto front; why: the reason a trial was pruned or failed, or superseded",
+        caption="front: on the feasible Pareto front; why: the reason a trial was pruned or failed, superseded or waiting",
     )
     for column in ("trial", "state", "front", "metric", "ms", "speedup", "KiB", "precision", "recipe", "why"):
         table.add_column(column, justify="left" if column in ("state", "recipe", "why", "precision") else "right")
@@ -519,6 +519,9 @@ def _print_all(study: optuna.Study, sort: str | None) -> None:
             why = f"superseded by trial {int(row[Key.SUPERSEDED_BY])}"
         if not why and _number(row[Key.DUPLICATE_OF]) is not None:
             why = f"same plan as trial {int(row[Key.DUPLICATE_OF])}"
+        if not why and row["state"] == "WAITING":
+            parent = _number(row[Key.CONTINUE_FROM])
+            why = "queued" if parent is None else f"queued: goes on with trial {int(parent)}'s fine-tune"
         size = _number(row[Key.SIZE_BYTES])
         metric = _number(row[Key.METRIC])
         table.add_row(

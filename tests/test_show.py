@@ -220,6 +220,17 @@ def test_results_all_gives_the_reason_of_a_pruned_trial(shown, monkeypatch):
     assert "pruned" in text and "cost model predicts 9 ms" in text
 
 
+def test_results_all_says_what_a_queued_promotion_waits_for(shown, monkeypatch):
+    study, folder, _ = shown
+    frame = search.load_trials(study)
+    frame.loc[2, "state"] = "WAITING"
+    frame.loc[2, Key.CONTINUE_FROM] = 1
+    monkeypatch.setattr(cli, "load_trials", lambda *args, **kwargs: frame)
+    result = runner.invoke(cli.app, ["results", str(folder), "--all"])
+    assert result.exit_code == 0, result.output
+    assert "queued: goes on with trial 1's fine-tune" in " ".join(result.output.split())
+
+
 def test_sort_by_an_unknown_column_names_the_accepted_ones(shown):
     _, folder, _ = shown
     for args in (["--all", "--sort", "latncy"], ["--sort", "latncy"]):
