@@ -104,7 +104,7 @@ def test_a_plan_scored_without_a_fine_tune_and_a_copy_of_another_plan_are_not_pr
 
 
 def test_the_plans_that_could_not_reach_the_front_as_it_stands_are_listed_to_give_up_their_state():
-    """Promotions closed a tenth of their gap: the plans at 0.91 behind the faster 0.985 could reach
+    """Promotions closed a tenth of their gap: the plans at 0.91 behind the faster 0.982 could reach
     0.919 at most; the fast 0.97 plan could still add to the front; the promoted plans' lines
     waiting at rung 1 are at the last rung (nothing to go on from); a PTQ plan saved nothing."""
     study, halving = _study(), Finetune(steps=4, rungs=2, reduction=2)
