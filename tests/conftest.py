@@ -57,6 +57,22 @@ def fast_profiler():
     )
 
 
+@pytest.fixture(scope="session")
+def finished(tiny_task, fast_profiler, tmp_path_factory):
+    """A study of the three first recipes (int8 everywhere, then two uniform prunings, fp32), run
+    once and only read by the tests: (the study, its results folder; the study's is ``done``)."""
+    import optuna
+
+    from search import Finetune, run
+
+    results = tmp_path_factory.mktemp("results")
+    study = run(
+        tiny_task, budget="2x", trials=3, profiler=fast_profiler, results_dir=results,
+        finetune=Finetune(steps=6, eval_every=3), pruner=optuna.pruners.NopPruner(), study_name="done",
+    )  # fmt: skip
+    return study, results
+
+
 @pytest.fixture
 def worker_env(tmp_path, monkeypatch):
     """Worker processes load ``worker_task:tiny`` with one teacher file; returns that task."""

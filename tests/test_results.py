@@ -3,24 +3,13 @@
 from __future__ import annotations
 
 import onnx
-import optuna
 import pytest
 import torch
 
 import search
-from search import Finetune, Plan, UsageError, build_structure, run
+from search import Plan, UsageError, build_structure
 from search.artifacts import OnnxModule
 from search.study import plot_front
-
-
-@pytest.fixture(scope="module")
-def finished(tiny_task, fast_profiler, tmp_path_factory):
-    results = tmp_path_factory.mktemp("results")
-    study = run(
-        tiny_task, budget="2x", trials=3, profiler=fast_profiler, results_dir=results,
-        finetune=Finetune(steps=6, eval_every=3), pruner=optuna.pruners.NopPruner(), study_name="done",
-    )  # fmt: skip
-    return study, results
 
 
 def test_load_trials_from_folder_name_url_and_study(finished, monkeypatch):

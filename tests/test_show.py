@@ -7,14 +7,13 @@ import copy
 import json
 
 import onnx
-import optuna
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
 import search
 from profilers.tensorrt import layer_report, parse_engine_information
-from search import Finetune, UsageError, cli, run
+from search import UsageError, cli
 from search._record import Key, StudyKey
 from search.artifacts import export_candidate, export_float
 from search.compress import add_compression, baked_state_dict, build_structure
@@ -26,15 +25,12 @@ CONVS = ("conv1", "conv2", "conv3")
 
 
 @pytest.fixture(scope="module")
-def shown(tiny_task, fast_profiler, tmp_path_factory):
-    """A study of the three first recipes: int8 everywhere, then two uniform prunings (fp32)."""
-    results = tmp_path_factory.mktemp("results")
-    study = run(
-        tiny_task, budget="2x", trials=3, profiler=fast_profiler, results_dir=results,
-        finetune=Finetune(steps=6, eval_every=3), pruner=optuna.pruners.NopPruner(), study_name="shown",
-    )  # fmt: skip
+def shown(finished):
+    """The shared study of the three first recipes (conftest's ``finished``): the study, its
+    folder, and its trials' numbers by recipe."""
+    study, results = finished
     recipes = {t.user_attrs.get(Key.RECIPE): t.number for t in study.trials}
-    return study, results / "shown", recipes
+    return study, results / "done", recipes
 
 
 def test_an_int8_trial_runs_qlinearconv_and_the_teacher_conv(shown):
@@ -83,7 +79,7 @@ def test_the_figures_say_where_they_came_from(shown):
 
 def test_an_unknown_trial_is_a_usage_error(shown):
     _, folder, _ = shown
-    with pytest.raises(UsageError, match=r"trial 99: study 'shown' has trials 0 to 2"):
+    with pytest.raises(UsageError, match=r"trial 99: study 'done' has trials 0 to 2"):
         search.load_layers(folder, 99)
 
 
@@ -187,16 +183,16 @@ def test_show_is_a_thin_layer_over_load_layers(shown, monkeypatch):
         return real(study, trial, study_name)
 
     monkeypatch.setattr(cli, "load_layers", fake)
-    result = runner.invoke(cli.app, ["show", str(folder), "1", "--study-name", "shown"])
+    result = runner.invoke(cli.app, ["show", str(folder), "1", "--study-name", "done"])
     assert result.exit_code == 0, result.output
-    assert calls == [(str(folder), 1, "shown")]
+    assert calls == [(str(folder), 1, "done")]
 
 
 def test_show_of_an_unknown_trial_is_one_line(shown):
     _, folder, _ = shown
     result = runner.invoke(cli.app, ["show", str(folder), "42"])
     assert result.exit_code == 1
-    assert result.output.strip().splitlines() == ["error: trial 42: study 'shown' has trials 0 to 2"]
+    assert result.output.strip().splitlines() == ["error: trial 42: study 'done' has trials 0 to 2"]
 
 
 def test_results_all_lists_every_trial_sorted(shown):
