@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import forestci
 import numpy as np
 import pandas as pd
 import pytest
@@ -209,6 +210,26 @@ def test_latency_model_takes_a_dataframe():
     model = LatencyModel(n_estimators=20).fit(frame, y)
     assert list(model.feature_names_in_) == list(FEATURE_NAMES)
     np.testing.assert_allclose(model.predict(frame), LatencyModel(n_estimators=20).fit(X, y).predict(X))
+
+
+def test_the_spread_is_forestcis_jackknife_on_the_forest_and_asks_no_forest_property():
+    # forestci given the forest itself asks dir(forest), which evaluates every scikit-learn property
+    # of it; the model hands it only the trees, and must get the same variance.
+    X, y = _synthetic(40, seed=0)
+    X_test, _ = _synthetic(5, seed=1)
+    model = LatencyModel(n_estimators=30).fit(X, y)
+    variance = forestci.random_forest_error(model.estimator_, X.shape, X_test, inbag=model.inbag_, calibrate=False)
+    expected = np.sqrt(np.clip(variance, 0.0, None) + model.log_sigma_**2)
+    forest_class = type(model.estimator_)
+    asked = []
+    original = forest_class.feature_importances_
+    forest_class.feature_importances_ = property(lambda forest: asked.append("feature_importances_"))
+    try:
+        _, spread = model.predict(X_test, return_std=True)
+    finally:
+        forest_class.feature_importances_ = original
+    np.testing.assert_allclose(spread, expected)
+    assert asked == []
 
 
 def test_sigma_shrinks_as_data_arrives():

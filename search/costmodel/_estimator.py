@@ -101,6 +101,23 @@ BASE_FEATURES = (
 )  # fmt: skip
 
 
+class _Trees:
+    """What ``forestci.random_forest_error`` reads of a fitted single-output regression forest: its
+    trees, their count and its tags. Given the forest itself, forestci asks ``'n_outputs_' in
+    dir(forest)`` twice, and scikit-learn's ``dir`` evaluates every property of the forest
+    (``feature_importances_``, ``estimators_samples_``): 0.13 s of a 0.19 s prediction on 200 trees."""
+
+    def __init__(self, forest: RandomForestRegressor) -> None:
+        self.forest = forest
+        self.n_estimators = forest.n_estimators
+
+    def __iter__(self):
+        return iter(self.forest.estimators_)
+
+    def __sklearn_tags__(self):
+        return self.forest.__sklearn_tags__()
+
+
 class LatencyModel(RegressorMixin, BaseEstimator):
     """Latency = a non-negative linear base × a random-forest correction; the spread combines the
     forest mean's variance with the out-of-bag residual spread, so it only vetoes when confident.
@@ -253,7 +270,7 @@ class LatencyModel(RegressorMixin, BaseEstimator):
             return mu, None
         # the forest mean's variance (see the class docstring); Monte Carlo noise can leave the
         # bias-corrected figure below zero
-        variance = forestci.random_forest_error(self.estimator_, (len(self.inbag_), self.n_features_in_), X,
+        variance = forestci.random_forest_error(_Trees(self.estimator_), (len(self.inbag_), self.n_features_in_), X,
                                                 inbag=self.inbag_, calibrate=False)  # fmt: skip
         sigma = np.sqrt(np.clip(variance, 0.0, None) + self.log_sigma_**2)
         return mu, sigma
