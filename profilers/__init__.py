@@ -4,9 +4,11 @@ reaching the target's own through its profiler service (:func:`serve`).
 
 This package imports ``targets`` and nothing of ``search``: the search hands it what it built, an
 ONNX file or a :class:`ModuleArtifact`. Importing it imports neither TensorRT nor CUDA, nor
-PyTorch: :func:`get_profiler` does, and only for a target measured by them
-(:class:`PyTorchProfiler` loads on first use, with torch).
+PyTorch, nor ONNX or ONNX Runtime: the profilers, the service and the energy readers load on
+first use (PEP 562), and :func:`get_profiler` loads a runtime only for a target measured by it.
 """
+
+import importlib
 
 from profilers._base import TIMING_KNOBS, Measurement, ModuleArtifact, Profiler, random_inputs
 from profilers._cpuinfo import cpu_info
@@ -17,47 +19,47 @@ from profilers._errors import (
     ProfilerUsageError,
     TargetUnavailableError,
 )
-from profilers._factory import get_profiler
-from profilers._onnxruntime_cpu import OnnxRuntimeCpuProfiler
-from profilers._remote import RemoteProfiler
-from profilers._service import ServiceLimits, create_app, serve
-from profilers._wire import DEFAULT_PORT, TOKEN_ENV
-from profilers.energy import RaplReader
-from profilers.tensorrt import TensorRTProfiler, default_timing, tensorrt_unavailable_reason
+from profilers._wire import DEFAULT_PORT, TOKEN_ENV, ServiceLimits
 
-__all__ = [
-    "DEFAULT_PORT",
-    "Measurement",
-    "MeasurementCancelled",
-    "MeasurementError",
-    "ModuleArtifact",
-    "OnnxRuntimeCpuProfiler",
-    "Profiler",
-    "ProfilerError",
-    "ProfilerUsageError",
-    "PyTorchProfiler",
-    "RaplReader",
-    "RemoteProfiler",
-    "ServiceLimits",
-    "TIMING_KNOBS",
-    "TOKEN_ENV",
-    "TargetUnavailableError",
-    "TensorRTProfiler",
-    "cpu_info",
-    "create_app",
-    "default_timing",
-    "get_profiler",
-    "random_inputs",
-    "serve",
-    "tensorrt_unavailable_reason",
-]
+_LAZY = {
+    "profilers._factory": ("get_profiler",),
+    "profilers._onnxruntime_cpu": ("OnnxRuntimeCpuProfiler",),
+    "profilers._pytorch": ("PyTorchProfiler",),
+    "profilers._remote": ("RemoteProfiler",),
+    "profilers._service": ("create_app", "serve"),
+    "profilers.energy": ("RaplReader",),
+    "profilers.tensorrt": ("TensorRTProfiler", "default_timing", "tensorrt_unavailable_reason"),
+}
+_HOME = {name: module for module, names in _LAZY.items() for name in names}
+
+__all__ = sorted(
+    [
+        *_HOME,
+        "DEFAULT_PORT",
+        "Measurement",
+        "MeasurementCancelled",
+        "MeasurementError",
+        "ModuleArtifact",
+        "Profiler",
+        "ProfilerError",
+        "ProfilerUsageError",
+        "ServiceLimits",
+        "TIMING_KNOBS",
+        "TOKEN_ENV",
+        "TargetUnavailableError",
+        "cpu_info",
+        "random_inputs",
+    ]
+)
 
 
 def __getattr__(name: str) -> object:
-    """:class:`PyTorchProfiler` on first use: its module imports torch, which this package
-    otherwise never needs."""
-    if name == "PyTorchProfiler":
-        from profilers._pytorch import PyTorchProfiler
+    if name not in _HOME:
+        raise AttributeError(f"module 'profilers' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOME[name]), name)
+    globals()[name] = value
+    return value
 
-        return PyTorchProfiler
-    raise AttributeError(f"module 'profilers' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return __all__

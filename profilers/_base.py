@@ -14,7 +14,6 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 
 from profilers._errors import MeasurementCancelled, ProfilerUsageError
 from targets import Target
@@ -351,6 +350,8 @@ def random_inputs(onnx_path: str | Path, seed: int = 0) -> dict[str, np.ndarray]
     """Random arrays for the graph inputs of ``onnx_path``, with symbolic or unknown dimensions
     (such as a dynamic batch) set to 1. Integer inputs get 0s and 1s, valid as token ids,
     indices and masks alike."""
+    import onnx  # here: it takes a second to import, and nothing else in this module needs it
+
     model = onnx.load(str(onnx_path), load_external_data=False)
     weights = {initializer.name for initializer in model.graph.initializer}
     rng = np.random.default_rng(seed)

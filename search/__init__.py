@@ -19,27 +19,28 @@ The public names below load on first use (PEP 562), so that ``import search`` st
 imports neither torch nor any runtime until a name that needs one is used.
 """
 
-import importlib
-
 from profilers import MeasurementError, TargetUnavailableError
 from search._errors import CandidateError, SearchError, UsageError
+from search._lazy import lazy_names
 from targets import TargetFileError, UnknownTargetError
 
-_LAZY = {
-    "search.compress": ("Finetune", "apply_plan", "build_structure"),
-    "search.plan": (
-        "Budget", "ChannelPruning", "Depth", "HeadPruning", "LayerPlan", "Plan", "Quantization", "SearchSpace",
-        "WeightSparsity", "parse_budget",
-    ),
-    "search.study": ("RunSpec", "export", "load_sensitivity", "load_trials", "open_study", "run", "work"),
-    "search.report": ("load_layers", "plot_layers"),
-    "search.tasks": ("Task", "load_task", "top1_accuracy"),
-}  # fmt: skip
-_HOME = {name: module for module, names in _LAZY.items() for name in names}
+__getattr__, __dir__, _LAZY_NAMES = lazy_names(
+    __name__,
+    {
+        "search.compress": ("Finetune", "apply_plan", "build_structure"),
+        "search.plan": (
+            "Budget", "ChannelPruning", "Depth", "HeadPruning", "LayerPlan", "Plan", "Quantization", "SearchSpace",
+            "WeightSparsity", "parse_budget",
+        ),
+        "search.study": ("RunSpec", "export", "load_sensitivity", "load_trials", "open_study", "run", "work"),
+        "search.report": ("load_layers", "plot_layers"),
+        "search.tasks": ("Task", "load_task", "top1_accuracy"),
+    },
+)  # fmt: skip
 
 __all__ = sorted(
     [
-        *_HOME,
+        *_LAZY_NAMES,
         "CandidateError",
         "MeasurementError",
         "SearchError",
@@ -49,15 +50,3 @@ __all__ = sorted(
         "UsageError",
     ]
 )
-
-
-def __getattr__(name: str):
-    if name not in _HOME:
-        raise AttributeError(f"module 'search' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_HOME[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__

@@ -4,6 +4,9 @@
 """
 
 
+STAGES = ("build", "export", "measure", "fine-tune", "evaluate")  # a trial's stages, in order: Key.STAGE's values
+
+
 class Key:
     """The user attrs of a trial."""
 

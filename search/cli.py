@@ -1,4 +1,8 @@
-"""``search``: a thin Typer CLI over the Python API (``search.run``, ``load_trials``, ``export``)."""
+"""``search``: a thin Typer CLI over the Python API (``search.run``, ``load_trials``, ``export``).
+
+A command that runs, measures or exports imports what it needs (PyTorch, scikit-learn, ONNX: seconds
+together) in its own body, so that ``search --help``, a usage error or ``search results`` does not
+wait for them."""
 
 from __future__ import annotations
 
@@ -21,33 +25,26 @@ from rich.text import Text
 
 import profilers
 import targets
-from profilers import serve
 from search._errors import SearchError, UsageError, first_line
-from search._record import Key, StudyKey
+from search._record import STAGES, Key, StudyKey
 from search.compress import Finetune
-from search.costmodel import cost_model_report
 from search.plan import SearchSpace
-from search.report import load_layers, plot_layers
 from search.study import (
     FINISHED,
     METRIC_WINDOW,
     OBJECTIVES,
     SAMPLERS,
-    STAGES,
     RunSpec,
     check_results_dir,
-    export,
     finished_count,
     load_sensitivity,
     load_trials,
     open_study,
     pareto_front,
     plot_front,
-    run,
     spec_of,
-    work,
 )
-from search.tasks import DEFAULT_TASK, load_task
+from search.tasks import DEFAULT_TASK
 
 
 # Bounds of the numbers a user gives: each well past any real run, so that a typo (a unit, an
@@ -231,6 +228,9 @@ def run_command(
     dry_run: Annotated[bool, typer.Option(help="Print the resolved run and exit.")] = False,
 ) -> None:
     """Search compression plans for a task on a target."""
+    from search.study import run
+    from search.tasks import load_task
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     with _user_errors():
@@ -326,6 +326,8 @@ def worker_command(
     token: ProfilerToken = None,
 ) -> None:
     """Join a study started by `search run` (e.g. on PostgreSQL) and work on it with its own settings."""
+    from search.study import work
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     with _user_errors(), _resumable("this worker"):
@@ -555,6 +557,8 @@ def show_command(
     ] = None,
 ) -> None:
     """Why a trial is (not) faster, layer by layer: the plan, what the runtime ran, against the teacher."""
+    from search.report import load_layers, plot_layers
+
     with _user_errors():
         frame = load_layers(study, trial, study_name)
         _print_layers(frame)
@@ -708,6 +712,8 @@ def export_command(
 ) -> None:
     """Write every Pareto-optimal model (ONNX, plan JSON, checkpoint) and re-measure it on the target.
     Each file is checked first; nothing is left half-written in --out."""
+    from search.study import export
+
     with _user_errors():
         opened = open_study(study, study_name)
         measurer = profilers.get_profiler(spec_of(opened).target, service=profiler, token=token)
@@ -731,6 +737,8 @@ def export_command(
 @app.command("costmodel")
 def costmodel_command(study: StudyArg, study_name: StudyName = None) -> None:
     """How well the learned cost model predicts this study's measured latencies (and energy)."""
+    from search.costmodel import cost_model_report
+
     with _user_errors():
         opened = open_study(study, study_name)
         report = cost_model_report(opened)
@@ -803,7 +811,7 @@ def serve_command(
             max_bytes=int(max_upload_mib * 2**20), max_model_memory=int(max_model_memory_mib * 2**20),
             max_time_s=max_time_s, max_sessions=max_sessions, max_queue=max_queue,
         )  # fmt: skip
-        serve(target_spec, host=host, port=port, token=token, limits=limits)
+        profilers.serve(target_spec, host=host, port=port, token=token, limits=limits)
 
 
 @app.command("targets")

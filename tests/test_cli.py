@@ -14,6 +14,8 @@ from typer.testing import CliRunner
 
 import profilers
 import search
+import search.study
+import search.tasks
 from search import cli
 from search.compress import Finetune
 from search.plan import Budget
@@ -32,13 +34,13 @@ def captured(monkeypatch, tiny_task):
         study.set_user_attr("results_dir", "results/fake")
         return study
 
-    monkeypatch.setattr(cli, "run", fake_run)
+    monkeypatch.setattr(search.study, "run", fake_run)  # the command imports it when it runs
     def fake_load_task(spec, **options):
         calls.setdefault("spec", spec)
         calls["options"] = options
         return calls.get("task_to_load", tiny_task)
 
-    monkeypatch.setattr(cli, "load_task", fake_load_task)
+    monkeypatch.setattr(search.tasks, "load_task", fake_load_task)
     return calls
 
 
@@ -100,7 +102,7 @@ def test_worker_passes_its_options_to_the_api(monkeypatch, tmp_path):
         calls.update(study=study, study_name=study_name, **kwargs)
         return optuna.create_study(study_name="joined")
 
-    monkeypatch.setattr(cli, "work", fake_work)
+    monkeypatch.setattr(search.study, "work", fake_work)
     url = "postgresql://search@db/studies"
     result = runner.invoke(
         cli.app,
@@ -206,7 +208,7 @@ def test_run_on_jetson_without_a_service_says_how_to_serve_it(monkeypatch, tmp_p
 
 def test_serve_passes_the_parsed_flags_to_the_api(monkeypatch):
     calls = []
-    monkeypatch.setattr(cli, "serve", lambda target, **kwargs: calls.append((target, kwargs)))
+    monkeypatch.setattr(profilers, "serve", lambda target, **kwargs: calls.append((target, kwargs)))
     monkeypatch.delenv("SEARCH_PROFILER_TOKEN", raising=False)
     result = runner.invoke(cli.app, ["serve", "--target", "cpu", "--port", "9000", "--token", "T"])
     assert result.exit_code == 0, result.output
@@ -228,7 +230,7 @@ def test_serve_passes_the_parsed_flags_to_the_api(monkeypatch):
 
 @pytest.mark.parametrize("flag", ["--max-upload-mib", "--max-time-s", "--max-sessions"])
 def test_serve_refuses_a_limit_of_zero(monkeypatch, flag):
-    monkeypatch.setattr(cli, "serve", lambda target, **kwargs: pytest.fail("served"))
+    monkeypatch.setattr(profilers, "serve", lambda target, **kwargs: pytest.fail("served"))
     result = runner.invoke(cli.app, ["serve", "--token", "T", flag, "0"])
     assert result.exit_code == 2 and flag in result.output
 
@@ -331,7 +333,7 @@ def test_resuming_a_study_with_another_task_or_target_is_refused(monkeypatch, ti
         (tiny_task, str(board), ["target 'cpu'", "'board'"]),
     ]
     for task, target, message in attempts:
-        monkeypatch.setattr(cli, "load_task", lambda spec, task=task: task)
+        monkeypatch.setattr(search.tasks, "load_task", lambda spec, task=task: task)
         args = ["run", "--study-name", "shared", "--results-dir", str(results), "--target", target, "--trials", "2"]
         line = error_line(runner.invoke(cli.app, args))
         assert "study 'shared' was made with" in line and "--study-name" in line

@@ -37,13 +37,16 @@ def _resolve(name: str) -> str | None:
 
 def _imports(module: str) -> set[str]:
     """Every project module ``module`` imports, at its top or inside a function: ``from a.b import c``
-    imports ``a.b.c`` where that is a module, else ``a.b``."""
+    imports ``a.b.c`` where that is a module, else ``a.b``. A package that loads its names on first
+    use (PEP 562) imports the modules its map is keyed by (a dict literal of module names)."""
     path = MODULES[module]
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.Dict) and path.name == "__init__.py":
+            names = [key.value for key in node.keys if isinstance(key, ast.Constant) and key.value in MODULES]
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
@@ -96,6 +99,8 @@ def test_the_walk_sees_the_imports_it_checks():
     assert "targets" in GRAPH["profilers._base"]
     assert "profilers" in GRAPH["search.artifacts._measure"]
     assert "profilers._pytorch" in GRAPH["profilers._factory"]  # an import inside a function
+    assert "search.study._run" in GRAPH["search.study"]  # a name the package loads on first use
+    assert "profilers._service" in GRAPH["profilers"]
 
 
 def test_no_module_imports_a_higher_package():
@@ -126,11 +131,41 @@ def test_no_import_loop_between_the_concerns_of_search():
     assert not _cycles(graph), f"concerns of search that import each other in a loop: {_cycles(graph)}"
 
 
-def test_search_modules_never_import_the_search_package_itself():
-    """``search/__init__`` is the users' face, loading names lazily: a module inside ``search``
-    importing it would hide a loop from the walk."""
-    inward = [module for module, imported in GRAPH.items() if module != "search" and "search" in imported]
-    assert not inward, f"modules importing the search package itself: {inward}"
+def test_no_module_imports_a_package_it_is_part_of():
+    """A package loads its modules (``search/__init__``, ``search.study`` and others on first use):
+    a module importing a package it lies in would import itself, a loop through the package."""
+    inward = [
+        f"{module} imports {imported}"
+        for module, imported_set in GRAPH.items()
+        for imported in imported_set
+        if module.startswith(imported + ".")
+    ]
+    assert not inward, "modules importing a package they are part of:\n" + "\n".join(inward)
+
+
+# What `search --help`, a usage error and `search results` must not wait for: seconds to import.
+HEAVY = ("torch", "sklearn", "scipy", "onnx", "onnxscript", "onnxruntime", "fastapi", "transformers")
+
+
+def _heavy_imported(code: str) -> list[str]:
+    probe = f"import sys\n{code}\nprint(sorted({{m.split('.')[0] for m in sys.modules}} & {set(HEAVY)!r}))\n"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return ast.literal_eval(out.stdout.strip().splitlines()[-1])
+
+
+def test_the_command_line_starts_without_the_heavy_libraries():
+    assert _heavy_imported("import search, search.cli, profilers") == []
+
+
+def test_search_results_reads_a_study_without_the_heavy_libraries(finished):
+    folder = str(finished[1] / "done")
+    code = (
+        "from search.cli import app\n"
+        f"for extra in ([], ['--all'], ['--sensitivity']):\n"
+        f"    app(['results', {folder!r}, *extra], standalone_mode=False)\n"
+    )
+    assert _heavy_imported(code) == []
 
 
 @pytest.mark.parametrize(

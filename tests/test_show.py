@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 import search
+import search.report
 from profilers.tensorrt import layer_report, parse_engine_information
 from search import UsageError, cli
 from search._record import Key, StudyKey
@@ -176,13 +177,13 @@ def test_show_prints_the_table_and_the_figures(shown, tmp_path):
 def test_show_is_a_thin_layer_over_load_layers(shown, monkeypatch):
     _, folder, _ = shown
     calls = []
-    real = cli.load_layers
+    real = search.report.load_layers
 
     def fake(study, trial, study_name=None):
         calls.append((study, trial, study_name))
         return real(study, trial, study_name)
 
-    monkeypatch.setattr(cli, "load_layers", fake)
+    monkeypatch.setattr(search.report, "load_layers", fake)  # the command imports it when it runs
     result = runner.invoke(cli.app, ["show", str(folder), "1", "--study-name", "done"])
     assert result.exit_code == 0, result.output
     assert calls == [(str(folder), 1, "done")]

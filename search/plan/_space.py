@@ -6,12 +6,15 @@ import dataclasses
 import tomllib
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import optuna
 
 from search._errors import UsageError
-from search.model import EncoderBlocks, LayerInfo
 from search.plan._plan import BITS, ChannelPruning, Depth, HeadPruning, LayerPlan, Plan, Quantization, WeightSparsity
+
+if TYPE_CHECKING:  # annotations only: search.model imports PyTorch, which a plan does not need
+    from search.model import EncoderBlocks, LayerInfo
 
 TWO_FOUR = "2:4"
 

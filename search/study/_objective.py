@@ -49,7 +49,6 @@ from search.study._spec import RunSpec
 from search.study._workers import claim_slot, measuring_alone, this_worker
 from search.tasks import Task
 
-STAGES = ("build", "export", "measure", "fine-tune", "evaluate")
 LAYER_TIMES_KEPT = 100  # slowest layers recorded on a trial: a Transformer block has a dozen; a large model hundreds
 OutOfMemory = (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
 # What fails one candidate's trial and lets the study go on.

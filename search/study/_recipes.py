@@ -6,13 +6,15 @@ its ``recipe`` name, so the front starts from them and is never worse than the b
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 
 from search._record import Key
-from search.model import EncoderBlocks, LayerInfo
 from search.plan import SearchSpace, suggest_plan
+
+if TYPE_CHECKING:  # annotations only: search.model imports PyTorch
+    from search.model import EncoderBlocks, LayerInfo
 
 Rule = Callable[[str, list], Any]  # (parameter name, its choices) -> the recipe's choice
 INT8 = "int8 everywhere"  # post-training quantization: users run it without a fine-tune, and so does the study

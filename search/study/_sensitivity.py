@@ -19,17 +19,19 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from search._errors import CandidateError
-from search.compress import apply_plan, calibrate_input_quant
-from search.model import EncoderBlocks, LayerInfo
 from search.plan import ChannelPruning, LayerPlan, Plan, Quantization, SearchSpace
 from search.study._front import METRIC_WINDOW
 from search.study._recipes import Rule, uncompressed
-from search.tasks import Task
+
+if TYPE_CHECKING:  # annotations only: these import PyTorch, which reading a study's sensitivity does not need
+    from search.model import EncoderBlocks, LayerInfo
+    from search.tasks import Task
 
 COLUMNS = ("layer", "kind", "option", "bits", "pruning", "metric", "drop", "error")
 SENSITIVITY_CALIBRATION_BATCHES = 2  # one quantizer's input range: a couple of batches set it
@@ -60,6 +62,8 @@ def layer_sensitivity(
     The pruning options come first (the mixed recipes rank layers by them), then the bit widths.
     With a ``deadline`` (``time.monotonic()``), options not reached by then are left out: a run's
     time is not spent on its preparation (a Transformer has hundreds of options)."""
+    from search.compress import apply_plan, calibrate_input_quant  # PyTorch: measuring needs it, reading rows not
+
     teacher_metric = task.score(task.model)
     calibration = task.calibration_batches()
     options = [
@@ -101,7 +105,6 @@ def excluded_bits(rows: Sequence[Mapping], window: float = METRIC_WINDOW) -> dic
         if row["pruning"] == 0 and (row["error"] is not None or row["drop"] > window):
             excluded.setdefault(f"{row['layer']}.bits", []).append(row["bits"])
     return excluded
-
 
 
 def mixed_rules(rows: Sequence[Mapping]) -> dict[str, Rule]:

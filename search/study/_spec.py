@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.study import StudyDirection
@@ -18,8 +18,10 @@ from search._record import Key, StudyKey
 from search.compress import Finetune
 from search.plan import Budget, SearchSpace, parse_budget
 from search.study._optuna import PRUNERS, SAMPLERS
-from search.tasks import Task, load_task
 from targets import Target, load_target
+
+if TYPE_CHECKING:
+    from search.tasks import Task
 
 SPEC_VERSION = 1
 MAX_STUDY_NAME = 200
@@ -212,6 +214,8 @@ def spec_of(study: optuna.Study) -> RunSpec:
 def task_of_study(spec: RunSpec, study_name: str, remedy: str) -> Task:
     """The task a study was started with, loaded again by its ``module:function`` and options;
     ``remedy`` says what to do when it was started with a Task object instead."""
+    from search.tasks import load_task  # PyTorch: a spec is read without it, a task is not loaded without it
+
     if spec.task is None:
         raise UsageError(f"study {study_name!r} was not started with a 'module:function' task to load again: {remedy}")
     return load_task(spec.task, **spec.task_options)

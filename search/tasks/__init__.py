@@ -3,36 +3,22 @@
 default: it needs no download and trains its teacher on first use. ``motifs`` is a Conv1d
 classifier whose teacher is not over-sized for its task (a half-width student loses points).
 ``minilm`` compresses the pretrained all-MiniLM-L6-v2 sentence encoder on sentence corpora that
-ship with this package."""
+ship with this package.
 
-from search.tasks._digits import TEACHER_VERSION, digits, digits_cnn
-from search.tasks._minilm import (
-    MINILM_FINETUNE,
-    MINILM_SEQ_LEN,
-    CosineToReference,
-    SentenceEmbedder,
-    minilm,
-    read_sentences,
-)
-from search.tasks._motifs import motif_signals, motifs, motifs_cnn
-from search.tasks._task import DEFAULT_TASK, Metric, Task, load_task, top1_accuracy
+Names load on first use (PEP 562): :data:`DEFAULT_TASK` without PyTorch."""
 
-__all__ = [
-    "DEFAULT_TASK",
-    "MINILM_SEQ_LEN",
-    "MINILM_FINETUNE",
-    "TEACHER_VERSION",
-    "CosineToReference",
-    "Metric",
-    "SentenceEmbedder",
-    "Task",
-    "digits",
-    "digits_cnn",
-    "load_task",
-    "minilm",
-    "motif_signals",
-    "motifs",
-    "motifs_cnn",
-    "read_sentences",
-    "top1_accuracy",
-]
+from search._lazy import lazy_names
+from search.tasks._default import DEFAULT_TASK
+
+__getattr__, __dir__, _LAZY_NAMES = lazy_names(
+    __name__,
+    {
+        "search.tasks._digits": ("TEACHER_VERSION", "digits", "digits_cnn"),
+        "search.tasks._minilm": (
+            "MINILM_FINETUNE", "MINILM_SEQ_LEN", "CosineToReference", "SentenceEmbedder", "minilm", "read_sentences",
+        ),
+        "search.tasks._motifs": ("motif_signals", "motifs", "motifs_cnn"),
+        "search.tasks._task": ("Metric", "Task", "load_task", "top1_accuracy"),
+    },
+)  # fmt: skip
+__all__ = sorted([*_LAZY_NAMES, "DEFAULT_TASK"])

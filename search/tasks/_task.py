@@ -20,6 +20,7 @@ from search._errors import UsageError, first_line
 from search.artifacts import OnnxModule
 from search.compress import CALIBRATION_BATCHES, DistillLoss, Finetune, check_distill_loss
 from search.model import Inputs, Output, call, check_example_input, reduce_output, reduced_output, split_batch
+from search.tasks._default import DEFAULT_TASK
 
 Metric = Callable[[nn.Module, Iterable], float]
 
@@ -166,9 +167,6 @@ def metric_value(value: object, name: str = "metric") -> float:
 def _short(value: object, limit: int = 60) -> str:
     text = repr(value).replace("\n", " ")
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-DEFAULT_TASK = "search.tasks:digits"
 
 
 def load_task(spec: str, **options) -> Task:
