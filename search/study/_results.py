@@ -89,6 +89,9 @@ def _frame(study: optuna.Study) -> pd.DataFrame:
     frame = frame.drop(columns=[c for c in frame if c.startswith("values_") or c == "value"])
     if f"user_attrs_{Key.PLAN}" in frame:
         frame[Key.PLAN] = frame.pop(f"user_attrs_{Key.PLAN}").map(lambda p: json.dumps(p) if isinstance(p, dict) else p)
+    # Dropping and popping columns leaves a frame of many plan columns (a MiniLM study's) in pieces, and
+    # pandas warns (PerformanceWarning) at each column added to it; a copy is in one piece per dtype.
+    frame = frame.copy()
     frame[Key.RETRY_OF] = [t.system_attrs.get("failed_trial") for t in trials]
     frame[Key.FAIL_REASON] = _fail_reasons(trials, frame[Key.FAIL_REASON])
     complete = any(t.state == TrialState.COMPLETE for t in trials)
