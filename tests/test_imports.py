@@ -162,7 +162,7 @@ def test_search_results_reads_a_study_without_the_heavy_libraries(finished):
     folder = str(finished[1] / "done")
     code = (
         "from search.cli import app\n"
-        f"for extra in ([], ['--all'], ['--sensitivity']):\n"
+        "for extra in ([], ['--all'], ['--sensitivity']):\n"
         f"    app(['results', {folder!r}, *extra], standalone_mode=False)\n"
     )
     assert _heavy_imported(code) == []
