@@ -211,8 +211,7 @@ class Objective:
                 shutil.copyfile(raw, trial_dir / RAW_GRAPH)
         metric = self._score(exported.path)
         if parent is not None:  # the plan lives on in this trial: the state it went on from is not needed
-            for name in (RAW_GRAPH, FINETUNE_STATE):
-                (self._trial_dir(parent.number) / name).unlink(missing_ok=True)
+            self.drop_saved_states([parent])
         trial.set_user_attr(Key.FINETUNE_CURVE, curve)
         return self._finish(
             trial, plan, metric, size=packed_size_bytes(structure, plan), metric_torch=run.best_metric,
@@ -224,9 +223,9 @@ class Objective:
 
     def drop_saved_states(self, trials: Sequence[optuna.trial.FrozenTrial]) -> None:
         """Delete what ``trials`` saved for a promotion to go on from (its fine-tune state and graph:
-        330 MB for a MiniLM plan), for plans that could not reach the front as it stands
-        (:func:`~search.study._promote.without_promise`). Were one promoted after all, its
-        promotion exports again and fine-tunes from the start."""
+        330 MB for a MiniLM plan): once a promotion has gone on from it, or for plans that could not
+        reach the front as it stands (:func:`~search.study._promote.without_promise`). Were such a
+        plan promoted after all, its promotion exports again and fine-tunes from the start."""
         for trial in trials:
             for name in (RAW_GRAPH, FINETUNE_STATE):
                 (self._trial_dir(trial.number) / name).unlink(missing_ok=True)
