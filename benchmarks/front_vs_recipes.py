@@ -66,7 +66,7 @@ def _recipe_alone(task, plan, finetune: Finetune | None, profiler, folder: Path)
     start = time.perf_counter()
     torch.manual_seed(0)
     task.reseed(0)
-    candidate = apply_plan(task.model, plan, task.example_input)
+    candidate = apply_plan(task.model, plan, task.example_input, task.activity())
     calibrate_input_quant(candidate, task.calibration_batches())
     steps = 0
     if finetune is not None:

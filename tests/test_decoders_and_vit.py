@@ -34,7 +34,7 @@ from search.model import describe_layers  # noqa: E402
 from search.plan import ChannelPruning, Depth, HeadPruning, LayerPlan, Plan, Quantization  # noqa: E402
 from search.compress import bake  # noqa: E402
 from search.plan import SearchSpace, suggest_plan  # noqa: E402
-from search.compress import drop_blocks, prune_heads_and_ffn  # noqa: E402
+from search.compress import channel_activity, drop_blocks, prune_heads_and_ffn  # noqa: E402
 from search.model import find_blocks  # noqa: E402
 from search.compress import apply_plan  # noqa: E402
 
@@ -119,6 +119,25 @@ def test_up_proj_pruning_removes_the_same_channels_of_gate_and_down_proj(llama):
     assert model.model.layers[1].self_attn.o_proj.weight.shape == (64, 64)  # hidden size untouched
     with torch.no_grad():
         assert model(**tokens(2)).logits.shape == (2, CONTEXT, 100)
+
+
+def test_ranked_by_activity_a_llama_loses_the_channels_its_down_proj_barely_reads(llama):
+    """Channels 0..63 of block 1's gated MLP are its largest (magnitude would keep them), but
+    down_proj's columns that read them are near zero: ranked by the teacher's activity, they go."""
+    model = copy.deepcopy(llama)
+    mlp = model.model.layers[1].mlp
+    with torch.no_grad():
+        mlp.up_proj.weight[:64] *= 10
+        mlp.gate_proj.weight[:64] *= 10
+        mlp.down_proj.weight[:, :64] *= 1e-4
+    up, down = mlp.up_proj.weight.detach().clone(), mlp.down_proj.weight.detach().clone()
+    activity = channel_activity(model, [(tokens(4), None)])
+    assert set(activity) >= {_block(1, ".mlp.down_proj"), _block(1, ".self_attn.o_proj")}
+    by_magnitude = copy.deepcopy(model)
+    prune_heads_and_ffn(model, tokens(), heads={}, ffn={_block(1, ".mlp.up_proj"): 0.5}, activity=activity)
+    assert torch.equal(mlp.up_proj.weight, up[64:]) and torch.equal(mlp.down_proj.weight, down[:, 64:])
+    prune_heads_and_ffn(by_magnitude, tokens(), heads={}, ffn={_block(1, ".mlp.up_proj"): 0.5})
+    assert torch.equal(by_magnitude.model.layers[1].mlp.up_proj.weight, up[:64])
 
 
 def test_drop_blocks_keeps_a_llama_working_and_its_config_in_step(llama):

@@ -363,6 +363,22 @@ def test_an_embedding_model_on_dict_inputs_runs_end_to_end(fast_profiler, tmp_pa
         assert len(int8_weights) == 2  # fc1 and fc2
 
 
+def test_every_plan_is_built_with_the_teachers_activity_measured_once(tiny_task, fast_profiler, tmp_path, monkeypatch):
+    """The trials rank a Transformer's heads and FFN channels by Task.activity (a CNN's is empty)."""
+    from search.study import _objective
+
+    given = []
+
+    def build_structure(teacher, plan, example_input, activity=None):
+        given.append(activity)
+        return original(teacher, plan, example_input, activity)
+
+    original = _objective.build_structure
+    monkeypatch.setattr(_objective, "build_structure", build_structure)
+    run(tiny_task, trials=2, profiler=fast_profiler, results_dir=tmp_path, **FAST)
+    assert len(given) == 2 and all(activity is tiny_task.activity() for activity in given)
+
+
 def test_a_plan_over_the_budget_is_measured_but_never_fine_tuned(tiny_task, fast_profiler, tmp_path, monkeypatch):
     """Latency does not depend on the fine-tuned weights: a plan measured over the budget is scored
     as it is, and no fine-tune starts."""

@@ -16,8 +16,9 @@ transformers = pytest.importorskip("transformers", reason="the Transformer opera
 from models import SmallCNN, text_inputs, tiny_bert  # noqa: E402
 
 from search._errors import UsageError  # noqa: E402
-from search.compress import drop_blocks, prune_heads_and_ffn  # noqa: E402
+from search.compress import build_structure, channel_activity, drop_blocks, prune_heads_and_ffn  # noqa: E402
 from search.model import describe_blocks  # noqa: E402
+from search.plan import ChannelPruning, HeadPruning, LayerPlan, Plan  # noqa: E402
 
 HIDDEN, HEADS, HEAD_SIZE, FFN, LAYERS = 64, 4, 16, 128, 4
 
@@ -120,6 +121,75 @@ def test_pruning_removes_the_weakest_heads(bert):
     survivors = torch.cat([attention.query.weight[h * HEAD_SIZE : (h + 1) * HEAD_SIZE] for h in (0, 1, 3)])
     prune_heads_and_ffn(bert, text_inputs(), {"encoder.layer.0.attention.self": 0.25}, {})
     assert torch.equal(attention.query.weight, survivors)
+
+
+def _batches(count: int = 3) -> list:
+    return [(text_inputs(batch=4, seed=10 + i), None) for i in range(count)]
+
+
+def test_channel_activity_is_the_mean_square_of_each_block_linears_input(teacher):
+    batches = _batches()
+    activity = channel_activity(teacher, batches)
+    linears = {name for name, m in teacher.named_modules() if isinstance(m, torch.nn.Linear)}
+    in_blocks = {name for name in linears if name.startswith("encoder.layer.")}
+    assert set(activity) == in_blocks and "pooler.dense" not in activity  # 6 Linears a block
+    seen = []
+    reader = teacher.encoder.layer[1].output.dense
+    handle = reader.register_forward_pre_hook(lambda module, args: seen.append(args[0].reshape(-1, FFN)))
+    with torch.no_grad():
+        for inputs, _ in batches:
+            teacher(**inputs)
+    handle.remove()
+    torch.testing.assert_close(activity["encoder.layer.1.output.dense"], torch.cat(seen).square().mean(0))
+    assert channel_activity(SmallCNN(), batches) == {}  # a CNN's channels are ranked by magnitude
+
+
+def test_with_activity_what_adds_least_to_the_block_output_is_removed(bert):
+    """Head 2 of block 0 and FFN channel 5 of block 1 have the largest weights, so weight magnitude
+    keeps them, but the output projection's columns that read them are near zero: they add almost
+    nothing to their block's output, and ranked by the teacher's activity they are what goes."""
+    attention, layer = bert.encoder.layer[0].attention, bert.encoder.layer[1]
+    head = slice(2 * HEAD_SIZE, 3 * HEAD_SIZE)
+    with torch.no_grad():
+        for proj in (attention.self.query, attention.self.key, attention.self.value):
+            proj.weight[head] *= 10
+        attention.output.dense.weight[:, head] *= 1e-4
+        layer.intermediate.dense.weight[5] *= 10
+        layer.output.dense.weight[:, 5] *= 1e-4
+    activity = channel_activity(bert, _batches())
+    heads, ffn = {"encoder.layer.0.attention.self": 0.25}, {"encoder.layer.1.intermediate.dense": 0.01}
+    by_magnitude, by_activity = copy.deepcopy(bert), copy.deepcopy(bert)
+    prune_heads_and_ffn(by_magnitude, text_inputs(), heads, ffn)
+    prune_heads_and_ffn(by_activity, text_inputs(), heads, ffn, activity=activity)
+
+    query = attention.self.query.weight
+    kept_heads = torch.cat([query[h * HEAD_SIZE : (h + 1) * HEAD_SIZE] for h in (0, 1, 3)])
+    assert torch.equal(by_activity.encoder.layer[0].attention.self.query.weight, kept_heads)
+    magnitude_heads = by_magnitude.encoder.layer[0].attention.self.query.weight.split(HEAD_SIZE)
+    assert any(torch.equal(query[head], q) for q in magnitude_heads)
+    rows = layer.intermediate.dense.weight
+    assert torch.equal(by_activity.encoder.layer[1].intermediate.dense.weight, torch.cat([rows[:5], rows[6:]]))
+    assert any(torch.equal(rows[5], row) for row in by_magnitude.encoder.layer[1].intermediate.dense.weight)
+    # the shapes are the plan's alone: a state dict of one loads into the other
+    by_magnitude.load_state_dict(by_activity.state_dict())
+
+
+def test_build_structure_ranks_a_transformers_heads_and_ffn_by_the_activity_it_is_given(teacher):
+    blocks = describe_blocks(teacher)
+    heads, ffn = dict.fromkeys(blocks.heads, 0.25), dict.fromkeys(blocks.ffn, 0.25)
+    plan = Plan(
+        layers={name: LayerPlan(pruning=ChannelPruning(ratio)) for name, ratio in ffn.items()},
+        heads={name: HeadPruning(ratio) for name, ratio in heads.items()},
+    )
+    activity = channel_activity(teacher, _batches())
+    expected = copy.deepcopy(teacher)
+    prune_heads_and_ffn(expected, text_inputs(), heads, ffn, activity)
+
+    def same(model) -> bool:
+        return all(torch.equal(model.state_dict()[key], value) for key, value in expected.state_dict().items())
+
+    assert same(build_structure(teacher, plan, text_inputs(), activity))
+    assert not same(build_structure(teacher, plan, text_inputs()))  # by magnitude, other heads and channels go
 
 
 @pytest.mark.parametrize(

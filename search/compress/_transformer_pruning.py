@@ -1,9 +1,11 @@
 """Structural operations on a Transformer's block list: drop blocks, remove attention heads and FFN width.
 
 Each operation changes ``model`` in place: the caller passes a copy of the teacher, so what is left
-starts from the teacher's weights. All of them are deterministic (index lists, magnitude ranking),
+starts from the teacher's weights. All of them are deterministic (index lists, a ranking by the
+teacher's :func:`channel_activity` on fixed calibration batches, or by weight magnitude without it),
 so re-applying the same arguments to the teacher rebuilds the same shapes, and a state_dict saved
-from one candidate loads into the rebuilt one with ``weights_only=True``. A head-pruned Hugging Face
+from one candidate loads into the rebuilt one with ``weights_only=True`` (the shapes do not depend
+on the ranking). A head-pruned Hugging Face
 model does not reload with ``from_pretrained``; this rebuild is the way back. Modules are addressed
 by dotted name, as plan entries are; :func:`~search.model.find_blocks` says which a model has.
 """
@@ -11,18 +13,64 @@ by dotted name, as plan entries are; :func:`~search.model.find_blocks` says whic
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
 from search._errors import CandidateError, UsageError
-from search.model import Inputs, dependency_graph, describe_blocks, is_gated_mlp
+from search.model import Inputs, call, dependency_graph, describe_blocks, find_blocks, is_gated_mlp, split_batch
 
-# L2 magnitude, as for CNN channels. Torch-Pruning scores every channel of a group over all of its
-# members: for heads, the rows of Q, K, V and the columns of attention.output.dense.
+# Without activity: L2 magnitude, as for CNN channels. Torch-Pruning scores every channel of a group
+# over all of its members: for heads, the rows of Q, K, V and the columns of attention.output.dense.
 _IMPORTANCE = tp.importance.MagnitudeImportance(p=2)
+
+Activity = Mapping[str, torch.Tensor]
+"""Per Linear layer in a Transformer's blocks, by the teacher's dotted name: the mean square of each
+of its input channels on calibration data (:func:`channel_activity`)."""
+
+
+@torch.no_grad()
+def channel_activity(model: nn.Module, batches: Iterable) -> dict[str, torch.Tensor]:
+    """The mean square of every input channel of the Linear layers in ``model``'s blocks, over
+    ``batches`` of ``(inputs, labels)``; ``{}`` for a model without recognised blocks (a CNN).
+
+    With it, heads and FFN channels are ranked by what they add to their block's output: a channel's
+    mean square times the squared norm of the weights that read it (the output projection's
+    columns), the structured form of Wanda's ``|W|·‖X‖`` (Sun et al., 2023). Measured on MiniLM with
+    no fine-tune (benchmarks/RESULTS.md): a quarter of the FFN width removed keeps cosine 0.91 where
+    weight magnitude keeps 0.85, a quarter of the heads 0.94 where it keeps 0.90."""
+    blocks = find_blocks(model)
+    if blocks is None:
+        return {}
+    layers = {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.startswith(f"{blocks.container}.")
+    }
+    squares: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            rows = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            squares[name] = squares.get(name, 0) + rows.square().sum(0)
+            counts[name] = counts.get(name, 0) + rows.shape[0]
+
+        return hook
+
+    handles = [module.register_forward_pre_hook(record(name)) for name, module in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            call(model, split_batch(batch)[0])
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return {name: (squares[name] / counts[name]).float() for name in squares}
 
 
 def drop_blocks(model: nn.Module, container: str, keep: Sequence[int]) -> None:
@@ -89,15 +137,28 @@ def _prune_out(graph: tp.DependencyGraph, layer: nn.Linear, indices: list[int]) 
     graph.get_pruning_group(layer, tp.prune_linear_out_channels, indices).prune()
 
 
-def _importance(graph: tp.DependencyGraph, layer: nn.Linear) -> torch.Tensor:
+def _importance(graph: tp.DependencyGraph, layer: nn.Linear, activity: Activity, names: Mapping) -> torch.Tensor:
+    """Each output channel of ``layer``: what it adds to the block's output where ``activity`` covers
+    the layers that read it (summed over them), else its group's L2 magnitude."""
     group = graph.get_pruning_group(layer, tp.prune_linear_out_channels, list(range(layer.out_features)))
-    return _IMPORTANCE(group)
+    scores = torch.zeros(layer.out_features)
+    readers = 0
+    for index, (dep, idxs) in enumerate(group):
+        reader = dep.target.module
+        if dep.handler != tp.prune_linear_in_channels or names.get(reader) not in activity:
+            continue
+        contribution = activity[names[reader]] * reader.weight.detach().square().sum(0)
+        scores[list(group[index].root_idxs)] += contribution[list(idxs)]
+        readers += 1
+    return scores if readers else _IMPORTANCE(group)
 
 
-def _remove_heads(graph: tp.DependencyGraph, name: str, attention: nn.Module, ratio: float) -> None:
-    """Remove the ``int(ratio × heads)`` heads of least mean L2 importance, whole (head size kept)."""
+def _remove_heads(
+    graph: tp.DependencyGraph, name: str, attention: nn.Module, ratio: float, activity: Activity, names: Mapping
+) -> None:
+    """Remove the ``int(ratio × heads)`` least important heads, whole (head size kept)."""
     heads, size = attention.num_attention_heads, attention.attention_head_size
-    per_head = _importance(graph, attention.query).view(heads, size).mean(1)
+    per_head = _importance(graph, attention.query, activity, names).view(heads, size).mean(1)
     dropped = _weakest(per_head, int(ratio * heads))
     _prune_out(graph, attention.query, [h * size + i for h in dropped for i in range(size)])
     attention.num_attention_heads = heads - len(dropped)
@@ -111,13 +172,15 @@ def _remove_heads(graph: tp.DependencyGraph, name: str, attention: nn.Module, ra
         )
 
 
-def _narrow_ffn(graph: tp.DependencyGraph, model: nn.Module, name: str, ratio: float) -> None:
-    """Remove the ``int(ratio × width)`` intermediate channels of least L2 importance. In a gated
+def _narrow_ffn(
+    graph: tp.DependencyGraph, model: nn.Module, name: str, ratio: float, activity: Activity, names: Mapping
+) -> None:
+    """Remove the ``int(ratio × width)`` least important intermediate channels. In a gated
     (Llama-style) MLP the group holds ``gate_proj`` rows and ``down_proj`` columns too; if the traced
     graph did not couple them, the forward would break later with a less telling shape error."""
     layer = model.get_submodule(name)
     width = layer.out_features - int(ratio * layer.out_features)
-    _prune_out(graph, layer, _weakest(_importance(graph, layer), layer.out_features - width))
+    _prune_out(graph, layer, _weakest(_importance(graph, layer, activity, names), layer.out_features - width))
     mlp = name.rpartition(".")[0]
     widths = {f"{name} (out)": layer.out_features}
     if name.endswith("mlp.up_proj") and is_gated_mlp(model.get_submodule(mlp)):
@@ -128,14 +191,20 @@ def _narrow_ffn(graph: tp.DependencyGraph, model: nn.Module, name: str, ratio: f
 
 
 def prune_heads_and_ffn(
-    model: nn.Module, example_inputs: Inputs, heads: Mapping[str, float], ffn: Mapping[str, float]
+    model: nn.Module,
+    example_inputs: Inputs,
+    heads: Mapping[str, float],
+    ffn: Mapping[str, float],
+    activity: Activity | None = None,
 ) -> None:
     """Remove a ratio of the attention heads and of the FFN width, per module name, keeping the hidden size.
 
     ``heads`` maps BERT-style attention modules (``encoder.layer.0.attention.self``) to the ratio of
     their heads to remove (a Llama-style model has none to name), ``ffn`` maps FFN intermediate
     Linears (``encoder.layer.0.intermediate.dense``, ``model.layers.0.mlp.up_proj``) to the ratio of
-    their width to remove; ratios in [0, 1), rounded down to whole heads and channels.
+    their width to remove; ratios in [0, 1), rounded down to whole heads and channels. The heads and
+    channels removed are those that add least to their block's output on calibration data, given
+    the teacher's ``activity`` (:func:`channel_activity`), else those of least L2 weight magnitude.
     Only these groups are built and pruned, through Torch-Pruning's dependency graph, so the hidden
     size (embeddings, residual stream, ``attention.output.dense``/``output.dense``/``o_proj``/
     ``down_proj`` outputs, pooler) is never touched. The attention modules'
@@ -147,9 +216,10 @@ def prune_heads_and_ffn(
     if not any(heads.values()) and not any(ffn.values()):
         return
     graph = dependency_graph(model, example_inputs)
+    names = {module: name for name, module in model.named_modules()}
     for name, ratio in heads.items():
         if int(ratio * blocks.heads[name]):
-            _remove_heads(graph, name, model.get_submodule(name), ratio)
+            _remove_heads(graph, name, model.get_submodule(name), ratio, activity or {}, names)
     for name, ratio in ffn.items():
         if int(ratio * blocks.ffn[name]):
-            _narrow_ffn(graph, model, name, ratio)
+            _narrow_ffn(graph, model, name, ratio, activity or {}, names)

@@ -4,6 +4,8 @@ Order: student width, then per-layer channel pruning and attention-head pruning 
 through Torch-Pruning, so the layers really shrink), then the Transformer's depth (blocks dropped),
 then sparsity masks, then quantizers. Each transform takes the model and the ``{module name:
 config}`` of its type; names are the teacher's until the depth transform, the candidate's after it.
+The structural transforms also take the teacher's channel ``activity`` (a Transformer's heads and
+FFN channels are ranked by it: :func:`~search.compress.channel_activity`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch.nn.utils import parametrize
 
 from search._errors import CandidateError, UsageError
 from search.compress._quant import BinarizeWeight, FakeQuantWeight, WeightMask, add_input_quant
-from search.compress._transformer_pruning import drop_blocks, prune_heads_and_ffn
+from search.compress._transformer_pruning import Activity, drop_blocks, prune_heads_and_ffn
 from search.model import Inputs, call, compressible_layers, find_blocks, output_layer
 from search.plan import ChannelPruning, Depth, HeadPruning, LayerPlan, Plan, Quantization, WeightSparsity
 
@@ -62,13 +64,15 @@ def shrink_width(model: nn.Module, width: float, example_input: Inputs) -> None:
 
 
 @register_transform(ChannelPruning)
-def _channel_pruning_transform(model, configs: Mapping[str, ChannelPruning], example_input) -> None:
+def _channel_pruning_transform(
+    model, configs: Mapping[str, ChannelPruning], example_input, activity: Activity | None = None
+) -> None:
     ratios = {name: c.ratio for name, c in configs.items() if c.ratio > 0}
     if not ratios:
         return
     blocks = find_blocks(model)
     if blocks is not None:
-        _prune_transformer_channels(model, blocks, ratios, example_input)
+        _prune_transformer_channels(model, blocks, ratios, example_input, activity)
         return
     before = {name: model.get_submodule(name).weight.shape[0] for name in ratios}
     modules = {model.get_submodule(name): ratio for name, ratio in ratios.items()}
@@ -83,7 +87,7 @@ def _channel_pruning_transform(model, configs: Mapping[str, ChannelPruning], exa
         )
 
 
-def _prune_transformer_channels(model, blocks, ratios: Mapping[str, float], example_input) -> None:
+def _prune_transformer_channels(model, blocks, ratios: Mapping[str, float], example_input, activity) -> None:
     """In a Transformer only the FFN width is pruned channel by channel: Q/K/V lose whole heads
     (:class:`HeadPruning`) and the hidden size is the residual stream every block shares."""
     others = sorted(set(ratios) - set(blocks.ffn))
@@ -93,12 +97,15 @@ def _prune_transformer_channels(model, blocks, ratios: Mapping[str, float], exam
             f"the plan prunes {', '.join(others)}: attention shrinks by whole heads (HeadPruning), and the "
             "hidden size is the residual stream every block shares"
         )
-    prune_heads_and_ffn(model, example_input, heads={}, ffn=ratios)
+    prune_heads_and_ffn(model, example_input, heads={}, ffn=ratios, activity=activity)
 
 
 @register_transform(HeadPruning)
-def _head_pruning_transform(model, configs: Mapping[str, HeadPruning], example_input) -> None:
-    prune_heads_and_ffn(model, example_input, heads={name: c.ratio for name, c in configs.items()}, ffn={})
+def _head_pruning_transform(
+    model, configs: Mapping[str, HeadPruning], example_input, activity: Activity | None = None
+) -> None:
+    heads = {name: c.ratio for name, c in configs.items()}
+    prune_heads_and_ffn(model, example_input, heads=heads, ffn={}, activity=activity)
 
 
 @register_transform(Depth)
@@ -161,19 +168,25 @@ def _apply(model: nn.Module, plan: Plan, fields: tuple[str, ...], example_input:
         _transform_for(type(getattr(LayerPlan(), field)))(model, configs, example_input)
 
 
-def _apply_structure(model: nn.Module, plan: Plan, example_input: Inputs) -> None:
+def _apply_structure(model: nn.Module, plan: Plan, example_input: Inputs, activity: Activity | None) -> None:
     """Channels and heads (by the teacher's names), then depth, which renumbers the blocks."""
-    _apply(model, plan, ("pruning",), example_input)
+    pruning = {name: layer.pruning for name, layer in plan.layers.items()}
+    _transform_for(ChannelPruning)(model, pruning, example_input, activity=activity)
     if plan.heads:
-        _transform_for(HeadPruning)(model, plan.heads, example_input)
+        _transform_for(HeadPruning)(model, plan.heads, example_input, activity=activity)
     if plan.depth is not None:
         _transform_for(Depth)(model, {plan.depth.container: plan.depth}, example_input)
 
 
-def build_structure(teacher: nn.Module, plan: Plan, example_input: Inputs) -> nn.Module:
+def build_structure(
+    teacher: nn.Module, plan: Plan, example_input: Inputs, activity: Activity | None = None
+) -> nn.Module:
     """A copy of the teacher with the plan's structural part applied: width, channels and heads, depth.
 
-    Deterministic (magnitude ranking), so a saved state_dict loads into ``build_structure`` again.
+    Deterministic (CNN channels ranked by weight magnitude; a Transformer's heads and FFN channels
+    by the teacher's ``activity``, :func:`~search.compress.channel_activity` on the task's
+    calibration batches, or by weight magnitude without it). The shapes depend on the plan alone,
+    so a saved state_dict loads into ``build_structure`` again, with or without ``activity``.
     """
     layers = compressible_layers(teacher)
     unknown = sorted(set(plan.layers) - set(layers))
@@ -184,7 +197,7 @@ def build_structure(teacher: nn.Module, plan: Plan, example_input: Inputs) -> nn
         )
     model = copy.deepcopy(teacher)
     shrink_width(model, plan.width, example_input)
-    _apply_structure(model, plan, example_input)
+    _apply_structure(model, plan, example_input, activity)
     _check_forward(model, example_input)
     return model
 
@@ -213,6 +226,6 @@ def add_compression(model: nn.Module, plan: Plan, example_input: Inputs) -> nn.M
     return model
 
 
-def apply_plan(teacher: nn.Module, plan: Plan, example_input: Inputs) -> nn.Module:
+def apply_plan(teacher: nn.Module, plan: Plan, example_input: Inputs, activity: Activity | None = None) -> nn.Module:
     """A new model: the teacher with the whole plan applied, quantizers active (ready for QAT)."""
-    return add_compression(build_structure(teacher, plan, example_input), plan, example_input)
+    return add_compression(build_structure(teacher, plan, example_input, activity), plan, example_input)

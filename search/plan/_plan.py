@@ -64,7 +64,8 @@ class Quantization:
 
 @dataclasses.dataclass(frozen=True)
 class HeadPruning:
-    """Remove ``ratio`` of an attention module's heads (whole heads, rounded down, least L2 importance)."""
+    """Remove ``ratio`` of an attention module's heads: whole heads, rounded down, those that add
+    least to the block's output."""
 
     ratio: float = 0.0
 

@@ -155,7 +155,7 @@ class Objective:
         self._stage(trial, "build", seconds)
         torch.manual_seed(self.spec.seed + trial.number)
         task.reseed(self.spec.seed + trial.number)
-        structure = build_structure(task.model, plan, task.example_input)
+        structure = build_structure(task.model, plan, task.example_input, task.activity())
         candidate = add_compression(copy.deepcopy(structure), plan, task.example_input)
         calibrate_input_quant(candidate, task.calibration_batches())
         if parent is None:

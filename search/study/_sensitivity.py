@@ -81,7 +81,7 @@ def layer_sensitivity(
         row = {"layer": layer.name, "kind": layer.kind, "option": option, "bits": bits, "pruning": ratio,
                "metric": math.nan, "drop": math.nan, "error": None}  # fmt: skip
         try:
-            candidate = apply_plan(task.model, Plan(layers={layer.name: entry}), task.example_input)
+            candidate = apply_plan(task.model, Plan(layers={layer.name: entry}), task.example_input, task.activity())
             calibrate_input_quant(candidate, calibration, count=SENSITIVITY_CALIBRATION_BATCHES)
             row["metric"] = task.score(candidate)
             row["drop"] = teacher_metric - row["metric"]

@@ -18,7 +18,7 @@ from torch import nn
 
 from search._errors import UsageError, first_line
 from search.artifacts import OnnxModule
-from search.compress import CALIBRATION_BATCHES, DistillLoss, Finetune, check_distill_loss
+from search.compress import CALIBRATION_BATCHES, DistillLoss, Finetune, channel_activity, check_distill_loss
 from search.model import Inputs, Output, call, check_example_input, reduce_output, reduced_output, split_batch
 from search.tasks._default import DEFAULT_TASK
 
@@ -74,6 +74,7 @@ class Task:
     calibration: Iterable | None = None
     options: dict = dataclasses.field(default_factory=dict)
     _calibration_batches: list | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
+    _activity: dict | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, nn.Module):
@@ -130,6 +131,14 @@ class Task:
                     if state is not None:
                         generator.set_state(state)
         return self._calibration_batches
+
+    def activity(self) -> dict[str, torch.Tensor]:
+        """The teacher's :func:`~search.compress.channel_activity` on :meth:`calibration_batches`,
+        measured once: every plan built from this task ranks a Transformer's heads and FFN channels
+        by it (``{}`` for a CNN, whose channels are ranked by weight magnitude)."""
+        if self._activity is None:
+            self._activity = channel_activity(self.model, self.calibration_batches())
+        return self._activity
 
     def fingerprint(self) -> str:
         """sha256 of the teacher's weights: every worker of a study must compress the same model."""
