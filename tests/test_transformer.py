@@ -174,6 +174,16 @@ def test_with_activity_what_adds_least_to_the_block_output_is_removed(bert):
     by_magnitude.load_state_dict(by_activity.state_dict())
 
 
+def test_an_activity_measured_on_another_model_falls_back_to_magnitude(bert):
+    """An activity whose widths are not the layers' (another model's) is not used: magnitude ranks."""
+    heads, ffn = {"encoder.layer.0.attention.self": 0.25}, {"encoder.layer.1.intermediate.dense": 0.25}
+    other = {name: torch.rand(7) for name in channel_activity(bert, _batches(1))}
+    by_magnitude = copy.deepcopy(bert)
+    prune_heads_and_ffn(by_magnitude, text_inputs(), heads, ffn)
+    prune_heads_and_ffn(bert, text_inputs(), heads, ffn, activity=other)
+    assert all(torch.equal(bert.state_dict()[key], value) for key, value in by_magnitude.state_dict().items())
+
+
 def test_build_structure_ranks_a_transformers_heads_and_ffn_by_the_activity_it_is_given(teacher):
     blocks = describe_blocks(teacher)
     heads, ffn = dict.fromkeys(blocks.heads, 0.25), dict.fromkeys(blocks.ffn, 0.25)

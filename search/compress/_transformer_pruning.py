@@ -5,9 +5,9 @@ starts from the teacher's weights. All of them are deterministic (index lists, a
 teacher's :func:`channel_activity` on fixed calibration batches, or by weight magnitude without it),
 so re-applying the same arguments to the teacher rebuilds the same shapes, and a state_dict saved
 from one candidate loads into the rebuilt one with ``weights_only=True`` (the shapes do not depend
-on the ranking). A head-pruned Hugging Face
-model does not reload with ``from_pretrained``; this rebuild is the way back. Modules are addressed
-by dotted name, as plan entries are; :func:`~search.model.find_blocks` says which a model has.
+on the ranking). A head-pruned Hugging Face model does not reload with ``from_pretrained``; this
+rebuild is the way back. Modules are addressed by dotted name, as plan entries are;
+:func:`~search.model.find_blocks` says which a model has.
 """
 
 from __future__ import annotations
@@ -139,13 +139,16 @@ def _prune_out(graph: tp.DependencyGraph, layer: nn.Linear, indices: list[int]) 
 
 def _importance(graph: tp.DependencyGraph, layer: nn.Linear, activity: Activity, names: Mapping) -> torch.Tensor:
     """Each output channel of ``layer``: what it adds to the block's output where ``activity`` covers
-    the layers that read it (summed over them), else its group's L2 magnitude."""
+    the layers that read it (summed over them), else its group's L2 magnitude. An activity of
+    another width than its layer's inputs (measured on another model) is not used."""
     group = graph.get_pruning_group(layer, tp.prune_linear_out_channels, list(range(layer.out_features)))
     scores = torch.zeros(layer.out_features)
     readers = 0
     for index, (dep, idxs) in enumerate(group):
         reader = dep.target.module
         if dep.handler != tp.prune_linear_in_channels or names.get(reader) not in activity:
+            continue
+        if activity[names[reader]].shape != (reader.in_features,):
             continue
         contribution = activity[names[reader]] * reader.weight.detach().square().sum(0)
         scores[list(group[index].root_idxs)] += contribution[list(idxs)]
