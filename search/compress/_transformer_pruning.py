@@ -137,31 +137,32 @@ def _prune_out(graph: tp.DependencyGraph, layer: nn.Linear, indices: list[int]) 
     graph.get_pruning_group(layer, tp.prune_linear_out_channels, indices).prune()
 
 
-def _importance(graph: tp.DependencyGraph, layer: nn.Linear, activity: Activity, names: Mapping) -> torch.Tensor:
-    """Each output channel of ``layer``: what it adds to the block's output where ``activity`` covers
-    the layers that read it (summed over them), else its group's L2 magnitude. An activity of
-    another width than its layer's inputs (measured on another model) is not used."""
+def _importance(
+    graph: tp.DependencyGraph, layer: nn.Linear, activity: Mapping[nn.Module, torch.Tensor]
+) -> torch.Tensor:
+    """Each output channel of ``layer``: what it adds to the block's output where ``activity`` (by
+    module) covers the layers that read it (summed over them), else its group's L2 magnitude. An
+    activity of another width than its layer's inputs (measured on another model) is not used."""
     group = graph.get_pruning_group(layer, tp.prune_linear_out_channels, list(range(layer.out_features)))
     scores = torch.zeros(layer.out_features)
     readers = 0
     for index, (dep, idxs) in enumerate(group):
         reader = dep.target.module
-        if dep.handler != tp.prune_linear_in_channels or names.get(reader) not in activity:
+        squares = activity.get(reader)
+        if dep.handler != tp.prune_linear_in_channels or squares is None or squares.shape != (reader.in_features,):
             continue
-        if activity[names[reader]].shape != (reader.in_features,):
-            continue
-        contribution = activity[names[reader]] * reader.weight.detach().square().sum(0)
+        contribution = squares * reader.weight.detach().square().sum(0)
         scores[list(group[index].root_idxs)] += contribution[list(idxs)]
         readers += 1
     return scores if readers else _IMPORTANCE(group)
 
 
 def _remove_heads(
-    graph: tp.DependencyGraph, name: str, attention: nn.Module, ratio: float, activity: Activity, names: Mapping
+    graph: tp.DependencyGraph, name: str, attention: nn.Module, ratio: float, activity: Mapping[nn.Module, torch.Tensor]
 ) -> None:
     """Remove the ``int(ratio × heads)`` least important heads, whole (head size kept)."""
     heads, size = attention.num_attention_heads, attention.attention_head_size
-    per_head = _importance(graph, attention.query, activity, names).view(heads, size).mean(1)
+    per_head = _importance(graph, attention.query, activity).view(heads, size).mean(1)
     dropped = _weakest(per_head, int(ratio * heads))
     _prune_out(graph, attention.query, [h * size + i for h in dropped for i in range(size)])
     attention.num_attention_heads = heads - len(dropped)
@@ -176,14 +177,14 @@ def _remove_heads(
 
 
 def _narrow_ffn(
-    graph: tp.DependencyGraph, model: nn.Module, name: str, ratio: float, activity: Activity, names: Mapping
+    graph: tp.DependencyGraph, model: nn.Module, name: str, ratio: float, activity: Mapping[nn.Module, torch.Tensor]
 ) -> None:
     """Remove the ``int(ratio × width)`` least important intermediate channels. In a gated
     (Llama-style) MLP the group holds ``gate_proj`` rows and ``down_proj`` columns too; if the traced
     graph did not couple them, the forward would break later with a less telling shape error."""
     layer = model.get_submodule(name)
     width = layer.out_features - int(ratio * layer.out_features)
-    _prune_out(graph, layer, _weakest(_importance(graph, layer, activity, names), layer.out_features - width))
+    _prune_out(graph, layer, _weakest(_importance(graph, layer, activity), layer.out_features - width))
     mlp = name.rpartition(".")[0]
     widths = {f"{name} (out)": layer.out_features}
     if name.endswith("mlp.up_proj") and is_gated_mlp(model.get_submodule(mlp)):
@@ -219,10 +220,11 @@ def prune_heads_and_ffn(
     if not any(heads.values()) and not any(ffn.values()):
         return
     graph = dependency_graph(model, example_inputs)
-    names = {module: name for name, module in model.named_modules()}
+    activity = activity or {}
+    by_module = {module: activity[name] for name, module in model.named_modules() if name in activity}
     for name, ratio in heads.items():
         if int(ratio * blocks.heads[name]):
-            _remove_heads(graph, name, model.get_submodule(name), ratio, activity or {}, names)
+            _remove_heads(graph, name, model.get_submodule(name), ratio, by_module)
     for name, ratio in ffn.items():
         if int(ratio * blocks.ffn[name]):
-            _narrow_ffn(graph, model, name, ratio, activity or {}, names)
+            _narrow_ffn(graph, model, name, ratio, by_module)

@@ -162,16 +162,17 @@ def _transform_for(config_type: type) -> Transform:
         raise TypeError(f"no transform registered for {config_type.__name__}; registered: {known}") from None
 
 
-def _apply(model: nn.Module, plan: Plan, fields: tuple[str, ...], example_input: Inputs) -> None:
+def _apply(model: nn.Module, plan: Plan, fields: tuple[str, ...], example_input: Inputs, **context) -> None:
+    """The transforms of ``fields``' config types, in order; ``context`` (the structural transforms'
+    ``activity``) goes to each as keywords."""
     for field in fields:
         configs = {name: getattr(layer, field) for name, layer in plan.layers.items()}
-        _transform_for(type(getattr(LayerPlan(), field)))(model, configs, example_input)
+        _transform_for(type(getattr(LayerPlan(), field)))(model, configs, example_input, **context)
 
 
 def _apply_structure(model: nn.Module, plan: Plan, example_input: Inputs, activity: Activity | None) -> None:
     """Channels and heads (by the teacher's names), then depth, which renumbers the blocks."""
-    pruning = {name: layer.pruning for name, layer in plan.layers.items()}
-    _transform_for(ChannelPruning)(model, pruning, example_input, activity=activity)
+    _apply(model, plan, ("pruning",), example_input, activity=activity)
     if plan.heads:
         _transform_for(HeadPruning)(model, plan.heads, example_input, activity=activity)
     if plan.depth is not None:

@@ -179,6 +179,6 @@ def _measure_checkpoint(profiler: Profiler, task: Task, folder: Path) -> Measure
     """The exported checkpoint rebuilt on ``task``'s teacher (weights only) and measured."""
     checkpoint = torch.load(folder / "checkpoint.pt", weights_only=True, map_location="cpu")
     plan = Plan.from_json(checkpoint["plan"])
-    model = build_structure(task.model, plan, task.example_input, task.activity())
+    model = build_structure(task.model, plan, task.example_input)  # the shapes; the checkpoint has the weights
     model.load_state_dict(checkpoint["state_dict"])
     return measure_candidate(profiler, folder / "model.onnx", model, task.example_input, plan)
