@@ -2,7 +2,7 @@
 (prints figures; asserts nothing).
 
     python benchmarks/front_vs_recipes.py --task digits [--task motifs] [--task minilm --seq-len 32]
-        [--json results.json] [--keep DIR]
+        [--task module:function] [--json results.json] [--keep DIR]
 
 Per task: the teacher is exported and measured; then each recipe alone, through the same pipeline
 (build, calibrate, fine-tune by distillation for the study's longest fine-tune, no keep-best; the
@@ -96,8 +96,10 @@ def measured_together(profiler, recipe: Path, point: Path, rounds: int = 3) -> t
 
 
 def benchmark(name: str, seq_len: int | None, results: Path) -> dict:
+    """``name``: a built-in task (:data:`TASKS`) or a task of one's own, ``module:function``."""
     options = {"seq_len": seq_len} if seq_len else {}
-    task = load_task(TASKS[name], **options)
+    task = load_task(TASKS.get(name, name), **options)
+    name = name if name in TASKS else task.name
     target = load_target("cpu")
     profiler = get_profiler(target)
     space = SearchSpace()
@@ -185,7 +187,10 @@ def benchmark(name: str, seq_len: int | None, results: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", action="append", choices=list(TASKS), help="Repeatable; default: digits.")
+    parser.add_argument(
+        "--task", action="append", metavar="|".join(TASKS) + "|module:function",
+        help="A built-in task or one's own (as search run --task takes it). Repeatable; default: digits.",
+    )  # fmt: skip
     parser.add_argument("--seq-len", type=int, help="Sequence length for minilm.")
     parser.add_argument("--json", type=Path, help="Also write the figures here.")
     parser.add_argument("--keep", type=Path, help="Write the recipes' files and the studies here (default: a temporary folder).")

@@ -100,3 +100,4 @@ class StudyKey:
     COST_MODEL_WARM_START = "cost_model_warm_start"  # measurements from earlier studies
     FINETUNE_NOTE = "finetune_note"  # how the longest fine-tune was chosen
     SENSITIVITY = "sensitivity"  # each layer's metric with only it compressed, per option
+    NOT_OFFERED = "not_offered"  # what the study stopped offering as it went, and why (a line)

@@ -433,6 +433,8 @@ def _print_front(study: optuna.Study, sort: str | None = None) -> None:
     note = study.user_attrs.get(StudyKey.FINETUNE_NOTE)
     if note:
         console.print(f"longest fine-tune: {note}", highlight=False, soft_wrap=True)
+    if StudyKey.NOT_OFFERED in study.user_attrs:
+        console.print(study.user_attrs[StudyKey.NOT_OFFERED], highlight=False, soft_wrap=True)
 
 
 def _steps(value) -> str:

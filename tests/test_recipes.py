@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
+import onnx
+import optuna
 import pytest
 from typer.testing import CliRunner
 
 import search
-from search._record import Key
+from search._record import Key, StudyKey
 from search.compress import Finetune
-from search.model import describe_layers
-from search.plan import SearchSpace, suggest_plan
+from search.model import LayerInfo, describe_layers
+from search.plan import Plan, SearchSpace, suggest_plan
 from search.study import recipe_params, recipe_rules
+from search.study._exclude import quantization_measured_slower
 
 QUICK = dict(finetune=Finetune(steps=2), pruner="none", cost_model=False, sensitivity=False)
 CNN_RECIPES = ["int8 everywhere", "prune 0.25", "prune 0.5", "width 0.75", "width 0.5"]
@@ -21,8 +25,6 @@ CNN_RECIPES = ["int8 everywhere", "prune 0.25", "prune 0.5", "width 0.75", "widt
 def _plans(task, space: SearchSpace, blocks=None) -> dict:
     layers = describe_layers(task.model, task.example_input)
     params = recipe_params(recipe_rules(space, blocks), space, layers, blocks)
-    import optuna
-
     return {name: suggest_plan(optuna.trial.FixedTrial(p), space, layers, blocks) for name, p in params.items()}
 
 
@@ -123,3 +125,56 @@ def test_the_build_digest_tells_plans_apart_by_what_they_build():
     assert digest(Plan(layers={name: LayerPlan(quantization=Quantization(8))})) != digest(Plan())
     assert digest(Plan(layers={name: LayerPlan(sparsity=WeightSparsity(0.5))})) != digest(Plan())
     assert digest(Plan(width=0.5)) != digest(Plan())
+
+
+def _study_with_int8_recipe(int8_ms: float, teacher_ms: float = 1.0) -> optuna.Study:
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.set_user_attr(StudyKey.BASELINE, {Key.LATENCY_MS: teacher_ms})
+    study.add_trial(optuna.trial.create_trial(
+        values=[0.9, int8_ms], user_attrs={Key.RECIPE: "int8 everywhere", Key.LATENCY_MS: int8_ms},
+    ))  # fmt: skip
+    return study
+
+
+def test_int8_is_no_longer_offered_once_int8_everywhere_measured_no_faster_than_the_teacher():
+    conv = LayerInfo("conv", "Conv2d", (8, 8, 3, 3), prunable=True, two_four=True, edge=False)
+    matmul = LayerInfo("ffn", "Linear", (64, 32), prunable=True, two_four=True, edge=False, matmul=True)
+    space, precisions = SearchSpace(), ["fp32", "int8", "int4-weight-only"]
+    excluded, note = quantization_measured_slower(
+        _study_with_int8_recipe(1.3), space, [conv, matmul], precisions, ["metric", "latency"]
+    )
+    assert excluded == {"conv.bits": [8, 4, 1]}  # the MatMul keeps int4 MatMulNBits, another kernel
+    assert note == "int8 not offered after trial 0: int8 everywhere measured 1.3000 ms, the teacher 1.0000 ms"
+    for study, objectives in (
+        (_study_with_int8_recipe(0.8), ["metric", "latency"]),  # int8 pays: offered
+        (_study_with_int8_recipe(1.3), ["metric", "latency", "size"]),  # int8 still makes the model smaller
+        (optuna.create_study(directions=["maximize", "minimize"]), ["metric", "latency"]),  # not measured yet
+    ):
+        assert quantization_measured_slower(study, space, [conv, matmul], precisions, objectives) == ({}, None)
+
+
+def test_after_a_slower_int8_recipe_the_sampler_s_plans_keep_every_layer_float(
+    tiny_task, fast_profiler, tmp_path, monkeypatch
+):
+    """As on a hard-swish MobileNet, where ONNX Runtime pays a Q/DQ pair around every activation."""
+    measure = fast_profiler.measure
+
+    def int8_slower(path, *args, **kwargs):
+        measured = measure(path, *args, **kwargs)
+        if any(node.op_type == "QuantizeLinear" for node in onnx.load(str(path)).graph.node):
+            return dataclasses.replace(measured, latency_ms=3 * measured.latency_ms)
+        return measured
+
+    monkeypatch.setattr(fast_profiler, "measure", int8_slower)
+    study = search.run(tiny_task, trials=9, profiler=fast_profiler, results_dir=tmp_path, **QUICK)
+    sampled = [t for t in study.trials if Key.RECIPE not in t.user_attrs]
+    assert len(sampled) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in sampled)
+    for trial in sampled:  # at random, each of the four would be all-float one time in 16
+        plan = Plan.from_dict(trial.user_attrs[Key.PLAN])
+        assert {entry.quantization.bits for entry in plan.layers.values()} == {32}
+        assert not [name for name in trial.params if name.endswith(".bits")]  # one choice left: not asked
+    assert study.user_attrs[StudyKey.NOT_OFFERED].startswith("int8 not offered after trial 0")
+    from search import cli
+
+    output = CliRunner().invoke(cli.app, ["results", str(tmp_path / study.study_name)]).output
+    assert "int8 not offered after trial 0" in output

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
+
 import onnx
+import optuna
 import pytest
 import torch
 
@@ -23,6 +26,28 @@ def test_load_trials_from_folder_name_url_and_study(finished, monkeypatch):
     for column in ("metric", "latency_ms", "latency_p90_ms", "energy_mj", "size_bytes", "pareto", "plan",
                    "metric_source", "latency_source", "energy_source", "size_source", "params_width"):  # fmt: skip
         assert column in by_folder
+
+
+def test_a_study_of_many_layers_loads_without_pandas_warnings():
+    """A MobileNet's plan has ~150 parameter columns: the frame must not be assembled in pieces
+    (pandas' PerformanceWarning then reached the CLI's output after every trial)."""
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    params, distributions = {}, {}
+    for i in range(50):  # ints and floats interleaved, as a plan's knobs are
+        for knob, value, choices in (("bits", 8, [32, 8]), ("pruning", 0.25, [0, 0.25]), ("sparsity", 0.0, [0, 0.5])):
+            params[f"features.{i}.{knob}"] = value
+            distributions[f"features.{i}.{knob}"] = optuna.distributions.CategoricalDistribution(choices)
+    for number in range(2):
+        study.add_trial(optuna.trial.create_trial(
+            params=params, distributions=distributions, values=[0.9, 1.0 + number],
+            user_attrs={"plan": {"width": 1.0}, "metric": 0.9},
+        ))  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        frame = search.load_trials(study)
+    assert list(frame["plan"]) == ['{"width": 1.0}'] * 2
+    assert (frame.filter(like=".bits").to_numpy() == 8).all()
+    assert (frame.filter(like=".pruning").to_numpy() == 0.25).all()
 
 
 def test_an_unknown_study_is_a_usage_error(tmp_path):

@@ -135,14 +135,16 @@ def suggest_plan(
     Parameter names are ``width``/``depth``, ``<attention module>.heads`` and ``<layer>.bits`` /
     ``.sparsity`` / ``.pruning``, so the study's DataFrame has one column per module and technique.
     Modules of dropped blocks get no parameters. ``exclude`` names, per parameter, values the space
-    offers that this study does not (options that layer sensitivity ruled out); a parameter keeps
-    its choices if all of them are excluded.
+    offers that this study does not (options that layer sensitivity or the study's measurements
+    ruled out); a parameter keeps its choices if all of them are excluded, and one left with a
+    single choice takes it without being asked: Optuna's storages refuse a parameter whose choices
+    change within a study, and a study may rule options out as it goes.
     """
     exclude = exclude or {}
 
     def suggest(name: str, choices: list):
-        offered = [choice for choice in choices if choice not in exclude.get(name, ())]
-        return trial.suggest_categorical(name, offered or choices)
+        offered = [choice for choice in choices if choice not in exclude.get(name, ())] or choices
+        return offered[0] if len(offered) == 1 < len(choices) else trial.suggest_categorical(name, offered)
 
     width, depth, heads = 1.0, None, {}
     if blocks is None:

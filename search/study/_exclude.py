@@ -5,15 +5,24 @@
   the same latency, a lower metric), and weight sparsity the target does not accelerate (all of it
   on ONNX Runtime's CPU; all but 2:4 on TensorRT). They stay offered when size is an objective.
 - The bit widths layer sensitivity ruled out (:func:`~search.study.excluded_bits`).
+- Once the study measured its ``int8 everywhere`` recipe no faster than the teacher (a network whose
+  activations ONNX Runtime has no int8 kernel for, such as hard-swish, pays a Q/DQ pair around each),
+  with size not an objective: every bit width that would run at int8
+  (:func:`quantization_measured_slower`). This one is decided during the study.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import optuna
+from optuna.trial import TrialState
+
+from search._record import Key, StudyKey
 from search.artifacts import runtime_precision
 from search.model import LayerInfo
 from search.plan import TWO_FOUR, SearchSpace
+from search.study._recipes import INT8
 from search.study._sensitivity import excluded_bits
 
 
@@ -44,7 +53,51 @@ def exclusions(
     sensitivity: Sequence[Mapping],
 ) -> dict[str, list]:
     """Everything the study does not offer, per parameter (see the module's doc)."""
-    merged = unhelpful_options(space, layers, precisions, objectives)
-    for name, values in excluded_bits(sensitivity).items():
-        merged[name] = sorted({*merged.get(name, ()), *values})
-    return merged
+    return merged(unhelpful_options(space, layers, precisions, objectives), excluded_bits(sensitivity))
+
+
+def merged(*exclusions: Mapping[str, Sequence]) -> dict[str, list]:
+    """The options excluded by any of ``exclusions``, per parameter."""
+    union: dict[str, list] = {}
+    for excluded in exclusions:
+        for name, values in excluded.items():
+            union[name] = list(dict.fromkeys([*union.get(name, ()), *values]))
+    return union
+
+
+def quantization_measured_slower(
+    study: optuna.Study,
+    space: SearchSpace,
+    layers: Sequence[LayerInfo],
+    precisions: Sequence[str],
+    objectives: Sequence[str],
+) -> tuple[dict[str, list], str | None]:
+    """Per layer, the bit widths that run at int8, once the study's ``int8 everywhere`` recipe was
+    measured no faster than the teacher (and size is not an objective), and why; otherwise nothing.
+
+    Quantizing some layers leaves float islands, each behind its own Q/DQ: it gains less than
+    quantizing all of them (RUNTIME_FACTS: half of ResNet-18's convolutions 1.1–1.6× where all give
+    3.3×), so where all gave nothing, a plan with int8 layers only costs the study a measurement.
+    A layer loses all its bit widths below 32 or none (a MatMul keeps int4 ``MatMulNBits``, another
+    kernel): Optuna's TPE samples a parameter whose choices change only when one choice is left."""
+    teacher_ms = study.user_attrs.get(StudyKey.BASELINE, {}).get(Key.LATENCY_MS)
+    if "size" in objectives or teacher_ms is None:
+        return {}, None
+    int8 = next(
+        (t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+         if t.user_attrs.get(Key.RECIPE) == INT8 and Key.LATENCY_MS in t.user_attrs),
+        None,
+    )  # fmt: skip
+    if int8 is None or int8.user_attrs[Key.LATENCY_MS] < teacher_ms:
+        return {}, None
+    quantized = [b for b in space.bits if b < 32]
+    excluded = {
+        f"{layer.name}.bits": quantized
+        for layer in layers
+        if quantized and all(runtime_precision(b, precisions, layer.matmul) == "int8" for b in quantized)
+    }
+    note = (
+        f"int8 not offered after trial {int8.number}: {INT8} measured {int8.user_attrs[Key.LATENCY_MS]:.4f} ms, "
+        f"the teacher {teacher_ms:.4f} ms"
+    )
+    return excluded, note if excluded else None

@@ -30,7 +30,7 @@ from optuna.trial import TrialState
 
 from profilers import Measurement, MeasurementError, Profiler
 from search._errors import CandidateError
-from search._record import Key
+from search._record import Key, StudyKey
 from search.artifacts import OnnxModule, export_candidate, export_raw, measure_candidate
 from search.compress import (
     Distillation,
@@ -44,6 +44,7 @@ from search.compress import (
 from search.costmodel import CostGate, plan_features
 from search.model import EncoderBlocks, LayerInfo, compressible_layers
 from search.plan import Plan, Quantization, WeightSparsity, suggest_plan
+from search.study._exclude import merged, quantization_measured_slower
 from search.study._optuna import report_and_maybe_prune
 from search.study._spec import RunSpec
 from search.study._workers import claim_slot, measuring_alone, this_worker
@@ -142,10 +143,23 @@ class Objective:
             trial.set_constraint("predicted_latency_over_budget_ms", over)
             raise optuna.TrialPruned(reason)
 
+    def _exclude(self, study: optuna.Study, trial: optuna.Trial) -> Mapping[str, Sequence]:
+        """The options not offered to this trial: the study's, and what its measurements ruled out
+        since (:func:`quantization_measured_slower`). A recipe or a promotion runs its plan as queued."""
+        if {Key.RECIPE, Key.CONTINUE_FROM} & trial.user_attrs.keys():
+            return self.exclude
+        spec = self.spec
+        slower, note = quantization_measured_slower(
+            study, spec.space, self.layers, spec.target.precisions, spec.objectives
+        )
+        if note is not None and study.user_attrs.get(StudyKey.NOT_OFFERED) != note:
+            study.set_user_attr(StudyKey.NOT_OFFERED, note)
+        return merged(self.exclude, slower)
+
     def _evaluate(self, study: optuna.Study, trial: optuna.Trial, seconds: dict) -> tuple[float, ...]:
         """The trial's objective values; the seconds each stage took add up in ``seconds``."""
         task, target = self.task, self.spec.target
-        plan = suggest_plan(trial, self.spec.space, self.layers, self.blocks, self.exclude)
+        plan = suggest_plan(trial, self.spec.space, self.layers, self.blocks, self._exclude(study, trial))
         parent = _parent(study, trial)
         trial.set_user_attr(Key.PLAN, plan.to_dict())
         if parent is None:

@@ -86,12 +86,14 @@ def _frame(study: optuna.Study) -> pd.DataFrame:
     frame[Key.ENERGY_PREDICTION_ERROR] = (
         pd.to_numeric(frame[Key.PREDICTED_ENERGY_MJ]) / pd.to_numeric(frame[Key.ENERGY_MJ]) - 1.0
     ).where(metered)
-    frame = frame.drop(columns=[c for c in frame if c.startswith("values_") or c == "value"])
-    if f"user_attrs_{Key.PLAN}" in frame:
-        frame[Key.PLAN] = frame.pop(f"user_attrs_{Key.PLAN}").map(lambda p: json.dumps(p) if isinstance(p, dict) else p)
-    # Dropping and popping columns leaves a frame of many plan columns (a MiniLM study's) in pieces, and
-    # pandas warns (PerformanceWarning) at each column added to it; a copy is in one piece per dtype.
-    frame = frame.copy()
+    plans = frame.get(f"user_attrs_{Key.PLAN}")
+    # Removing columns (drop, pop) leaves a frame of many plan columns (a MiniLM's or a MobileNet's) in
+    # pieces, and pandas warns (PerformanceWarning) at each column added to it: all removed at once,
+    # then one copy, which is in one piece per dtype.
+    dropped = [c for c in frame if c.startswith("values_") or c in ("value", f"user_attrs_{Key.PLAN}")]
+    frame = frame.drop(columns=dropped).copy()
+    if plans is not None:
+        frame[Key.PLAN] = plans.map(lambda p: json.dumps(p) if isinstance(p, dict) else p)
     frame[Key.RETRY_OF] = [t.system_attrs.get("failed_trial") for t in trials]
     frame[Key.FAIL_REASON] = _fail_reasons(trials, frame[Key.FAIL_REASON])
     complete = any(t.state == TrialState.COMPLETE for t in trials)
