@@ -153,11 +153,10 @@ def test_int8_is_no_longer_offered_once_int8_everywhere_measured_no_faster_than_
         assert quantization_measured_slower(study, space, [conv, matmul], precisions, objectives) == ({}, None)
 
 
-def test_after_a_slower_int8_recipe_the_sampler_s_plans_keep_every_layer_float(
-    tiny_task, fast_profiler, tmp_path, monkeypatch
-):
-    """As on a hard-swish MobileNet, where ONNX Runtime pays a Q/DQ pair around every activation."""
-    measure = fast_profiler.measure
+def _int8_slower(profiler, monkeypatch) -> None:
+    """``profiler`` reports a graph with int8 layers 3× slower, as ONNX Runtime runs a hard-swish
+    MobileNet (a Q/DQ pair around every activation)."""
+    measure = profiler.measure
 
     def int8_slower(path, *args, **kwargs):
         measured = measure(path, *args, **kwargs)
@@ -165,7 +164,13 @@ def test_after_a_slower_int8_recipe_the_sampler_s_plans_keep_every_layer_float(
             return dataclasses.replace(measured, latency_ms=3 * measured.latency_ms)
         return measured
 
-    monkeypatch.setattr(fast_profiler, "measure", int8_slower)
+    monkeypatch.setattr(profiler, "measure", int8_slower)
+
+
+def test_after_a_slower_int8_recipe_the_sampler_s_plans_keep_every_layer_float(
+    tiny_task, fast_profiler, tmp_path, monkeypatch
+):
+    _int8_slower(fast_profiler, monkeypatch)
     study = search.run(tiny_task, trials=9, profiler=fast_profiler, results_dir=tmp_path, **QUICK)
     sampled = [t for t in study.trials if Key.RECIPE not in t.user_attrs]
     assert len(sampled) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in sampled)
@@ -178,3 +183,30 @@ def test_after_a_slower_int8_recipe_the_sampler_s_plans_keep_every_layer_float(
 
     output = CliRunner().invoke(cli.app, ["results", str(tmp_path / study.study_name)]).output
     assert "int8 not offered after trial 0" in output
+
+
+def test_a_promotion_of_a_plan_not_asked_its_bits_continues_the_very_same_plan(
+    tiny_task, fast_profiler, tmp_path, monkeypatch
+):
+    """A promotion is queued with its parent's parameters, which lack the bit widths the parent was
+    not asked: it must not sample them afresh (it would load its parent's state into another model)."""
+    _int8_slower(fast_profiler, monkeypatch)
+
+    def latest_sampled(study, finetune, teacher):
+        trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        screened = [t for t in trials if not {Key.RECIPE, Key.CONTINUE_FROM, Key.DUPLICATE_OF} & t.user_attrs.keys()]
+        promoted = {t.user_attrs.get(Key.CONTINUE_FROM) for t in trials}
+        return next((t for t in reversed(screened) if t.number not in promoted), None)
+
+    monkeypatch.setattr("search.study._promote.next_promotion", latest_sampled)
+    study = search.run(
+        tiny_task, trials=8, budget="10x", profiler=fast_profiler, results_dir=tmp_path, sensitivity=False,
+        cost_model=False, finetune=Finetune(steps=4, eval_every=2, rungs=2, reduction=2),
+    )  # fmt: skip
+    trials = study.get_trials(deepcopy=False)
+    promotions = [t for t in trials if Key.CONTINUE_FROM in t.user_attrs and Key.RECIPE not in t.user_attrs]
+    assert promotions and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    for child in promotions:
+        parent = trials[child.user_attrs[Key.CONTINUE_FROM]]
+        assert not [name for name in parent.params if name.endswith(".bits")]
+        assert child.user_attrs[Key.PLAN] == parent.user_attrs[Key.PLAN] and child.params == parent.params

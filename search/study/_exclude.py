@@ -79,7 +79,8 @@ def quantization_measured_slower(
     quantizing all of them (RUNTIME_FACTS: half of ResNet-18's convolutions 1.1–1.6× where all give
     3.3×), so where all gave nothing, a plan with int8 layers only costs the study a measurement.
     A layer loses all its bit widths below 32 or none (a MatMul keeps int4 ``MatMulNBits``, another
-    kernel): Optuna's TPE samples a parameter whose choices change only when one choice is left."""
+    kernel): a parameter's choices cannot change within a study, but one left with a single choice
+    is not asked (:func:`~search.plan.suggest_plan`)."""
     teacher_ms = study.user_attrs.get(StudyKey.BASELINE, {}).get(Key.LATENCY_MS)
     if "size" in objectives or teacher_ms is None:
         return {}, None
