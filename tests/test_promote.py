@@ -82,6 +82,33 @@ def test_a_plan_that_cannot_reach_the_front_at_its_latency_is_not_promoted():
     assert next_promotion(study, halving, TEACHER).number == hopeful
 
 
+def test_a_recipe_s_plan_is_promoted_rung_by_rung_without_a_slot_while_it_could_add_to_the_box():
+    """Two plans at rung 0 leave no slot (one in three), yet the recipe that could still add to the
+    front's box goes on, and on again from rung 1; a recipe that could not reach the box (0.5 could
+    reach 0.875 with half its gap closed twice) is not promoted, nor does it take a sampled plan's slot."""
+    study = _study()
+    _trial(study, 0.5, 0.3, **{Key.RECIPE: "prune 0.5"})
+    recipe = _trial(study, 0.92, 0.5, **{Key.RECIPE: "prune 0.25"})
+    _trial(study, 0.95, 1.0)
+    assert next_promotion(study, FINETUNE, TEACHER).number == recipe
+    once = _trial(study, 0.95, 0.5, rung=1, parent=recipe, **{Key.RECIPE: "prune 0.25"})
+    assert next_promotion(study, FINETUNE, TEACHER).number == once
+    _trial(study, 0.97, 0.5, rung=2, parent=once, **{Key.RECIPE: "prune 0.25"})
+    assert next_promotion(study, FINETUNE, TEACHER) is None
+    for latency in (1.1, 1.2):
+        _trial(study, 0.95, latency)  # three sampled plans at rung 0: a slot, for one of them
+    assert Key.RECIPE not in next_promotion(study, FINETUNE, TEACHER).user_attrs
+
+
+def test_a_sensitivity_mix_waits_for_a_slot_as_a_sampled_plan_does():
+    """The mixes are the study's own plans, not recipes users know: one of three takes the slot."""
+    study = _study()
+    mixes = [_trial(study, 0.92, 0.5, **{Key.RECIPE: f"sensitivity mix ({level})"}) for level in ("mild", "medium")]
+    assert next_promotion(study, FINETUNE, TEACHER) is None
+    _trial(study, 0.91, 0.6)
+    assert next_promotion(study, FINETUNE, TEACHER).number in mixes
+
+
 def test_the_highest_rung_promotes_first():
     study = _study()
     points = ((0.95, 1.0), (0.94, 0.9), (0.93, 0.8))

@@ -185,6 +185,20 @@ def test_after_a_slower_int8_recipe_the_sampler_s_plans_keep_every_layer_float(
     assert "int8 not offered after trial 0" in output
 
 
+def test_the_sensitivity_mixes_queued_before_int8_was_measured_slower_keep_their_pruning_in_float(
+    tiny_task, fast_profiler, tmp_path, monkeypatch
+):
+    """The mixes are 8 bits wherever 8 is offered, queued with the recipes before ``int8 everywhere``
+    is measured: once it runs slower than the teacher they are built float, with their pruning."""
+    _int8_slower(fast_profiler, monkeypatch)
+    study = search.run(tiny_task, trials=8, profiler=fast_profiler, results_dir=tmp_path, **{**QUICK, "sensitivity": True})
+    mixes = [t for t in study.trials if t.user_attrs.get(Key.RECIPE, "").startswith("sensitivity mix")]
+    assert len(mixes) == 3 and all(t.state == optuna.trial.TrialState.COMPLETE for t in mixes)
+    plans = [Plan.from_dict(t.user_attrs[Key.PLAN]) for t in mixes]
+    assert all({entry.quantization.bits for entry in plan.layers.values()} == {32} for plan in plans)
+    assert any(entry.pruning.ratio > 0 for plan in plans for entry in plan.layers.values())
+
+
 def test_a_promotion_of_a_plan_not_asked_its_bits_continues_the_very_same_plan(
     tiny_task, fast_profiler, tmp_path, monkeypatch
 ):

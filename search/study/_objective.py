@@ -144,10 +144,11 @@ class Objective:
             raise optuna.TrialPruned(reason)
 
     def _exclude(self, study: optuna.Study, trial: optuna.Trial) -> Mapping[str, Sequence]:
-        """The options not offered to this trial. A plan the sampler picks: the study's, and what
-        its measurements ruled out since (:func:`quantization_measured_slower`). A recipe: the
-        study's, as when it was queued. A promotion: its parent's plan, whose parameters it was
-        queued with; a bit width its parent was not asked (one choice left) stays the one it had."""
+        """The options not offered to this trial. A new plan, the sampler's or a recipe's: the
+        study's, and what its measurements ruled out since (:func:`quantization_measured_slower`; a
+        sensitivity mix queued before int8 was measured slower keeps its pruning, in float). A
+        promotion: its parent's plan, whose parameters it was queued with; a bit width its parent was
+        not asked (one choice left) stays the one it had."""
         spec = self.spec
         if Key.CONTINUE_FROM in trial.user_attrs:
             parent = study.get_trials(deepcopy=False)[trial.user_attrs[Key.CONTINUE_FROM]]
@@ -156,8 +157,6 @@ class Objective:
                 f"{name}.bits": [b for b in spec.space.bits if b != entry.quantization.bits]
                 for name, entry in kept.items() if f"{name}.bits" not in parent.params
             })  # fmt: skip
-        if Key.RECIPE in trial.user_attrs:
-            return self.exclude
         slower, note = quantization_measured_slower(
             study, spec.space, self.layers, spec.target.precisions, spec.objectives
         )

@@ -8,7 +8,10 @@ result stays in the study. Optuna's own SuccessiveHalvingPruner decides inside a
 which cannot be suspended, so it promotes whatever comes first; here a plan waits at its rung until
 enough plans have reached it to judge it, as asynchronous successive halving does.
 
-At rung ``r``, with ``n`` plans there, up to ``n // reduction`` are promoted. A plan could still
+At rung ``r``, with ``n`` sampled plans there, up to ``n // reduction`` of them are promoted. A
+recipe users know (they run it at the longest fine-tune) takes no slot: its plan is promoted, rung
+by rung, while it could still add to the front's box, so that the study holds what the recipes
+hold, at the same fine-tune, while its slots go to plans of its own (the sensitivity mixes too). A plan could still
 reach the front if the metric the longer fine-tunes could still give it (its metric at rung ``r``
 plus the share of its gap to the teacher that earlier promotions from each rung closed: their
 upper quartile, half of it until two were seen) would not be matched by another plan at least as
@@ -28,6 +31,7 @@ from optuna.trial import FrozenTrial, TrialState
 from search._record import Key
 from search.compress import Finetune
 from search.study._front import METRIC_WINDOW, hypervolume
+from search.study._recipes import users_know
 
 RECOVERY_QUANTILE = 0.75
 MIN_RECOVERIES = 2
@@ -112,7 +116,8 @@ def _waiting(
     for rung in reversed(range(last)):
         at_rung = {root: line[rung] for root, line in lines.items() if rung in line and _feasible(line[rung])}
         moved_on = {root for root, line in lines.items() if any(r > rung for r in line)}  # promoted (any state)
-        slots = len(at_rung) // finetune.reduction - len(moved_on & set(at_rung))
+        sampled = {root for root, trial in at_rung.items() if not users_know(trial)}
+        slots = len(sampled) // finetune.reduction - len(moved_on & sampled)
         waiting = {  # a plan scored without a fine-tune (a PTQ recipe) is not fine-tuned longer either
             root: (trial, promise(root, trial, rung)) for root, trial in at_rung.items()
             if root not in moved_on and Key.FINETUNE_SKIPPED not in trial.user_attrs
@@ -127,8 +132,11 @@ def next_promotion(
     """The trial whose plan should be fine-tuned longer next, or None: see the module's doc.
     ``teacher`` is the teacher's (metric, latency); ``window`` the metric the front's box spans."""
     for slots, waiting in _waiting(study, finetune, teacher, window):
-        promising = {root: p for root, (_, p) in waiting.items() if p is not None}
-        if slots > 0 and promising:
+        promising = {
+            root: p for root, (trial, p) in waiting.items()
+            if p is not None and (p[0] > 0 if users_know(trial) else slots > 0)
+        }  # fmt: skip
+        if promising:
             return waiting[max(promising, key=promising.get)][0]
     return None
 

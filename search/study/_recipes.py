@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # annotations only: search.model imports PyTorch
 
 Rule = Callable[[str, list], Any]  # (parameter name, its choices) -> the recipe's choice
 INT8 = "int8 everywhere"  # post-training quantization: users run it without a fine-tune, and so does the study
+MIX = "sensitivity mix"  # the study's own recipes, from layer sensitivity: "sensitivity mix (mild)", ...
 
 
 class _NotInSpace(Exception):
@@ -90,6 +91,11 @@ def recipe_params(
         if trial.params not in found.values():
             found[name] = trial.params
     return found
+
+
+def users_know(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether ``trial`` runs a recipe users know (not one of the study's sensitivity mixes)."""
+    return not trial.user_attrs.get(Key.RECIPE, MIX).startswith(MIX)
 
 
 def enqueue_recipes(study: optuna.Study, recipes: Mapping[str, Mapping[str, Any]]) -> None:

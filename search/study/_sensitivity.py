@@ -27,7 +27,7 @@ import pandas as pd
 from search._errors import CandidateError
 from search.plan import ChannelPruning, LayerPlan, Plan, Quantization, SearchSpace
 from search.study._front import METRIC_WINDOW
-from search.study._recipes import Rule, uncompressed
+from search.study._recipes import MIX, Rule, uncompressed
 
 if TYPE_CHECKING:  # annotations only: these import PyTorch, which reading a study's sensitivity does not need
     from search.model import EncoderBlocks, LayerInfo
@@ -134,4 +134,4 @@ def mixed_rules(rows: Sequence[Mapping]) -> dict[str, Rule]:
         return choose
 
     tolerances = np.quantile([drop for _, _, drop in pruning], list(MIX_LEVELS.values())) if pruning else [-math.inf] * 3
-    return {f"sensitivity mix ({level})": rule(t) for level, t in zip(MIX_LEVELS, tolerances)}
+    return {f"{MIX} ({level})": rule(t) for level, t in zip(MIX_LEVELS, tolerances)}
