@@ -191,7 +191,8 @@ def test_the_sensitivity_mixes_queued_before_int8_was_measured_slower_keep_their
     """The mixes are 8 bits wherever 8 is offered, queued with the recipes before ``int8 everywhere``
     is measured: once it runs slower than the teacher they are built float, with their pruning."""
     _int8_slower(fast_profiler, monkeypatch)
-    study = search.run(tiny_task, trials=8, profiler=fast_profiler, results_dir=tmp_path, **{**QUICK, "sensitivity": True})
+    options = {**QUICK, "sensitivity": True}
+    study = search.run(tiny_task, trials=8, profiler=fast_profiler, results_dir=tmp_path, **options)
     mixes = [t for t in study.trials if t.user_attrs.get(Key.RECIPE, "").startswith("sensitivity mix")]
     assert len(mixes) == 3 and all(t.state == optuna.trial.TrialState.COMPLETE for t in mixes)
     plans = [Plan.from_dict(t.user_attrs[Key.PLAN]) for t in mixes]

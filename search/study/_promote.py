@@ -8,14 +8,14 @@ result stays in the study. Optuna's own SuccessiveHalvingPruner decides inside a
 which cannot be suspended, so it promotes whatever comes first; here a plan waits at its rung until
 enough plans have reached it to judge it, as asynchronous successive halving does.
 
-At rung ``r``, with ``n`` sampled plans there, up to ``n // reduction`` of them are promoted. A
-recipe users know (they run it at the longest fine-tune) takes no slot: its plan is promoted, rung
-by rung, while it could still add to the front's box, so that the study holds what the recipes
-hold, at the same fine-tune, while its slots go to plans of its own (the sensitivity mixes too). A plan could still
-reach the front if the metric the longer fine-tunes could still give it (its metric at rung ``r``
-plus the share of its gap to the teacher that earlier promotions from each rung closed: their
-upper quartile, half of it until two were seen) would not be matched by another plan at least as
-fast. Of those, the promotion goes to the plan that would add most to the front's hypervolume
+At rung ``r``, with ``n`` of the study's own plans there (the sampler's, the sensitivity mixes),
+up to ``n // reduction`` of them are promoted. A recipe users know (they run it at the longest
+fine-tune) takes no slot: its plan is promoted, rung by rung, while it could still add to the
+front's box, so that the study holds what the recipes hold, at the same fine-tune. A plan could
+still reach the front if the metric the longer fine-tunes could still give it (its metric at rung
+``r`` plus the share of its gap to the teacher that earlier promotions from each rung closed:
+their upper quartile, half of it until two were seen) would not be matched by another plan at
+least as fast. Of those, the promotion goes to the plan that would add most to the front's hypervolume
 (metric × latency, the box from the teacher's metric minus :data:`~search.study.METRIC_WINDOW`
 at the teacher's latency), then to the one that would reach the highest metric.
 """
@@ -116,8 +116,8 @@ def _waiting(
     for rung in reversed(range(last)):
         at_rung = {root: line[rung] for root, line in lines.items() if rung in line and _feasible(line[rung])}
         moved_on = {root for root, line in lines.items() if any(r > rung for r in line)}  # promoted (any state)
-        sampled = {root for root, trial in at_rung.items() if not users_know(trial)}
-        slots = len(sampled) // finetune.reduction - len(moved_on & sampled)
+        own = {root for root, trial in at_rung.items() if not users_know(trial)}
+        slots = len(own) // finetune.reduction - len(moved_on & own)
         waiting = {  # a plan scored without a fine-tune (a PTQ recipe) is not fine-tuned longer either
             root: (trial, promise(root, trial, rung)) for root, trial in at_rung.items()
             if root not in moved_on and Key.FINETUNE_SKIPPED not in trial.user_attrs
