@@ -2,7 +2,7 @@
 (prints figures; asserts nothing).
 
     python benchmarks/front_vs_recipes.py --task digits [--task motifs] [--task minilm --seq-len 32]
-        [--task module:function] [--json results.json] [--keep DIR]
+        [--task module:function] [--steps N] [--search-runs K] [--json results.json] [--keep DIR]
 
 Per task: the teacher is exported and measured; then each recipe alone, through the same pipeline
 (build, calibrate, fine-tune by distillation for the study's longest fine-tune, no keep-best; the
@@ -15,12 +15,18 @@ which recipe points the front dominates (weakly: a front point at least as good 
 "within noise": at most 3 % slower, the spread of repeated measurements on these VMs; a recipe
 not dominated is measured again together with the front's nearest point, alternating), and where
 the search's trial time went by stage.
+
+Runs of different code compare only with ``--steps`` fixed: otherwise the longest fine-tune is sized
+from a timed probe, and the recipes' fine-tunes differ by a few percent of steps between runs. With
+``--search-runs K`` the search runs K times against the same recipes (seeds 0 to K-1), each in the
+recipes' wall-clock: its spread beside theirs.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import statistics
 import tempfile
@@ -95,8 +101,64 @@ def measured_together(profiler, recipe: Path, point: Path, rounds: int = 3) -> t
     return statistics.median(times[recipe]), statistics.median(times[point])
 
 
-def benchmark(name: str, seq_len: int | None, results: Path) -> dict:
-    """``name``: a built-in task (:data:`TASKS`) or a task of one's own, ``module:function``."""
+def searched(task, name: str, finetune: Finetune, recipes: dict, teacher: tuple[float, float], best: float,
+             profiler, results: Path, timeout: float, seed: int, study_name: str) -> dict:
+    """One search within ``timeout``, its front against the recipes: printed, and returned as figures.
+    ``best``: the best recipe family's hypervolume share."""
+    teacher_metric, teacher_ms = teacher
+    started = time.perf_counter()
+    study = search.run(
+        task, target=profiler.target, budget="1x", trials=10**6, timeout=timeout, finetune=finetune,
+        results_dir=results, study_name=study_name, profiler=profiler, seed=seed,
+    )  # fmt: skip
+    search_s = time.perf_counter() - started
+    frame = search.load_trials(study)
+    done = frame[frame["feasible"]]
+    points = list(zip(done["metric"], done["latency_ms"]))
+    files = {p: Path(folder, "model.onnx") for p, folder in zip(points, done["artifacts"])}
+    search_front = front(points)
+    share_search = hypervolume_share(points, teacher)
+    print(f"search (seed {seed}): {len(frame)} trials ({(frame['state'] == 'COMPLETE').sum()} complete) in "
+          f"{search_s:.0f} s (timeout {timeout:.0f} s)")  # fmt: skip
+    for m, ms in search_front:
+        print(f"  front: metric {m:.4f}  {ms:.4f} ms  {teacher_ms / ms:.2f}x")
+    dominated, together = {}, {}
+    for recipe, r in recipes.items():
+        strict = any(m >= r["metric"] and ms <= r["latency_ms"] for m, ms in search_front)
+        noisy = any(m >= r["metric"] and ms <= r["latency_ms"] * (1 + NOISE) for m, ms in search_front)
+        dominated[recipe] = "yes" if strict else "within noise" if noisy else "no"
+        print(f"  recipe {recipe:22s} dominated by the front: {dominated[recipe]}")
+        better = [p for p in search_front if p[0] >= r["metric"]]
+        if not strict and better:  # is it the measurements' drift? the two files, measured together
+            nearest = min(better, key=lambda p: p[1])
+            together[recipe] = recipe_ms, point_ms = measured_together(profiler, r["path"], files[nearest])
+            if point_ms <= recipe_ms * (1 + NOISE):
+                dominated[recipe] = "yes" if point_ms <= recipe_ms else "within noise"
+                dominated[recipe] += ", measured together"
+            print(f"    measured together: recipe {recipe_ms:.4f} ms, front point at metric {nearest[0]:.4f} "
+                  f"{point_ms:.4f} ms: dominated {dominated[recipe]}", flush=True)  # fmt: skip
+    ratio = share_search / best if best > 0 else float("inf")
+    stages = stage_shares(study)
+    overhead = 1.0 - stages.get("fine-tune", 0.0) - stages.get("measure", 0.0)
+    print(f"hypervolume share: search {share_search:.3f}; search / best recipe family: {ratio:.2f}x (goal 1.2x)")
+    print("trial time: " + ", ".join(f"{stage} {share:.1%}" for stage, share in stages.items())
+          + f"; outside fine-tune and measurement {overhead:.1%} (goal 10 %)", flush=True)  # fmt: skip
+    result = {
+        "seed": seed, "search_s": search_s, "trials": len(frame), "front": search_front, "share_search": share_search,
+        "ratio": ratio, "dominated": dominated, "measured_together": together, "stage_shares": stages,
+        "overhead": overhead,
+    }  # fmt: skip
+    if name == "minilm":
+        int8 = recipes.get("int8 everywhere")
+        faster = [(m, ms) for m, ms in search_front if m >= 0.99 and int8 and ms < int8["latency_ms"]]
+        result["minilm_goal"] = bool(faster)
+        print(f"a front point at cosine >= 0.99 faster than uniform dynamic int8: {faster or 'none'}")
+    return result
+
+
+def benchmark(name: str, seq_len: int | None, results: Path, steps: int | None = None, runs: int = 1) -> dict:
+    """``name``: a built-in task (:data:`TASKS`) or a task of one's own, ``module:function``;
+    ``steps``: the longest fine-tune (default: as a study derives it); ``runs``: searches, seeds 0, 1, ..."""
     options = {"seq_len": seq_len} if seq_len else {}
     task = load_task(TASKS.get(name, name), **options)
     name = name if name in TASKS else task.name
@@ -106,8 +168,9 @@ def benchmark(name: str, seq_len: int | None, results: Path) -> dict:
     layers, blocks = describe_layers(task.model, task.example_input), find_blocks(task.model)
     start = time.perf_counter()
     baseline = measure_baseline(task, profiler, results / f"{name}-recipes")
-    teacher_metric, teacher_ms = baseline["metric"], baseline["latency_ms"]
-    finetune, note = resolve_finetune(task.finetune or Finetune(), task, None)
+    teacher = teacher_metric, teacher_ms = baseline["metric"], baseline["latency_ms"]
+    finetune = dataclasses.replace(task.finetune or Finetune(), **({"steps": steps} if steps else {}))
+    finetune, note = resolve_finetune(finetune, task, None)
     print(f"\n== {name}: teacher metric {teacher_metric:.4f}, {teacher_ms:.4f} ms; longest fine-tune {note}", flush=True)
     recipes = {}
     for recipe, params in recipe_params(recipe_rules(space, blocks), space, layers, blocks).items():
@@ -120,69 +183,31 @@ def benchmark(name: str, seq_len: int | None, results: Path) -> dict:
         print(f"recipe {recipe:22s} metric {r['metric']:.4f}  {r['latency_ms']:.4f} ms  "
               f"{teacher_ms / r['latency_ms']:.2f}x  {r['steps']} steps  {r['seconds']:.0f} s", flush=True)  # fmt: skip
     recipes_s = time.perf_counter() - start
-    print(f"recipes, teacher included: {recipes_s:.0f} s", flush=True)
-
-    started = time.perf_counter()
-    study = search.run(
-        task, target=target, budget="1x", trials=10**6, timeout=recipes_s, finetune=finetune,
-        results_dir=results, study_name=f"{name}-search", profiler=profiler,
-    )  # fmt: skip
-    search_s = time.perf_counter() - started
-    frame = search.load_trials(study)
-    done = frame[frame["feasible"]]
-    points = list(zip(done["metric"], done["latency_ms"]))
-    files = {p: Path(folder, "model.onnx") for p, folder in zip(points, done["artifacts"])}
-    search_front = front(points)
     families: dict[str, list[tuple[float, float]]] = {}
     for recipe, r in recipes.items():
         families.setdefault(recipe.split()[0] if not recipe[0].isdigit() else "blocks", []).append(
             (r["metric"], r["latency_ms"])
         )
-    recipe_points = [p for ps in families.values() for p in ps]
-    shares = {family: hypervolume_share(ps, (teacher_metric, teacher_ms)) for family, ps in families.items()}
-    share_all = hypervolume_share(recipe_points, (teacher_metric, teacher_ms))
-    share_search = hypervolume_share(points, (teacher_metric, teacher_ms))
+    shares = {family: hypervolume_share(ps, teacher) for family, ps in families.items()}
+    share_all = hypervolume_share([p for ps in families.values() for p in ps], teacher)
     best_family = max(shares, key=shares.get)
-    print(f"search: {len(frame)} trials ({(frame['state'] == 'COMPLETE').sum()} complete) in {search_s:.0f} s "
-          f"(timeout {recipes_s:.0f} s)")  # fmt: skip
-    for m, ms in search_front:
-        print(f"  front: metric {m:.4f}  {ms:.4f} ms  {teacher_ms / ms:.2f}x")
-    dominated = {}
-    for recipe, r in recipes.items():
-        strict = any(m >= r["metric"] and ms <= r["latency_ms"] for m, ms in search_front)
-        noisy = any(m >= r["metric"] and ms <= r["latency_ms"] * (1 + NOISE) for m, ms in search_front)
-        dominated[recipe] = "yes" if strict else "within noise" if noisy else "no"
-        print(f"  recipe {recipe:22s} dominated by the front: {dominated[recipe]}")
-        better = [p for p in search_front if p[0] >= r["metric"]]
-        if not strict and better:  # is it the measurements' drift? the two files, measured together
-            nearest = min(better, key=lambda p: p[1])
-            r["together_ms"] = measured_together(profiler, r["path"], files[nearest])
-            recipe_ms, point_ms = r["together_ms"]
-            if point_ms <= recipe_ms * (1 + NOISE):
-                dominated[recipe] = "yes" if point_ms <= recipe_ms else "within noise"
-                dominated[recipe] += ", measured together"
-            print(f"    measured together: recipe {recipe_ms:.4f} ms, front point at metric {nearest[0]:.4f} "
-                  f"{point_ms:.4f} ms: dominated {dominated[recipe]}", flush=True)  # fmt: skip
-    ratio = share_search / shares[best_family] if shares[best_family] > 0 else float("inf")
-    print(f"hypervolume share: search {share_search:.3f}; recipes: "
-          + ", ".join(f"{f} {v:.3f}" for f, v in shares.items()) + f"; all recipes together {share_all:.3f}")
-    print(f"search / best recipe family ({best_family}): {ratio:.2f}x (goal 1.2x)", flush=True)
-    stages = stage_shares(study)
-    overhead = 1.0 - stages.get("fine-tune", 0.0) - stages.get("measure", 0.0)
-    print("trial time: " + ", ".join(f"{stage} {share:.1%}" for stage, share in stages.items())
-          + f"; outside fine-tune and measurement {overhead:.1%} (goal 10 %)", flush=True)  # fmt: skip
-    result = {
+    print(f"recipes, teacher included: {recipes_s:.0f} s; hypervolume share: "
+          + ", ".join(f"{f} {v:.3f}" for f, v in shares.items()) + f"; all recipes together {share_all:.3f}; "
+          f"best family {best_family}", flush=True)  # fmt: skip
+    searches = [
+        searched(task, name, finetune, recipes, teacher, shares[best_family], profiler, results, recipes_s, seed,
+                 f"{name}-search" + (f"-{seed}" if runs > 1 else ""))  # fmt: skip
+        for seed in range(runs)
+    ]
+    ratios = [s["ratio"] for s in searches]
+    if runs > 1:
+        print(f"search / best recipe family over {runs} searches: median {statistics.median(ratios):.2f}x "
+              f"(from {min(ratios):.2f}x to {max(ratios):.2f}x)", flush=True)  # fmt: skip
+    return {
         "task": name, "teacher_metric": teacher_metric, "teacher_ms": teacher_ms, "finetune": note,
-        "recipes": recipes, "recipes_s": recipes_s, "search_s": search_s, "trials": len(frame),
-        "front": search_front, "shares": shares, "share_all_recipes": share_all, "share_search": share_search,
-        "ratio": ratio, "dominated": dominated, "stage_shares": stages, "overhead": overhead,
+        "recipes": recipes, "recipes_s": recipes_s, "shares": shares, "share_all_recipes": share_all,
+        "best_family": best_family, "ratio": statistics.median(ratios), "searches": searches,
     }  # fmt: skip
-    if name == "minilm":
-        int8 = recipes.get("int8 everywhere")
-        faster = [(m, ms) for m, ms in search_front if m >= 0.99 and int8 and ms < int8["latency_ms"]]
-        result["minilm_goal"] = bool(faster)
-        print(f"a front point at cosine >= 0.99 faster than uniform dynamic int8: {faster or 'none'}")
-    return result
 
 
 def main() -> None:
@@ -192,6 +217,11 @@ def main() -> None:
         help="A built-in task or one's own (as search run --task takes it). Repeatable; default: digits.",
     )  # fmt: skip
     parser.add_argument("--seq-len", type=int, help="Sequence length for minilm.")
+    parser.add_argument("--steps", type=int, help="The longest fine-tune, in steps (default: as a study derives it, "
+                        "from the data's size and a timed probe: it differs a little between runs).")
+    parser.add_argument("--search-runs", type=int, default=1, metavar="K",
+                        help="Run the search K times (seeds 0 to K-1), each against the same recipes; prints the "
+                        "median ratio (default: 1).")
     parser.add_argument("--json", type=Path, help="Also write the figures here.")
     parser.add_argument("--keep", type=Path, help="Write the recipes' files and the studies here (default: a temporary folder).")
     args = parser.parse_args()
@@ -202,7 +232,10 @@ def main() -> None:
           f"ONNX Runtime threads: {load_target('cpu').threads}; torch threads: {torch.get_num_threads()}")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="front-vs-recipes-") as tmp:
         folder = args.keep or Path(tmp)
-        results = [benchmark(task, args.seq_len if task == "minilm" else None, folder) for task in args.task or ["digits"]]
+        results = [
+            benchmark(task, args.seq_len if task == "minilm" else None, folder, args.steps, args.search_runs)
+            for task in args.task or ["digits"]
+        ]
     if args.json:
         args.json.write_text(json.dumps({"machine": info, "results": results}, indent=1, default=str))
 

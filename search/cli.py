@@ -27,7 +27,7 @@ import profilers
 import targets
 from search._errors import SearchError, UsageError, first_line
 from search._record import STAGES, Key, StudyKey
-from search.compress import Finetune
+from search.compress import SCHEDULES, Finetune
 from search.plan import SearchSpace
 from search.study import (
     FINISHED,
@@ -195,7 +195,7 @@ def run_command(
     ] = None,
     lr_schedule: Annotated[
         Optional[str],
-        typer.Option(help="Learning-rate schedule: constant or cosine [default: the task's, or constant]."),
+        typer.Option(help=f"Learning-rate schedule: {', '.join(SCHEDULES)} [default: the task's, or {Finetune.schedule}]."),
     ] = None,
     seq_len: Annotated[
         Optional[int],

@@ -139,10 +139,10 @@ def test_an_unknown_loss_is_refused_with_the_accepted_forms():
         distill(SmallCNN(), SmallCNN(), [], Finetune(steps=1), loss="l1")
 
 
-def test_the_cosine_schedule_warms_up_then_decays_to_zero():
+def _rates(config: Finetune) -> list[float]:
+    """The learning rate of each of ``config.steps`` steps under the fine-tune's schedule."""
     from search.compress._distill import _scheduler
 
-    config = Finetune(steps=50, lr=0.1, schedule="cosine")
     optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=config.lr)
     scheduler = _scheduler(optimizer, config)
     rates = []
@@ -150,13 +150,29 @@ def test_the_cosine_schedule_warms_up_then_decays_to_zero():
         rates.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
+    return rates
+
+
+def test_the_cosine_schedule_warms_up_then_decays_to_zero():
+    config = Finetune(steps=50, lr=0.1, schedule="cosine")
+    rates = _rates(config)
     assert rates[0] == pytest.approx(0.1 / 5)  # 10 % of the steps warm up
     assert rates[:5] == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.1]) and max(rates) == pytest.approx(0.1)
     assert rates[-1] < 0.002 and all(a >= b for a, b in zip(rates[4:], rates[5:]))
 
 
+def test_stable_decay_keeps_the_full_rate_until_the_last_rung_then_decays_to_zero():
+    """Rungs end at steps 10, 30 and 90: a screened or once-promoted plan trains at the full rate
+    (as with a constant one), and the last rung's stretch decays it to nearly 0 by step 90."""
+    config = Finetune(steps=90, lr=0.1, schedule="stable-decay", rungs=3, reduction=3)
+    assert config.rung_ends() == (10, 30, 90) and Finetune().schedule == "stable-decay"
+    rates = _rates(config)
+    assert rates[:31] == pytest.approx([0.1] * 31)
+    assert rates[31] < 0.1 and rates[-1] < 0.001 and all(a > b for a, b in zip(rates[30:], rates[31:]))
+
+
 def test_an_unknown_schedule_is_refused():
-    with pytest.raises(ValueError, match="schedule must be one of constant, cosine, got 'linear'"):
+    with pytest.raises(ValueError, match="schedule must be one of constant, cosine, stable-decay, got 'linear'"):
         Finetune(schedule="linear")
 
 
@@ -176,10 +192,11 @@ def test_a_fine_tune_that_makes_the_plan_worse_keeps_its_step_0_state(tiny_task)
     assert tiny_task.score(student) == start
 
 
-def test_a_fine_tune_goes_on_from_its_saved_state_as_if_it_had_not_stopped(tiny_task):
+@pytest.mark.parametrize("schedule", ["cosine", "stable-decay"])
+def test_a_fine_tune_goes_on_from_its_saved_state_as_if_it_had_not_stopped(tiny_task, schedule):
     """Stopped at step 4, saved, and continued in a new run (a promotion): the same losses and
     weights as one run of 8 steps; the step count goes on, the schedule too."""
-    config = Finetune(steps=8, eval_every=2, lr=1e-3, schedule="cosine")
+    config = Finetune(steps=8, eval_every=2, lr=1e-3, schedule=schedule)
 
     tiny_task.reseed(0)
     batches = [batch for _, batch in zip(range(8), tiny_task.train)]

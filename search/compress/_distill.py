@@ -194,14 +194,24 @@ def distill(
 
 def _scheduler(optimizer: torch.optim.Optimizer, config: Finetune) -> torch.optim.lr_scheduler.LRScheduler:
     """``cosine``: a pretrained model whose loss is already low is not walked away from its
-    optimum by full-size Adam steps to the end (measured on MiniLM: see search/tasks.py)."""
+    optimum by full-size Adam steps to the end (measured on MiniLM: see search/tasks.py).
+    ``stable-decay``: the full rate up to the last rung's stretch (what a screened or once-promoted
+    plan is scored after, as with ``constant``), then a cosine decay to 0 over that stretch, so the
+    longest fine-tune ends with its rate decayed (measured on motifs: benchmarks/RESULTS.md)."""
     if config.schedule == "constant" or not config.steps:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    warmup = max(1, config.steps // 10)
+    if config.schedule == "stable-decay":
+        start = (0, *config.rung_ends())[-2]  # where the last rung's stretch begins
+        warmup, decay = 0, config.steps - start
+    else:
+        start, warmup = 0, max(1, config.steps // 10)
+        decay = config.steps - warmup
 
     def factor(step: int) -> float:
-        if step < warmup:
+        if step < start:
+            return 1.0
+        if step < start + warmup:
             return (step + 1) / warmup
-        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, config.steps - warmup)))
+        return 0.5 * (1.0 + math.cos(math.pi * (step - start - warmup) / max(1, decay)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

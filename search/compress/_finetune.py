@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "stable-decay")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +31,9 @@ class Finetune:
     temperature: float = 4.0
     lr: float = 1e-3
     eval_every: int | None = None  # None: once per screening fine-tune's length
-    schedule: str = "constant"  # or "cosine": 10 % linear warm-up, then cosine decay to 0 over `steps`
+    # "stable-decay": the full rate until the last rung's stretch, then a cosine decay to 0 over it;
+    # "constant"; "cosine": 10 % linear warm-up, then a cosine decay to 0 over `steps`
+    schedule: str = "stable-decay"
     rungs: int = 3
     reduction: int = 3
 
