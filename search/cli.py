@@ -173,7 +173,7 @@ def run_command(
         Optional[float],
         typer.Option(
             **within(0.001, MAX_EPOCHS),
-            help="The longest fine-tune, in epochs of the task's training data [default: the task's, else from the "
+            help="The longest fine-tune, in epochs of the task's training data \\[default: the task's, else from the "
             "data's size and the run's time].",
         ),
     ] = None,
@@ -183,19 +183,21 @@ def run_command(
     ] = None,
     alpha: Annotated[
         Optional[float],
-        typer.Option(**within(0.0, 1.0), help=f"Weight of the distillation (KL) term [default: {Finetune.alpha}]."),
+        typer.Option(**within(0.0, 1.0), help=f"Weight of the distillation (KL) term \\[default: {Finetune.alpha}]."),
     ] = None,
     temperature: Annotated[
         Optional[float],
-        typer.Option(**within(0.01, 100.0), help=f"Distillation temperature [default: {Finetune.temperature}]."),
+        typer.Option(**within(0.01, 100.0), help=f"Distillation temperature \\[default: {Finetune.temperature}]."),
     ] = None,
     lr: Annotated[
         Optional[float],
-        typer.Option(**within(1e-9, 10.0), help=f"Fine-tune learning rate [default: the task's, or {Finetune.lr}]."),
+        typer.Option(**within(1e-9, 10.0), help=f"Fine-tune learning rate \\[default: the task's, or {Finetune.lr}]."),
     ] = None,
     lr_schedule: Annotated[
         Optional[str],
-        typer.Option(help=f"Learning-rate schedule: {', '.join(SCHEDULES)} [default: the task's, or {Finetune.schedule}]."),
+        typer.Option(
+            help=f"Learning-rate schedule: {', '.join(SCHEDULES)} \\[default: the task's, or {Finetune.schedule}]."
+        ),
     ] = None,
     seq_len: Annotated[
         Optional[int],
@@ -555,7 +557,7 @@ def show_command(
     study_name: StudyName = None,
     plot: Annotated[bool, typer.Option(help="Also write a PNG: per-layer time, teacher against trial.")] = False,
     out: Annotated[
-        Optional[Path], typer.Option(help="Where --plot writes [default: layers-<trial>.png beside the study].")
+        Optional[Path], typer.Option(help="Where --plot writes \\[default: layers-<trial>.png beside the study].")
     ] = None,
 ) -> None:
     """Why a trial is (not) faster, layer by layer: the plan, what the runtime ran, against the teacher."""

@@ -356,3 +356,11 @@ def test_progress_prints_every_worker_s_finished_trials_once(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[0].endswith("(worker 1234)") and "metric 0.8000" in lines[1]
     assert progress.done == 2
+
+
+def test_run_help_shows_the_fine_tune_defaults():
+    """Rich reads ``[default: ...]`` as markup and drops it unless escaped."""
+    result = runner.invoke(cli.app, ["run", "--help"], env={"COLUMNS": "200"})
+    text = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 0
+    assert f"[default: {Finetune.alpha}]" in text and f"[default: the task's, or {Finetune.schedule}]" in text

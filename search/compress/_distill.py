@@ -194,7 +194,7 @@ def distill(
 
 def _scheduler(optimizer: torch.optim.Optimizer, config: Finetune) -> torch.optim.lr_scheduler.LRScheduler:
     """``cosine``: a pretrained model whose loss is already low is not walked away from its
-    optimum by full-size Adam steps to the end (measured on MiniLM: see search/tasks.py).
+    optimum by full-size Adam steps to the end (measured on MiniLM: see search/tasks/_minilm.py).
     ``stable-decay``: the full rate up to the last rung's stretch (what a screened or once-promoted
     plan is scored after, as with ``constant``), then a cosine decay to 0 over that stretch, so the
     longest fine-tune ends with its rate decayed (measured on motifs: benchmarks/RESULTS.md)."""
