@@ -350,8 +350,7 @@ def test_an_embedding_model_on_dict_inputs_runs_end_to_end(fast_profiler, tmp_pa
     import onnx
 
     space = SearchSpace(width=(1.0, 0.5), pruning=(0.0,), bits=(8,), sparsity=(0.0,), two_four=False)
-    fast = FAST | {"finetune": Finetune(steps=6, eval_every=3, schedule="constant")}  # 6 steps at the full rate
-    study = run(_tiny_text_task(), trials=2, space=space, profiler=fast_profiler, results_dir=tmp_path, **fast)
+    study = run(_tiny_text_task(), trials=2, space=space, profiler=fast_profiler, results_dir=tmp_path, **FAST)
     assert study.user_attrs["baseline"]["metric"] == pytest.approx(1.0, abs=1e-4)  # the teacher vs itself
     for trial in study.trials:
         assert trial.state == optuna.trial.TrialState.COMPLETE, trial.user_attrs.get("fail_reason")

@@ -197,7 +197,8 @@ def _scheduler(optimizer: torch.optim.Optimizer, config: Finetune) -> torch.opti
     optimum by full-size Adam steps to the end (measured on MiniLM: see search/tasks/_minilm.py).
     ``stable-decay``: the full rate up to the last rung's stretch (what a screened or once-promoted
     plan is scored after, as with ``constant``), then a cosine decay to 0 over that stretch, so the
-    longest fine-tune ends with its rate decayed (measured on motifs: benchmarks/RESULTS.md)."""
+    longest fine-tune ends with its rate decayed: better where it is long enough to recover the plan,
+    worse where it is not (both measured: benchmarks/RESULTS.md, "Eighth session")."""
     if config.schedule == "constant" or not config.steps:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     if config.schedule == "stable-decay":
