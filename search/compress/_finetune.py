@@ -31,8 +31,8 @@ class Finetune:
     temperature: float = 4.0
     lr: float = 1e-3
     eval_every: int | None = None  # None: once per screening fine-tune's length
-    # or "cosine": 10 % linear warm-up, then a cosine decay to 0 over `steps`; or "stable-decay": the
-    # full rate until the last rung's stretch, then a cosine decay to 0 over it
+    # "constant"; "cosine": 10 % linear warm-up, then a cosine decay to 0 over `steps`; "stable-decay":
+    # the full rate until the last rung's stretch, then a cosine decay to 0 over it
     schedule: str = "constant"
     rungs: int = 3
     reduction: int = 3
