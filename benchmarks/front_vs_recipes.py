@@ -70,8 +70,6 @@ def stage_shares(study: optuna.Study) -> dict[str, float]:
 def _recipe_alone(task, plan, finetune: Finetune | None, profiler, folder: Path) -> dict:
     """One recipe as a user runs it: build, fine-tune (or not), export, score, measure."""
     start = time.perf_counter()
-    torch.manual_seed(0)
-    task.reseed(0)
     candidate = apply_plan(task.model, plan, task.example_input, task.activity())
     calibrate_input_quant(candidate, task.calibration_batches())
     steps = 0

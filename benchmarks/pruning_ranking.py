@@ -49,8 +49,6 @@ def main() -> None:
                 model = build_structure(task.model, plan, task.example_input, given)
                 line = f"{label:<16} {ranking:<11} {task.score(model):.4f}"
                 if args.steps and label.startswith("FFN"):
-                    torch.manual_seed(0)
-                    task.reseed(0)
                     finetune = dataclasses.replace(task.finetune, steps=args.steps)
                     Distillation(model, task.model, task.train, finetune, loss=task.distill_loss).run(args.steps)
                     line += f"                 {task.score(model):.4f}"

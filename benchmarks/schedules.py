@@ -43,8 +43,6 @@ def main() -> None:
         finetune = dataclasses.replace(task.finetune or Finetune(), steps=args.steps, schedule=schedule)
         for recipe in args.recipe or ["prune 0.5", "prune 0.25"]:
             plan = suggest_plan(optuna.trial.FixedTrial(recipes[recipe]), space, layers, blocks)
-            torch.manual_seed(0)
-            task.reseed(0)
             candidate = apply_plan(task.model, plan, task.example_input, task.activity())
             calibrate_input_quant(candidate, task.calibration_batches())
             run = Distillation(candidate, task.model, task.train, finetune, loss=task.distill_loss, output=task.output)

@@ -162,7 +162,7 @@ def run_command(
         typer.Option(**within(0.001, MAX_TIMEOUT_S), help=TIMEOUT_HELP),
     ] = None,
     sampler: Annotated[str, typer.Option(help=f"One of {', '.join(SAMPLERS)}.")] = "tpe",
-    seed: Annotated[int, typer.Option(**within(0, MAX_SEED))] = 0,
+    seed: Annotated[int, typer.Option(**within(0, MAX_SEED), help="The sampler's seed.")] = 0,
     space: Annotated[Optional[Path], typer.Option(help="Search space TOML file.")] = None,
     width: Annotated[Optional[str], typer.Option(help="Student widths, e.g. 1,0.75,0.5.")] = None,
     bits: Annotated[Optional[str], typer.Option(help="Bit widths, e.g. 32,8,4,1.")] = None,
@@ -197,6 +197,14 @@ def run_command(
         Optional[str],
         typer.Option(
             help=f"Learning-rate schedule: {', '.join(SCHEDULES)} \\[default: the task's, or {Finetune.schedule}]."
+        ),
+    ] = None,
+    finetune_seed: Annotated[
+        Optional[int],
+        typer.Option(
+            **within(0, MAX_SEED),
+            help="Seed of every plan's fine-tune: all see the same batches in the same order "
+            f"\\[default: {Finetune.seed}].",
         ),
     ] = None,
     seq_len: Annotated[
@@ -240,7 +248,7 @@ def run_command(
         # An unreachable target fails before any work.
         measurer = profilers.get_profiler(target_spec, service=profiler, token=token)
         tuning = {"steps": steps, "epochs": epochs, "alpha": alpha, "temperature": temperature, "lr": lr,
-                  "schedule": lr_schedule}  # fmt: skip
+                  "schedule": lr_schedule, "seed": finetune_seed}  # fmt: skip
         spec = RunSpec(
             target=target_spec, budget=budget, objectives=tuple(objectives.split(",")), trials=trials,
             timeout=timeout, sampler=sampler, seed=seed,

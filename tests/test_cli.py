@@ -364,3 +364,4 @@ def test_run_help_shows_the_fine_tune_defaults():
     text = " ".join(result.output.replace("│", " ").split())
     assert result.exit_code == 0
     assert f"[default: {Finetune.alpha}]" in text and f"[default: the task's, or {Finetune.schedule}]" in text
+    assert f"same order [default: {Finetune.seed}]" in text

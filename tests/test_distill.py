@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from models import SmallCNN
-from search._errors import CandidateError
+from search._errors import CandidateError, UsageError
 from search.compress import Distillation, Finetune, apply_plan, distill, distillation_loss
 from search.plan import Plan
 
@@ -76,6 +76,8 @@ def test_distillation_loss_mixes_soft_and_hard_targets():
         ({"temperature": 0.0}, "temperature"),
         ({"lr": -1e-3}, "lr"),
         ({"eval_every": 0}, "eval_every"),
+        ({"seed": -1}, "seed must be a whole number >= 0, got -1"),
+        ({"seed": 1.5}, "seed must be a whole number >= 0, got 1.5"),
     ],
 )
 def test_bad_finetune_settings_raise_value_error(kwargs, message):
@@ -133,8 +135,6 @@ def test_the_named_losses_compute_what_they_say():
 
 
 def test_an_unknown_loss_is_refused_with_the_accepted_forms():
-    from search._errors import UsageError
-
     with pytest.raises(UsageError, match="distillation loss 'l1': expected one of 'kl', 'mse', 'cosine' or a function"):
         distill(SmallCNN(), SmallCNN(), [], Finetune(steps=1), loss="l1")
 
@@ -192,33 +192,61 @@ def test_a_fine_tune_that_makes_the_plan_worse_keeps_its_step_0_state(tiny_task)
     assert tiny_task.score(student) == start
 
 
+def _dropout_student(tiny_task) -> nn.Module:
+    """A pruned copy of the teacher with dropout: its fine-tune draws from torch's RNG as well."""
+    return nn.Sequential(apply_plan(tiny_task.model, Plan(width=0.5), tiny_task.example_input), nn.Dropout(0.2))
+
+
+def _fine_tune(tiny_task, config: Finetune, until: int, state: dict | None = None) -> tuple[nn.Module, Distillation]:
+    """A fine-tune to step ``until``, scored every ``eval_every`` steps; from ``state`` if given."""
+    student = _dropout_student(tiny_task)
+    run = Distillation(student, tiny_task.model, tiny_task.train, config)
+    if state is not None:
+        run.load_state_dict(state)
+    run.run(until, evaluate=lambda: tiny_task.score(student))
+    return student, run
+
+
 @pytest.mark.parametrize("schedule", ["cosine", "stable-decay"])
-def test_a_fine_tune_goes_on_from_its_saved_state_as_if_it_had_not_stopped(tiny_task, schedule):
-    """Stopped at step 4, saved, and continued in a new run (a promotion): the same losses and
-    weights as one run of 8 steps; the step count goes on, the schedule too."""
-    config = Finetune(steps=8, eval_every=2, lr=1e-3, schedule=schedule)
-
-    tiny_task.reseed(0)
-    batches = [batch for _, batch in zip(range(8), tiny_task.train)]
-
-    def fresh() -> tuple[torch.nn.Module, Distillation]:
-        torch.manual_seed(0)
-        student = apply_plan(tiny_task.model, Plan(width=0.5), tiny_task.example_input)
-        return student, Distillation(student, tiny_task.model, batches, config)
-
-    whole_student, whole = fresh()
-    whole.run(8)
-    first_student, first = fresh()
-    first.run(4)
-    saved = first.state_dict()
-    second_student, second = fresh()
-    second.load_state_dict(saved)
-    second._batches = iter(batches[4:])  # the batches it had left
-    second.run(8)
-    assert second.step == 8 and second.scheduler.last_epoch == whole.scheduler.last_epoch == 8
-    assert second.first_last_losses() == pytest.approx(whole.first_last_losses(), rel=1e-5)
+@pytest.mark.parametrize("stop", [4, 23, 30])  # in the first pass over the 23 batches, at its end, in the second
+def test_a_fine_tune_goes_on_from_its_saved_state_as_if_it_had_not_stopped(tiny_task, tmp_path, schedule, stop):
+    """Stopped, saved to a file, and continued in a new run after other fine-tunes drew from the
+    same loader and from torch's RNG (a promotion): the same losses and weights as one run; the
+    step count and the schedule go on, and so do the batches and the dropout's draws."""
+    config = Finetune(steps=40, eval_every=5, lr=1e-3, schedule=schedule)
+    whole_student, whole = _fine_tune(tiny_task, config, 40)
+    _, first = _fine_tune(tiny_task, config, stop)
+    torch.save(first.state_dict(), tmp_path / "state.pt")
+    distill(_dropout_student(tiny_task), tiny_task.model, tiny_task.train, Finetune(steps=7, seed=5))
+    torch.manual_seed(123)
+    second_student, second = _fine_tune(tiny_task, config, 40, torch.load(tmp_path / "state.pt", weights_only=True))
+    assert second.step == 40 and second.scheduler.last_epoch == whole.scheduler.last_epoch == 40
+    assert second.first_last_losses() == pytest.approx(whole.first_last_losses(), rel=1e-6)
+    assert (second.best_step, second.best_metric) == (whole.best_step, whole.best_metric)
     for key, value in whole_student.state_dict().items():
-        assert torch.allclose(second_student.state_dict()[key], value, atol=1e-5), key
+        assert torch.allclose(second_student.state_dict()[key], value, atol=1e-6), key
+
+
+def test_a_fine_tune_draws_from_its_seed_alone_and_scoring_it_draws_nothing(tiny_task):
+    """Whatever ran before it, and whether or not it is scored along the way, a fine-tune with the
+    same seed trains on the same batches with the same dropout; another seed on others."""
+
+    def losses(seed: int, scored: bool, before: int) -> list[float]:
+        torch.manual_seed(before)
+        tiny_task.train.generator.manual_seed(before)
+        student = _dropout_student(tiny_task)
+        run = Distillation(student, tiny_task.model, tiny_task.train, Finetune(steps=30, eval_every=3, seed=seed))
+        run.run(30, evaluate=(lambda: tiny_task.score(student)) if scored else None)
+        return run.losses
+
+    reference = losses(seed=0, scored=False, before=1)
+    assert losses(seed=0, scored=True, before=2) == reference
+    assert losses(seed=1, scored=False, before=1) != reference
+
+
+def test_a_fine_tune_on_data_with_no_batch_says_so(tiny_task):
+    with pytest.raises(UsageError, match="the task's training data yielded no batch"):
+        distill(SmallCNN(), tiny_task.model, [], Finetune(steps=1))
 
 
 @pytest.mark.parametrize(

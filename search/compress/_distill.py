@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeAlias
 
 import torch
@@ -62,7 +61,9 @@ class Distillation:
 
     ``loss`` and ``output`` are the task's ``distill_loss`` and ``output`` (see
     :class:`~search.Task`). The learning-rate schedule spans ``config.steps``, the longest
-    fine-tune, so a fine-tune continued later follows the same schedule as one run at once.
+    fine-tune, and a fine-tune continued later goes on with the batches and the random draws it
+    stopped at: it ends as one run at once would. Its randomness is ``config.seed``'s alone (torch's
+    and ``train``'s own generator are seeded at its first batch), and scoring it takes none of it.
     """
 
     def __init__(
@@ -87,12 +88,20 @@ class Distillation:
         self.best_metric: float | None = None
         self.best_step: int | None = None
         self._best_state: dict[str, torch.Tensor] | None = None
-        self._batches = itertools.chain.from_iterable(itertools.repeat(train))
+        self._train = train
+        self._batches: Iterator | None = None  # drawn from at the first step
+        self._pass_start: tuple[torch.Tensor, torch.Tensor | None] | None = None  # the RNG as this pass began
+        self._drawn = 0  # batches drawn in this pass over ``train``
+        self._resume: dict | None = None  # where a loaded state stopped drawing
 
     def score(self, evaluate: Callable[[], float]) -> float:
         """``evaluate()`` of the student as it is now; kept as the best state when it beats the best."""
         self.student.eval()
-        value = float(evaluate())
+        states = _rng_states(self._train)
+        try:
+            value = float(evaluate())
+        finally:  # a pass over a DataLoader draws from the RNG: the fine-tune's draws stay its own
+            _set_rng_states(self._train, states)
         if math.isfinite(value) and (self.best_metric is None or value > self.best_metric):
             self.best_metric, self.best_step = value, self.step
             self._best_state = {key: tensor.detach().clone() for key, tensor in self.student.state_dict().items()}
@@ -112,7 +121,7 @@ class Distillation:
         teacher.eval()
         student.train()
         while self.step < until:
-            inputs, labels = split_batch(next(self._batches))
+            inputs, labels = split_batch(self._next_batch())
             with torch.no_grad():
                 teacher_out = reduce_output(call(teacher, inputs), self.output)
             value = distillation_loss(
@@ -133,6 +142,30 @@ class Distillation:
                 student.train()
         student.eval()
 
+    def _next_batch(self):
+        if self._batches is None:
+            self._batches = self._passes()
+            if self._resume is None:  # a fine-tune from its start
+                torch.manual_seed(self.config.seed)
+                if _generator(self._train) is not None:
+                    _generator(self._train).manual_seed(self.config.seed)
+            else:  # where the saved fine-tune stopped: the pass it was in, its batches drawn again
+                _set_rng_states(self._train, (self._resume["pass_rng"], self._resume["pass_generator"]))
+                for _ in range(self._resume["drawn"]):
+                    next(self._batches)
+                torch.set_rng_state(self._resume["rng"])
+        return next(self._batches)
+
+    def _passes(self) -> Iterator:
+        """``train``'s batches, pass after pass, keeping the RNG each pass began with."""
+        while True:
+            self._pass_start, self._drawn = _rng_states(self._train), 0
+            for batch in self._train:
+                self._drawn += 1
+                yield batch
+            if self._drawn == 0:
+                raise UsageError("the task's training data yielded no batch: nothing to fine-tune on")
+
     def restore_best(self) -> None:
         """Put the best state scored back into the student (its state now, if none was scored)."""
         if self._best_state is not None:
@@ -151,7 +184,11 @@ class Distillation:
             "best_step": self.best_step,
             "best_state": None if self.best_step == self.step else self._best_state,  # else: the student's own
             "losses_first_last": self.first_last_losses(),
-        }
+            "data": None if self._batches is None else {
+                "pass_rng": self._pass_start[0], "pass_generator": self._pass_start[1], "drawn": self._drawn,
+                "rng": torch.get_rng_state(),
+            },
+        }  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         self.student.load_state_dict(state["student"])
@@ -162,6 +199,7 @@ class Distillation:
         best = state["best_state"] if state["best_state"] is not None else state["student"]
         self._best_state = {key: tensor.detach().clone() for key, tensor in best.items()}
         self.losses = list(state["losses_first_last"][:1])
+        self._resume = state.get("data")  # a state saved without it: the batches start from the seed
 
     def first_last_losses(self) -> list[float]:
         return [self.losses[0], self.losses[-1]] if self.losses else []
@@ -190,6 +228,25 @@ def distill(
         on_eval(step)
     run.run(config.steps)
     return run.losses
+
+
+def _generator(train: Iterable) -> torch.Generator | None:
+    """A DataLoader's own generator (its shuffle draws from it, not from torch's), if it has one."""
+    generator = getattr(train, "generator", None)
+    return generator if isinstance(generator, torch.Generator) else None
+
+
+def _rng_states(train: Iterable) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What a fine-tune's random draws come from: torch's RNG, and ``train``'s own generator."""
+    generator = _generator(train)
+    return torch.get_rng_state(), None if generator is None else generator.get_state()
+
+
+def _set_rng_states(train: Iterable, states: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+    torch.set_rng_state(states[0])
+    generator = _generator(train)
+    if generator is not None and states[1] is not None:
+        generator.set_state(states[1])
 
 
 def _scheduler(optimizer: torch.optim.Optimizer, config: Finetune) -> torch.optim.lr_scheduler.LRScheduler:

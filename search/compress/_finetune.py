@@ -23,6 +23,10 @@ class Finetune:
     to the next while it could still reach the front. The student is scored every ``eval_every``
     steps (and before the first): the fine-tune keeps its best state, so it never ends worse than
     it started.
+
+    ``seed`` alone sets a fine-tune's randomness (the training batches' order, dropout): every plan
+    is fine-tuned on the same batches in the same order, so plans differ by what they are, not by
+    their draw, and a plan gives the same result in whatever trial, worker or process it runs.
     """
 
     steps: int | None = None
@@ -36,6 +40,7 @@ class Finetune:
     schedule: str = "constant"
     rungs: int = 3
     reduction: int = 3
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0):
@@ -50,6 +55,8 @@ class Finetune:
             raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"learning-rate schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"fine-tune seed must be a whole number >= 0, got {self.seed!r}")
         if self.rungs < 1 or self.reduction < 2:
             raise ValueError(f"fine-tune rungs must be >= 1 and reduction >= 2, got {self.rungs}, {self.reduction}")
 

@@ -175,8 +175,6 @@ class Objective:
             if same is not None:
                 return self._reuse(study, trial, same)
         self._stage(trial, "build", seconds)
-        torch.manual_seed(self.spec.seed + trial.number)
-        task.reseed(self.spec.seed + trial.number)
         structure = build_structure(task.model, plan, task.example_input, task.activity())
         candidate = add_compression(copy.deepcopy(structure), plan, task.example_input)
         calibrate_input_quant(candidate, task.calibration_batches())

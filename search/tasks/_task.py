@@ -102,16 +102,6 @@ class Task:
             self.model.train(was_training)
         reduce_output(out, self.output)
 
-    def reseed(self, seed: int) -> None:
-        """Restart the shuffled order of the task's DataLoaders that own a generator: a loader's
-        generator otherwise goes on from wherever earlier trials left it, and the same plan would
-        be fine-tuned and calibrated on other batches depending on what ran before it in this
-        process. (A loader without one shuffles from torch's global RNG, which the trial seeds.)"""
-        for loader in (self.train, self.val, self.calibration):
-            generator = getattr(loader, "generator", None)
-            if isinstance(generator, torch.Generator):
-                generator.manual_seed(seed)
-
     def calibration_batches(self) -> list:
         """The batches that set int8 activation ranges: the first :data:`CALIBRATION_BATCHES` of
         ``calibration`` (default ``train``), drawn once in the order a fixed seed gives. Every plan
