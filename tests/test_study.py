@@ -111,6 +111,23 @@ def test_a_failing_candidate_fails_its_trial_with_the_reason_and_the_study_goes_
     assert frame["fail_reason"].str.contains("metric is nan").all()
 
 
+def test_a_new_plans_step_0_is_scored_on_the_file_it_was_measured_as(tiny_task, fast_profiler, tmp_path):
+    """ONNX Runtime scores a new plan before its first step (the file exported and measured then),
+    PyTorch the steps after: here the file scores higher, so the fine-tune keeps step 0."""
+    from search.artifacts import OnnxModule
+
+    def by_runtime(model, val):
+        return 0.5 if isinstance(model, OnnxModule) else 0.1
+
+    task = Task(tiny_task.model, tiny_task.train, tiny_task.val, tiny_task.example_input, by_runtime, "by-runtime")
+    study = run(task, trials=2, profiler=fast_profiler, results_dir=tmp_path, **FAST)
+    for trial in study.trials:
+        curve = trial.user_attrs["finetune_curve"]
+        assert curve.pop("0") == 0.5 and curve and set(curve.values()) == {0.1}
+        assert trial.user_attrs["best_step"] == 0 and trial.user_attrs["metric"] == 0.5
+        assert trial.user_attrs["metric_torch"] is None  # the kept state's score was the file's
+
+
 def test_the_pruner_stops_weak_fine_tunes(tiny_task, fast_profiler, tmp_path):
     class PruneAll(optuna.pruners.BasePruner):
         def prune(self, study, trial):
