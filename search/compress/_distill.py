@@ -145,10 +145,11 @@ class Distillation:
     def _next_batch(self):
         if self._batches is None:
             self._batches = self._passes()
+            generator = _generator(self._train)
             if self._resume is None:  # a fine-tune from its start
                 torch.manual_seed(self.config.seed)
-                if _generator(self._train) is not None:
-                    _generator(self._train).manual_seed(self.config.seed)
+                if generator is not None:
+                    generator.manual_seed(self.config.seed)
             else:  # where the saved fine-tune stopped: the pass it was in, its batches drawn again
                 _set_rng_states(self._train, (self._resume["pass_rng"], self._resume["pass_generator"]))
                 for _ in range(self._resume["drawn"]):

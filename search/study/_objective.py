@@ -321,8 +321,9 @@ class Objective:
         """Fine-tune ``candidate`` to the end of its rung, keeping its best state (restored into it);
         a promotion goes on from its parent's saved state. The run, the rung and the metric curve.
         ``start``: the file a new plan was exported to and measured as, before any step: ONNX Runtime
-        scores it for step 0, as the exported file would score if the fine-tune kept that state (a
-        pass of PyTorch over the validation data took 4-9 s on the unseen MobileNet, ONNX Runtime's 1 s)."""
+        scores it for step 0, as the trial's file would score if the fine-tune kept that state (a pass
+        of PyTorch over the validation data can take as long as the screening's steps: benchmarks/
+        RESULTS.md, "Ninth session")."""
         task = self.task
         run = Distillation(candidate, task.model, task.train, self.finetune, loss=task.distill_loss, output=task.output)
         curve: dict[str, float] = {}
