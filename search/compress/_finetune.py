@@ -26,7 +26,8 @@ class Finetune:
 
     ``seed`` alone sets a fine-tune's randomness (the training batches' order, dropout): every plan
     is fine-tuned on the same batches in the same order, so plans differ by what they are, not by
-    their draw, and a plan gives the same result in whatever trial, worker or process it runs.
+    their draw, and on one machine a plan gives the same result in whatever trial, worker or process
+    it runs.
     """
 
     steps: int | None = None
