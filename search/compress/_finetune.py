@@ -9,6 +9,11 @@ import math
 SCHEDULES = ("constant", "cosine", "stable-decay")
 
 
+def _whole_number(value: object) -> bool:
+    """An int >= 0 (a bool is no count)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 @dataclasses.dataclass(frozen=True)
 class Finetune:
     """How a candidate is fine-tuned by distillation.
@@ -44,7 +49,7 @@ class Finetune:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0):
+        if self.steps is not None and not _whole_number(self.steps):
             raise ValueError(f"fine-tune steps must be a whole number >= 0, got {self.steps!r}")
         if self.epochs is not None and not self.epochs > 0:
             raise ValueError(f"fine-tune epochs must be > 0, got {self.epochs!r}")
@@ -56,7 +61,7 @@ class Finetune:
             raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"learning-rate schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+        if not _whole_number(self.seed):
             raise ValueError(f"fine-tune seed must be a whole number >= 0, got {self.seed!r}")
         if self.rungs < 1 or self.reduction < 2:
             raise ValueError(f"fine-tune rungs must be >= 1 and reduction >= 2, got {self.rungs}, {self.reduction}")
