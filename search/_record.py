@@ -17,6 +17,8 @@ class Key:
     COST_FEATURES = "cost_features"  # the cost model's features of the built candidate
     FINETUNE_CURVE = "finetune_curve"  # {step: metric} reported to the pruner during the fine-tune
     FINETUNE_LOSS = "finetune_loss_first_last"
+    SCORED_ON_FILE = "scored_on_file"  # the curve's steps scored on the trial's file (ONNX Runtime), not in PyTorch
+    SCORE_SECONDS = "score_seconds"  # what scoring the student last took, per way ("file", "torch")
     FINETUNE_STEPS = "finetune_steps"  # the steps the plan was fine-tuned for, over all its rungs
     BEST_STEP = "best_step"  # the step whose state was kept (0: the fine-tune improved nothing)
     RUNG = "rung"  # 0: screened with the shortest fine-tune; each promotion one more

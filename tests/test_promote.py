@@ -187,10 +187,40 @@ def test_a_promoted_trial_goes_on_from_its_parent_s_saved_state(tiny_task, fast_
     other = next(t for t in trials[:3] if t.number != parent.number)  # screened, not promoted (yet)
     assert {"finetune.pt", "raw.onnx"} <= {path.name for path in Path(other.user_attrs[Key.ARTIFACTS]).iterdir()}
     assert child.user_attrs[Key.LATENCY_MS] == parent.user_attrs[Key.LATENCY_MS]  # measured once, by the parent
-    assert child.user_attrs[Key.METRIC_TORCH] >= parent.user_attrs[Key.METRIC_TORCH]  # its best includes the parent's
+    best = child_curve[str(child.user_attrs[Key.BEST_STEP])]
+    assert best == max(child_curve.values())  # its best includes the parent's
     frame = search.load_trials(study).set_index("number")
     if child.values[0] >= parent.values[0]:
         assert frame.loc[parent.number, "superseded_by"] == child.number and not frame.loc[parent.number, "pareto"]
+
+
+def test_the_fine_tune_scores_the_student_the_faster_way_it_timed(tiny_task, fast_profiler, tmp_path):
+    """After step 0 the file is tried first, PyTorch next; from then on the faster of the two (here
+    PyTorch: the file's metric is made slow). A promotion inherits the timings and goes on the faster way."""
+    from search.artifacts import OnnxModule
+    from search.tasks import top1_accuracy
+
+    def slow_on_file(model, val):
+        if isinstance(model, OnnxModule):
+            time.sleep(0.05)
+        return top1_accuracy(model, val)
+
+    task = search.Task(
+        tiny_task.model, tiny_task.train, tiny_task.val, tiny_task.example_input, slow_on_file, "slow-file"
+    )
+    study = search.run(task, trials=4, profiler=fast_profiler, results_dir=tmp_path, **ASHA)
+    trials = study.get_trials(deepcopy=False)
+    for trial in trials[:3]:  # screened: step 0 and 2 on the file, 3 in PyTorch
+        assert trial.user_attrs[Key.SCORED_ON_FILE] == ["0", "2"]
+        assert trial.user_attrs[Key.FINETUNE_CURVE].keys() == {"0", "2", "3"}
+        assert trial.user_attrs[Key.SCORE_SECONDS]["file"] > trial.user_attrs[Key.SCORE_SECONDS]["torch"]
+    child = trials[3]
+    assert child.user_attrs[Key.CONTINUE_FROM] in (0, 1, 2) and child.user_attrs[Key.FINETUNE_STEPS] == 9
+    assert child.user_attrs[Key.SCORED_ON_FILE] == ["0", "2"]  # the parent's; the steps after it went on in PyTorch
+    assert child.user_attrs[Key.FINETUNE_CURVE].keys() == {"0", "2", "3", "4", "6", "8", "9"}
+    for trial in trials:
+        kept_on_file = str(trial.user_attrs[Key.BEST_STEP]) in trial.user_attrs[Key.SCORED_ON_FILE]
+        assert (trial.user_attrs[Key.METRIC_TORCH] is None) == kept_on_file
 
 
 PROMOTION_KILLED = """

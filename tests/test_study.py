@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import optuna
@@ -111,21 +112,98 @@ def test_a_failing_candidate_fails_its_trial_with_the_reason_and_the_study_goes_
     assert frame["fail_reason"].str.contains("metric is nan").all()
 
 
-def test_a_new_plans_step_0_is_scored_on_the_file_it_was_measured_as(tiny_task, fast_profiler, tmp_path):
-    """ONNX Runtime scores a new plan before its first step (the file exported and measured then),
-    PyTorch the steps after: here the file scores higher, so the fine-tune keeps step 0."""
+def _refuse_a_second_scoring(monkeypatch):
+    from search.study._objective import Objective
+
+    def refuse(self, path):
+        raise AssertionError(f"{path} was scored again")
+
+    monkeypatch.setattr(Objective, "_score", refuse)
+
+
+def test_a_new_plans_step_0_is_scored_on_the_file_it_was_measured_as(tiny_task, fast_profiler, tmp_path, monkeypatch):
+    """ONNX Runtime scores a new plan before its first step (the file exported and measured then);
+    the scores after are the file's or PyTorch's, each recorded where it was made (here the file
+    scores higher: the fine-tune keeps step 0, the file is the trial's as it was, not written or
+    scored again, and the kept state has no PyTorch score)."""
     from search.artifacts import OnnxModule
 
     def by_runtime(model, val):
         return 0.5 if isinstance(model, OnnxModule) else 0.1
 
     task = Task(tiny_task.model, tiny_task.train, tiny_task.val, tiny_task.example_input, by_runtime, "by-runtime")
+    _refuse_a_second_scoring(monkeypatch)
     study = run(task, trials=2, profiler=fast_profiler, results_dir=tmp_path, **FAST)
     for trial in study.trials:
-        curve = trial.user_attrs["finetune_curve"]
-        assert curve.pop("0") == 0.5 and curve and set(curve.values()) == {0.1}
+        assert trial.state == optuna.trial.TrialState.COMPLETE, trial.user_attrs.get("fail_reason")
+        curve, on_file = trial.user_attrs["finetune_curve"], trial.user_attrs["scored_on_file"]
+        assert curve.keys() == {"0", "3", "6"} and "0" in on_file
+        assert all((value == 0.5) == (step in on_file) for step, value in curve.items())
         assert trial.user_attrs["best_step"] == 0 and trial.user_attrs["metric"] == 0.5
         assert trial.user_attrs["metric_torch"] is None  # the kept state's score was the file's
+
+
+def test_a_state_kept_as_scored_on_its_file_is_the_trials_file(tiny_task, fast_profiler, tmp_path, monkeypatch):
+    """The fine-tune scores step 3 on a file written with its weights, and keeps it (the file's
+    scores rise here): that file becomes the trial's, with no second write and scoring, and it
+    holds the state the checkpoint beside it holds."""
+    from search.artifacts import OnnxModule
+
+    file_scores = []
+
+    def rising_on_file(model, val):
+        if isinstance(model, OnnxModule):
+            file_scores.append(model(tiny_task.example_input))
+            return 0.5 + 0.01 * len(file_scores)
+        return 0.1
+
+    task = Task(tiny_task.model, tiny_task.train, tiny_task.val, tiny_task.example_input, rising_on_file, "rising")
+    _refuse_a_second_scoring(monkeypatch)
+    float_plans = SearchSpace(bits=(32,))  # the file computes as PyTorch does, to compare the two
+    study = run(task, trials=2, space=float_plans, profiler=fast_profiler, results_dir=tmp_path, **FAST)
+    for trial in study.trials:
+        assert trial.state == optuna.trial.TrialState.COMPLETE, trial.user_attrs.get("fail_reason")
+        assert trial.user_attrs["scored_on_file"] == ["0", "3"] and trial.user_attrs["best_step"] == 3
+        assert trial.user_attrs["metric"] == trial.user_attrs["finetune_curve"]["3"]
+        _assert_the_file_holds_the_checkpoints_state(task, Path(trial.user_attrs["artifacts"]))
+
+
+def _assert_the_file_holds_the_checkpoints_state(task, folder: Path) -> None:
+    from search.artifacts import OnnxModule
+    from search.compress import build_structure
+    from search.plan import Plan
+
+    checkpoint = torch.load(folder / "checkpoint.pt", weights_only=True)
+    model = build_structure(task.model, Plan.from_json(checkpoint["plan"]), task.example_input)
+    model.load_state_dict(checkpoint["state_dict"])
+    with torch.no_grad():
+        expected = model.eval()(task.example_input)
+    torch.testing.assert_close(OnnxModule(folder / "model.onnx")(task.example_input), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_kept_state_whose_file_was_written_over_is_written_again(tiny_task, fast_profiler, tmp_path):
+    """Step 2 scores best, on a file; steps 6 and 8 are scored on the file too (PyTorch is made
+    slow), which then holds step 8's weights: the trial's file is written again with step 2's."""
+    from search.artifacts import OnnxModule
+
+    file_scores = []
+
+    def best_at_step_2(model, val):
+        if not isinstance(model, OnnxModule):
+            time.sleep(0.3)
+            return 0.1
+        file_scores.append(model)
+        return {1: 1.0, 2: 0.5, 3: 0.9}.get(len(file_scores), 0.6)  # the baseline, step 0, step 2, later
+
+    task = Task(tiny_task.model, tiny_task.train, tiny_task.val, tiny_task.example_input, best_at_step_2, "step-2")
+    float_plans = SearchSpace(bits=(32,))
+    options = dict(FAST, finetune=Finetune(steps=8, eval_every=2))
+    study = run(task, trials=1, space=float_plans, profiler=fast_profiler, results_dir=tmp_path, **options)
+    trial = study.trials[0]
+    assert trial.state == optuna.trial.TrialState.COMPLETE, trial.user_attrs.get("fail_reason")
+    assert trial.user_attrs["scored_on_file"] == ["0", "2", "6", "8"] and trial.user_attrs["best_step"] == 2
+    assert len(file_scores) == 6  # the baseline, four scores along the fine-tune, and the file written again
+    _assert_the_file_holds_the_checkpoints_state(task, Path(trial.user_attrs["artifacts"]))
 
 
 def test_the_pruner_stops_weak_fine_tunes(tiny_task, fast_profiler, tmp_path):
@@ -425,4 +503,6 @@ def test_the_exported_file_is_the_fine_tuned_one_and_export_scores_it_again(tiny
     for _, row in exported.iterrows():
         assert row["export_metric"] == pytest.approx(row["metric"], abs=1e-9)
     for trial in study.trials:
-        assert trial.user_attrs["metric_torch"] is not None and trial.user_attrs["finetune_steps"] == 6
+        assert trial.user_attrs["finetune_steps"] == 6
+        if trial.user_attrs["metric_torch"] is not None:  # the kept state was scored in PyTorch
+            assert trial.user_attrs["metric"] == pytest.approx(trial.user_attrs["metric_torch"], abs=0.02)

@@ -4,10 +4,10 @@ distillation (only if it fits the budget), exported again with its fine-tuned we
 Latency, energy and size depend on the plan's structure and precisions, not on the fine-tuned
 weights, so they are measured first: a plan over the budget costs no fine-tune. The graph is
 exported once per trial (:func:`~search.artifacts.export_raw`); the fine-tuned weights are written
-into it (:func:`~search.artifacts.with_weights`) rather than exported again. The fine-tune keeps
-its best state, scored before the first step too, so it never ends worse than it started; it runs
-to the end of the plan's rung, and a promotion (``continue_from``) goes on from the state its
-parent trial saved.
+into it (:func:`~search.artifacts.with_weights`) rather than exported again, and a state the
+fine-tune scored on such a file and kept is not written again. The fine-tune keeps its best state,
+scored before the first step too, so it never ends worse than it started; it runs to the end of the
+plan's rung, and a promotion (``continue_from``) goes on from the state its parent trial saved.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from search.model import EncoderBlocks, LayerInfo, compressible_layers
 from search.plan import Plan, Quantization, WeightSparsity, suggest_plan
 from search.study._exclude import merged, quantization_measured_slower
 from search.study._optuna import report_and_maybe_prune
+from search.study._scoring import FILE, TORCH, FasterScoring
 from search.study._spec import RunSpec
 from search.study._workers import claim_slot, measuring_alone, this_worker
 from search.tasks import Task
@@ -223,20 +224,31 @@ class Objective:
 
             self._stage(trial, "fine-tune", seconds)
             start = exported.path if parent is None else None
-            run, rung, curve = self._finetune(study, trial, candidate, parent, trial_dir, start)
+
+            def write() -> Path:  # the student as it is now, in the trial's graph
+                structure.load_state_dict(baked_state_dict(candidate))
+                return self._write(structure, plan, Path(tmp, "scored.onnx"), raw).path
+
+            run, rung, curve, on_file = self._finetune(study, trial, candidate, parent, trial_dir, start, write)
 
             self._stage(trial, "evaluate", seconds)
             structure.load_state_dict(baked_state_dict(candidate))
-            exported = self._export(structure, plan, trial_dir, raw)
+            path, held = trial_dir / "model.onnx", on_file.get(str(run.best_step))
+            if held is None:
+                self._export(structure, plan, trial_dir, raw)
+            else:  # the kept state was written and scored on its file already: that is the trial's file
+                if held != path:
+                    shutil.move(held, path)
+                self._save_beside(structure, plan, trial_dir)
             if rung < len(self.rungs) - 1:  # a promotion of this plan needs no export of its own
                 shutil.copyfile(raw, trial_dir / RAW_GRAPH)
-        metric = self._score(exported.path)
+        metric = self._score(path) if held is None else curve[str(run.best_step)]
         if parent is not None:  # the plan lives on in this trial: the state it went on from is not needed
             self.drop_saved_states([parent])
         trial.set_user_attr(Key.FINETUNE_CURVE, curve)
         return self._finish(
             trial, plan, metric, size=packed_size_bytes(structure, plan),
-            metric_torch=None if start is not None and run.best_step == 0 else run.best_metric,  # step 0: the file's
+            metric_torch=None if str(run.best_step) in on_file else run.best_metric,
             steps=run.step, best_step=run.best_step, rung=rung, losses=run.first_last_losses(),
         )  # fmt: skip
 
@@ -252,17 +264,25 @@ class Objective:
             for name in (RAW_GRAPH, FINETUNE_STATE):
                 (self._trial_dir(trial.number) / name).unlink(missing_ok=True)
 
-    def _export(self, structure: torch.nn.Module, plan: Plan, trial_dir: Path, raw: Path):
-        """The trial's ONNX file with ``structure``'s weights, and its plan and checkpoint beside it."""
+    def _write(self, structure: torch.nn.Module, plan: Plan, path: Path, raw: Path):
+        """``path``: the plan's ONNX file for the target, ``raw`` with ``structure``'s weights."""
         task, target = self.task, self.spec.target
-        exported = export_candidate(
-            structure, task.example_input, trial_dir / "model.onnx",
+        return export_candidate(
+            structure, task.example_input, path,
             plan=plan, precisions=target.precisions, calibration=task.calibration_batches(),
             symmetric=target.runtime == "tensorrt", output=task.output, raw=raw,
         )  # fmt: skip
+
+    def _export(self, structure: torch.nn.Module, plan: Plan, trial_dir: Path, raw: Path):
+        """The trial's ONNX file with ``structure``'s weights, and its plan and checkpoint beside it."""
+        exported = self._write(structure, plan, trial_dir / "model.onnx", raw)
+        self._save_beside(structure, plan, trial_dir)
+        return exported
+
+    def _save_beside(self, structure: torch.nn.Module, plan: Plan, trial_dir: Path) -> None:
+        """The plan and ``structure``'s weights beside the trial's file."""
         (trial_dir / "plan.json").write_text(plan.to_json())
         torch.save({"plan": plan.to_json(), "state_dict": structure.state_dict()}, trial_dir / "checkpoint.pt")
-        return exported
 
     def _measure(self, path: Path, structure: torch.nn.Module, plan: Plan) -> Measurement:
         with measuring_alone(self.spec.target.name):
@@ -316,37 +336,63 @@ class Objective:
         return latency_ms > self.budget_ms
 
     def _finetune(
-        self, study, trial, candidate, parent, trial_dir: Path, start: Path | None
-    ) -> tuple[Distillation, int, dict]:
+        self, study, trial, candidate, parent, trial_dir: Path, start: Path | None, write: Callable[[], Path]
+    ) -> tuple[Distillation, int, dict, dict[str, Path | None]]:
         """Fine-tune ``candidate`` to the end of its rung, keeping its best state (restored into it);
-        a promotion goes on from its parent's saved state. The run, the rung and the metric curve.
-        ``start``: the file a new plan was exported to and measured as, before any step: ONNX Runtime
-        scores it for step 0, as the trial's file would score if the fine-tune kept that state (a pass
-        of PyTorch over the validation data can take as long as the screening's steps: benchmarks/
-        RESULTS.md, "Ninth session")."""
+        a promotion goes on from its parent's saved state. The run, the rung, the metric curve, and
+        the curve's steps scored on a file, each with the file that still holds that state (None:
+        written over since, or its parent's).
+
+        Along the way the student is scored in PyTorch or on ``write()`` (its weights written into
+        the trial's graph, scored by ONNX Runtime), whichever this plan scores faster
+        (:class:`~search.study._scoring.FasterScoring`). ``start``: the file a new plan was exported
+        to and measured as: it scores step 0 with nothing to write."""
         task = self.task
         run = Distillation(candidate, task.model, task.train, self.finetune, loss=task.distill_loss, output=task.output)
         curve: dict[str, float] = {}
+        on_file: dict[str, Path | None] = {}
+        known: Mapping[str, float] = {}
         rung = 0 if parent is None else min(trial.user_attrs[Key.RUNG], len(self.rungs) - 1)
         saved = None if parent is None else self._trial_dir(parent.number) / FINETUNE_STATE
         if saved is not None and saved.exists():
             run.load_state_dict(torch.load(saved, weights_only=True, map_location="cpu"))
             curve.update(parent.user_attrs.get(Key.FINETUNE_CURVE, {}))
+            on_file.update(dict.fromkeys(parent.user_attrs.get(Key.SCORED_ON_FILE, [])))
+            known = parent.user_attrs.get(Key.SCORE_SECONDS, {})
             trial.set_user_attr(Key.FINETUNE_FROM, f"trial {parent.number}'s state at step {run.step}")
-        else:  # a new plan, or a promotion whose parent ran on another machine: from the start
-            curve["0"] = run.score(lambda: task.score(candidate if start is None else OnnxModule(start)))
-            if parent is not None:
-                trial.set_user_attr(Key.FINETUNE_FROM, f"the start: trial {parent.number}'s state is not here")
+        written: list[Path] = []  # the file the latest write went to
+
+        def on_written_file() -> float:
+            written[:] = [write()]
+            return task.score(OnnxModule(written[0]))
+
+        scoring = FasterScoring({FILE: on_written_file, TORCH: lambda: task.score(candidate)}, known)
+
+        def note_source(step: int) -> None:
+            if scoring.last == FILE:  # the file now holds this step's state, no earlier one
+                on_file.update({key: None for key, path in on_file.items() if path == written[0]})
+                on_file[str(step)] = written[0]
+            trial.set_user_attr(Key.SCORED_ON_FILE, list(on_file))
+            trial.set_user_attr(Key.SCORE_SECONDS, scoring.seconds)
+
+        if start is not None:  # a new plan: its file, as measured
+            curve["0"] = run.score(lambda: task.score(OnnxModule(start)))
+            on_file["0"] = start
+        elif not curve:  # a promotion whose parent ran on another machine: from the start
+            curve["0"] = run.score(scoring)
+            note_source(0)
+            trial.set_user_attr(Key.FINETUNE_FROM, f"the start: trial {parent.number}'s state is not here")
         trial.set_user_attr(Key.RUNG, rung)
 
         def on_eval(step: int, value: float) -> None:
+            note_source(step)
             report_and_maybe_prune(study, trial, curve, step, value)
 
-        run.run(self.rungs[rung], evaluate=lambda: task.score(candidate), on_eval=on_eval)
+        run.run(self.rungs[rung], evaluate=scoring, on_eval=on_eval)
         if rung < len(self.rungs) - 1:  # a later promotion goes on from here
             torch.save(run.state_dict(), trial_dir / FINETUNE_STATE)
         run.restore_best()
-        return run, rung, curve
+        return run, rung, curve, on_file
 
     def _score(self, path: Path) -> float:
         metric = self.task.score(OnnxModule(path))
