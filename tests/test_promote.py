@@ -100,10 +100,14 @@ def test_a_recipe_s_plan_is_promoted_rung_by_rung_without_a_slot_while_it_could_
     assert Key.RECIPE not in next_promotion(study, FINETUNE, TEACHER).user_attrs
 
 
-def test_a_sensitivity_mix_waits_for_a_slot_as_a_sampled_plan_does():
-    """The mixes are the study's own plans, not recipes users know: one of three takes the slot."""
+@pytest.mark.parametrize(
+    "names", [("sensitivity mix (mild)", "sensitivity mix (medium)"), ("int8 on prune 0.25", "int8 on 2 of 4 blocks")]
+)
+def test_the_study_s_own_recipes_wait_for_a_slot_as_a_sampled_plan_does(names):
+    """The sensitivity mixes and the recipes stacked on int8 are the study's own plans, not recipes
+    users know: one of three takes the slot."""
     study = _study()
-    mixes = [_trial(study, 0.92, 0.5, **{Key.RECIPE: f"sensitivity mix ({level})"}) for level in ("mild", "medium")]
+    mixes = [_trial(study, 0.92, 0.5, **{Key.RECIPE: name}) for name in names]
     assert next_promotion(study, FINETUNE, TEACHER) is None
     _trial(study, 0.91, 0.6)
     assert next_promotion(study, FINETUNE, TEACHER).number in mixes

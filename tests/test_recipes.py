@@ -16,6 +16,7 @@ from search.compress import Finetune
 from search.model import LayerInfo, describe_layers
 from search.plan import Plan, SearchSpace, suggest_plan
 from search.study import recipe_params, recipe_rules
+from search.study._recipes import stacked_rules
 from search.study._exclude import quantization_measured_slower
 
 QUICK = dict(finetune=Finetune(steps=2), pruner="none", cost_model=False, sensitivity=False)
@@ -37,6 +38,20 @@ def test_the_recipes_are_the_plans_users_know(tiny_task):
     assert {n for n, e in pruned.layers.items() if e.pruning.ratio == 0.5} == {layer.name for layer in layers if layer.prunable}
     assert all(e.quantization.bits == 32 and e.sparsity.ratio == 0 for e in pruned.layers.values())
     assert plans["width 0.5"].width == 0.5 and all(e.quantization.bits == 32 for e in plans["width 0.5"].layers.values())
+
+
+def test_each_structural_recipe_is_stacked_on_int8_too(tiny_task):
+    space = SearchSpace()
+    layers = describe_layers(tiny_task.model, tiny_task.example_input)
+    params = recipe_params(stacked_rules(recipe_rules(space, None)), space, layers, None)
+    stacked = {name: suggest_plan(optuna.trial.FixedTrial(p), space, layers, None) for name, p in params.items()}
+    assert list(stacked) == [f"int8 on {name}" for name in CNN_RECIPES[1:]]
+    recipes = _plans(tiny_task, space)
+    for name, plan in stacked.items():
+        alone = recipes[name.removeprefix("int8 on ")]
+        assert {entry.quantization.bits for entry in plan.layers.values()} == {8}
+        assert plan.width == alone.width
+        assert {n: e.pruning for n, e in plan.layers.items()} == {n: e.pruning for n, e in alone.layers.items()}
 
 
 def test_a_recipe_the_space_cannot_express_is_left_out(tiny_task):
@@ -65,10 +80,11 @@ def test_a_transformer_s_recipes_are_int8_ffn_pruning_and_fewer_blocks():
 def test_the_recipes_are_the_first_trials_and_marked_in_the_dataframe_and_the_front_table(
     tiny_task, fast_profiler, tmp_path
 ):
-    study = search.run(tiny_task, trials=7, profiler=fast_profiler, results_dir=tmp_path, **QUICK)
+    study = search.run(tiny_task, trials=11, profiler=fast_profiler, results_dir=tmp_path, **QUICK)
     frame = search.load_trials(study)
     assert list(frame[Key.RECIPE][:5]) == CNN_RECIPES
-    assert all(not isinstance(value, str) for value in frame[Key.RECIPE][5:])  # then the sampler's plans
+    assert list(frame[Key.RECIPE][5:9]) == [f"int8 on {name}" for name in CNN_RECIPES[1:]]  # then the study's own
+    assert all(not isinstance(value, str) for value in frame[Key.RECIPE][9:])  # then the sampler's plans
     assert all(frame["state"] == "COMPLETE")
     from search import cli
 
@@ -215,7 +231,7 @@ def test_a_promotion_of_a_plan_not_asked_its_bits_continues_the_very_same_plan(
 
     monkeypatch.setattr("search.study._promote.next_promotion", latest_sampled)
     study = search.run(
-        tiny_task, trials=8, budget="10x", profiler=fast_profiler, results_dir=tmp_path, sensitivity=False,
+        tiny_task, trials=12, budget="10x", profiler=fast_profiler, results_dir=tmp_path, sensitivity=False,
         cost_model=False, finetune=Finetune(steps=4, eval_every=2, rungs=2, reduction=2),
     )  # fmt: skip
     trials = study.get_trials(deepcopy=False)

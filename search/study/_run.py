@@ -25,7 +25,7 @@ from search.study._fidelity import resolve_finetune
 from search.study._objective import CANDIDATE_FAILURES, Objective, StageCallback
 from search.study._optuna import make_sampler, rung_ends
 from search.study._promote import promote, without_promise
-from search.study._recipes import enqueue_recipes, recipe_params, recipe_rules
+from search.study._recipes import enqueue_recipes, recipe_params, recipe_rules, stacked_rules
 from search.study._results import SQLITE_FILE, locate_study, write_parquet
 from search.study._sensitivity import layer_sensitivity, mixed_rules
 from search.study._setup import Setup, check_results_dir
@@ -128,7 +128,8 @@ def run(
             study.set_user_attr(StudyKey.SENSITIVITY, layer_sensitivity(task, layers, spec.space, blocks, deadline))
         sensitivity = study.user_attrs.get(StudyKey.SENSITIVITY, [])
         if spec.recipes and not study.trials:
-            rules = recipe_rules(spec.space, blocks, mixed_rules(sensitivity))
+            users = recipe_rules(spec.space, blocks)
+            rules = {**users, **mixed_rules(sensitivity), **stacked_rules(users)}
             recipes = recipe_params(rules, spec.space, layers, blocks, _exclusions(study, spec, layers))
             enqueue_recipes(study, dict(list(recipes.items())[: spec.trials]))  # no more than the study runs
     directory.mkdir(parents=True, exist_ok=True)  # a study resumed from another machine's storage
