@@ -187,9 +187,15 @@ def test_after_a_slower_int8_recipe_the_sampler_s_plans_keep_every_layer_float(
     tiny_task, fast_profiler, tmp_path, monkeypatch
 ):
     _int8_slower(fast_profiler, monkeypatch)
-    study = search.run(tiny_task, trials=9, profiler=fast_profiler, results_dir=tmp_path, **QUICK)
+    study = search.run(tiny_task, trials=13, profiler=fast_profiler, results_dir=tmp_path, **QUICK)
+    stacked = [t for t in study.trials if t.user_attrs.get(Key.RECIPE, "").startswith("int8 on")]
+    for trial in stacked:  # queued before int8 was measured slower: built float, their recipe's very model
+        plan = Plan.from_dict(trial.user_attrs[Key.PLAN])
+        assert {entry.quantization.bits for entry in plan.layers.values()} == {32}
+        assert Key.DUPLICATE_OF in trial.user_attrs
     sampled = [t for t in study.trials if Key.RECIPE not in t.user_attrs]
-    assert len(sampled) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in sampled)
+    assert len(stacked) == 4 and len(sampled) == 4
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in sampled)
     for trial in sampled:  # at random, each of the four would be all-float one time in 16
         plan = Plan.from_dict(trial.user_attrs[Key.PLAN])
         assert {entry.quantization.bits for entry in plan.layers.values()} == {32}
