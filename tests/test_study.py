@@ -451,8 +451,9 @@ def test_an_embedding_model_on_dict_inputs_runs_end_to_end(fast_profiler, tmp_pa
     for trial in study.trials:
         assert trial.state == optuna.trial.TrialState.COMPLETE, trial.user_attrs.get("fail_reason")
         assert trial.user_attrs["metric"] > 0.9, trial.user_attrs["metric"]
-        if trial.user_attrs["metric_torch"] is None:  # the fine-tune kept step 0, scored on its file
-            assert trial.user_attrs["metric"] == trial.user_attrs["finetune_curve"]["0"]
+        if trial.user_attrs["metric_torch"] is None:  # the kept state was scored on its file
+            assert str(trial.user_attrs["best_step"]) in trial.user_attrs["scored_on_file"]
+            assert trial.user_attrs["metric"] == trial.user_attrs["finetune_curve"][str(trial.user_attrs["best_step"])]
         else:  # the file scores as the PyTorch model it was exported from
             assert trial.user_attrs["metric"] == pytest.approx(trial.user_attrs["metric_torch"], abs=0.02)
         assert "int8" in trial.user_attrs["precision"]
