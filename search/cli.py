@@ -702,12 +702,13 @@ def _print_sensitivity(study: optuna.Study) -> None:
         caption=f"excluded: a bit width not offered to that layer (alone it drops the metric by more than {METRIC_WINDOW:g})"
         + (f"; teacher's metric on its ONNX file {teacher:.4f}" if teacher is not None else ""),
     )  # fmt: skip
-    for column in ("layer", "kind", "option", "metric", "drop", "excluded"):
+    for column in ("layer", "kind", "option", "metric", "drop", "scored on", "excluded"):
         table.add_column(column, justify="right" if column in ("metric", "drop") else "left")
     for row in frame.itertuples():
         metric = "failed" if row.error else f"{row.metric:.4f}"
         drop = "" if row.error else f"{row.drop:+.4f}"
-        table.add_row(row.layer, row.kind, row.option, metric, drop, "yes" if row.excluded else "")
+        scored_on = row.scored_on if isinstance(row.scored_on, str) else ""  # a study from before it was recorded
+        table.add_row(row.layer, row.kind, row.option, metric, drop, scored_on, "yes" if row.excluded else "")
     _print_table(table)
 
 

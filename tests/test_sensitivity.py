@@ -8,11 +8,13 @@ import pytest
 from typer.testing import CliRunner
 
 import search
-from search.compress import Finetune
+from search.artifacts import OnnxModule
+from search.compress import Finetune, apply_plan
 from search.model import describe_layers
-from search.plan import SearchSpace
+from search.plan import ChannelPruning, LayerPlan, Plan, SearchSpace
 from search.study import METRIC_WINDOW, layer_sensitivity
 from search.study._sensitivity import excluded_bits, mixed_rules
+from targets import load_target
 
 
 def _expected(task, space: SearchSpace) -> set[tuple[str, str]]:
@@ -25,15 +27,18 @@ def _expected(task, space: SearchSpace) -> set[tuple[str, str]]:
     return rows
 
 
+def _sensitivity(task, **options) -> list[dict]:
+    """The pass as a study makes it, on the cpu target, with the teacher's metric 0.9."""
+    layers = describe_layers(task.model, task.example_input)
+    return layer_sensitivity(task, layers, SearchSpace(), None, load_target("cpu"), 0.9, **options)
+
+
 def test_the_sensitivity_table_has_one_row_per_layer_and_option(tiny_task):
-    space = SearchSpace()
-    layers = describe_layers(tiny_task.model, tiny_task.example_input)
-    rows = layer_sensitivity(tiny_task, layers, space, None)
-    assert sorted((r["layer"], r["option"]) for r in rows) == sorted(_expected(tiny_task, space))
-    teacher = tiny_task.score(tiny_task.model)
+    rows = _sensitivity(tiny_task)
+    assert sorted((r["layer"], r["option"]) for r in rows) == sorted(_expected(tiny_task, SearchSpace()))
     for row in rows:
         assert row["error"] is None and 0.0 <= row["metric"] <= 1.0
-        assert row["drop"] == pytest.approx(teacher - row["metric"])
+        assert row["drop"] == pytest.approx(0.9 - row["metric"])  # from the teacher's metric it is given
     eight = {r["layer"]: r["drop"] for r in rows if r["option"] == "bits=8"}
     one = {r["layer"]: r["drop"] for r in rows if r["option"] == "bits=1"}
     assert all(one[name] >= eight[name] - 0.02 for name in one)  # a binarized layer costs more than an int8 one
@@ -81,4 +86,34 @@ def test_a_study_records_the_sensitivity_prints_it_and_seeds_a_recipe(tiny_task,
     from search import cli
 
     output = CliRunner().invoke(cli.app, ["results", str(tmp_path / study.study_name), "--sensitivity"]).output
-    assert all(name in output for name in ("conv1", "conv2", "conv3", "fc", "bits=8", "pruning=0.5"))
+    assert all(name in output for name in ("conv1", "conv2", "conv3", "fc", "bits=8", "pruning=0.5", "torch"))
+
+
+def test_the_pass_goes_breadth_first_so_a_deadline_leaves_every_layer_its_mildest_pruning(tiny_task):
+    rows = _sensitivity(tiny_task)
+    order = [layer.name for layer in describe_layers(tiny_task.model, tiny_task.example_input)]
+    groups = [(r["pruning"] == 0, r["pruning"], -r["bits"]) for r in rows]
+    assert groups == sorted(groups) and groups[0] == (False, 0.25, -32) and groups[-1] == (True, 0.0, -1)
+    for group in set(groups):  # within one option, the layers in the model's order
+        names = [r["layer"] for r, g in zip(rows, groups) if g == group]
+        assert names == sorted(names, key=order.index)
+    assert len({r["layer"] for r in rows if r["pruning"] > 0}) > 1
+
+
+def test_each_kind_of_option_is_scored_on_its_file_and_in_torch_first_then_the_faster_way(tiny_task, monkeypatch):
+    """Each row says truly where it was scored: one score per option, an ONNX model when on its file."""
+    on_file, score = [], tiny_task.score
+
+    def recorded(model):
+        on_file.append(isinstance(model, OnnxModule))
+        return score(model)
+
+    monkeypatch.setattr(tiny_task, "score", recorded)
+    rows = _sensitivity(tiny_task)
+    assert [row["scored_on"] == "file" for row in rows] == on_file
+    for pruned in (True, False):  # each kind times both ways, the file first
+        assert [row["scored_on"] for row in rows if (row["pruning"] > 0) == pruned][:2] == ["file", "torch"]
+    first = next(row for row in rows if row["pruning"] > 0)  # a float plan: the file scores as PyTorch does
+    plan = Plan(layers={first["layer"]: LayerPlan(pruning=ChannelPruning(first["pruning"]))})
+    candidate = apply_plan(tiny_task.model, plan, tiny_task.example_input)
+    assert first["scored_on"] == "file" and first["metric"] == pytest.approx(score(candidate), abs=0.005)  # a sample or so

@@ -31,7 +31,7 @@ from optuna.trial import TrialState
 from profilers import Measurement, MeasurementError, Profiler
 from search._errors import CandidateError
 from search._record import Key, StudyKey
-from search.artifacts import OnnxModule, export_candidate, export_raw, measure_candidate
+from search.artifacts import OnnxModule, export_raw, measure_candidate
 from search.compress import (
     Distillation,
     Finetune,
@@ -46,7 +46,7 @@ from search.model import EncoderBlocks, LayerInfo, compressible_layers
 from search.plan import Plan, Quantization, WeightSparsity, suggest_plan
 from search.study._exclude import merged, quantization_measured_slower
 from search.study._optuna import report_and_maybe_prune
-from search.study._scoring import FILE, TORCH, FasterScoring
+from search.study._scoring import FILE, TORCH, FasterScoring, write_file
 from search.study._spec import RunSpec
 from search.study._workers import claim_slot, measuring_alone, this_worker
 from search.tasks import Task
@@ -227,7 +227,7 @@ class Objective:
 
             def write() -> Path:  # the student as it is now, in the trial's graph
                 structure.load_state_dict(baked_state_dict(candidate))
-                return self._write(structure, plan, Path(tmp, "scored.onnx"), raw).path
+                return write_file(task, target, structure, plan, Path(tmp, "scored.onnx"), raw).path
 
             run, rung, curve, on_file = self._finetune(study, trial, candidate, parent, trial_dir, start, write)
 
@@ -264,18 +264,9 @@ class Objective:
             for name in (RAW_GRAPH, FINETUNE_STATE):
                 (self._trial_dir(trial.number) / name).unlink(missing_ok=True)
 
-    def _write(self, structure: torch.nn.Module, plan: Plan, path: Path, raw: Path):
-        """``path``: the plan's ONNX file for the target, ``raw`` with ``structure``'s weights."""
-        task, target = self.task, self.spec.target
-        return export_candidate(
-            structure, task.example_input, path,
-            plan=plan, precisions=target.precisions, calibration=task.calibration_batches(),
-            symmetric=target.runtime == "tensorrt", output=task.output, raw=raw,
-        )  # fmt: skip
-
     def _export(self, structure: torch.nn.Module, plan: Plan, trial_dir: Path, raw: Path):
         """The trial's ONNX file with ``structure``'s weights, and its plan and checkpoint beside it."""
-        exported = self._write(structure, plan, trial_dir / "model.onnx", raw)
+        exported = write_file(self.task, self.spec.target, structure, plan, trial_dir / "model.onnx", raw)
         self._save_beside(structure, plan, trial_dir)
         return exported
 

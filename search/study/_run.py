@@ -125,7 +125,9 @@ def run(
         blocks = find_blocks(task.model)
         if spec.sensitivity and StudyKey.SENSITIVITY not in study.user_attrs:
             deadline = _deadline(started, spec.timeout and SENSITIVITY_SHARE * spec.timeout)
-            study.set_user_attr(StudyKey.SENSITIVITY, layer_sensitivity(task, layers, spec.space, blocks, deadline))
+            teacher = study.user_attrs[StudyKey.BASELINE][Key.METRIC]
+            rows = layer_sensitivity(task, layers, spec.space, blocks, spec.target, teacher, deadline)
+            study.set_user_attr(StudyKey.SENSITIVITY, rows)
         sensitivity = study.user_attrs.get(StudyKey.SENSITIVITY, [])
         if spec.recipes and not study.trials:
             users = recipe_rules(spec.space, blocks)

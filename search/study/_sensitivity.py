@@ -17,8 +17,10 @@ signal HAWQ and modelopt's AutoQuantize build on. A study uses it twice:
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -28,12 +30,14 @@ from search._errors import CandidateError
 from search.plan import ChannelPruning, LayerPlan, Plan, Quantization, SearchSpace
 from search.study._front import METRIC_WINDOW
 from search.study._recipes import MIX, Rule, uncompressed
+from search.study._scoring import FILE, TORCH, FasterScoring, write_file
 
 if TYPE_CHECKING:  # annotations only: these import PyTorch, which reading a study's sensitivity does not need
     from search.model import EncoderBlocks, LayerInfo
     from search.tasks import Task
+    from targets import Target
 
-COLUMNS = ("layer", "kind", "option", "bits", "pruning", "metric", "drop", "error")
+COLUMNS = ("layer", "kind", "option", "bits", "pruning", "metric", "drop", "scored_on", "error")
 SENSITIVITY_CALIBRATION_BATCHES = 2  # one quantizer's input range: a couple of batches set it
 MIX_LEVELS = {"mild": 0.25, "medium": 0.5, "strong": 0.75}  # quantile of the pruning drops each mix tolerates
 
@@ -53,18 +57,26 @@ def layer_sensitivity(
     layers: Sequence[LayerInfo],
     space: SearchSpace,
     blocks: EncoderBlocks | None,
+    target: Target,
+    teacher_metric: float,
     deadline: float | None = None,
 ) -> list[dict]:
     """One row per layer and option: the metric of the teacher with only that layer compressed and
-    its drop from the teacher's own (both in torch). A candidate that cannot be built records its
-    error instead.
+    its drop from ``teacher_metric`` (the teacher's, on its exported file). A candidate that cannot
+    be built records its error instead.
 
-    The pruning options come first (the mixed recipes rank layers by them), then the bit widths.
-    With a ``deadline`` (``time.monotonic()``), options not reached by then are left out: a run's
-    time is not spent on its preparation (a Transformer has hundreds of options)."""
-    from search.compress import apply_plan, calibrate_input_quant  # PyTorch: measuring needs it, reading rows not
+    Each option is scored in PyTorch or on its ONNX file for ``target`` (as a trial's file is),
+    whichever scores options of its kind (pruning, bits) faster
+    (:class:`~search.study._scoring.FasterScoring`); ``scored_on`` says which. Options go breadth
+    first: every layer's smallest pruning ratio, then the next, then every layer's 8 bits, 4, 1. With
+    a ``deadline`` (``time.monotonic()``), options not reached by then are left out: a run's time is
+    not spent on its preparation (a Transformer has hundreds of options), and the mixed recipes
+    still rank every layer by its mildest pruning."""
+    import copy
 
-    teacher_metric = task.score(task.model)
+    from search.artifacts import OnnxModule, export_raw  # PyTorch: measuring needs it, reading rows not
+    from search.compress import add_compression, baked_state_dict, build_structure, calibrate_input_quant
+
     calibration = task.calibration_batches()
     options = [
         (layer, bits, ratio)
@@ -73,21 +85,36 @@ def layer_sensitivity(
         for bits, ratio in _options(layer, space, blocks)
     ]
     rows = []
-    for layer, bits, ratio in sorted(options, key=lambda option: option[2] == 0):  # pruning first, stable
-        if deadline is not None and time.monotonic() > deadline:
-            break
-        entry = LayerPlan(pruning=ChannelPruning(ratio), quantization=Quantization(bits))
-        option = f"bits={bits}" if ratio == 0 else f"pruning={ratio:g}"
-        row = {"layer": layer.name, "kind": layer.kind, "option": option, "bits": bits, "pruning": ratio,
-               "metric": math.nan, "drop": math.nan, "error": None}  # fmt: skip
-        try:
-            candidate = apply_plan(task.model, Plan(layers={layer.name: entry}), task.example_input, task.activity())
+    with tempfile.TemporaryDirectory(prefix="search-sensitivity-") as tmp:
+
+        def in_torch(candidate, structure, plan: Plan, pruned: bool) -> float:
             calibrate_input_quant(candidate, calibration, count=SENSITIVITY_CALIBRATION_BATCHES)
-            row["metric"] = task.score(candidate)
-            row["drop"] = teacher_metric - row["metric"]
-        except CandidateError as exc:
-            row["error"] = str(exc)
-        rows.append(row)
+            return task.score(candidate)
+
+        def on_file(candidate, structure, plan: Plan, pruned: bool) -> float:
+            structure.load_state_dict(baked_state_dict(candidate))
+            raw = Path(tmp, "pruned.onnx" if pruned else "teacher.onnx")  # a bit width keeps the teacher's graph
+            if pruned or not raw.exists():
+                export_raw(structure, task.example_input, raw, task.output)
+            return task.score(OnnxModule(write_file(task, target, structure, plan, Path(tmp, "option.onnx"), raw).path))
+
+        scorings = {kind: FasterScoring({FILE: on_file, TORCH: in_torch}) for kind in ("pruning", "bits")}
+        for layer, bits, ratio in sorted(options, key=lambda option: (option[2] == 0, option[2], -option[1])):
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            plan = Plan(layers={layer.name: LayerPlan(pruning=ChannelPruning(ratio), quantization=Quantization(bits))})
+            option = f"bits={bits}" if ratio == 0 else f"pruning={ratio:g}"
+            row = {"layer": layer.name, "kind": layer.kind, "option": option, "bits": bits, "pruning": ratio,
+                   "metric": math.nan, "drop": math.nan, "scored_on": None, "error": None}  # fmt: skip
+            try:
+                structure = build_structure(task.model, plan, task.example_input, task.activity())
+                candidate = add_compression(copy.deepcopy(structure), plan, task.example_input)
+                scoring = scorings["bits" if ratio == 0 else "pruning"]
+                row["metric"] = scoring(candidate, structure, plan, ratio > 0)
+                row["drop"], row["scored_on"] = teacher_metric - row["metric"], scoring.last
+            except CandidateError as exc:
+                row["error"] = str(exc)
+            rows.append(row)
     return rows
 
 
