@@ -89,7 +89,7 @@ def test_a_study_records_the_sensitivity_prints_it_and_seeds_a_recipe(tiny_task,
     assert all(name in output for name in ("conv1", "conv2", "conv3", "fc", "bits=8", "pruning=0.5", "torch"))
 
 
-def test_the_pass_goes_breadth_first_so_a_deadline_leaves_every_layer_its_mildest_pruning(tiny_task):
+def test_the_pass_goes_breadth_first_every_layers_mildest_pruning_before_any_stronger_option(tiny_task):
     rows = _sensitivity(tiny_task)
     order = [layer.name for layer in describe_layers(tiny_task.model, tiny_task.example_input)]
     groups = [(r["pruning"] == 0, r["pruning"], -r["bits"]) for r in rows]
