@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -87,18 +87,25 @@ def layer_sensitivity(
     rows = []
     with tempfile.TemporaryDirectory(prefix="search-sensitivity-") as tmp:
 
-        def in_torch(candidate, structure, plan: Plan, pruned: bool) -> float:
+        def in_torch(candidate, structure, plan: Plan) -> float:
             calibrate_input_quant(candidate, calibration, count=SENSITIVITY_CALIBRATION_BATCHES)
             return task.score(candidate)
 
-        def on_file(candidate, structure, plan: Plan, pruned: bool) -> float:
-            structure.load_state_dict(baked_state_dict(candidate))
-            raw = Path(tmp, "pruned.onnx" if pruned else "teacher.onnx")  # a bit width keeps the teacher's graph
-            if pruned or not raw.exists():
-                export_raw(structure, task.example_input, raw, task.output)
-            return task.score(OnnxModule(write_file(task, target, structure, plan, Path(tmp, "option.onnx"), raw).path))
+        def on_file(pruned: bool) -> Callable[..., float]:
+            """Scoring an option of one kind on its file: a pruned layer's graph is exported for each
+            option, a bit width's is the teacher's, exported once."""
+            raw = Path(tmp, "pruned.onnx" if pruned else "teacher.onnx")
 
-        scorings = {kind: FasterScoring({FILE: on_file, TORCH: in_torch}) for kind in ("pruning", "bits")}
+            def score(candidate, structure, plan: Plan) -> float:
+                structure.load_state_dict(baked_state_dict(candidate))
+                if pruned or not raw.exists():
+                    export_raw(structure, task.example_input, raw, task.output)
+                written = write_file(task, target, structure, plan, Path(tmp, "option.onnx"), raw)
+                return task.score(OnnxModule(written.path))
+
+            return score
+
+        scorings = {pruned: FasterScoring({FILE: on_file(pruned), TORCH: in_torch}) for pruned in (True, False)}
         for layer, bits, ratio in sorted(options, key=lambda option: (option[2] == 0, option[2], -option[1])):
             if deadline is not None and time.monotonic() > deadline:
                 break
@@ -109,8 +116,8 @@ def layer_sensitivity(
             try:
                 structure = build_structure(task.model, plan, task.example_input, task.activity())
                 candidate = add_compression(copy.deepcopy(structure), plan, task.example_input)
-                scoring = scorings["bits" if ratio == 0 else "pruning"]
-                row["metric"] = scoring(candidate, structure, plan, ratio > 0)
+                scoring = scorings[ratio > 0]
+                row["metric"] = scoring(candidate, structure, plan)
                 row["drop"], row["scored_on"] = teacher_metric - row["metric"], scoring.last
             except CandidateError as exc:
                 row["error"] = str(exc)
