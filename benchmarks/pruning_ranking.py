@@ -1,5 +1,6 @@
-"""Which heads and FFN channels a Transformer loses: ranked by weight magnitude or by the teacher's
-activity (what each adds to its block's output on the calibration batches), on MiniLM.
+"""Which heads and FFN channels a Transformer loses: ranked by weight magnitude, or by the teacher's
+activity (what each adds to its block's output on the calibration batches) with the layers that
+read them refitted to what is left, on MiniLM.
 
     python benchmarks/pruning_ranking.py [--seq-len 32] [--ratios 0.25,0.5] [--steps 100]
 
@@ -19,7 +20,7 @@ import time
 import torch
 
 from profilers import cpu_info
-from search.compress import Distillation, build_structure
+from search.compress import ACTIVITY_BATCHES, Distillation, build_structure
 from search.model import describe_blocks
 from search.plan import ChannelPruning, HeadPruning, LayerPlan, Plan
 from search.tasks import load_task
@@ -36,7 +37,7 @@ def main() -> None:
     task = load_task("search.tasks:minilm", seq_len=args.seq_len)
     start = time.perf_counter()
     activity = task.activity()
-    print(f"activity pass: {time.perf_counter() - start:.2f} s over {len(task.calibration_batches())} batches")
+    print(f"activity pass: {time.perf_counter() - start:.2f} s over {ACTIVITY_BATCHES} batches")
     blocks = describe_blocks(task.model)
     print("plan             ranking     cosine, no fine-tune" + (f"   after {args.steps} steps" if args.steps else ""))
     for ratio in (float(r) for r in args.ratios.split(",")):

@@ -16,7 +16,9 @@ transformers = pytest.importorskip("transformers", reason="the Transformer opera
 from models import SmallCNN, text_inputs, tiny_bert  # noqa: E402
 
 from search._errors import UsageError  # noqa: E402
-from search.compress import build_structure, channel_activity, drop_blocks, prune_heads_and_ffn  # noqa: E402
+from search.compress import (  # noqa: E402
+    build_structure, channel_activity, drop_blocks, mean_squares, prune_heads_and_ffn,
+)
 from search.model import describe_blocks  # noqa: E402
 from search.plan import ChannelPruning, HeadPruning, LayerPlan, Plan  # noqa: E402
 
@@ -127,7 +129,7 @@ def _batches(count: int = 3) -> list:
     return [(text_inputs(batch=4, seed=10 + i), None) for i in range(count)]
 
 
-def test_channel_activity_is_the_mean_square_of_each_block_linears_input(teacher):
+def test_channel_activity_is_the_second_moments_of_each_block_linears_input_over_real_tokens(teacher):
     batches = _batches()
     activity = channel_activity(teacher, batches)
     linears = {name for name, m in teacher.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -140,8 +142,55 @@ def test_channel_activity_is_the_mean_square_of_each_block_linears_input(teacher
         for inputs, _ in batches:
             teacher(**inputs)
     handle.remove()
-    torch.testing.assert_close(activity["encoder.layer.1.output.dense"], torch.cat(seen).square().mean(0))
+    real = torch.cat([inputs["attention_mask"].reshape(-1).bool() for inputs, _ in batches])
+    assert 0 < real.sum() < len(real)  # the batches have padding, and it is left out
+    rows = torch.cat(seen)[real].double()
+    rows = torch.cat([rows, torch.ones(len(rows), 1, dtype=rows.dtype)], 1)  # x̃ = [x; 1]
+    moments = activity["encoder.layer.1.output.dense"]
+    torch.testing.assert_close(moments, rows.T @ rows / len(rows))
+    torch.testing.assert_close(mean_squares(moments), rows[:, :FFN].square().mean(0))
     assert channel_activity(SmallCNN(), batches) == {}  # a CNN's channels are ranked by magnitude
+
+
+def _block_output(model, layer: int, batches) -> torch.Tensor:
+    """Block ``layer``'s output at the batches' real tokens (padding's is never read)."""
+    outputs = []
+    handle = model.encoder.layer[layer].register_forward_hook(lambda module, args, out: outputs.append(out[0]))
+    with torch.no_grad():
+        for inputs, _ in batches:
+            model(**inputs)
+    handle.remove()
+    real = torch.cat([inputs["attention_mask"].reshape(-1).bool() for inputs, _ in batches])
+    return torch.cat(outputs).reshape(len(real), -1)[real]
+
+
+def test_the_layer_that_read_a_removed_channel_is_refitted_to_give_the_teachers_output(bert):
+    """FFN channel 5 of block 1 repeats channel 3 (the same row in intermediate.dense) and is read
+    weakly, so it is the one removed: refitted by least squares from the teacher's activity,
+    output.dense reads channel 3 for both, and the block gives the teacher's output; with the
+    weakly read channel merely dropped, it does not."""
+    layer = bert.encoder.layer[1]
+    with torch.no_grad():
+        layer.intermediate.dense.weight[5] = layer.intermediate.dense.weight[3]
+        layer.intermediate.dense.bias[5] = layer.intermediate.dense.bias[3]
+        layer.output.dense.weight[:, 5] *= 0.3
+    batches = _batches(8)
+    expected = _block_output(bert, 1, batches)
+    ffn = {"encoder.layer.1.intermediate.dense": 0.01}
+    refitted = copy.deepcopy(bert)
+    prune_heads_and_ffn(refitted, text_inputs(), {}, ffn, activity=channel_activity(bert, batches))
+    rows, columns = layer.intermediate.dense.weight, layer.output.dense.weight
+    assert torch.equal(refitted.encoder.layer[1].intermediate.dense.weight, torch.cat([rows[:5], rows[6:]]))
+    dropped = copy.deepcopy(refitted)  # the teacher's output.dense without the column that read channel 5
+    with torch.no_grad():
+        dropped.encoder.layer[1].output.dense.weight.copy_(torch.cat([columns[:, :5], columns[:, 6:]], 1))
+        dropped.encoder.layer[1].output.dense.bias.copy_(layer.output.dense.bias)
+    error_refitted = (_block_output(refitted, 1, batches) - expected).abs().max()
+    error_dropped = (_block_output(dropped, 1, batches) - expected).abs().max()
+    assert error_dropped > 1e-3
+    assert error_refitted < 0.02 * error_dropped, (error_refitted, error_dropped)
+    refit = refitted.encoder.layer[1].output.dense.weight
+    torch.testing.assert_close(refit[:, 3], columns[:, 3] + columns[:, 5], atol=2e-3, rtol=0)
 
 
 def test_with_activity_what_adds_least_to_the_block_output_is_removed(bert):
@@ -177,7 +226,7 @@ def test_with_activity_what_adds_least_to_the_block_output_is_removed(bert):
 def test_an_activity_measured_on_another_model_falls_back_to_magnitude(bert):
     """An activity whose widths are not the layers' (another model's) is not used: magnitude ranks."""
     heads, ffn = {"encoder.layer.0.attention.self": 0.25}, {"encoder.layer.1.intermediate.dense": 0.25}
-    other = {name: torch.rand(7) for name in channel_activity(bert, _batches(1))}
+    other = {name: torch.rand(8, 8) for name in channel_activity(bert, _batches(1))}
     by_magnitude = copy.deepcopy(bert)
     prune_heads_and_ffn(by_magnitude, text_inputs(), heads, ffn)
     prune_heads_and_ffn(bert, text_inputs(), heads, ffn, activity=other)

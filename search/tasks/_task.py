@@ -18,8 +18,12 @@ from torch import nn
 
 from search._errors import UsageError, first_line
 from search.artifacts import OnnxModule
-from search.compress import CALIBRATION_BATCHES, DistillLoss, Finetune, channel_activity, check_distill_loss
-from search.model import Inputs, Output, call, check_example_input, reduce_output, reduced_output, split_batch
+from search.compress import (
+    ACTIVITY_BATCHES, CALIBRATION_BATCHES, DistillLoss, Finetune, channel_activity, check_distill_loss,
+)  # fmt: skip
+from search.model import (
+    Inputs, Output, call, check_example_input, find_blocks, reduce_output, reduced_output, split_batch,
+)  # fmt: skip
 from search.tasks._default import DEFAULT_TASK
 
 Metric = Callable[[nn.Module, Iterable], float]
@@ -105,29 +109,35 @@ class Task:
     def calibration_batches(self) -> list:
         """The batches that set int8 activation ranges: the first :data:`CALIBRATION_BATCHES` of
         ``calibration`` (default ``train``), drawn once in the order a fixed seed gives. Every plan
-        is calibrated on the same data, so its int8 result does not depend on its trial's number;
-        drawing them leaves the loaders' and torch's random state as it was."""
+        is calibrated on the same data, so its int8 result does not depend on its trial's number."""
         if self._calibration_batches is None:
-            loader = self.calibration or self.train
-            generator = getattr(loader, "generator", None)
-            state = generator.get_state() if isinstance(generator, torch.Generator) else None
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                if state is not None:
-                    generator.manual_seed(0)
-                try:
-                    self._calibration_batches = list(itertools.islice(loader, CALIBRATION_BATCHES))
-                finally:
-                    if state is not None:
-                        generator.set_state(state)
+            self._calibration_batches = self._draw(CALIBRATION_BATCHES)
         return self._calibration_batches
 
+    def _draw(self, count: int) -> list:
+        """The first ``count`` batches of ``calibration`` (default ``train``) in the order a fixed
+        seed gives; drawing them leaves the loaders' and torch's random state as it was."""
+        loader = self.calibration or self.train
+        generator = getattr(loader, "generator", None)
+        state = generator.get_state() if isinstance(generator, torch.Generator) else None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            if state is not None:
+                generator.manual_seed(0)
+            try:
+                return list(itertools.islice(loader, count))
+            finally:
+                if state is not None:
+                    generator.set_state(state)
+
     def activity(self) -> dict[str, torch.Tensor]:
-        """The teacher's :func:`~search.compress.channel_activity` on :meth:`calibration_batches`,
-        measured once: every plan built from this task ranks a Transformer's heads and FFN channels
-        by it (``{}`` for a CNN, whose channels are ranked by weight magnitude)."""
+        """The teacher's :func:`~search.compress.channel_activity` on the first
+        :data:`ACTIVITY_BATCHES` of ``calibration``, measured once: every plan built from this task
+        ranks a Transformer's heads and FFN channels by it, and refits the layers that read them
+        (``{}`` for a CNN, whose channels are ranked by weight magnitude)."""
         if self._activity is None:
-            self._activity = channel_activity(self.model, self.calibration_batches())
+            batches = self._draw(ACTIVITY_BATCHES) if find_blocks(self.model) is not None else []
+            self._activity = channel_activity(self.model, batches)
         return self._activity
 
     def fingerprint(self) -> str:
