@@ -464,7 +464,7 @@ def test_an_embedding_model_on_dict_inputs_runs_end_to_end(fast_profiler, tmp_pa
 
 
 def test_every_plan_is_built_with_the_teachers_activity_measured_once(tiny_task, fast_profiler, tmp_path, monkeypatch):
-    """The trials rank a Transformer's heads and FFN channels by Task.activity (a CNN's is empty)."""
+    """The trials rank a Transformer's heads and FFN channels by Task.activity, and refit by it."""
     from search.study import _objective
 
     given = []

@@ -149,7 +149,6 @@ def test_channel_activity_is_the_second_moments_of_each_block_linears_input_over
     moments = activity["encoder.layer.1.output.dense"]
     torch.testing.assert_close(moments, rows.T @ rows / len(rows))
     torch.testing.assert_close(mean_squares(moments), rows[:, :FFN].square().mean(0))
-    assert channel_activity(SmallCNN(), batches) == {}  # a CNN's channels are ranked by magnitude
 
 
 def _block_output(model, layer: int, batches) -> torch.Tensor:

@@ -1,11 +1,10 @@
 """Structural operations on a Transformer's block list: drop blocks, remove attention heads and FFN width.
 
 Each operation changes ``model`` in place: the caller passes a copy of the teacher, so what is left
-starts from the teacher's weights (and, given the teacher's :func:`channel_activity`, the layers
-that read removed heads or channels are refitted to the rest). All of them are deterministic
-(index lists, a ranking by the teacher's activity on fixed calibration batches, or by weight
-magnitude without it),
-so re-applying the same arguments to the teacher rebuilds the same shapes, and a state_dict saved
+starts from the teacher's weights (and, given the teacher's
+:func:`~search.compress.channel_activity`, the layers that read removed heads or channels are
+refitted to the rest). All of them are deterministic (index lists, a ranking by the teacher's
+activity on fixed calibration batches, or by weight magnitude without it), so re-applying the same arguments to the teacher rebuilds the same shapes, and a state_dict saved
 from one candidate loads into the rebuilt one with ``weights_only=True`` (the shapes do not depend
 on the ranking). A head-pruned Hugging Face model does not reload with ``from_pretrained``; this
 rebuild is the way back. Modules are addressed by dotted name, as plan entries are;
@@ -15,94 +14,20 @@ rebuild is the way back. Modules are addressed by dotted name, as plan entries a
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
 from search._errors import CandidateError, UsageError
-from search.model import Inputs, call, dependency_graph, describe_blocks, find_blocks, is_gated_mlp, split_batch
+from search.compress._refit import Activity, mean_squares, pruned_with_refits, reader_moments
+from search.compress._refit import by_module as moments_by_module
+from search.model import Inputs, dependency_graph, describe_blocks, is_gated_mlp
 
 # Without activity: L2 magnitude, as for CNN channels. Torch-Pruning scores every channel of a group
 # over all of its members: for heads, the rows of Q, K, V and the columns of attention.output.dense.
 _IMPORTANCE = tp.importance.MagnitudeImportance(p=2)
-
-# Batches of a Transformer task's calibration data its activity is measured on: a refit solves for
-# every input of the layer it narrows (1,536 in a MiniLM FFN), and needs some ten real tokens each.
-ACTIVITY_BATCHES = 48
-# The refit's ridge, relative to the mean of its second moments: keeps the solve well posed where
-# few calibration rows meet many inputs, without pulling the fit away from the teacher's output.
-_RIDGE = 1e-6
-
-Activity = Mapping[str, torch.Tensor]
-"""Per Linear layer in a Transformer's blocks, by the teacher's dotted name: the second moments of
-its input with a constant 1 appended, ``E[x̃ x̃ᵀ]`` for ``x̃ = [x; 1]`` over calibration data
-(:func:`channel_activity`). The diagonal's first entries are each input channel's mean square."""
-
-
-def mean_squares(moments: torch.Tensor) -> torch.Tensor:
-    """Each input channel's mean square, from its layer's :data:`Activity` entry."""
-    return moments.diagonal()[:-1]
-
-
-def _token_rows(inputs: Inputs) -> torch.Tensor | None:
-    """Which rows of a block's ``(batch × tokens, features)`` activations are real tokens: the
-    ``attention_mask`` a Hugging Face batch carries (padding rows are left out), else all."""
-    mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
-    return mask.reshape(-1).bool() if isinstance(mask, torch.Tensor) else None
-
-
-@torch.no_grad()
-def channel_activity(model: nn.Module, batches: Iterable) -> dict[str, torch.Tensor]:
-    """The second moments (:data:`Activity`) of the input of every Linear layer in ``model``'s
-    blocks, over the real tokens of ``batches`` of ``(inputs, labels)``; ``{}`` for a model without
-    recognised blocks (a CNN).
-
-    With them, heads and FFN channels are ranked by what they add to their block's output: a
-    channel's mean square times the squared norm of the weights that read it (the output
-    projection's columns), the structured form of Wanda's ``|W|·‖X‖`` (Sun et al., 2023). And the
-    layers that read what was removed are refitted by least squares to give the teacher's output
-    from what is left (the layer-wise reconstruction of Kwon et al., 2022). Measured on MiniLM with
-    no fine-tune (benchmarks/RESULTS.md): a quarter of the FFN width removed keeps cosine 0.91 where
-    weight magnitude keeps 0.85, and 0.98 once refitted."""
-    blocks = find_blocks(model)
-    if blocks is None:
-        return {}
-    layers = {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and name.startswith(f"{blocks.container}.")
-    }
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    tokens: torch.Tensor | None = None
-
-    def record(name: str):
-        def hook(module: nn.Module, args: tuple) -> None:
-            rows = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            if tokens is not None and tokens.shape[0] == rows.shape[0]:
-                rows = rows[tokens]
-            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], 1)
-            sums[name] = sums.get(name, 0) + rows.T @ rows
-            counts[name] = counts.get(name, 0) + rows.shape[0]
-
-        return hook
-
-    handles = [module.register_forward_pre_hook(record(name)) for name, module in layers.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in batches:
-            inputs = split_batch(batch)[0]
-            tokens = _token_rows(inputs)
-            call(model, inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    return {name: sums[name] / counts[name] for name in sums}
-
 
 def drop_blocks(model: nn.Module, container: str, keep: Sequence[int]) -> None:
     """Keep only the blocks ``keep`` (increasing indices) of the nn.ModuleList ``container``.
@@ -164,48 +89,11 @@ def _weakest(importance: torch.Tensor, count: int) -> list[int]:
     return sorted(torch.argsort(importance, stable=True)[:count].tolist())
 
 
-def _reader_moments(dep, activity: Mapping[nn.Module, torch.Tensor]) -> torch.Tensor | None:
-    """The teacher's input moments of a Linear that reads a pruning group's channels (``dep``), if
-    ``activity`` has them at its width (an activity measured on another model is not used)."""
-    reader = dep.target.module
-    moments = activity.get(reader)
-    if dep.handler != tp.prune_linear_in_channels or moments is None or len(moments) != reader.in_features + 1:
-        return None
-    return moments
-
-
 def _prune_out(
     graph: tp.DependencyGraph, layer: nn.Linear, indices: list[int], activity: Mapping[nn.Module, torch.Tensor]
 ) -> None:
-    """Remove ``layer``'s output channels ``indices`` with their group; each Linear that read them
-    and has the teacher's ``activity`` is then refitted to the inputs it keeps (:func:`_refit`)."""
-    group = graph.get_pruning_group(layer, tp.prune_linear_out_channels, indices)
-    refits = []
-    for dep, idxs in group:
-        if (moments := _reader_moments(dep, activity)) is not None:
-            reader = dep.target.module
-            kept = sorted(set(range(reader.in_features)) - set(idxs))
-            bias = None if reader.bias is None else reader.bias.detach().clone()
-            refits.append((reader, reader.weight.detach().clone(), bias, kept, moments))
-    group.prune()
-    for refit in refits:
-        _refit(*refit)
-
-
-@torch.no_grad()
-def _refit(reader: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None, kept: list[int], moments) -> None:
-    """Set ``reader`` (already narrowed to its ``kept`` inputs) to the least-squares fit of the
-    teacher's output ``weight·x + bias`` from ``x[kept]`` (and its bias, if it has one), given the
-    teacher's input ``moments``: the normal equations need nothing else, so no data is run again."""
-    inputs = weight.shape[1]
-    columns = kept + ([inputs] if bias is not None else [])
-    teacher = torch.cat([weight, (bias if bias is not None else weight.new_zeros(len(weight)))[:, None]], 1)
-    gram = moments[columns][:, columns]
-    gram = gram + _RIDGE * gram.diagonal().mean() * torch.eye(len(columns), dtype=gram.dtype)
-    fitted = torch.linalg.solve(gram, (teacher.double() @ moments[:, columns]).T).T.to(weight.dtype)
-    reader.weight.copy_(fitted[:, : len(kept)])
-    if bias is not None:
-        reader.bias.copy_(fitted[:, -1])
+    """Remove ``layer``'s output channels ``indices`` with their group, refitting their readers."""
+    pruned_with_refits(graph.get_pruning_group(layer, tp.prune_linear_out_channels, indices), activity)
 
 
 def _importance(
@@ -218,7 +106,7 @@ def _importance(
     scores = torch.zeros(layer.out_features)
     readers = 0
     for index, (dep, idxs) in enumerate(group):
-        if (moments := _reader_moments(dep, activity)) is None:
+        if (moments := reader_moments(dep, activity)) is None:
             continue
         reader = dep.target.module
         contribution = mean_squares(moments).float() * reader.weight.detach().square().sum(0)
@@ -278,7 +166,7 @@ def prune_heads_and_ffn(
     Linears (``encoder.layer.0.intermediate.dense``, ``model.layers.0.mlp.up_proj``) to the ratio of
     their width to remove; ratios in [0, 1), rounded down to whole heads and channels. The heads and
     channels removed are those that add least to their block's output on calibration data, given
-    the teacher's ``activity`` (:func:`channel_activity`), else those of least L2 weight magnitude.
+    the teacher's ``activity`` (:func:`~search.compress.channel_activity`), else those of least L2 weight magnitude.
     Only these groups are built and pruned, through Torch-Pruning's dependency graph, so the hidden
     size (embeddings, residual stream, ``attention.output.dense``/``output.dense``/``o_proj``/
     ``down_proj`` outputs, pooler) is never touched. The attention modules'
@@ -290,8 +178,7 @@ def prune_heads_and_ffn(
     if not any(heads.values()) and not any(ffn.values()):
         return
     graph = dependency_graph(model, example_inputs)
-    activity = activity or {}
-    by_module = {module: activity[name] for name, module in model.named_modules() if name in activity}
+    by_module = moments_by_module(model, activity)
     for name, ratio in heads.items():
         if int(ratio * blocks.heads[name]):
             _remove_heads(graph, name, model.get_submodule(name), ratio, by_module)

@@ -4,8 +4,9 @@ Order: student width, then per-layer channel pruning and attention-head pruning 
 through Torch-Pruning, so the layers really shrink), then the Transformer's depth (blocks dropped),
 then sparsity masks, then quantizers. Each transform takes the model and the ``{module name:
 config}`` of its type; names are the teacher's until the depth transform, the candidate's after it.
-The structural transforms also take the teacher's channel ``activity`` (a Transformer's heads and
-FFN channels are ranked by it: :func:`~search.compress.channel_activity`).
+The structural transforms also take the teacher's channel ``activity``
+(:func:`~search.compress.channel_activity`): a Transformer's heads and FFN channels are ranked by
+it, and every layer that read pruned channels is refitted by it to the teacher's output.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from torch.nn.utils import parametrize
 
 from search._errors import CandidateError, UsageError
 from search.compress._quant import BinarizeWeight, FakeQuantWeight, WeightMask, add_input_quant
-from search.compress._transformer_pruning import Activity, drop_blocks, prune_heads_and_ffn
+from search.compress._refit import Activity, by_module, pruned_with_refits
+from search.compress._transformer_pruning import drop_blocks, prune_heads_and_ffn
 from search.model import Inputs, call, compressible_layers, find_blocks, output_layer
 from search.plan import ChannelPruning, Depth, HeadPruning, LayerPlan, Plan, Quantization, WeightSparsity
 
@@ -39,7 +41,8 @@ def register_transform(config_type: type) -> Callable[[Transform], Transform]:
 
 
 @torch.enable_grad()  # Torch-Pruning traces through autograd, even under a caller's no_grad
-def _prune(model: nn.Module, example_input: Inputs, **kwargs) -> None:
+def _prune(model: nn.Module, example_input: Inputs, activity: Activity | None, **kwargs) -> None:
+    """Torch-Pruning's ``MetaPruner`` step, one group at a time, each reader refitted by ``activity``."""
     was_training = model.training
     model.eval()
     try:
@@ -52,15 +55,17 @@ def _prune(model: nn.Module, example_input: Inputs, **kwargs) -> None:
             round_to=ROUND_CHANNELS_TO,
             **kwargs,
         )
-        pruner.step()
+        moments = by_module(model, activity)
+        for group in pruner.step(interactive=True):
+            pruned_with_refits(group, moments)
     finally:
         model.train(was_training)
 
 
-def shrink_width(model: nn.Module, width: float, example_input: Inputs) -> None:
+def shrink_width(model: nn.Module, width: float, example_input: Inputs, activity: Activity | None = None) -> None:
     """The student: every prunable group keeps ``width`` of its channels (L2-magnitude ranked)."""
     if width < 1.0:
-        _prune(model, example_input, pruning_ratio=1.0 - width)
+        _prune(model, example_input, activity, pruning_ratio=1.0 - width)
 
 
 @register_transform(ChannelPruning)
@@ -76,7 +81,7 @@ def _channel_pruning_transform(
         return
     before = {name: model.get_submodule(name).weight.shape[0] for name in ratios}
     modules = {model.get_submodule(name): ratio for name, ratio in ratios.items()}
-    _prune(model, example_input, pruning_ratio=0.0, pruning_ratio_dict=modules)
+    _prune(model, example_input, activity, pruning_ratio=0.0, pruning_ratio_dict=modules)
     # Torch-Pruning skips a group it cannot round to whole channel groups (e.g. a small layer
     # feeding a grouped conv) without a word: a plan that asked for pruning must get it.
     unpruned = [name for name in ratios if model.get_submodule(name).weight.shape[0] == before[name]]
@@ -197,7 +202,7 @@ def build_structure(
             f"the model's are: {', '.join(layers)}"
         )
     model = copy.deepcopy(teacher)
-    shrink_width(model, plan.width, example_input)
+    shrink_width(model, plan.width, example_input, activity)
     _apply_structure(model, plan, example_input, activity)
     _check_forward(model, example_input)
     return model

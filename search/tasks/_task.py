@@ -131,12 +131,14 @@ class Task:
                     generator.set_state(state)
 
     def activity(self) -> dict[str, torch.Tensor]:
-        """The teacher's :func:`~search.compress.channel_activity` on the first
-        :data:`ACTIVITY_BATCHES` of ``calibration``, measured once: every plan built from this task
-        ranks a Transformer's heads and FFN channels by it, and refits the layers that read them
-        (``{}`` for a CNN, whose channels are ranked by weight magnitude)."""
+        """The teacher's :func:`~search.compress.channel_activity`, measured once: every plan built
+        from this task refits by it the layers that read pruned channels, and ranks a Transformer's
+        heads and FFN channels by it (a CNN's channels by weight magnitude). A Transformer's is
+        measured on the first :data:`ACTIVITY_BATCHES` of ``calibration``, a CNN's on
+        :meth:`calibration_batches` (each position of a batch is a row)."""
         if self._activity is None:
-            batches = self._draw(ACTIVITY_BATCHES) if find_blocks(self.model) is not None else []
+            blocks = find_blocks(self.model)
+            batches = self.calibration_batches() if blocks is None else self._draw(ACTIVITY_BATCHES)
             self._activity = channel_activity(self.model, batches)
         return self._activity
 
