@@ -123,8 +123,9 @@ def test_a_minilm_study_exports_files_plain_onnxruntime_runs_at_the_reported_cos
         results_dir=tmp_path, cost_model=False, sampler="random",
     )  # fmt: skip
     frame = search.load_trials(study)
-    assert (frame["state"] == "COMPLETE").sum() == 3
-    assert set(frame["params_depth"]) <= {6, 3}
+    complete = frame[frame["state"] == "COMPLETE"]  # a promotion the trial count left queued waits
+    assert len(complete) == 3
+    assert set(complete["params_depth"]) <= {6, 3}
     exported = search.export(study, tmp_path / "deploy", profiler=fast_profiler)
     assert len(exported) >= 1
     for _, row in exported.iterrows():
