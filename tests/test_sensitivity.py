@@ -115,5 +115,5 @@ def test_each_kind_of_option_is_scored_on_its_file_and_in_torch_first_then_the_f
         assert [row["scored_on"] for row in rows if (row["pruning"] > 0) == pruned][:2] == ["file", "torch"]
     first = next(row for row in rows if row["pruning"] > 0)  # a float plan: the file scores as PyTorch does
     plan = Plan(layers={first["layer"]: LayerPlan(pruning=ChannelPruning(first["pruning"]))})
-    candidate = apply_plan(tiny_task.model, plan, tiny_task.example_input)
+    candidate = apply_plan(tiny_task.model, plan, tiny_task.example_input, tiny_task.activity())
     assert first["scored_on"] == "file" and first["metric"] == pytest.approx(score(candidate), abs=0.005)  # a sample or so
