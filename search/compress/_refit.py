@@ -4,8 +4,8 @@ Before any plan is built, the teacher runs calibration batches once and records 
 of the inputs of the layers that read prunable channels (:func:`channel_activity`). A Transformer's
 heads and FFN channels are ranked by their diagonal; and after any structured pruning, each layer
 that read removed channels is refitted by least squares to give the teacher's output from the
-channels left (:func:`pruned_with_refits`). The normal equations need nothing but those moments, so a
-refit runs no data. This is the layer-wise reconstruction of channel pruning (He et al., 2017, for
+channels left (:func:`pruned_with_refits`). The normal equations need nothing but those moments,
+so a refit runs no data. This is the layer-wise reconstruction of channel pruning (He et al., 2017, for
 CNNs; Kwon et al., 2022, "A Fast Post-Training Pruning Framework for Transformers").
 """
 
@@ -98,9 +98,9 @@ def channel_activity(model: nn.Module, batches: Iterable) -> dict[str, torch.Ten
     output: a channel's mean square times the squared norm of the weights that read it (the output
     projection's columns), the structured form of Wanda's ``|W|·‖X‖`` (Sun et al., 2023); and after
     any structured pruning the layers that read what was removed are refitted
-    (:func:`pruned_with_refits`). Measured with no fine-tune (benchmarks/RESULTS.md): MiniLM without a
-    quarter of its FFN width keeps cosine 0.85 ranked by weight magnitude, 0.91 by activity, 0.98
-    refitted."""
+    (:func:`pruned_with_refits`). Measured with no fine-tune (benchmarks/RESULTS.md): MiniLM
+    without a quarter of its FFN width keeps cosine 0.85 ranked by weight magnitude, 0.91 by
+    activity, 0.98 refitted."""
     layers = _readers(model)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}

@@ -4,11 +4,12 @@ Each operation changes ``model`` in place: the caller passes a copy of the teach
 starts from the teacher's weights (and, given the teacher's
 :func:`~search.compress.channel_activity`, the layers that read removed heads or channels are
 refitted to the rest). All of them are deterministic (index lists, a ranking by the teacher's
-activity on fixed calibration batches, or by weight magnitude without it), so re-applying the same arguments to the teacher rebuilds the same shapes, and a state_dict saved
-from one candidate loads into the rebuilt one with ``weights_only=True`` (the shapes do not depend
-on the ranking). A head-pruned Hugging Face model does not reload with ``from_pretrained``; this
-rebuild is the way back. Modules are addressed by dotted name, as plan entries are;
-:func:`~search.model.find_blocks` says which a model has.
+activity on fixed calibration batches, or by weight magnitude without it), so re-applying the
+same arguments to the teacher rebuilds the same shapes, and a state_dict saved from one candidate
+loads into the rebuilt one with ``weights_only=True`` (the shapes do not depend on the ranking).
+A head-pruned Hugging Face model does not reload with ``from_pretrained``; this rebuild is the way
+back. Modules are addressed by dotted name, as plan entries are; :func:`~search.model.find_blocks`
+says which a model has.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import nn
 
 from search._errors import CandidateError, UsageError
 from search.compress._refit import Activity, mean_squares, pruned_with_refits, reader_moments
-from search.compress._refit import by_module as moments_by_module
+from search.compress._refit import by_module as moments_by_module  # ``by_module`` names a local here
 from search.model import Inputs, dependency_graph, describe_blocks, is_gated_mlp
 
 # Without activity: L2 magnitude, as for CNN channels. Torch-Pruning scores every channel of a group
@@ -166,7 +167,8 @@ def prune_heads_and_ffn(
     Linears (``encoder.layer.0.intermediate.dense``, ``model.layers.0.mlp.up_proj``) to the ratio of
     their width to remove; ratios in [0, 1), rounded down to whole heads and channels. The heads and
     channels removed are those that add least to their block's output on calibration data, given
-    the teacher's ``activity`` (:func:`~search.compress.channel_activity`), else those of least L2 weight magnitude.
+    the teacher's ``activity`` (:func:`~search.compress.channel_activity`; the layers that read them
+    are then refitted), else those of least L2 weight magnitude.
     Only these groups are built and pruned, through Torch-Pruning's dependency graph, so the hidden
     size (embeddings, residual stream, ``attention.output.dense``/``output.dense``/``o_proj``/
     ``down_proj`` outputs, pooler) is never touched. The attention modules'
