@@ -22,8 +22,7 @@ import torch_pruning as tp
 from torch import nn
 
 from search._errors import CandidateError, UsageError
-from search.compress._refit import Activity, mean_squares, pruned_with_refits, reader_moments
-from search.compress._refit import by_module as moments_by_module  # ``by_module`` names a local here
+from search.compress._refit import Activity, by_module, mean_squares, pruned_with_refits, reader_moments
 from search.model import Inputs, dependency_graph, describe_blocks, is_gated_mlp
 
 # Without activity: L2 magnitude, as for CNN channels. Torch-Pruning scores every channel of a group
@@ -180,10 +179,10 @@ def prune_heads_and_ffn(
     if not any(heads.values()) and not any(ffn.values()):
         return
     graph = dependency_graph(model, example_inputs)
-    by_module = moments_by_module(model, activity)
+    moments = by_module(model, activity)
     for name, ratio in heads.items():
         if int(ratio * blocks.heads[name]):
-            _remove_heads(graph, name, model.get_submodule(name), ratio, by_module)
+            _remove_heads(graph, name, model.get_submodule(name), ratio, moments)
     for name, ratio in ffn.items():
         if int(ratio * blocks.ffn[name]):
-            _narrow_ffn(graph, model, name, ratio, by_module)
+            _narrow_ffn(graph, model, name, ratio, moments)
