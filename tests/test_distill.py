@@ -78,6 +78,8 @@ def test_distillation_loss_mixes_soft_and_hard_targets():
         ({"eval_every": 0}, "eval_every"),
         ({"seed": -1}, "seed must be a whole number >= 0, got -1"),
         ({"seed": 1.5}, "seed must be a whole number >= 0, got 1.5"),
+        ({"backtrack": 0.0}, r"backtrack must be in \(0, 1\] or None, got 0.0"),
+        ({"backtrack": 2}, r"backtrack must be in \(0, 1\] or None, got 2"),
     ],
 )
 def test_bad_finetune_settings_raise_value_error(kwargs, message):
@@ -190,6 +192,36 @@ def test_a_fine_tune_that_makes_the_plan_worse_keeps_its_step_0_state(tiny_task)
     assert run.best_step == 0 and run.best_metric == start and run.step == 6
     assert all(torch.equal(before[key], value) for key, value in student.state_dict().items())
     assert tiny_task.score(student) == start
+
+
+def test_a_score_below_the_best_sends_the_student_back_to_it_at_a_smaller_rate(tiny_task, tmp_path):
+    """Wrecked by a rate far too high, the student goes back to its step-0 weights with a tenth of
+    the rate and a fresh Adam; a fine-tune saved and loaded there goes on at that rate. With
+    ``backtrack=None`` it goes on from where it is, at the rate it had."""
+    student = apply_plan(tiny_task.model, Plan(), tiny_task.example_input)
+    before = {key: value.clone() for key, value in student.state_dict().items()}
+    run = Distillation(student, tiny_task.model, tiny_task.train, Finetune(steps=9, eval_every=3, lr=50.0))
+    start = run.score(lambda: tiny_task.score(student))
+    scores = []
+    run.run(3, evaluate=lambda: tiny_task.score(student), on_eval=lambda step, value: scores.append(value))
+    assert scores[0] < start and run.best_step == 0
+    assert all(torch.equal(before[key], value) for key, value in student.state_dict().items())
+    assert run.optimizer.param_groups[0]["lr"] == pytest.approx(5.0) and not run.optimizer.state
+    torch.save(run.state_dict(), tmp_path / "state.pt")
+    again = Distillation(
+        apply_plan(tiny_task.model, Plan(), tiny_task.example_input), tiny_task.model, tiny_task.train, run.config
+    )
+    again.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    again.run(4)  # no scores: nothing to go back to
+    assert again.optimizer.param_groups[0]["lr"] == pytest.approx(5.0) and again.scheduler.base_lrs == [5.0]
+
+    kept = apply_plan(tiny_task.model, Plan(), tiny_task.example_input)
+    reckless = Finetune(steps=9, eval_every=3, lr=50.0, backtrack=None)
+    going_on = Distillation(kept, tiny_task.model, tiny_task.train, reckless)
+    going_on.score(lambda: tiny_task.score(kept))
+    going_on.run(3, evaluate=lambda: tiny_task.score(kept))
+    assert going_on.best_step == 0 and going_on.optimizer.param_groups[0]["lr"] == 50.0
+    assert not all(torch.equal(before[key], value) for key, value in kept.state_dict().items())
 
 
 def _dropout_student(tiny_task) -> nn.Module:

@@ -57,7 +57,8 @@ def distillation_loss(
 
 class Distillation:
     """A fine-tune of ``student`` by distillation from ``teacher`` that can stop at any step and go
-    on later from where it stopped (:meth:`state_dict`), keeping the student's best state.
+    on later from where it stopped (:meth:`state_dict`), keeping the student's best state and
+    going back to it when a score falls below it (``config.backtrack``).
 
     ``loss`` and ``output`` are the task's ``distill_loss`` and ``output`` (see
     :class:`~search.Task`). The learning-rate schedule spans ``config.steps``, the longest
@@ -139,8 +140,19 @@ class Distillation:
                 scored = self.score(evaluate)
                 if on_eval is not None:
                     on_eval(self.step, scored)
+                if config.backtrack is not None and self.best_metric is not None and scored < self.best_metric:
+                    self._backtrack(config.backtrack)
                 student.train()
         student.eval()
+
+    def _backtrack(self, factor: float) -> None:
+        """Back to the best state, the learning rate times ``factor`` from here on; Adam's moments
+        go with the steps undone."""
+        self.student.load_state_dict(self._best_state)
+        self.optimizer.state.clear()
+        self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
+        for group in self.optimizer.param_groups:
+            group["lr"] *= factor
 
     def _next_batch(self):
         if self._batches is None:

@@ -27,7 +27,10 @@ class Finetune:
     ``rungs`` fine-tunes, each ``reduction`` times longer than the one before, and promotes a plan
     to the next while it could still reach the front. The student is scored every ``eval_every``
     steps (and before the first): the fine-tune keeps its best state, so it never ends worse than
-    it started.
+    it started. A score below the best so far sends the student back to its best state with the
+    learning rate times ``backtrack`` (None: it goes on from where it is): a plan that starts near
+    the teacher (PTQ, a refitted pruning) is walked away from it by the task's rate, and goes on
+    from its start at a smaller one.
 
     ``seed`` alone sets a fine-tune's randomness (the training batches' order, dropout): every plan
     is fine-tuned on the same batches in the same order, so plans differ by what they are, not by
@@ -47,6 +50,7 @@ class Finetune:
     rungs: int = 3
     reduction: int = 3
     seed: int = 0
+    backtrack: float | None = 0.1
 
     def __post_init__(self) -> None:
         if self.steps is not None and not _whole_number(self.steps):
@@ -63,6 +67,8 @@ class Finetune:
             raise ValueError(f"learning-rate schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if not _whole_number(self.seed):
             raise ValueError(f"fine-tune seed must be a whole number >= 0, got {self.seed!r}")
+        if self.backtrack is not None and not 0.0 < self.backtrack <= 1.0:
+            raise ValueError(f"backtrack must be in (0, 1] or None, got {self.backtrack!r}")
         if self.rungs < 1 or self.reduction < 2:
             raise ValueError(f"fine-tune rungs must be >= 1 and reduction >= 2, got {self.rungs}, {self.reduction}")
 
