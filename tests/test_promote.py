@@ -82,21 +82,27 @@ def test_a_plan_that_cannot_reach_the_front_at_its_latency_is_not_promoted():
     assert next_promotion(study, halving, TEACHER).number == hopeful
 
 
-def test_a_recipe_s_plan_is_promoted_rung_by_rung_without_a_slot_while_it_could_add_to_the_box():
+def test_a_recipe_s_plan_is_promoted_rung_by_rung_without_a_slot_while_it_could_be_on_the_front():
     """Two plans at rung 0 leave no slot (one in three), yet the recipe that could still add to the
-    front's box goes on, and on again from rung 1; a recipe that could not reach the box (0.5 could
-    reach 0.875 with half its gap closed twice) is not promoted, nor does it take a sampled plan's slot."""
+    front's box goes on, and on again from rung 1; then the recipe below the box (0.5 could reach
+    0.875 with half its gap closed twice), which no plan as fast could match: the front must
+    dominate it at its longest fine-tune too. A recipe that a faster plan already beats at what it
+    could reach waits, and takes no sampled plan's slot."""
     study = _study()
-    _trial(study, 0.5, 0.3, **{Key.RECIPE: "prune 0.5"})
+    below = _trial(study, 0.5, 0.3, **{Key.RECIPE: "prune 0.5"})
     recipe = _trial(study, 0.92, 0.5, **{Key.RECIPE: "prune 0.25"})
+    _trial(study, 0.5, 3.0, **{Key.RECIPE: "width 0.75"})  # 0.875 at most, where 0.95 runs faster
     _trial(study, 0.95, 1.0)
     assert next_promotion(study, FINETUNE, TEACHER).number == recipe
     once = _trial(study, 0.95, 0.5, rung=1, parent=recipe, **{Key.RECIPE: "prune 0.25"})
     assert next_promotion(study, FINETUNE, TEACHER).number == once
     _trial(study, 0.97, 0.5, rung=2, parent=once, **{Key.RECIPE: "prune 0.25"})
+    assert next_promotion(study, FINETUNE, TEACHER).number == below
+    twice = _trial(study, 0.6, 0.3, rung=1, parent=below, **{Key.RECIPE: "prune 0.5"})
+    study.enqueue_trial({"x": 0.0}, user_attrs={Key.CONTINUE_FROM: twice, Key.RUNG: 2})  # queued: it counts
     assert next_promotion(study, FINETUNE, TEACHER) is None
     for latency in (1.1, 1.2):
-        _trial(study, 0.95, latency)  # three sampled plans at rung 0: a slot, for one of them
+        _trial(study, 0.95, latency)  # three plans of the study's own at rung 0: a slot, for one of them
     assert Key.RECIPE not in next_promotion(study, FINETUNE, TEACHER).user_attrs
 
 

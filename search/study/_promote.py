@@ -10,8 +10,9 @@ enough plans have reached it to judge it, as asynchronous successive halving doe
 
 At rung ``r``, with ``n`` of the study's own plans there (the sampler's, the sensitivity mixes),
 up to ``n // reduction`` of them are promoted. A recipe users know (they run it at the longest
-fine-tune) takes no slot: its plan is promoted, rung by rung, while it could still add to the
-front's box, so that the study holds what the recipes hold, at the same fine-tune. A plan could
+fine-tune) takes no slot: its plan is promoted, rung by rung, while it could still be on the front
+(in the front's box or below it), so that the study's front weakly dominates every recipe users
+know, at the same fine-tune. A plan could
 still reach the front if the metric the longer fine-tunes could still give it (its metric at rung
 ``r`` plus the share of its gap to the teacher that earlier promotions from each rung closed:
 their upper quartile, half of it until two were seen) would not be matched by another plan at
@@ -135,7 +136,7 @@ def next_promotion(
     for slots, waiting in _waiting(study, finetune, teacher, window):
         promising = {
             root: p for root, (trial, p) in waiting.items()
-            if p is not None and (p[0] > 0 if users_know(trial) else slots > 0)
+            if p is not None and (users_know(trial) or slots > 0)
         }  # fmt: skip
         if promising:
             return waiting[max(promising, key=promising.get)][0]
