@@ -83,8 +83,8 @@ def test_a_plan_that_cannot_reach_the_front_at_its_latency_is_not_promoted():
 
 
 def test_a_recipe_s_plan_is_promoted_rung_by_rung_without_a_slot_while_it_could_be_on_the_front():
-    """Two plans at rung 0 leave no slot (one in three), yet the recipe that could still add to the
-    front's box goes on, and on again from rung 1; then the recipe below the box (0.5 could reach
+    """One plan of the study's own at rung 0 leaves no slot (one in three), yet the recipe that could
+    still add to the front's box goes on, and on again from rung 1; then the recipe below the box (0.5 could reach
     0.875 with half its gap closed twice), which no plan as fast could match: the front must
     dominate it at its longest fine-tune too. A recipe that a faster plan already beats at what it
     could reach waits, and takes no sampled plan's slot."""
@@ -98,8 +98,8 @@ def test_a_recipe_s_plan_is_promoted_rung_by_rung_without_a_slot_while_it_could_
     assert next_promotion(study, FINETUNE, TEACHER).number == once
     _trial(study, 0.97, 0.5, rung=2, parent=once, **{Key.RECIPE: "prune 0.25"})
     assert next_promotion(study, FINETUNE, TEACHER).number == below
-    twice = _trial(study, 0.6, 0.3, rung=1, parent=below, **{Key.RECIPE: "prune 0.5"})
-    study.enqueue_trial({"x": 0.0}, user_attrs={Key.CONTINUE_FROM: twice, Key.RUNG: 2})  # queued: it counts
+    below_once = _trial(study, 0.6, 0.3, rung=1, parent=below, **{Key.RECIPE: "prune 0.5"})
+    study.enqueue_trial({"x": 0.0}, user_attrs={Key.CONTINUE_FROM: below_once, Key.RUNG: 2})  # queued: it counts
     assert next_promotion(study, FINETUNE, TEACHER) is None
     for latency in (1.1, 1.2):
         _trial(study, 0.95, latency)  # three plans of the study's own at rung 0: a slot, for one of them
