@@ -5,15 +5,17 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
+from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 import search
 from search.artifacts import OnnxModule
 from search.compress import Finetune, apply_plan
-from search.model import describe_layers
-from search.plan import ChannelPruning, LayerPlan, Plan, SearchSpace
+from search.model import EncoderBlocks, describe_blocks, describe_layers
+from search.plan import ChannelPruning, Depth, LayerPlan, Plan, SearchSpace, kept_blocks
 from search.study import METRIC_WINDOW, layer_sensitivity
-from search.study._sensitivity import excluded_bits, mixed_rules
+from search.study._sensitivity import block_drops, excluded_bits, mixed_rules
 from targets import load_target
 
 
@@ -45,21 +47,84 @@ def test_the_sensitivity_table_has_one_row_per_layer_and_option(tiny_task):
 
 
 ROWS = [
-    {"layer": "a", "option": "bits=8", "bits": 8, "pruning": 0.0, "drop": 0.001, "error": None},
-    {"layer": "a", "option": "bits=4", "bits": 4, "pruning": 0.0, "drop": 0.001, "error": None},
-    {"layer": "a", "option": "bits=1", "bits": 1, "pruning": 0.0, "drop": 0.5, "error": None},
-    {"layer": "b", "option": "bits=8", "bits": 8, "pruning": 0.0, "drop": 0.01, "error": None},
-    {"layer": "b", "option": "bits=4", "bits": 4, "pruning": 0.0, "drop": 0.05, "error": None},
-    {"layer": "a", "option": "pruning=0.25", "bits": 32, "pruning": 0.25, "drop": 0.3, "error": None},
-    {"layer": "a", "option": "pruning=0.5", "bits": 32, "pruning": 0.5, "drop": 0.6, "error": None},
-    {"layer": "b", "option": "pruning=0.25", "bits": 32, "pruning": 0.25, "drop": 0.05, "error": None},
-    {"layer": "b", "option": "pruning=0.5", "bits": 32, "pruning": 0.5, "drop": 0.2, "error": None},
+    {"layer": "a", "kind": "Conv2d", "option": "bits=8", "bits": 8, "pruning": 0.0, "drop": 0.001, "error": None},
+    {"layer": "a", "kind": "Conv2d", "option": "bits=4", "bits": 4, "pruning": 0.0, "drop": 0.001, "error": None},
+    {"layer": "a", "kind": "Conv2d", "option": "bits=1", "bits": 1, "pruning": 0.0, "drop": 0.5, "error": None},
+    {"layer": "b", "kind": "Conv2d", "option": "bits=8", "bits": 8, "pruning": 0.0, "drop": 0.01, "error": None},
+    {"layer": "b", "kind": "Conv2d", "option": "bits=4", "bits": 4, "pruning": 0.0, "drop": 0.05, "error": None},
+    {"layer": "a", "kind": "Conv2d", "option": "pruning=0.25", "bits": 32, "pruning": 0.25, "drop": 0.3, "error": None},
+    {"layer": "a", "kind": "Conv2d", "option": "pruning=0.5", "bits": 32, "pruning": 0.5, "drop": 0.6, "error": None},
+    {"layer": "b", "kind": "Conv2d", "option": "pruning=0.25", "bits": 32, "pruning": 0.25, "drop": 0.05, "error": None},
+    {"layer": "b", "kind": "Conv2d", "option": "pruning=0.5", "bits": 32, "pruning": 0.5, "drop": 0.2, "error": None},
 ]
+
+
+def _block_row(index: int, drop: float, error: str | None = None) -> dict:
+    return {"layer": f"blocks.{index}", "kind": "block", "option": "drop", "bits": 32, "pruning": 0.0,
+            "drop": drop, "error": error}  # fmt: skip
 
 
 def test_a_bit_width_that_alone_drops_the_metric_out_of_the_window_is_not_offered():
     assert excluded_bits(ROWS) == {"a.bits": [1]}  # pruning is never ruled out, however it drops
+    assert excluded_bits([*ROWS, _block_row(0, 0.5)]) == {"a.bits": [1]}  # nor is a block's float
     assert METRIC_WINDOW == 0.1
+
+
+def test_the_drops_of_every_block_or_none():
+    blocks = EncoderBlocks("blocks", 3, {}, {})
+    rows = [*ROWS, _block_row(0, 0.2), _block_row(1, 0.05), _block_row(2, 0.4)]
+    assert block_drops(rows, blocks) == (0.2, 0.05, 0.4)
+    assert block_drops(rows[:-1], blocks) is None  # a pass cut short: blocks stay evenly spread
+    assert block_drops([*rows[:-1], _block_row(2, math.nan, error="could not build")], blocks) is None
+    assert block_drops(rows, None) is None and block_drops([], blocks) is None
+
+
+def _bert_task():
+    """A 4-block BERT embedding task; its space: half the blocks or all, int8 on one layer only."""
+    pytest.importorskip("transformers", reason="a Transformer's blocks need transformers")
+    from models import BertSentences, text_task
+
+    torch.manual_seed(0)
+    space = SearchSpace(
+        bits=(32, 8), pruning=(0.0,), heads=(0.0,), sparsity=(0.0,), two_four=False, depth=(1.0, 0.5),
+        layers=("bert.pooler.dense",),
+    )  # fmt: skip
+    return text_task(BertSentences().eval(), "tiny-bert"), space
+
+
+def test_a_transformer_s_blocks_are_scored_first_each_removed_alone():
+    task, space = _bert_task()
+    layers, blocks = describe_layers(task.model, task.example_input), describe_blocks(task.model)
+    rows = layer_sensitivity(task, layers, space, blocks, load_target("cpu"), 1.0)
+    names = [f"bert.encoder.layer.{index}" for index in range(4)]
+    assert [(r["layer"], r["kind"], r["option"]) for r in rows] == [
+        *[(name, "block", "drop") for name in names], ("bert.pooler.dense", "Linear", "bits=8")
+    ]
+    for index, row in enumerate(rows[:4]):  # the teacher without that one block
+        plan = Plan(depth=Depth(blocks.container, tuple(i for i in range(4) if i != index)))
+        assert row["metric"] == pytest.approx(task.score(apply_plan(task.model, plan, task.example_input)), abs=1e-3)
+        assert row["drop"] == pytest.approx(1.0 - row["metric"]) and row["error"] is None
+    assert block_drops(rows, blocks) == tuple(row["drop"] for row in rows[:4])
+    assert len({round(row["drop"], 3) for row in rows[:4]}) > 1  # the blocks are told apart
+    every_block_kept = layer_sensitivity(task, layers, space.replace(depth=(1.0,)), blocks, load_target("cpu"), 1.0)
+    assert [row["kind"] for row in every_block_kept] == ["Linear"]
+
+
+def test_a_study_s_students_keep_the_blocks_whose_removal_costs_most(fast_profiler, tmp_path):
+    task, space = _bert_task()
+    study = search.run(
+        task, trials=2, space=space, profiler=fast_profiler, results_dir=tmp_path, finetune=Finetune(steps=2),
+        pruner="none", cost_model=False,
+    )  # fmt: skip
+    drops = {row["layer"]: row["drop"] for row in study.user_attrs["sensitivity"] if row["kind"] == "block"}
+    costliest = sorted(sorted(drops, key=drops.get, reverse=True)[:2])
+    (student,) = [trial for trial in study.trials if trial.params.get("depth") == 2]
+    assert student.user_attrs["recipe"] == "2 of 4 blocks" and student.state == TrialState.COMPLETE
+    kept = Plan.from_dict(student.user_attrs["plan"]).depth.keep
+    assert [f"bert.encoder.layer.{index}" for index in kept] == costliest
+    assert kept != kept_blocks(4, 2)  # evenly spread: 0 and 3, which these drops do not rank first
+    frame = search.load_sensitivity(study)
+    assert sorted(frame[frame["kind"] == "block"]["layer"]) == sorted(drops) and not frame["excluded"].any()
 
 
 def test_the_mixed_recipes_spend_bits_and_pruning_where_they_cost_least():

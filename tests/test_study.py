@@ -10,7 +10,7 @@ import optuna
 import pandas as pd
 import pytest
 import torch
-from models import Conv1dNet, ResidualNet, resnet18, settle
+from models import Conv1dNet, ResidualNet, TinyText, resnet18, settle, text_task
 
 import search
 from search import Finetune, SearchSpace, Task, TargetUnavailableError, UsageError, run
@@ -419,33 +419,11 @@ def test_out_of_memory_fails_its_trial_with_the_stage_and_the_study_goes_on(
     assert reason.startswith("out of memory") and "measure" in reason, reason
 
 
-def _tiny_text_task() -> Task:
-    """TinyText (random weights) as the teacher of an embedding task: unlabelled dict batches, cosine
-    distillation, and the metric a sentence-embedding model is judged by, the mean cosine similarity
-    of the candidate's embeddings to the teacher's on held-out sentences."""
-    from models import TinyText, text_inputs
-
-    teacher = TinyText().eval()
-    train = [(text_inputs(16, seed=i), None) for i in range(4)]
-    val = [(text_inputs(32, seed=100 + i), None) for i in range(2)]
-    with torch.no_grad():
-        references = [teacher(**inputs) for inputs, _ in val]
-
-    def cosine_to_teacher(model, val):
-        cosines = [
-            torch.nn.functional.cosine_similarity(model(**inputs), reference, dim=1)
-            for (inputs, _), reference in zip(val, references)
-        ]
-        return float(torch.cat(cosines).mean())
-
-    return Task(teacher, train, val, text_inputs(1), cosine_to_teacher, "tiny-text", distill_loss="cosine")
-
-
 def test_an_embedding_model_on_dict_inputs_runs_end_to_end(fast_profiler, tmp_path):
     import onnx
 
     space = SearchSpace(width=(1.0, 0.5), pruning=(0.0,), bits=(8,), sparsity=(0.0,), two_four=False)
-    study = run(_tiny_text_task(), trials=2, space=space, profiler=fast_profiler, results_dir=tmp_path, **FAST)
+    study = run(text_task(TinyText().eval()), trials=2, space=space, profiler=fast_profiler, results_dir=tmp_path, **FAST)
     assert study.user_attrs["baseline"]["metric"] == pytest.approx(1.0, abs=1e-4)  # the teacher vs itself
     assert any(trial.user_attrs["metric_torch"] is not None for trial in study.trials)
     for trial in study.trials:

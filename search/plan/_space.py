@@ -109,17 +109,23 @@ def _bits_for(layer: LayerInfo, space: SearchSpace, transformer: bool) -> list[i
     return allowed or [max(BITS)]  # no offered width is wide enough for an edge layer: it stays float
 
 
-def kept_blocks(blocks: int, kept: int) -> tuple[int, ...]:
-    """``kept`` of ``blocks`` indices, evenly spaced from the first block to the last."""
+def kept_blocks(blocks: int, kept: int, drops: Sequence[float] | None = None) -> tuple[int, ...]:
+    """``kept`` of ``blocks`` indices: given ``drops``, what removing each block alone costs the
+    metric, the ``kept`` costliest to remove (the earlier of two that cost the same); else evenly
+    spaced from the first block to the last."""
+    if drops is not None:
+        return tuple(sorted(sorted(range(blocks), key=lambda i: -drops[i])[:kept]))
     if kept == 1:
         return (0,)
     return tuple(sorted({round(i * (blocks - 1) / (kept - 1)) for i in range(kept)}))
 
 
-def _suggest_depth(trial: optuna.Trial, space: SearchSpace, blocks: EncoderBlocks, suggest) -> Depth | None:
+def _suggest_depth(
+    trial: optuna.Trial, space: SearchSpace, blocks: EncoderBlocks, suggest, drops: Sequence[float] | None
+) -> Depth | None:
     choices = sorted({max(1, round(share * blocks.blocks)) for share in space.depth}, reverse=True)
     kept = suggest("depth", choices)
-    return None if kept == blocks.blocks else Depth(blocks.container, kept_blocks(blocks.blocks, kept))
+    return None if kept == blocks.blocks else Depth(blocks.container, kept_blocks(blocks.blocks, kept, drops))
 
 
 def suggest_plan(
@@ -128,6 +134,7 @@ def suggest_plan(
     layers: Sequence[LayerInfo],
     blocks: EncoderBlocks | None = None,
     exclude: Mapping[str, Collection] | None = None,
+    drops: Sequence[float] | None = None,
 ) -> Plan:
     """Sample one plan: width (or, for a Transformer with ``blocks``, depth and per attention module
     the heads removed), then per layer bit width, sparsity (dense when binarized) and pruning.
@@ -138,7 +145,9 @@ def suggest_plan(
     offers that this study does not (options that layer sensitivity or the study's measurements
     ruled out); a parameter keeps its choices if all of them are excluded, and one left with a
     single choice takes it without being asked: Optuna's storages refuse a parameter whose choices
-    change within a study, and a study may rule options out as it goes.
+    change within a study, and a study may rule options out as it goes. ``drops``: what removing
+    each block alone costs the metric (layer sensitivity); a student keeps the costliest blocks
+    (:func:`kept_blocks`), so the ``depth`` parameter stays a number of blocks.
     """
     exclude = exclude or {}
 
@@ -150,7 +159,7 @@ def suggest_plan(
     if blocks is None:
         width = suggest("width", list(space.width))
     else:
-        depth = _suggest_depth(trial, space, blocks, suggest)
+        depth = _suggest_depth(trial, space, blocks, suggest, drops)
         for name in blocks.heads:
             if depth is None or depth.rename(name) is not None:
                 heads[name] = HeadPruning(suggest(f"{name}.heads", list(space.heads)))

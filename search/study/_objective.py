@@ -73,7 +73,8 @@ class Objective:
 
     ``finetune`` is resolved (its ``steps`` set); ``rungs`` the step each rung's fine-tune ends at
     (one rung, the longest, without successive halving); ``exclude`` the options layer sensitivity
-    ruled out, per parameter.
+    ruled out, per parameter; ``drops`` what removing each block alone costs (a student keeps the
+    costliest, :func:`~search.plan.kept_blocks`), None to keep blocks evenly spread.
     """
 
     task: Task
@@ -84,6 +85,7 @@ class Objective:
     finetune: Finetune
     rungs: tuple[int, ...]
     exclude: Mapping[str, Sequence]
+    drops: Sequence[float] | None
     budget_ms: float | None
     directory: Path
     on_stage: StageCallback
@@ -168,7 +170,9 @@ class Objective:
     def _evaluate(self, study: optuna.Study, trial: optuna.Trial, seconds: dict) -> tuple[float, ...]:
         """The trial's objective values; the seconds each stage took add up in ``seconds``."""
         task, target = self.task, self.spec.target
-        plan = suggest_plan(trial, self.spec.space, self.layers, self.blocks, self._exclude(study, trial))
+        plan = suggest_plan(
+            trial, self.spec.space, self.layers, self.blocks, self._exclude(study, trial), self.drops
+        )
         parent = _parent(study, trial)
         trial.set_user_attr(Key.PLAN, plan.to_dict())
         if parent is None:

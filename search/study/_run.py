@@ -27,7 +27,7 @@ from search.study._optuna import make_sampler, rung_ends
 from search.study._promote import promote, without_promise
 from search.study._recipes import enqueue_recipes, recipe_params, recipe_rules, stacked_rules
 from search.study._results import SQLITE_FILE, locate_study, write_parquet
-from search.study._sensitivity import layer_sensitivity, mixed_rules
+from search.study._sensitivity import block_drops, layer_sensitivity, mixed_rules
 from search.study._setup import Setup, check_results_dir
 from search.study._storage import make_storage
 from search.study._spec import SPEC_VERSION, RunSpec, pruner_name, spec_of, task_of_study
@@ -320,10 +320,11 @@ def _objective(
     """The objective of one worker of ``study``, which already holds its settings and baseline."""
     if gate is not None:
         study.set_user_attr(StudyKey.COST_MODEL_WARM_START, gate.warm_start)
-    finetune = spec.finetune_for(task.finetune)
+    finetune, blocks = spec.finetune_for(task.finetune), find_blocks(task.model)
+    drops = block_drops(study.user_attrs.get(StudyKey.SENSITIVITY, []), blocks)
     return Objective(
-        task, spec, profiler, layers, find_blocks(task.model), finetune, rung_ends(spec.pruner, finetune),
-        _exclusions(study, spec, layers), study.user_attrs[StudyKey.BUDGET_MS], directory,
+        task, spec, profiler, layers, blocks, finetune, rung_ends(spec.pruner, finetune),
+        _exclusions(study, spec, layers), drops, study.user_attrs[StudyKey.BUDGET_MS], directory,
         on_stage or (lambda number, stage: None), gate, _trials_wanted(study),
     )  # fmt: skip
 
