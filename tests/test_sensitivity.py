@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -80,13 +81,13 @@ def test_the_drops_of_every_block_or_none():
 
 
 def _bert_task():
-    """A 4-block BERT embedding task; its space: half the blocks or all, int8 on one layer only."""
+    """A 4-block BERT embedding task; its space: half the blocks or all, heads, int8 on one layer."""
     pytest.importorskip("transformers", reason="a Transformer's blocks need transformers")
     from models import BertSentences, text_task
 
     torch.manual_seed(0)
     space = SearchSpace(
-        bits=(32, 8), pruning=(0.0,), heads=(0.0,), sparsity=(0.0,), two_four=False, depth=(1.0, 0.5),
+        bits=(32, 8), pruning=(0.0,), heads=(0.0, 0.5), sparsity=(0.0,), two_four=False, depth=(1.0, 0.5),
         layers=("bert.pooler.dense",),
     )  # fmt: skip
     return text_task(BertSentences().eval(), "tiny-bert"), space
@@ -122,6 +123,12 @@ def test_a_study_s_students_keep_the_blocks_whose_removal_costs_most(fast_profil
     assert student.user_attrs["recipe"] == "2 of 4 blocks" and student.state == TrialState.COMPLETE
     kept = Plan.from_dict(student.user_attrs["plan"]).depth.keep
     assert [f"bert.encoder.layer.{index}" for index in kept] == costliest
+    # queued with the kept blocks' parameters: every head stays, none sampled
+    assert student.params.items() <= student.system_attrs["fixed_params"].items()
+    assert {name for name in student.params if name.endswith(".heads")} == {
+        f"bert.encoder.layer.{index}.attention.self.heads" for index in kept
+    }
+    assert not any(student.params[name] for name in student.params if name.endswith(".heads"))
     assert kept != kept_blocks(4, 2)  # evenly spread: 0 and 3, which these drops do not rank first
     frame = search.load_sensitivity(study)
     assert sorted(frame[frame["kind"] == "block"]["layer"]) == sorted(drops) and not frame["excluded"].any()
@@ -152,6 +159,27 @@ def test_a_study_records_the_sensitivity_prints_it_and_seeds_a_recipe(tiny_task,
 
     output = CliRunner().invoke(cli.app, ["results", str(tmp_path / study.study_name), "--sensitivity"]).output
     assert all(name in output for name in ("conv1", "conv2", "conv3", "fc", "bits=8", "pruning=0.5", "torch"))
+
+
+def test_the_pass_has_its_share_of_the_timeout_after_the_teacher_s_activity_is_measured(
+    tiny_task, fast_profiler, tmp_path, monkeypatch
+):
+    """The activity every plan's build needs is not taken out of the pass's tenth: measured in more
+    than that tenth (here 7 s of a 60 s run), it leaves the pass its 6 s all the same."""
+    measure, measured = tiny_task.activity, []
+
+    def slow():  # the first call measures, the others read what it measured
+        if not measured:
+            time.sleep(7)
+            measured.append(True)
+        return measure()
+
+    monkeypatch.setattr(tiny_task, "activity", slow)
+    study = search.run(
+        tiny_task, trials=1, timeout=60, profiler=fast_profiler, results_dir=tmp_path, finetune=Finetune(steps=2),
+        pruner="none", cost_model=False, recipes=False,
+    )  # fmt: skip
+    assert len(study.user_attrs["sensitivity"]) >= 3
 
 
 def test_the_pass_goes_breadth_first_every_layers_mildest_pruning_before_any_stronger_option(tiny_task):

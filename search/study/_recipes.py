@@ -94,14 +94,17 @@ def recipe_params(
     layers: Sequence[LayerInfo],
     blocks: EncoderBlocks | None,
     exclude: Mapping[str, Sequence] | None = None,
+    drops: Sequence[float] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Each recipe's trial parameters; a recipe the space cannot express (int8 where ``bits`` has
-    no 8, a ratio that is not offered) is left out, and so is one equal to an earlier one."""
+    no 8, a ratio that is not offered) is left out, and so is one equal to an earlier one. A
+    student of fewer blocks has parameters for the blocks it keeps: those the study's trials keep
+    (``drops``, as :func:`~search.plan.suggest_plan` takes them)."""
     found: dict[str, dict[str, Any]] = {}
     for name, rule in rules.items():
         trial = _Recipe(rule)
         try:
-            suggest_plan(trial, space, layers, blocks, exclude)
+            suggest_plan(trial, space, layers, blocks, exclude, drops)
         except _NotInSpace:
             continue
         if trial.params not in found.values():

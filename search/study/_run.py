@@ -124,7 +124,8 @@ def run(
         study.set_user_attr(StudyKey.BUDGET_MS, budget_ms)
         blocks = find_blocks(task.model)
         if spec.sensitivity and StudyKey.SENSITIVITY not in study.user_attrs:
-            deadline = _deadline(started, spec.timeout and SENSITIVITY_SHARE * spec.timeout)
+            task.activity()  # measured once for every plan's build, not out of the pass's share
+            deadline = _deadline(time.monotonic(), spec.timeout and SENSITIVITY_SHARE * spec.timeout)
             teacher = study.user_attrs[StudyKey.BASELINE][Key.METRIC]
             rows = layer_sensitivity(task, layers, spec.space, blocks, spec.target, teacher, deadline)
             study.set_user_attr(StudyKey.SENSITIVITY, rows)
@@ -132,7 +133,8 @@ def run(
         if spec.recipes and not study.trials:
             users = recipe_rules(spec.space, blocks)
             rules = {**users, **mixed_rules(sensitivity), **stacked_rules(users)}
-            recipes = recipe_params(rules, spec.space, layers, blocks, _exclusions(study, spec, layers))
+            exclude, drops = _exclusions(study, spec, layers), block_drops(sensitivity, blocks)
+            recipes = recipe_params(rules, spec.space, layers, blocks, exclude, drops)
             enqueue_recipes(study, dict(list(recipes.items())[: spec.trials]))  # no more than the study runs
     directory.mkdir(parents=True, exist_ok=True)  # a study resumed from another machine's storage
     objective = _objective(study, task, spec, profiler, directory, on_stage, layers, gate)
