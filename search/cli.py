@@ -30,6 +30,7 @@ from search._record import STAGES, Key, StudyKey
 from search.compress import SCHEDULES, Finetune
 from search.plan import SearchSpace
 from search.study import (
+    BLOCK,
     FINISHED,
     METRIC_WINDOW,
     OBJECTIVES,
@@ -698,8 +699,10 @@ def _print_sensitivity(study: optuna.Study) -> None:
         return
     teacher = study.user_attrs.get(StudyKey.BASELINE, {}).get(Key.METRIC)
     table = Table(
-        title=f"{study.study_name}: the metric with one layer compressed, no fine-tune (most sensitive first)",
+        title=f"{study.study_name}: the metric with one layer compressed or one block removed, no fine-tune "
+        "(most sensitive first)",
         caption=f"excluded: a bit width not offered to that layer (alone it drops the metric by more than {METRIC_WINDOW:g})"
+        + ("; a student keeps the blocks whose removal costs most" if (frame["kind"] == BLOCK).any() else "")
         + (f"; teacher's metric on its ONNX file {teacher:.4f}" if teacher is not None else ""),
     )  # fmt: skip
     for column in ("layer", "kind", "option", "metric", "drop", "scored on", "excluded"):

@@ -132,6 +132,11 @@ def test_a_study_s_students_keep_the_blocks_whose_removal_costs_most(fast_profil
     assert kept != kept_blocks(4, 2)  # evenly spread: 0 and 3, which these drops do not rank first
     frame = search.load_sensitivity(study)
     assert sorted(frame[frame["kind"] == "block"]["layer"]) == sorted(drops) and not frame["excluded"].any()
+    from search import cli
+
+    output = CliRunner().invoke(cli.app, ["results", str(tmp_path / study.study_name), "--sensitivity"]).output
+    assert "a student keeps the blocks whose removal costs most" in output
+    assert all(f"bert.encoder.layer.{index} " in output for index in range(4)), output
 
 
 def test_the_mixed_recipes_spend_bits_and_pruning_where_they_cost_least():

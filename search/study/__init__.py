@@ -25,7 +25,7 @@ __getattr__, __dir__, __all__ = lazy_names(
             "load_sensitivity", "load_trials", "locate_study", "open_study", "pareto_front", "plot_front", "write_parquet",
         ),
         "search.study._run": ("default_study_name", "run", "work"),
-        "search.study._sensitivity": ("layer_sensitivity", "sensitivity_frame"),
+        "search.study._sensitivity": ("BLOCK", "layer_sensitivity", "sensitivity_frame"),
         "search.study._setup": ("check_results_dir",),
         "search.study._storage": ("make_storage",),
         "search.study._spec": ("OBJECTIVES", "SPEC_VERSION", "RunSpec", "spec_of", "task_of_study"),
