@@ -14,7 +14,8 @@ the teacher's latency; the share is the dominated area over 0.1 × the teacher's
 which recipe points the front dominates (weakly: a front point at least as good on both axes;
 "within noise": at most 3 % slower, the spread of repeated measurements on these VMs; a recipe
 not dominated is measured again together with the front's nearest point, alternating), and where
-the search's trial time went by stage.
+the search's trial time went by stage. MiniLM's goal, a front point at cosine >= 0.99 faster than
+int8 everywhere, counts only a point measured together with the int8 file and more than 3 % faster.
 
 Runs of different code compare only with ``--steps`` fixed: otherwise the longest fine-tune is sized
 from a timed probe, and the recipes' fine-tunes differ by a few percent of steps between runs. With
@@ -146,11 +147,17 @@ def searched(task, name: str, finetune: Finetune, recipes: dict, teacher: tuple[
         "ratio": ratio, "dominated": dominated, "measured_together": together, "stage_shares": stages,
         "overhead": overhead,
     }  # fmt: skip
-    if name == "minilm":
+    if name == "minilm":  # faster beyond noise when measured together: int8's own file drifts by 10 % in a run
         int8 = recipes.get("int8 everywhere")
-        faster = [(m, ms) for m, ms in search_front if m >= 0.99 and int8 and ms < int8["latency_ms"]]
+        faster = []
+        for m, ms in search_front:
+            if m >= 0.99 and int8 and ms < int8["latency_ms"] * (1 + NOISE):
+                recipe_ms, point_ms = measured_together(profiler, int8["path"], files[(m, ms)])
+                print(f"  cosine {m:.4f}: {point_ms:.4f} ms, int8 everywhere {recipe_ms:.4f} ms, measured together")
+                if point_ms < recipe_ms * (1 - NOISE):
+                    faster.append((m, point_ms, recipe_ms))
         result["minilm_goal"] = bool(faster)
-        print(f"a front point at cosine >= 0.99 faster than uniform dynamic int8: {faster or 'none'}")
+        print(f"a front point at cosine >= 0.99 faster than uniform dynamic int8 beyond noise: {faster or 'none'}")
     return result
 
 
