@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from search._errors import CandidateError
-from search.plan import ChannelPruning, LayerPlan, Plan, Quantization, SearchSpace
+from search.plan import ChannelPruning, Depth, LayerPlan, Plan, Quantization, SearchSpace
 from search.study._front import METRIC_WINDOW
 from search.study._recipes import MIX, Rule, uncompressed
 from search.study._scoring import FILE, TORCH, FasterScoring, write_file
@@ -83,15 +83,13 @@ def layer_sensitivity(
     whichever scores options of its kind (a structure: a block or a pruning; bits) faster
     (:class:`~search.study._scoring.FasterScoring`); ``scored_on`` says which. Options go breadth
     first: the blocks, every layer's smallest pruning ratio, then the next, then every layer's 8
-    bits, 4, 1. With
-    a ``deadline`` (``time.monotonic()``), options not reached by then are left out: a run's time is
-    not spent on its preparation (a Transformer has hundreds of options), and the mixed recipes
-    still rank every layer by its mildest pruning."""
+    bits, 4, 1. With a ``deadline`` (``time.monotonic()``), options not reached by then are left
+    out: a run's time is not spent on its preparation (a Transformer has hundreds of options), and
+    the mixed recipes still rank every layer by its mildest pruning."""
     import copy
 
     from search.artifacts import OnnxModule, export_raw  # PyTorch: measuring needs it, reading rows not
     from search.compress import add_compression, baked_state_dict, build_structure, calibrate_input_quant
-    from search.plan import Depth
 
     calibration = task.calibration_batches()
     options = sorted(
