@@ -423,7 +423,8 @@ def test_an_embedding_model_on_dict_inputs_runs_end_to_end(fast_profiler, tmp_pa
     import onnx
 
     space = SearchSpace(width=(1.0, 0.5), pruning=(0.0,), bits=(8,), sparsity=(0.0,), two_four=False)
-    study = run(text_task(TinyText().eval()), trials=2, space=space, profiler=fast_profiler, results_dir=tmp_path, **FAST)
+    task = text_task(TinyText().eval())
+    study = run(task, trials=2, space=space, profiler=fast_profiler, results_dir=tmp_path, **FAST)
     assert study.user_attrs["baseline"]["metric"] == pytest.approx(1.0, abs=1e-4)  # the teacher vs itself
     assert any(trial.user_attrs["metric_torch"] is not None for trial in study.trials)
     for trial in study.trials:
