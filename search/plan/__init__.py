@@ -14,7 +14,7 @@ from search.plan._plan import (
     Quantization,
     WeightSparsity,
 )
-from search.plan._space import TWO_FOUR, SearchSpace, kept_blocks, suggest_plan
+from search.plan._space import TWO_FOUR, SearchSpace, depth_choices, kept_blocks, suggest_plan
 
 __all__ = [
     "BITS",
@@ -30,6 +30,7 @@ __all__ = [
     "Quantization",
     "SearchSpace",
     "WeightSparsity",
+    "depth_choices",
     "kept_blocks",
     "parse_budget",
     "suggest_plan",

@@ -120,11 +120,15 @@ def kept_blocks(blocks: int, kept: int, drops: Sequence[float] | None = None) ->
     return tuple(sorted({round(i * (blocks - 1) / (kept - 1)) for i in range(kept)}))
 
 
+def depth_choices(space: SearchSpace, blocks: EncoderBlocks) -> list[int]:
+    """The numbers of ``blocks`` a student may keep (the ``depth`` parameter's choices), most first."""
+    return sorted({max(1, round(share * blocks.blocks)) for share in space.depth}, reverse=True)
+
+
 def _suggest_depth(
     trial: optuna.Trial, space: SearchSpace, blocks: EncoderBlocks, suggest, drops: Sequence[float] | None
 ) -> Depth | None:
-    choices = sorted({max(1, round(share * blocks.blocks)) for share in space.depth}, reverse=True)
-    kept = suggest("depth", choices)
+    kept = suggest("depth", depth_choices(space, blocks))
     return None if kept == blocks.blocks else Depth(blocks.container, kept_blocks(blocks.blocks, kept, drops))
 
 

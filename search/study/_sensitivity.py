@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from search._errors import CandidateError
-from search.plan import ChannelPruning, Depth, LayerPlan, Plan, Quantization, SearchSpace
+from search.plan import ChannelPruning, Depth, LayerPlan, Plan, Quantization, SearchSpace, depth_choices
 from search.study._front import METRIC_WINDOW
 from search.study._recipes import MIX, Rule, uncompressed
 from search.study._scoring import FILE, TORCH, FasterScoring, write_file
@@ -52,7 +52,7 @@ def _block_names(blocks: EncoderBlocks) -> list[str]:
 
 def _fewer_blocks(space: SearchSpace, blocks: EncoderBlocks | None) -> bool:
     """Whether ``space`` offers a student of fewer of ``blocks`` (a Transformer's)."""
-    return blocks is not None and any(max(1, round(share * blocks.blocks)) < blocks.blocks for share in space.depth)
+    return blocks is not None and min(depth_choices(space, blocks)) < blocks.blocks
 
 
 def _options(layer: LayerInfo, space: SearchSpace, blocks: EncoderBlocks | None) -> list[tuple[int, float]]:
