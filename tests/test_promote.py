@@ -84,10 +84,10 @@ def test_a_plan_that_cannot_reach_the_front_at_its_latency_is_not_promoted():
 
 def test_a_recipe_s_plan_is_promoted_rung_by_rung_without_a_slot_while_it_could_be_on_the_front():
     """One plan of the study's own at rung 0 leaves no slot (one in three), yet the recipe that could
-    still add to the front's box goes on, and on again from rung 1; then the recipe below the box (0.5 could reach
-    0.875 with half its gap closed twice), which no plan as fast could match: the front must
-    dominate it at its longest fine-tune too. A recipe that a faster plan already beats at what it
-    could reach waits, and takes no sampled plan's slot."""
+    still add to the front's box goes on, and on again from rung 1; then the recipe below the box
+    (0.5 could reach 0.875 with half its gap closed twice), which no plan as fast could match: the
+    front must dominate it at its longest fine-tune too. A recipe that a faster plan already beats
+    at what it could reach waits, and takes no sampled plan's slot."""
     study = _study()
     below = _trial(study, 0.5, 0.3, **{Key.RECIPE: "prune 0.5"})
     recipe = _trial(study, 0.92, 0.5, **{Key.RECIPE: "prune 0.25"})
