@@ -3,6 +3,7 @@ from the state its parent saved, through a kill -9 too."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 import search
+from profilers import OnnxRuntimeCpuProfiler
 from search._record import Key
 from search.compress import Finetune
 from search.study import next_promotion
@@ -154,7 +156,7 @@ def test_the_plans_that_could_not_reach_the_front_as_it_stands_are_listed_to_giv
     assert {t.number for t in without_promise(study, halving, TEACHER)} == hopeless
 
 
-def test_a_plan_that_gave_up_its_saved_state_is_promoted_from_the_start(tiny_task, fast_profiler, tmp_path, monkeypatch):
+def test_a_plan_that_gave_up_its_saved_state_is_promoted_from_the_start(tiny_task, sized, tmp_path, monkeypatch):
     """Every screened plan gives up its state here, the one promoted later too: its promotion
     exports its graph again and fine-tunes from step 0 to the rung's end, and completes."""
     from search.study import _run
@@ -163,7 +165,7 @@ def test_a_plan_that_gave_up_its_saved_state_is_promoted_from_the_start(tiny_tas
         return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.user_attrs[Key.RUNG] == 0]
 
     monkeypatch.setattr(_run, "without_promise", every_screened)
-    study = search.run(tiny_task, trials=4, profiler=fast_profiler, results_dir=tmp_path, **ASHA)
+    study = search.run(tiny_task, trials=4, profiler=sized, results_dir=tmp_path, **ASHA)
     trials = study.get_trials(deepcopy=False)
     child = trials[3]
     parent = trials[child.user_attrs[Key.CONTINUE_FROM]]
@@ -179,10 +181,29 @@ ASHA = dict(
 )  # fmt: skip
 
 
-def test_a_promoted_trial_goes_on_from_its_parent_s_saved_state(tiny_task, fast_profiler, tmp_path):
+class SizedProfiler(OnnxRuntimeCpuProfiler):
+    """The cpu profiler with each latency set to the file's size (1 ms a MB): which plan is promoted
+    depends on the plans alone, not on how a tiny model's timings fell on a busy machine."""
+
+    def measure(self, path):
+        measurement = super().measure(path)
+        ms = Path(path).stat().st_size / 1e6
+        return dataclasses.replace(
+            measurement, latency_ms=ms, latency_p90_ms=ms, samples_ms=(ms,), session_medians_ms=(ms,), spread=0.0
+        )
+
+
+@pytest.fixture(scope="module")
+def sized():
+    from targets import load_target
+
+    return SizedProfiler(load_target("cpu"), warmup_runs=1, warmup_s=0.0, min_runs=2, min_time_s=0.0, max_time_s=0.1)
+
+
+def test_a_promoted_trial_goes_on_from_its_parent_s_saved_state(tiny_task, sized, tmp_path):
     """Three plans screened with 3 steps; the fourth trial fine-tunes the best of them on to step 9
     from the state its trial saved: its step count grows, and its curve starts with its parent's."""
-    study = search.run(tiny_task, trials=4, profiler=fast_profiler, results_dir=tmp_path, **ASHA)
+    study = search.run(tiny_task, trials=4, profiler=sized, results_dir=tmp_path, **ASHA)
     trials = study.get_trials(deepcopy=False)
     assert [t.user_attrs[Key.RUNG] for t in trials] == [0, 0, 0, 1]
     child = trials[3]
@@ -204,7 +225,7 @@ def test_a_promoted_trial_goes_on_from_its_parent_s_saved_state(tiny_task, fast_
         assert frame.loc[parent.number, "superseded_by"] == child.number and not frame.loc[parent.number, "pareto"]
 
 
-def test_the_fine_tune_scores_the_student_the_faster_way_it_timed(tiny_task, fast_profiler, tmp_path):
+def test_the_fine_tune_scores_the_student_the_faster_way_it_timed(tiny_task, sized, tmp_path):
     """After step 0 the file is tried first, PyTorch next; from then on the faster of the two (here
     PyTorch: the file's metric is made slow). A promotion inherits the timings and goes on the faster way."""
     from search.artifacts import OnnxModule
@@ -218,7 +239,7 @@ def test_the_fine_tune_scores_the_student_the_faster_way_it_timed(tiny_task, fas
     task = search.Task(
         tiny_task.model, tiny_task.train, tiny_task.val, tiny_task.example_input, slow_on_file, "slow-file"
     )
-    study = search.run(task, trials=4, profiler=fast_profiler, results_dir=tmp_path, **ASHA)
+    study = search.run(task, trials=4, profiler=sized, results_dir=tmp_path, **ASHA)
     trials = study.get_trials(deepcopy=False)
     for trial in trials[:3]:  # screened: step 0 and 2 on the file, 3 in PyTorch
         assert trial.user_attrs[Key.SCORED_ON_FILE] == ["0", "2"]
