@@ -18,6 +18,7 @@ __getattr__, __dir__, __all__ = lazy_names(
             "baked_state_dict", "calibrate_input_quant",
         ),
         "search.compress._size": ("packed_size_bytes",),
+        "search.compress._teacher": ("TEACHER_CACHE_BYTES", "TeacherOutputs"),
         "search.compress._refit": ("ACTIVITY_BATCHES", "Activity", "channel_activity", "mean_squares"),
         "search.compress._transformer_pruning": ("drop_blocks", "prune_heads_and_ffn"),
         "search.compress._transforms": (

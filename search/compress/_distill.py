@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 from search._errors import CandidateError, UsageError
 from search.compress._finetune import Finetune
+from search.compress._teacher import TeacherOutputs
 from search.model import Output, call, reduce_output, split_batch
 
 LossFunction: TypeAlias = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -61,7 +62,9 @@ class Distillation:
     going back to it when a score falls below it (``config.backtrack``).
 
     ``loss`` and ``output`` are the task's ``distill_loss`` and ``output`` (see
-    :class:`~search.Task`). The learning-rate schedule spans ``config.steps``, the longest
+    :class:`~search.Task`); ``teacher_outputs``: the teacher's outputs remembered across fine-tunes
+    (a :class:`TeacherOutputs` of ``teacher`` and ``output``; default: the teacher runs on every
+    batch). The learning-rate schedule spans ``config.steps``, the longest
     fine-tune, and a fine-tune continued later goes on with the batches and the random draws it
     stopped at: it ends as one run at once would. Its randomness is ``config.seed``'s alone (torch's
     and ``train``'s own generator are seeded at its first batch), and scoring it takes none of it.
@@ -76,12 +79,17 @@ class Distillation:
         *,
         loss: DistillLoss = "kl",
         output: Output | None = None,
+        teacher_outputs: TeacherOutputs | None = None,
     ) -> None:
         check_distill_loss(loss)
         if config.steps is None:
             raise ValueError("the fine-tune's length is not resolved yet: steps is None")
-        self.student, self.teacher, self.config = student, teacher, config
-        self.loss, self.output = loss, output
+        if teacher_outputs is None:
+            teacher_outputs = TeacherOutputs(teacher, output, max_bytes=0)
+        elif teacher_outputs.teacher is not teacher or teacher_outputs.output is not output:
+            raise ValueError("teacher_outputs must be the outputs of this teacher, reduced by this output")
+        self.student, self.config = student, config
+        self.loss, self.output, self.teacher_outputs = loss, output, teacher_outputs
         self.optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=config.lr)
         self.scheduler = _scheduler(self.optimizer, config)
         self.step = 0
@@ -118,13 +126,11 @@ class Distillation:
         ``config.eval_interval`` steps and at ``until`` (:meth:`score`), and ``on_eval(step,
         value)`` hears each score (it may raise ``optuna.TrialPruned``). A non-finite loss fails
         the candidate."""
-        teacher, student, config = self.teacher, self.student, self.config
-        teacher.eval()
+        student, config = self.student, self.config
         student.train()
         while self.step < until:
             inputs, labels = split_batch(self._next_batch())
-            with torch.no_grad():
-                teacher_out = reduce_output(call(teacher, inputs), self.output)
+            teacher_out = self.teacher_outputs(inputs)
             value = distillation_loss(
                 reduce_output(call(student, inputs), self.output), teacher_out, labels, config, self.loss
             )

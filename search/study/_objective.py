@@ -343,7 +343,10 @@ class Objective:
         (:class:`~search.study._scoring.FasterScoring`). ``start``: the file a new plan was exported
         to and measured as: it scores step 0 with nothing to write."""
         task = self.task
-        run = Distillation(candidate, task.model, task.train, self.finetune, loss=task.distill_loss, output=task.output)
+        run = Distillation(
+            candidate, task.model, task.train, self.finetune, loss=task.distill_loss, output=task.output,
+            teacher_outputs=task.teacher_outputs(),
+        )  # fmt: skip
         curve: dict[str, float] = {}
         on_file: dict[str, Path | None] = {}
         known: Mapping[str, float] = {}

@@ -19,7 +19,8 @@ from torch import nn
 from search._errors import UsageError, first_line
 from search.artifacts import OnnxModule
 from search.compress import (
-    ACTIVITY_BATCHES, CALIBRATION_BATCHES, DistillLoss, Finetune, channel_activity, check_distill_loss,
+    ACTIVITY_BATCHES, CALIBRATION_BATCHES, DistillLoss, Finetune, TeacherOutputs, channel_activity,
+    check_distill_loss,
 )  # fmt: skip
 from search.model import (
     Inputs, Output, call, check_example_input, find_blocks, reduce_output, reduced_output, split_batch,
@@ -79,6 +80,7 @@ class Task:
     options: dict = dataclasses.field(default_factory=dict)
     _calibration_batches: list | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
     _activity: dict | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
+    _teacher_outputs: TeacherOutputs | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, nn.Module):
@@ -141,6 +143,13 @@ class Task:
             batches = self.calibration_batches() if blocks is None else self._draw(ACTIVITY_BATCHES)
             self._activity = channel_activity(self.model, batches)
         return self._activity
+
+    def teacher_outputs(self) -> TeacherOutputs:
+        """The teacher's outputs on training batches, remembered for every fine-tune of this process."""
+        outputs = self._teacher_outputs
+        if outputs is None or outputs.teacher is not self.model or outputs.output is not self.output:
+            self._teacher_outputs = TeacherOutputs(self.model, self.output)
+        return self._teacher_outputs
 
     def fingerprint(self) -> str:
         """sha256 of the teacher's weights: every worker of a study must compress the same model."""
