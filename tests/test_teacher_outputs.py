@@ -9,7 +9,6 @@ from torch import nn
 
 import search
 from search.compress import Distillation, Finetune, TeacherOutputs, apply_plan
-from search.compress import _teacher
 from search.plan import Plan
 
 
@@ -57,16 +56,13 @@ def test_outputs_past_the_memory_bound_are_computed_each_time(tiny_task):
     assert outputs.bytes == 2 * one_batch and outputs.hits == 2 and teacher.calls == 18
 
 
-def test_batches_that_never_repeat_are_no_longer_looked_up(monkeypatch):
-    """Random inputs each time (augmentation): after PATIENCE lookups without a hit, nothing is
-    looked up or kept; the outputs stay the teacher's."""
-    monkeypatch.setattr(_teacher, "PATIENCE", 5)
+def test_a_loss_that_changes_the_teacher_s_output_in_place_does_not_change_what_is_remembered():
     teacher = nn.Linear(4, 2)
     outputs = TeacherOutputs(teacher)
-    for _ in range(8):
-        x = torch.randn(3, 4)
-        assert torch.equal(outputs(x), teacher(x).detach())
-    assert (outputs.lookups, outputs.hits, outputs.bytes) == (5, 0, 0) and not outputs.remembering
+    x = torch.randn(3, 4)
+    outputs(x).mul_(0)
+    outputs(x).mul_(0)
+    assert outputs.hits == 1 and torch.equal(outputs(x), teacher(x).detach())
 
 
 def test_inputs_that_differ_in_names_shape_or_type_are_not_confused():
