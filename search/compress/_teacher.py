@@ -19,10 +19,10 @@ class TeacherOutputs:
 
     Every fine-tune of a study draws the same batches in the same order (a fine-tune's draws are
     its seed's), so from the second one on the teacher is not run again: its forward pass was
-    18–37 % of a fine-tune step (MiniLM and motifs, benchmarks/RESULTS.md). Batches that never
-    repeat (random augmentation) find nothing, at the cost of a digest of their inputs each (47 ms
-    for 64 float images of 224 × 224 on 2 vCPUs). ``max_bytes=0``: nothing is remembered, the
-    teacher runs on every batch.
+    17–65 % of a fine-tune step, the more the smaller the student (benchmarks/teacher_outputs.py,
+    figures in benchmarks/RESULTS.md). Batches that never repeat (random augmentation) find
+    nothing, at the cost of a digest of their inputs each (47 ms for 64 float images of 224 × 224
+    on 2 vCPUs). ``max_bytes=0``: nothing is remembered, the teacher runs on every batch.
     """
 
     def __init__(
