@@ -3,6 +3,8 @@ fine-tune that reads them ends exactly where one that runs the teacher does."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -83,10 +85,7 @@ def test_a_fine_tune_refuses_another_teacher_s_outputs(tiny_task):
 
 def test_a_study_s_fine_tunes_share_the_task_s_teacher_outputs(tiny_task, fast_profiler, tmp_path):
     """The task keeps one TeacherOutputs for the process: the second trial's fine-tune reads it."""
-    import copy
-
-    task = copy.copy(tiny_task)  # its own remembered outputs, not the session's
-    task._teacher_outputs = None
+    task = dataclasses.replace(tiny_task)  # its own remembered outputs, not the session's task's
     search.run(task, trials=2, profiler=fast_profiler, results_dir=tmp_path, finetune=Finetune(steps=5),
                recipes=False, sensitivity=False, cost_model=False, sampler="random")  # fmt: skip
     outputs = task.teacher_outputs()
