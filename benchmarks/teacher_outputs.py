@@ -55,6 +55,9 @@ def main() -> None:
     space = SearchSpace()
     layers, blocks = describe_layers(task.model, task.example_input), find_blocks(task.model)
     recipes = recipe_params(recipe_rules(space, blocks), space, layers, blocks)
+    unknown = [name for name in args.recipe or () if name not in recipes]
+    if unknown:
+        parser.error(f"recipe {', '.join(map(repr, unknown))}: this task's are {', '.join(map(repr, recipes))}")
     batches = [split_batch(batch)[0] for batch, _ in zip(task.train, range(args.steps))]
     task.model.eval()
     with torch.no_grad():
