@@ -21,7 +21,7 @@ import torch
 
 from profilers import cpu_info
 from search.compress import Distillation, Finetune, TeacherOutputs, apply_plan, calibrate_input_quant
-from search.model import call, describe_layers, find_blocks, reduce_output, split_batch
+from search.model import describe_layers, find_blocks, split_batch
 from search.plan import SearchSpace, suggest_plan
 from search.study import recipe_params, recipe_rules
 from search.tasks import load_task
@@ -59,12 +59,11 @@ def main() -> None:
     if unknown:
         parser.error(f"recipe {', '.join(map(repr, unknown))}: this task's are {', '.join(map(repr, recipes))}")
     batches = [split_batch(batch)[0] for batch, _ in zip(task.train, range(args.steps))]
-    task.model.eval()
-    with torch.no_grad():
-        start = time.perf_counter()
-        for inputs in batches:
-            reduce_output(call(task.model, inputs), task.output)
-        teacher_ms = (time.perf_counter() - start) / len(batches) * 1000
+    teacher = TeacherOutputs(task.model, task.output, max_bytes=0)  # the teacher run on each batch
+    start = time.perf_counter()
+    for inputs in batches:
+        teacher(inputs)
+    teacher_ms = (time.perf_counter() - start) / len(batches) * 1000
     print(f"{task.name}: the teacher's forward pass {teacher_ms:.1f} ms a batch", flush=True)
     for name in args.recipe or recipes:
         plan = suggest_plan(optuna.trial.FixedTrial(recipes[name]), space, layers, blocks)

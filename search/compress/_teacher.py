@@ -29,14 +29,13 @@ class TeacherOutputs:
         self, teacher: nn.Module, output: Output | None = None, max_bytes: int = TEACHER_CACHE_BYTES
     ) -> None:
         self.teacher, self.output, self.max_bytes = teacher, output, max_bytes
-        self.hits = self.lookups = self.bytes = 0
+        self.hits = self.bytes = 0
         self._stored: dict[bytes, torch.Tensor] = {}
 
     def __call__(self, inputs: Inputs) -> torch.Tensor:
         key = None
         if self.max_bytes > 0:
             key = _fingerprint(inputs)
-            self.lookups += 1
             if key in self._stored:
                 self.hits += 1
                 return self._stored[key].clone()  # a task's loss may change its arguments in place
@@ -57,6 +56,5 @@ def _fingerprint(inputs: Inputs) -> bytes:
     digest.update(repr(names).encode())
     for tensor in tensors(inputs):
         digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
-        flat = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(flat.view(torch.uint8).numpy() if flat.numel() else b"")
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.digest()

@@ -15,10 +15,10 @@ fine-tune) takes no slot: its plan is promoted, rung by rung, while it could sti
 know, at the same fine-tune. A plan could still reach the front if the metric the longer
 fine-tunes could still give it (its metric at rung ``r`` plus the share of its gap to the teacher
 that earlier promotions from each rung closed: their upper quartile, half of it until two were
-seen) would not be matched by another plan at least as fast. Of those, the promotion goes to the plan that would add most to the front's
-hypervolume (metric × latency, the box from the teacher's metric minus
-:data:`~search.study.METRIC_WINDOW` at the teacher's latency), then to the one that would reach
-the highest metric.
+seen) would not be matched by another plan at least as fast. Of those, the promotion goes to the
+plan that would add most to the front's hypervolume (metric × latency, the box from the teacher's
+metric minus :data:`~search.study.METRIC_WINDOW` at the teacher's latency), then to the one that
+would reach the highest metric.
 """
 
 from __future__ import annotations
