@@ -26,6 +26,7 @@ class Key:
     FINETUNE_FROM = "finetune_from"  # where a promotion's fine-tune started: its parent's saved state
     RECIPE = "recipe"  # a plan users know (int8 everywhere, uniform pruning, a student width, ...)
     FINETUNE_SKIPPED = "finetune_skipped"  # why the plan was not fine-tuned (over the budget, a PTQ recipe)
+    FINETUNE_CUT = "finetune_cut"  # why the fine-tune stopped before its rung's end (the run's timeout), and where
     POST_TRAINING = "post_training"  # a recipe users run without a fine-tune (int8 PTQ): scored as calibrated
     BUILD_DIGEST = "build_digest"  # sha256 of the built candidate: two plans that build the same model share it
     # The measured record: what the front and the DataFrame are made of.
@@ -85,7 +86,7 @@ COLUMNS = (
     Key.LATENCY_PREDICTION_ERROR,
     Key.PREDICTED_ENERGY_MJ, Key.ENERGY_PREDICTION_ERROR,
     Key.RECIPE, Key.RUNG, Key.FINETUNE_STEPS, Key.BEST_STEP, Key.CONTINUE_FROM, Key.SUPERSEDED_BY,
-    Key.FINETUNE_SKIPPED, Key.PRUNED_BY, Key.PRUNED_REASON, Key.DUPLICATE_OF,
+    Key.FINETUNE_SKIPPED, Key.FINETUNE_CUT, Key.PRUNED_BY, Key.PRUNED_REASON, Key.DUPLICATE_OF,
     Key.PRECISION, Key.RUNTIME, Key.MEASURED_ON, Key.FAIL_REASON, Key.RETRY_OF, Key.ARTIFACTS,
     Key.SECONDS,
 )  # fmt: skip

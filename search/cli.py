@@ -140,7 +140,10 @@ def _space(path: Path | None, **flags) -> SearchSpace:
     return space.replace(**flags)
 
 
-TIMEOUT_HELP = "Stop starting trials this many seconds after the start (set-up included)."
+TIMEOUT_HELP = (
+    "The run's time in seconds, set-up included: no trial starts after it, and a running fine-tune "
+    "stops at it (its best state kept and scored)."
+)
 ProfilerAddress = Annotated[
     Optional[str], typer.Option(help="host:port of a `search serve` profiler service measuring on the target.")
 ]
@@ -407,7 +410,11 @@ def _finetune_words(attrs: dict) -> str:
     if Key.FINETUNE_STEPS not in attrs:
         return ""
     parent = f", continues trial {attrs[Key.CONTINUE_FROM]}" if Key.CONTINUE_FROM in attrs else ""
-    return f"fine-tuned {attrs[Key.FINETUNE_STEPS]} steps (rung {attrs.get(Key.RUNG, 0)}{parent}, best at {attrs.get(Key.BEST_STEP)})"
+    cut = f"; {attrs[Key.FINETUNE_CUT]}" if attrs.get(Key.FINETUNE_CUT) else ""
+    return (
+        f"fine-tuned {attrs[Key.FINETUNE_STEPS]} steps (rung {attrs.get(Key.RUNG, 0)}{parent}, "
+        f"best at {attrs.get(Key.BEST_STEP)}{cut})"
+    )
 
 
 def _recipe_words(attrs: dict) -> str:

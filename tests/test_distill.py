@@ -224,6 +224,26 @@ def test_a_score_below_the_best_sends_the_student_back_to_it_at_a_smaller_rate(t
     assert not all(torch.equal(before[key], value) for key, value in kept.state_dict().items())
 
 
+def test_a_fine_tune_takes_no_step_after_its_deadline_and_scores_where_it_stopped(tiny_task, monkeypatch):
+    """A clock that ticks once a step: the deadline falls after step 4, between the scores at 3
+    and 6. The fine-tune stops there, scored at step 4; a deadline already past takes no step and
+    scores nothing; without one it goes on to the end."""
+    from search.compress import _distill
+
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(_distill, "time", type("Clock", (), {"monotonic": staticmethod(lambda: next(ticks))}))
+    student = apply_plan(tiny_task.model, Plan(width=0.5), tiny_task.example_input)
+    run = Distillation(student, tiny_task.model, tiny_task.train, Finetune(steps=9, eval_every=3))
+    scored = []
+    score, on_eval = (lambda: tiny_task.score(student)), (lambda step, value: scored.append(step))
+    run.run(9, evaluate=score, on_eval=on_eval, deadline=4)  # the clock reads 0, 1, 2, 3 before steps 1-4
+    assert run.step == 4 and scored == [3, 4] and not student.training
+    run.run(9, evaluate=score, on_eval=on_eval, deadline=0)
+    assert run.step == 4 and scored == [3, 4]
+    run.run(9, evaluate=score, on_eval=on_eval)
+    assert run.step == 9 and scored == [3, 4, 6, 9]
+
+
 def _dropout_student(tiny_task) -> nn.Module:
     """A pruned copy of the teacher with dropout: its fine-tune draws from torch's RNG as well."""
     return nn.Sequential(apply_plan(tiny_task.model, Plan(width=0.5), tiny_task.example_input), nn.Dropout(0.2))

@@ -225,6 +225,34 @@ def test_a_promoted_trial_goes_on_from_its_parent_s_saved_state(tiny_task, sized
         assert frame.loc[parent.number, "superseded_by"] == child.number and not frame.loc[parent.number, "pareto"]
 
 
+def test_a_promotion_that_loads_its_parent_s_state_neither_ranks_channels_nor_calibrates(
+    tiny_task, sized, tmp_path, monkeypatch
+):
+    """The saved state holds every weight and quantizer range: the promotion's build leaves out
+    what it would write over, and the promotion still goes on from its parent's step."""
+    from search.study import _objective
+
+    builds, calibrations = [], []
+    build, calibrate = _objective.build_structure, _objective.calibrate_input_quant
+
+    def build_structure(teacher, plan, example_input, activity=None):
+        builds.append(activity)
+        return build(teacher, plan, example_input, activity)
+
+    def calibrate_input_quant(*args, **kwargs):
+        calibrations.append(args)
+        return calibrate(*args, **kwargs)
+
+    monkeypatch.setattr(_objective, "build_structure", build_structure)
+    monkeypatch.setattr(_objective, "calibrate_input_quant", calibrate_input_quant)
+    study = search.run(tiny_task, trials=4, profiler=sized, results_dir=tmp_path, **ASHA)
+    trials = study.get_trials(deepcopy=False)
+    assert [t.user_attrs[Key.RUNG] for t in trials] == [0, 0, 0, 1]
+    assert [activity is None for activity in builds] == [False, False, False, True] and len(calibrations) == 3
+    child = trials[3]
+    assert child.user_attrs[Key.FINETUNE_FROM] == f"trial {child.user_attrs[Key.CONTINUE_FROM]}'s state at step 3"
+
+
 def test_the_fine_tune_scores_the_student_the_faster_way_it_timed(tiny_task, sized, tmp_path):
     """After step 0 the file is tried first, PyTorch next; from then on the faster of the two (here
     PyTorch: the file's metric is made slow). A promotion inherits the timings and goes on the faster way."""

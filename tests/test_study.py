@@ -442,6 +442,23 @@ def test_an_embedding_model_on_dict_inputs_runs_end_to_end(fast_profiler, tmp_pa
         assert len(int8_weights) == 2  # fc1 and fc2
 
 
+def test_the_run_s_timeout_stops_a_fine_tune_where_it_is(tiny_task, fast_profiler, tmp_path):
+    """A fine-tune of 20,000 steps (minutes) in a run of 12 s: it stops at the timeout, and the trial
+    completes with its best state scored on its file, saying where it stopped."""
+    finetune = Finetune(steps=20_000, eval_every=100)
+    study = run(
+        tiny_task, trials=1, timeout=12, profiler=fast_profiler, results_dir=tmp_path,
+        **{**FAST, "finetune": finetune},
+    )  # fmt: skip
+    (trial,) = study.get_trials(deepcopy=False)
+    steps = trial.user_attrs["finetune_steps"]
+    assert trial.state == optuna.trial.TrialState.COMPLETE and 0 < steps < 20_000
+    assert trial.user_attrs["finetune_cut"] == f"stopped at step {steps} of 20000: the run's timeout"
+    assert str(steps) in trial.user_attrs["finetune_curve"]
+    assert (Path(trial.user_attrs["artifacts"]) / "model.onnx").exists()
+    assert search.load_trials(study).loc[0, "finetune_cut"] == trial.user_attrs["finetune_cut"]
+
+
 def test_every_plan_is_built_with_the_teachers_activity_measured_once(tiny_task, fast_profiler, tmp_path, monkeypatch):
     """The trials rank a Transformer's heads and FFN channels by Task.activity, and refit by it."""
     from search.study import _objective

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeAlias
 
@@ -121,14 +122,19 @@ class Distillation:
         until: int,
         evaluate: Callable[[], float] | None = None,
         on_eval: Callable[[int, float], None] | None = None,
+        deadline: float | None = None,
     ) -> None:
         """Train to step ``until``. With ``evaluate``, the student is scored every
         ``config.eval_interval`` steps and at ``until`` (:meth:`score`), and ``on_eval(step,
-        value)`` hears each score (it may raise ``optuna.TrialPruned``). A non-finite loss fails
-        the candidate."""
+        value)`` hears each score (it may raise ``optuna.TrialPruned``). With a ``deadline``
+        (``time.monotonic()``), no step starts after it: the fine-tune stops there, its last step
+        scored as ``until``'s would be, and may go on later. A non-finite loss fails the candidate."""
         student, config = self.student, self.config
         student.train()
+        scored_at = self.step
         while self.step < until:
+            if deadline is not None and time.monotonic() >= deadline:
+                break
             inputs, labels = split_batch(self._next_batch())
             teacher_out = self.teacher_outputs(inputs)
             value = distillation_loss(
@@ -143,13 +149,21 @@ class Distillation:
             self.step += 1
             self.losses.append(value.item())
             if evaluate is not None and (self.step % config.eval_interval == 0 or self.step == until):
-                scored = self.score(evaluate)
-                if on_eval is not None:
-                    on_eval(self.step, scored)
-                if config.backtrack is not None and self.best_metric is not None and scored < self.best_metric:
-                    self._backtrack(config.backtrack)
-                student.train()
+                scored_at = self._evaluate(evaluate, on_eval)
+        if evaluate is not None and self.step != scored_at:  # stopped at the deadline between two scores
+            self._evaluate(evaluate, on_eval)
         student.eval()
+
+    def _evaluate(self, evaluate: Callable[[], float], on_eval: Callable[[int, float], None] | None) -> int:
+        """Score the student (:meth:`score`), tell ``on_eval``, go back to the best state if the
+        score fell below it; the step scored."""
+        scored = self.score(evaluate)
+        if on_eval is not None:
+            on_eval(self.step, scored)
+        if self.config.backtrack is not None and self.best_metric is not None and scored < self.best_metric:
+            self._backtrack(self.config.backtrack)
+        self.student.train()
+        return self.step
 
     def _backtrack(self, factor: float) -> None:
         """Back to the best state, the learning rate times ``factor`` from here on; Adam's moments

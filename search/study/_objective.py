@@ -91,6 +91,7 @@ class Objective:
     on_stage: StageCallback
     gate: CostGate | None
     trials: Callable[[], int]
+    deadline: float | None = None  # the run's end (time.monotonic()): no trial starts after it, no fine-tune step
     current: int | None = None  # the number of the trial this worker runs or ran last
 
     def __call__(self, study: optuna.Study, trial: optuna.Trial) -> tuple[float, ...]:
@@ -180,9 +181,15 @@ class Objective:
             if same is not None:
                 return self._reuse(study, trial, same)
         self._stage(trial, "build", seconds)
-        structure = build_structure(task.model, plan, task.example_input, task.activity())
+        saved = self._saved_state(parent)
+        # A promotion that goes on from its parent's state loads every weight, mask and quantizer
+        # range from it: the channels' ranking and refit, and the quantizers' calibration, would be
+        # written over (on MiniLM they take 1-2 s of a promotion's build).
+        activity = task.activity() if saved is None else None
+        structure = build_structure(task.model, plan, task.example_input, activity)
         candidate = add_compression(copy.deepcopy(structure), plan, task.example_input)
-        calibrate_input_quant(candidate, task.calibration_batches())
+        if saved is None:
+            calibrate_input_quant(candidate, task.calibration_batches())
         if parent is None:
             digest = build_digest(candidate, plan)
             trial.set_user_attr(Key.BUILD_DIGEST, digest)
@@ -233,7 +240,7 @@ class Objective:
                 structure.load_state_dict(baked_state_dict(candidate))
                 return write_file(task, target, structure, plan, Path(tmp, "scored.onnx"), raw).path
 
-            run, rung, curve, on_file = self._finetune(study, trial, candidate, parent, trial_dir, start, write)
+            run, rung, curve, on_file = self._finetune(study, trial, candidate, parent, saved, trial_dir, start, write)
 
             self._stage(trial, "evaluate", seconds)
             structure.load_state_dict(baked_state_dict(candidate))
@@ -330,11 +337,19 @@ class Objective:
         trial.set_constraint("latency_over_budget_ms", latency_ms - self.budget_ms)
         return latency_ms > self.budget_ms
 
+    def _saved_state(self, parent: optuna.trial.FrozenTrial | None) -> dict | None:
+        """The fine-tune state ``parent`` saved for its promotion to go on from, if it is here."""
+        path = None if parent is None else self._trial_dir(parent.number) / FINETUNE_STATE
+        if path is None or not path.exists():
+            return None
+        return torch.load(path, weights_only=True, map_location="cpu")
+
     def _finetune(
-        self, study, trial, candidate, parent, trial_dir: Path, start: Path | None, write: Callable[[], Path]
+        self, study, trial, candidate, parent, saved: dict | None, trial_dir: Path, start: Path | None,
+        write: Callable[[], Path],
     ) -> tuple[Distillation, int, dict, dict[str, Path | None]]:
         """Fine-tune ``candidate`` to the end of its rung, keeping its best state (restored into it);
-        a promotion goes on from its parent's saved state. The run, the rung, the metric curve, and
+        a promotion goes on from ``saved``, its parent's saved state. The run, the rung, the metric curve, and
         the curve's steps scored on a file, each with the file that still holds that state (None:
         written over since, or its parent's).
 
@@ -351,9 +366,8 @@ class Objective:
         on_file: dict[str, Path | None] = {}
         known: Mapping[str, float] = {}
         rung = 0 if parent is None else min(trial.user_attrs[Key.RUNG], len(self.rungs) - 1)
-        saved = None if parent is None else self._trial_dir(parent.number) / FINETUNE_STATE
-        if saved is not None and saved.exists():
-            run.load_state_dict(torch.load(saved, weights_only=True, map_location="cpu"))
+        if saved is not None:
+            run.load_state_dict(saved)
             curve.update(parent.user_attrs.get(Key.FINETUNE_CURVE, {}))
             on_file.update(dict.fromkeys(parent.user_attrs.get(Key.SCORED_ON_FILE, [])))
             known = parent.user_attrs.get(Key.SCORE_SECONDS, {})
@@ -386,7 +400,10 @@ class Objective:
             note_source(step)
             report_and_maybe_prune(study, trial, curve, step, value)
 
-        run.run(self.rungs[rung], evaluate=scoring, on_eval=on_eval)
+        run.run(self.rungs[rung], evaluate=scoring, on_eval=on_eval, deadline=self.deadline)
+        if run.step < self.rungs[rung]:
+            cut = f"stopped at step {run.step} of {self.rungs[rung]}: the run's timeout"
+            trial.set_user_attr(Key.FINETUNE_CUT, cut)
         if rung < len(self.rungs) - 1:  # a later promotion goes on from here
             torch.save(run.state_dict(), trial_dir / FINETUNE_STATE)
         run.restore_best()

@@ -137,7 +137,8 @@ def run(
             recipes = recipe_params(rules, spec.space, layers, blocks, exclude, drops)
             enqueue_recipes(study, dict(list(recipes.items())[: spec.trials]))  # no more than the study runs
     directory.mkdir(parents=True, exist_ok=True)  # a study resumed from another machine's storage
-    objective = _objective(study, task, spec, profiler, directory, on_stage, layers, gate)
+    ends = _deadline(started, spec.timeout)
+    objective = _objective(study, task, spec, profiler, directory, on_stage, layers, gate, ends)
     after_trial = _after_trial(directory, gate)
     helpers, threads = [], torch.get_num_threads()
     if spec.workers > 1:
@@ -150,7 +151,7 @@ def run(
         torch.set_num_threads(threads_per_worker(spec.workers))
     interrupted = False
     try:
-        _work(study, objective, _deadline(started, spec.timeout), [after_trial, *callbacks])
+        _work(study, objective, [after_trial, *callbacks])
     except KeyboardInterrupt:
         interrupted = True
         raise
@@ -212,10 +213,10 @@ def work(
     gate = _gate(spec, task)
     directory.mkdir(parents=True, exist_ok=True)
     layers = describe_layers(task.model, task.example_input)
-    objective = _objective(opened, task, spec, profiler, directory, on_stage, layers, gate)
+    objective = _objective(opened, task, spec, profiler, directory, on_stage, layers, gate, _deadline(started, timeout))
     after_trial = _after_trial(directory, gate)
     try:
-        _work(opened, objective, _deadline(started, timeout), [after_trial, *callbacks])
+        _work(opened, objective, [after_trial, *callbacks])
     finally:
         after_trial(opened, None)
     return opened
@@ -281,11 +282,11 @@ def _trials_wanted(study: optuna.Study) -> Callable[[], int]:
 
 
 def _deadline(started: float, timeout: float | None) -> float | None:
-    """When to stop starting trials (``time.monotonic()``): ``timeout`` seconds after ``started``."""
+    """When the run (or the pass) ends, as ``time.monotonic()``: ``timeout`` seconds after ``started``."""
     return None if timeout is None else started + timeout
 
 
-def _work(study: optuna.Study, objective: Objective, deadline: float | None, callbacks: Sequence[Callable]) -> None:
+def _work(study: optuna.Study, objective: Objective, callbacks: Sequence[Callable]) -> None:
     """This process's share of the study's trials; Ctrl-C queues the interrupted trial to run again.
     Before each trial, with successive halving, the plan that has earned a longer fine-tune is
     queued first (:func:`promote`), and the plans that could not reach the front as it stands give
@@ -303,7 +304,7 @@ def _work(study: optuna.Study, objective: Objective, deadline: float | None, cal
         )  # fmt: skip
 
     try:
-        work_loop(study, run_one, objective.trials, deadline)
+        work_loop(study, run_one, objective.trials, objective.deadline)
     except KeyboardInterrupt:
         retry_interrupted(study, objective.current)
         raise
@@ -318,8 +319,10 @@ def _objective(
     on_stage: StageCallback | None,
     layers: list,
     gate: CostGate | None,
+    deadline: float | None,
 ) -> Objective:
-    """The objective of one worker of ``study``, which already holds its settings and baseline."""
+    """The objective of one worker of ``study``, which already holds its settings and baseline;
+    ``deadline`` (``time.monotonic()``): when the run's time is up."""
     if gate is not None:
         study.set_user_attr(StudyKey.COST_MODEL_WARM_START, gate.warm_start)
     finetune, blocks = spec.finetune_for(task.finetune), find_blocks(task.model)
@@ -327,7 +330,7 @@ def _objective(
     return Objective(
         task, spec, profiler, layers, blocks, finetune, rung_ends(spec.pruner, finetune),
         _exclusions(study, spec, layers), drops, study.user_attrs[StudyKey.BUDGET_MS], directory,
-        on_stage or (lambda number, stage: None), gate, _trials_wanted(study),
+        on_stage or (lambda number, stage: None), gate, _trials_wanted(study), deadline,
     )  # fmt: skip
 
 
