@@ -358,6 +358,16 @@ def test_progress_prints_every_worker_s_finished_trials_once(capsys):
     assert progress.done == 2
 
 
+def test_a_trial_s_line_says_where_the_run_s_timeout_stopped_its_fine_tune():
+    attrs = {
+        "metric": 0.9, "latency_ms": 0.1, "size_bytes": 2048, "finetune_steps": 92, "rung": 2, "best_step": 92,
+        "continue_from": 13, "finetune_cut": "stopped at step 92 of 200: the run's timeout",
+    }  # fmt: skip
+    line = cli._trial_line(optuna.create_trial(values=[0.9, 0.1], user_attrs=attrs))
+    words = "fine-tuned 92 steps (rung 2, continues trial 13, best at 92; stopped at step 92 of 200: the run's timeout)"
+    assert words in line
+
+
 def test_run_help_shows_the_fine_tune_defaults():
     """Rich reads ``[default: ...]`` as markup and drops it unless escaped."""
     result = runner.invoke(cli.app, ["run", "--help"], env={"COLUMNS": "200"})

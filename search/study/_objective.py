@@ -348,10 +348,10 @@ class Objective:
         self, study, trial, candidate, parent, saved: dict | None, trial_dir: Path, start: Path | None,
         write: Callable[[], Path],
     ) -> tuple[Distillation, int, dict, dict[str, Path | None]]:
-        """Fine-tune ``candidate`` to the end of its rung, keeping its best state (restored into it);
-        a promotion goes on from ``saved``, its parent's saved state. The run, the rung, the metric curve, and
-        the curve's steps scored on a file, each with the file that still holds that state (None:
-        written over since, or its parent's).
+        """Fine-tune ``candidate`` to the end of its rung (or the run's deadline), keeping its best
+        state (restored into it); a promotion goes on from ``saved``, its parent's saved state. The
+        run, the rung, the metric curve, and the curve's steps scored on a file, each with the file
+        that still holds that state (None: written over since, or its parent's).
 
         Along the way the student is scored in PyTorch or on ``write()`` (its weights written into
         the trial's graph, scored by ONNX Runtime), whichever this plan scores faster

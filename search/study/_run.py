@@ -213,7 +213,8 @@ def work(
     gate = _gate(spec, task)
     directory.mkdir(parents=True, exist_ok=True)
     layers = describe_layers(task.model, task.example_input)
-    objective = _objective(opened, task, spec, profiler, directory, on_stage, layers, gate, _deadline(started, timeout))
+    ends = _deadline(started, timeout)
+    objective = _objective(opened, task, spec, profiler, directory, on_stage, layers, gate, ends)
     after_trial = _after_trial(directory, gate)
     try:
         _work(opened, objective, [after_trial, *callbacks])
