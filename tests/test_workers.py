@@ -331,6 +331,26 @@ def test_local_workers_measure_through_the_same_profiler_service(monkeypatch, tm
     assert env["SEARCH_PROFILER_TOKEN"] == "T"
     assert [c[c.index("--seed") + 1] for c, _ in started] == ["8", "9"]  # a seed of its own each
     assert sorted(p.name for p in (tmp_path / "s" / "workers").iterdir()) == ["1.log", "2.log"]
+    assert "--timeout" not in first  # a run without one: the workers have none either
+
+
+def test_local_workers_stop_where_the_run_does(monkeypatch, tmp_path):
+    """The seconds the run has left are each worker's timeout: its fine-tune stops with the run's."""
+    started = []
+    monkeypatch.setattr(
+        "search.study._workers.subprocess.Popen", lambda command, stdout, stderr, env: started.append(command)
+    )
+    spawn_workers(2, "sqlite:///x.db", "s", tmp_path, 7, None, {}, 41.5)
+    assert [c[c.index("--timeout") + 1] for c in started] == ["41.500", "41.500"]
+
+
+def test_a_run_s_local_workers_get_the_time_it_has_left(worker_env, tmp_path, monkeypatch):
+    from search.study import _run
+
+    given = []
+    monkeypatch.setattr(_run, "spawn_workers", lambda *args: given.append(args[-1]) or [])
+    run(worker_env, trials=1, workers=2, timeout=300, profiler=_tolerant_profiler(), results_dir=tmp_path, **FAST)
+    assert len(given) == 1 and 0 < given[0] < 300  # the baseline's time is spent already
 
 
 def test_local_workers_share_the_cores_out(monkeypatch):

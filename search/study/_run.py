@@ -145,8 +145,9 @@ def run(
         env = {"OMP_NUM_THREADS": str(threads_per_worker(spec.workers))}
         if isinstance(profiler, RemoteProfiler):
             env[TOKEN_ENV] = profiler.token
+        left = None if ends is None else ends - time.monotonic()
         helpers = spawn_workers(
-            spec.workers - 1, url, spec.study_name, spec.results_dir, spec.seed, spec.profiler, env
+            spec.workers - 1, url, spec.study_name, spec.results_dir, spec.seed, spec.profiler, env, left
         )
         torch.set_num_threads(threads_per_worker(spec.workers))
     interrupted = False

@@ -188,11 +188,13 @@ def threads_per_worker(workers: int) -> int:
 
 
 def spawn_workers(
-    count: int, storage: str, study_name: str, results_dir: Path, seed: int, service: str | None, env: dict
+    count: int, storage: str, study_name: str, results_dir: Path, seed: int, service: str | None, env: dict,
+    timeout: float | None = None,
 ) -> list[subprocess.Popen]:
     """``count`` ``search worker`` processes on this machine, each logging to
     ``<results>/<study>/workers/<n>.log`` and measuring through the profiler ``service`` if given,
-    with ``env`` added to this process's environment."""
+    with ``env`` added to this process's environment; ``timeout``: the seconds the run has left,
+    each worker's own (it stops its fine-tune where the run does)."""
     logs = results_dir / study_name / "workers"
     logs.mkdir(parents=True, exist_ok=True)
     processes = []
@@ -201,6 +203,7 @@ def spawn_workers(
             sys.executable, "-m", "search", "worker", storage, "--study-name", study_name,
             "--results-dir", str(results_dir), "--seed", str(seed + index),
             *(["--profiler", service] if service else []),
+            *(["--timeout", f"{max(timeout, 0.001):.3f}"] if timeout is not None else []),
         ]  # fmt: skip
         with open(logs / f"{index}.log", "ab") as log:
             processes.append(
