@@ -443,11 +443,11 @@ def test_an_embedding_model_on_dict_inputs_runs_end_to_end(fast_profiler, tmp_pa
 
 
 def test_the_run_s_timeout_stops_a_fine_tune_where_it_is(tiny_task, fast_profiler, tmp_path):
-    """A fine-tune of 20,000 steps (minutes) in a run of 12 s: it stops at the timeout, and the trial
+    """A fine-tune of 20,000 steps (minutes) in a run of 20 s: it stops at the timeout, and the trial
     completes with its best state scored on its file, saying where it stopped."""
     finetune = Finetune(steps=20_000, eval_every=100)
     study = run(
-        tiny_task, trials=1, timeout=12, profiler=fast_profiler, results_dir=tmp_path,
+        tiny_task, trials=1, timeout=20, profiler=fast_profiler, results_dir=tmp_path,
         **{**FAST, "finetune": finetune},
     )  # fmt: skip
     (trial,) = study.get_trials(deepcopy=False)
