@@ -74,6 +74,22 @@ def finished(tiny_task, fast_profiler, tmp_path_factory):
 
 
 @pytest.fixture
+def activities_built_with(monkeypatch) -> list:
+    """The ``activity`` each plan of a study in this test is built with, in build order (None: a
+    promotion that loads its parent's state, and needs no ranking of channels)."""
+    from search.study import _objective
+
+    given, build = [], _objective.build_structure
+
+    def build_structure(teacher, plan, example_input, activity=None):
+        given.append(activity)
+        return build(teacher, plan, example_input, activity)
+
+    monkeypatch.setattr(_objective, "build_structure", build_structure)
+    return given
+
+
+@pytest.fixture
 def worker_env(tmp_path, monkeypatch):
     """Worker processes load ``worker_task:tiny`` with one teacher file; returns that task."""
     from search.tasks import load_task

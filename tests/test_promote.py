@@ -226,24 +226,19 @@ def test_a_promoted_trial_goes_on_from_its_parent_s_saved_state(tiny_task, sized
 
 
 def test_a_promotion_that_loads_its_parent_s_state_neither_ranks_channels_nor_calibrates(
-    tiny_task, sized, tmp_path, monkeypatch
+    tiny_task, sized, tmp_path, monkeypatch, activities_built_with
 ):
     """The saved state holds every weight and quantizer range: the promotion's build leaves out
     what it would write over, and the promotion still goes on from its parent's step."""
     from search.study import _objective
 
-    builds, calibrations = [], []
-    build, calibrate = _objective.build_structure, _objective.calibrate_input_quant
-
-    def build_structure(teacher, plan, example_input, activity=None):
-        builds.append(activity)
-        return build(teacher, plan, example_input, activity)
+    builds, calibrations = activities_built_with, []
+    calibrate = _objective.calibrate_input_quant
 
     def calibrate_input_quant(*args, **kwargs):
         calibrations.append(args)
         return calibrate(*args, **kwargs)
 
-    monkeypatch.setattr(_objective, "build_structure", build_structure)
     monkeypatch.setattr(_objective, "calibrate_input_quant", calibrate_input_quant)
     study = search.run(tiny_task, trials=4, profiler=sized, results_dir=tmp_path, **ASHA)
     trials = study.get_trials(deepcopy=False)
@@ -251,6 +246,36 @@ def test_a_promotion_that_loads_its_parent_s_state_neither_ranks_channels_nor_ca
     assert [activity is None for activity in builds] == [False, False, False, True] and len(calibrations) == 3
     child = trials[3]
     assert child.user_attrs[Key.FINETUNE_FROM] == f"trial {child.user_attrs[Key.CONTINUE_FROM]}'s state at step 3"
+
+
+def test_a_promotion_lets_its_parent_s_loaded_state_go_before_it_fine_tunes(tiny_task, sized, tmp_path, monkeypatch):
+    """The run copies the loaded weights into the student and its best state: the loaded tensors
+    are not held through the fine-tune (a MiniLM plan's weights are 90 MB)."""
+    import gc
+    import weakref
+
+    from search.compress import Distillation
+    from search.study import _objective
+
+    loaded, held_at_start = [], []
+    load, go = _objective.Objective._saved_state, Distillation.run
+
+    def saved_state(self, parent):
+        state = load(self, parent)
+        if state is not None:
+            loaded.extend(weakref.ref(tensor) for tensor in state["student"].values())
+        return state
+
+    def run(self, *args, **kwargs):
+        gc.collect()
+        held_at_start.append(sum(ref() is not None for ref in loaded))
+        return go(self, *args, **kwargs)
+
+    monkeypatch.setattr(_objective.Objective, "_saved_state", saved_state)
+    monkeypatch.setattr(Distillation, "run", run)
+    study = search.run(tiny_task, trials=4, profiler=sized, results_dir=tmp_path, **ASHA)
+    assert study.get_trials(deepcopy=False)[3].user_attrs[Key.CONTINUE_FROM] is not None
+    assert len(loaded) > 0 and held_at_start[-1] == 0
 
 
 def test_the_fine_tune_scores_the_student_the_faster_way_it_timed(tiny_task, sized, tmp_path):

@@ -459,18 +459,11 @@ def test_the_run_s_timeout_stops_a_fine_tune_where_it_is(tiny_task, fast_profile
     assert search.load_trials(study).loc[0, "finetune_cut"] == trial.user_attrs["finetune_cut"]
 
 
-def test_every_plan_is_built_with_the_teachers_activity_measured_once(tiny_task, fast_profiler, tmp_path, monkeypatch):
+def test_every_plan_is_built_with_the_teachers_activity_measured_once(
+    tiny_task, fast_profiler, tmp_path, activities_built_with
+):
     """The trials rank a Transformer's heads and FFN channels by Task.activity, and refit by it."""
-    from search.study import _objective
-
-    given = []
-
-    def build_structure(teacher, plan, example_input, activity=None):
-        given.append(activity)
-        return original(teacher, plan, example_input, activity)
-
-    original = _objective.build_structure
-    monkeypatch.setattr(_objective, "build_structure", build_structure)
+    given = activities_built_with
     run(tiny_task, trials=2, profiler=fast_profiler, results_dir=tmp_path, **FAST)
     assert len(given) == 2 and all(activity is tiny_task.activity() for activity in given)
 
