@@ -323,6 +323,27 @@ def test_weights_written_into_the_raw_graph_give_the_file_a_fresh_export_gives(t
     )
 
 
+def test_a_graph_exported_without_its_weights_takes_the_weights_of_any_model_of_its_structure(tmp_path, cnn):
+    """What a study keeps of a structure's export: the graph, its weights' data left out; written
+    with weights, it is the file the graph exported with them gives."""
+    plan = Plan(layers={"conv1": LayerPlan(pruning=ChannelPruning(0.5))})
+    x = example_input(cnn, batch=4, seed=5)
+    structure = build_structure(cnn, plan, x)
+    export_raw(structure, x, tmp_path / "raw.onnx")
+    export_raw(structure, x, tmp_path / "graph.onnx", weights=False)
+    weight_bytes = sum(tensor.numel() * tensor.element_size() for tensor in structure.state_dict().values())
+    left_out = (tmp_path / "raw.onnx").stat().st_size - (tmp_path / "graph.onnx").stat().st_size
+    assert left_out >= 0.9 * weight_bytes
+    with torch.no_grad():
+        for parameter in structure.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    for name in ("raw", "graph"):
+        with_weights(tmp_path / f"{name}.onnx", structure, tmp_path / f"{name}-written.onnx")
+    written = [onnx.load(str(tmp_path / f"{name}-written.onnx")) for name in ("raw", "graph")]
+    assert written[0].graph == written[1].graph
+    torch.testing.assert_close(OnnxModule(tmp_path / "graph-written.onnx")(x), structure(x), rtol=1e-4, atol=1e-4)
+
+
 def test_the_exporters_function_table_is_built_once_and_the_files_are_those_of_a_plain_export(
     tmp_path, cnn, monkeypatch
 ):

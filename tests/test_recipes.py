@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
+import numpy as np
 import onnx
 import optuna
 import pytest
@@ -118,6 +120,31 @@ def test_int8_ptq_is_scored_as_calibrated_and_a_plan_that_builds_an_earlier_plan
         assert copy.values == trials[prune].values
         assert copy.user_attrs[Key.PLAN]["width"] == float(width.split()[1])  # its own plan, the other's result
     assert Key.DUPLICATE_OF not in trials["prune 0.5"].user_attrs and trials["prune 0.5"].user_attrs[Key.FINETUNE_STEPS] > 0
+
+
+def test_a_structure_is_exported_once_a_study_without_its_weights(tiny_task, fast_profiler, tmp_path, monkeypatch):
+    """prune 0.25 and int8 on prune 0.25 (and the teacher's structure, int8 everywhere): three
+    graphs for seven plans built; each trial's file holds its own weights."""
+    from search.artifacts import OnnxModule
+    from search.study import _objective
+
+    exported, export = [], _objective.export_raw
+
+    def export_raw(model, *args, **kwargs):
+        exported.append(kwargs.get("weights"))
+        return export(model, *args, **kwargs)
+
+    monkeypatch.setattr(_objective, "export_raw", export_raw)
+    study = search.run(tiny_task, trials=9, profiler=fast_profiler, results_dir=tmp_path, **QUICK)
+    assert exported == [False] * 3
+    graphs = sorted((tmp_path / study.study_name / "graphs").iterdir())
+    assert len(graphs) == 3 and all(path.suffix == ".onnx" for path in graphs)
+    for path in graphs:  # the weights' data left out
+        weights = [i for i in onnx.load(str(path), load_external_data=False).graph.initializer if i.name.endswith(".weight")]
+        assert weights and all(i.data_location == onnx.TensorProto.EXTERNAL and not i.raw_data for i in weights)
+    files = {t.user_attrs[Key.RECIPE]: Path(t.user_attrs[Key.ARTIFACTS]) / "model.onnx" for t in study.trials}
+    x = tiny_task.example_input
+    assert not np.allclose(OnnxModule(files["prune 0.25"])(x), OnnxModule(files["int8 on prune 0.25"])(x), atol=1e-6)
 
 
 def test_the_build_digest_tells_plans_apart_by_what_they_build():

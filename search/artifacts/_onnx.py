@@ -130,21 +130,43 @@ def _twice(inputs: Inputs) -> Inputs:
     return type(inputs)(torch.cat([value, value]) for value in inputs)
 
 
-def export_raw(model: nn.Module, example_input: Inputs, path: Path, output: Output | None = None) -> None:
+def export_raw(
+    model: nn.Module, example_input: Inputs, path: Path, output: Output | None = None, *, weights: bool = True
+) -> None:
     """torch.export-based ONNX export, one file, dynamic batch dimension, *not optimised*: every
     parameter and buffer stays an initializer under its state-dict name, so that
     :func:`with_weights` can write other weights of the same model into it without exporting again
     (the exporter's tracing is most of an export's time). The graph's one output is
-    ``output(model's output)`` (the task's reduction), or the model's output tensor itself."""
+    ``output(model's output)`` (the task's reduction), or the model's output tensor itself.
+
+    ``weights=False`` leaves those initializers' data out (each refers to a file that is never
+    written): the graph of the model's structure, which :func:`with_weights` fills with any weights
+    of that structure, in a few hundred KB where MiniLM's weights take 90 MB."""
     model.eval()
     try:
         with _quiet(), torch.no_grad(), reduced_output(model, output), _registry_built_once():
             program = torch.onnx.export(
                 model, f=None, dynamo=True, external_data=False, optimize=False, **_export_arguments(example_input)
             )
+        if not weights:
+            _leave_out(program.model.graph, model.state_dict())
         program.save(str(path))
     except Exception as exc:  # the exporter raises many types; the trial records the reason
         raise CandidateError(f"ONNX export failed: {type(exc).__name__}: {exc}".strip()) from exc
+
+
+_LEFT_OUT = "weights-left-out"  # the file a graph exported without its weights refers them to
+
+
+def _leave_out(graph: ir.Graph, state: Mapping[str, torch.Tensor]) -> None:
+    """Replace the data of ``graph``'s initializers named in ``state`` by a reference to a file that
+    does not exist: read only if something reads them before :func:`with_weights` writes them."""
+    for name, value in graph.initializers.items():
+        tensor = value.const_value
+        if name in state and tensor is not None:
+            value.const_value = ir.ExternalTensor(
+                _LEFT_OUT, offset=0, length=tensor.nbytes, dtype=tensor.dtype, shape=tensor.shape, name=name
+            )
 
 
 def with_weights(raw: Path, model: nn.Module, path: Path) -> None:

@@ -3,8 +3,8 @@ distillation (only if it fits the budget), exported again with its fine-tuned we
 
 Latency, energy and size depend on the plan's structure and precisions, not on the fine-tuned
 weights, so they are measured first: a plan over the budget costs no fine-tune. The graph is
-exported once per trial (:func:`~search.artifacts.export_raw`); the fine-tuned weights are written
-into it (:func:`~search.artifacts.with_weights`) rather than exported again, and a state the
+exported once per structure in a study (:func:`~search.artifacts.export_raw`, without weights);
+each trial's weights are written into it (:func:`~search.artifacts.with_weights`), and a state the
 fine-tune scored on such a file and kept is not written again. The fine-tune keeps its best state,
 scored before the first step too, so it never ends worse than it started; it runs to the end of the
 plan's rung, and a promotion (``continue_from``) goes on from the state its parent trial saved.
@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import shutil
 import socket
 import tempfile
@@ -56,7 +57,7 @@ OutOfMemory = (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfM
 # What fails one candidate's trial and lets the study go on.
 CANDIDATE_FAILURES = (CandidateError, MeasurementError)
 FINETUNE_STATE = "finetune.pt"  # a trial's fine-tune as it stopped, for a promotion to go on with
-RAW_GRAPH = "raw.onnx"  # the trial's graph as exported (export_raw), for a promotion to write its weights into
+GRAPHS = "graphs"  # each structure's graph as exported, without its weights (Objective._graph)
 # What a promotion copies from the trial it continues: the measured record of the same plan.
 MEASURED = (
     Key.LATENCY_MS, Key.LATENCY_P90_MS, Key.LATENCY_RUNS, Key.LATENCY_SPREAD,
@@ -206,15 +207,10 @@ class Objective:
         trial_dir = self._trial_dir(trial.number)
         trial_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="search-trial-") as tmp:
-            raw = Path(tmp, RAW_GRAPH)
             self._stage(trial, "export", seconds)
-            inherited = None if parent is None else self._trial_dir(parent.number) / RAW_GRAPH
-            if inherited is not None and inherited.exists():  # the same plan's graph: no second export
-                shutil.copyfile(inherited, raw)
-            else:
-                structure.load_state_dict(baked_state_dict(candidate))
-                export_raw(structure, task.example_input, raw, task.output)
+            raw = self._graph(structure)
             if parent is None:
+                structure.load_state_dict(baked_state_dict(candidate))
                 exported = self._export(structure, plan, trial_dir, raw)
                 self._stage(trial, "measure", seconds)
                 measurement = self._measure(exported.path, structure, plan)
@@ -251,8 +247,6 @@ class Objective:
                 if held != path:
                     shutil.move(held, path)
                 self._save_beside(structure, plan, trial_dir)
-            if rung < len(self.rungs) - 1:  # a promotion of this plan needs no export of its own
-                shutil.copyfile(raw, trial_dir / RAW_GRAPH)
         metric = self._score(path) if held is None else curve[str(run.best_step)]
         if parent is not None:  # the plan lives on in this trial: the state it went on from is not needed
             self.drop_saved_states([parent])
@@ -267,13 +261,25 @@ class Objective:
         return self.directory / "trials" / f"{number:05d}"
 
     def drop_saved_states(self, trials: Sequence[optuna.trial.FrozenTrial]) -> None:
-        """Delete what ``trials`` saved for a promotion to go on from (its fine-tune state and graph:
-        330 MB for a MiniLM plan): once a promotion has gone on from it, or for plans that could not
-        reach the front as it stands (:func:`~search.study._promote.without_promise`). Were such a
-        plan promoted after all, its promotion exports again and fine-tunes from the start."""
+        """Delete what ``trials`` saved for a promotion to go on from (its fine-tune state: 330 MB
+        for a MiniLM plan): once a promotion has gone on from it, or for plans that could not reach
+        the front as it stands (:func:`~search.study._promote.without_promise`). Were such a plan
+        promoted after all, its promotion fine-tunes from the start."""
         for trial in trials:
-            for name in (RAW_GRAPH, FINETUNE_STATE):
-                (self._trial_dir(trial.number) / name).unlink(missing_ok=True)
+            (self._trial_dir(trial.number) / FINETUNE_STATE).unlink(missing_ok=True)
+
+    def _graph(self, structure: torch.nn.Module) -> Path:
+        """The graph of ``structure`` as exported, without its weights (``export_raw(weights=False)``),
+        for its weights to be written into: exported once per structure in a study (``graphs/``), so
+        that a plan and the same structure at other bit widths ("prune 0.25" and "int8 on prune
+        0.25"), or a promotion and its parent, share one export."""
+        path = self.directory / GRAPHS / f"{structure_digest(structure)}.onnx"
+        if not path.exists():
+            path.parent.mkdir(exist_ok=True)
+            written = path.with_name(f"{path.stem}.{os.getpid()}.tmp")  # whole or not at all, whoever reads it
+            export_raw(structure, self.task.example_input, written, self.task.output, weights=False)
+            os.replace(written, path)
+        return path
 
     def _export(self, structure: torch.nn.Module, plan: Plan, trial_dir: Path, raw: Path):
         """The trial's ONNX file with ``structure``'s weights, and its plan and checkpoint beside it."""
@@ -483,6 +489,15 @@ def _same_build(study: optuna.Study, trial: optuna.Trial, digest: str) -> optuna
         ):  # fmt: skip
             return other
     return None
+
+
+def structure_digest(structure: torch.nn.Module) -> str:
+    """sha256 of a model's structure: its modules as printed, and each state-dict entry's name, shape
+    and dtype. Two models with one digest export to the same graph but for its weights."""
+    digest = hashlib.sha256(repr(structure).encode())
+    for name, tensor in structure.state_dict().items():
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+    return digest.hexdigest()
 
 
 def build_digest(candidate: torch.nn.Module, plan: Plan) -> str:
