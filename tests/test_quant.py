@@ -1,5 +1,9 @@
+import copy
+
+import onnx
 import pytest
 import torch
+from torch import nn
 from torch.nn.utils import parametrize
 
 from models import example_input
@@ -137,3 +141,64 @@ def test_bake_leaves_a_plain_model(cnn, cnn_input):
     with torch.no_grad():
         after = model(cnn_input)
     assert after.shape == before.shape and not torch.equal(after, before)  # inputs no longer fake-quantized
+
+
+def test_a_per_call_input_quantizer_gives_what_onnx_runtime_s_dynamic_quantization_gives():
+    """DynamicQuantizeLinear (the input side of a dynamically quantized MatMul) and back: the same
+    values, from each call's own range; nothing is tracked."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "scale", "zero"]),
+            helper.make_node("DequantizeLinear", ["q", "scale", "zero"], ["y"]),
+        ],
+        "dynamic", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, None, 8])],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    quantizer = InputFakeQuant()
+    quantizer.per_call = True
+    for seed, shift in ((1, 0.0), (2, 3.0), (3, -5.0)):  # ranges with and without 0 inside
+        x = torch.randn(4, 16, 8, generator=torch.Generator().manual_seed(seed)) * 2 + shift
+        expected = torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+        torch.testing.assert_close(quantizer.train()(x), expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(quantizer.eval()(x), expected, rtol=0, atol=1e-6)
+    assert not quantizer.initialized and quantizer.low == quantizer.high == 0
+
+
+def test_linears_on_sequences_take_each_call_s_range_where_the_target_quantizes_matmuls_dynamically(tmp_path):
+    """TinyText's two Linear layers run on sequences (MatMuls): with ``dynamic_matmuls`` their input
+    quantizers take each call's range, need no calibration, and the candidate gives what its ONNX
+    file (dynamic int8) gives. A convolution's and a Linear's on vectors stay static."""
+    from models import SmallCNN, TinyText, text_inputs
+
+    from search.artifacts import OnnxModule, export_candidate
+    from search.compress import add_compression, baked_state_dict, build_structure, calibrate_input_quant
+    from search.plan import LayerPlan, Plan, Quantization
+
+    plan = Plan(layers={name: LayerPlan(quantization=Quantization(8)) for name in ("fc1", "fc2")})
+    structure = build_structure(TinyText().eval(), plan, text_inputs(1))
+    candidate = add_compression(copy.deepcopy(structure), plan, text_inputs(1), dynamic_matmuls=True)
+    assert candidate.fc1.input_quant.per_call and candidate.fc2.input_quant.per_call
+    called = []
+    candidate.register_forward_hook(lambda *args: called.append(1))
+    calibrate_input_quant(candidate, [(text_inputs(8, seed=s), None) for s in range(4)])
+    assert called == []  # no quantizer to calibrate
+    structure.load_state_dict(baked_state_dict(candidate))
+    exported = export_candidate(
+        structure, text_inputs(1), tmp_path / "int8.onnx", plan=plan, precisions=("fp32", "int8"), calibration=[]
+    )
+    assert "DynamicQuantizeLinear" in {node.op_type for node in onnx.load(str(exported.path)).graph.node}
+    x = text_inputs(32, seed=9)
+    with torch.no_grad():  # calibrated static ranges: 6e-3 apart
+        torch.testing.assert_close(candidate.eval()(**x), OnnxModule(exported.path)(**x), rtol=0, atol=1e-5)
+
+    cnn = SmallCNN().eval()
+    names = [name for name, module in cnn.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))]
+    cnn_plan = Plan(layers={name: LayerPlan(quantization=Quantization(8)) for name in names})
+    x = torch.randn(1, 1, 8, 8)
+    static = add_compression(build_structure(cnn, cnn_plan, x), cnn_plan, x, dynamic_matmuls=True)
+    assert not any(module.input_quant.per_call for name, module in static.named_modules() if name in names)

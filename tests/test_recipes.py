@@ -140,8 +140,9 @@ def test_a_structure_is_exported_once_a_study_without_its_weights(tiny_task, fas
     graphs = sorted((tmp_path / study.study_name / "graphs").iterdir())
     assert len(graphs) == 3 and all(path.suffix == ".onnx" for path in graphs)
     for path in graphs:  # the weights' data left out
-        weights = [i for i in onnx.load(str(path), load_external_data=False).graph.initializer if i.name.endswith(".weight")]
-        assert weights and all(i.data_location == onnx.TensorProto.EXTERNAL and not i.raw_data for i in weights)
+        graph = onnx.load(str(path), load_external_data=False).graph
+        weights = [init for init in graph.initializer if init.name.endswith(".weight")]
+        assert weights and all(init.data_location == onnx.TensorProto.EXTERNAL and not init.raw_data for init in weights)
     files = {t.user_attrs[Key.RECIPE]: Path(t.user_attrs[Key.ARTIFACTS]) / "model.onnx" for t in study.trials}
     x = tiny_task.example_input
     assert not np.allclose(OnnxModule(files["prune 0.25"])(x), OnnxModule(files["int8 on prune 0.25"])(x), atol=1e-6)

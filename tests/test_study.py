@@ -459,6 +459,27 @@ def test_the_run_s_timeout_stops_a_fine_tune_where_it_is(tiny_task, fast_profile
     assert search.load_trials(study).loc[0, "finetune_cut"] == trial.user_attrs["finetune_cut"]
 
 
+def test_plans_quantize_matmul_inputs_per_call_unless_the_target_takes_static_int8_only(
+    tiny_task, fast_profiler, tmp_path, monkeypatch
+):
+    """ONNX Runtime quantizes a MatMul's input per call, TensorRT only statically: the study builds
+    its plans' quantizers as the target's runtime runs them."""
+    from search.study import _objective
+    from search.study._scoring import int8_static_only
+    from targets import load_target
+
+    given, add = [], _objective.add_compression
+
+    def add_compression(model, plan, example_input, **kwargs):
+        given.append(kwargs)
+        return add(model, plan, example_input, **kwargs)
+
+    monkeypatch.setattr(_objective, "add_compression", add_compression)
+    run(tiny_task, trials=2, profiler=fast_profiler, results_dir=tmp_path, **FAST)
+    assert given == [{"dynamic_matmuls": True}] * 2
+    assert not int8_static_only(load_target("cpu")) and int8_static_only(load_target("jetson"))
+
+
 def test_every_plan_is_built_with_the_teachers_activity_measured_once(
     tiny_task, fast_profiler, tmp_path, activities_built_with
 ):

@@ -61,16 +61,24 @@ class InputFakeQuant(nn.Module):
     """uint8 per-tensor fake quantization of a layer's input, range tracked as a running min/max.
 
     ONNX Runtime runs int8 layers fast only with uint8 activations, so training sees that grid.
+    ``per_call``: the range is each call's own, as ONNX Runtime's ``DynamicQuantizeLinear``
+    computes it for a dynamically quantized MatMul; nothing is tracked, nothing calibrated.
     """
 
     def __init__(self, momentum: float = 0.1) -> None:
         super().__init__()
         self.momentum = momentum
+        self.per_call = False
         self.register_buffer("low", torch.tensor(0.0))
         self.register_buffer("high", torch.tensor(0.0))
         self.register_buffer("initialized", torch.tensor(False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.per_call:
+            low, high = x.detach().min().clamp(max=0.0), x.detach().max().clamp(min=0.0)
+            scale = ((high - low) / 255.0).clamp_min(1e-8).float()
+            zero_point = torch.round(-low / scale).clamp(0, 255).int()
+            return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, 255)
         if self.training:
             low, high = x.detach().min(), x.detach().max()
             if self.initialized:
@@ -101,8 +109,8 @@ def calibrate_input_quant(model: nn.Module, batches: Iterable, count: int = CALI
     as the exporter's int8 calibration sets the graph's: the rest of the model stays in eval mode
     (BatchNorm statistics untouched). Before it, an input quantizer passes its input through, and a
     score of the candidate would leave its int8 activations out."""
-    quantizers = [module for module in model.modules() if isinstance(module, InputFakeQuant)]
-    if not quantizers:
+    quantizers = [module for module in model.modules() if isinstance(module, InputFakeQuant) and not module.per_call]
+    if not quantizers:  # none, or every one takes each call's range
         return
     model.eval()
     for quantizer in quantizers:

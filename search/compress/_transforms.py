@@ -225,11 +225,42 @@ def _check_forward(model: nn.Module, example_input: Inputs) -> None:
         model.train(was_training)
 
 
-def add_compression(model: nn.Module, plan: Plan, example_input: Inputs) -> nn.Module:
+def add_compression(model: nn.Module, plan: Plan, example_input: Inputs, *, dynamic_matmuls: bool = False) -> nn.Module:
     """``model`` (:func:`build_structure`'s output, or a copy of it) with the plan's sparsity masks
-    and quantizers added, in place: ready for QAT. Returns ``model``."""
+    and quantizers added, in place: ready for QAT. Returns ``model``.
+
+    ``dynamic_matmuls``: the target quantizes a MatMul's input per call (ONNX Runtime's dynamic
+    int8, ``MatMulNBits``' int8 compute), so the input quantizer of each Linear applied to a
+    sequence (exported as a MatMul; a Linear on a batch of vectors exports as a Gemm, quantized
+    statically) takes each call's range too, and needs no calibration."""
     _apply(model, plan.student(), ("sparsity", "quantization"), example_input)
+    if dynamic_matmuls:
+        for module in _on_sequences(model, example_input):
+            module.input_quant.per_call = True
     return model
+
+
+@torch.no_grad()
+def _on_sequences(model: nn.Module, example_input: Inputs) -> list[nn.Module]:
+    """The Linear layers with an input quantizer that ``model`` applies to more than two
+    dimensions (a sequence) on ``example_input``."""
+    found: list[nn.Module] = []
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and hasattr(m, "input_quant")]
+
+    def note(module: nn.Module, args: tuple) -> None:
+        if args[0].dim() > 2:
+            found.append(module)
+
+    hooks = [module.register_forward_pre_hook(note) for module in linears]
+    was_training = model.training
+    model.eval()
+    try:
+        call(model, example_input)
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return found
 
 
 def apply_plan(teacher: nn.Module, plan: Plan, example_input: Inputs, activity: Activity | None = None) -> nn.Module:

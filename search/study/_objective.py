@@ -47,7 +47,7 @@ from search.model import EncoderBlocks, LayerInfo, compressible_layers
 from search.plan import Plan, Quantization, WeightSparsity, suggest_plan
 from search.study._exclude import merged, quantization_measured_slower
 from search.study._optuna import report_and_maybe_prune
-from search.study._scoring import FILE, TORCH, FasterScoring, write_file
+from search.study._scoring import FILE, TORCH, FasterScoring, int8_static_only, write_file
 from search.study._spec import RunSpec
 from search.study._workers import claim_slot, measuring_alone, this_worker
 from search.tasks import Task
@@ -188,7 +188,8 @@ class Objective:
         # written over (on MiniLM they take 1-2 s of a promotion's build).
         activity = task.activity() if saved is None else None
         structure = build_structure(task.model, plan, task.example_input, activity)
-        candidate = add_compression(copy.deepcopy(structure), plan, task.example_input)
+        dynamic = not int8_static_only(target)
+        candidate = add_compression(copy.deepcopy(structure), plan, task.example_input, dynamic_matmuls=dynamic)
         if saved is None:
             calibrate_input_quant(candidate, task.calibration_batches())
         if parent is None:

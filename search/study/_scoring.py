@@ -29,6 +29,12 @@ if TYPE_CHECKING:  # annotations only
 FILE, TORCH = "file", "torch"  # the ways, in the order they are first tried
 
 
+def int8_static_only(target: Target) -> bool:
+    """Whether ``target`` takes int8 only as static symmetric Q/DQ on every layer (TensorRT); the
+    other runtimes take uint8 activations, and quantize a MatMul's input per call."""
+    return target.runtime == "tensorrt"
+
+
 def write_file(task: Task, target: Target, structure: nn.Module, plan: Plan, path: Path, raw: Path) -> ExportedModel:
     """``path``: the plan's ONNX file for ``target``, ``raw`` (the plan's exported graph) with
     ``structure``'s weights."""
@@ -37,7 +43,7 @@ def write_file(task: Task, target: Target, structure: nn.Module, plan: Plan, pat
     return export_candidate(
         structure, task.example_input, path,
         plan=plan, precisions=target.precisions, calibration=task.calibration_batches(),
-        symmetric=target.runtime == "tensorrt", output=task.output, raw=raw,
+        symmetric=int8_static_only(target), output=task.output, raw=raw,
     )  # fmt: skip
 
 

@@ -33,7 +33,7 @@ from search._errors import CandidateError
 from search.plan import ChannelPruning, Depth, LayerPlan, Plan, Quantization, SearchSpace, depth_choices
 from search.study._front import METRIC_WINDOW
 from search.study._recipes import MIX, Rule, uncompressed
-from search.study._scoring import FILE, TORCH, FasterScoring, write_file
+from search.study._scoring import FILE, TORCH, FasterScoring, int8_static_only, write_file
 
 if TYPE_CHECKING:  # annotations only: these import PyTorch, which reading a study's sensitivity does not need
     from search.model import EncoderBlocks, LayerInfo
@@ -138,7 +138,9 @@ def layer_sensitivity(
                    "metric": math.nan, "drop": math.nan, "scored_on": None, "error": None}  # fmt: skip
             try:
                 structure = build_structure(task.model, plan, task.example_input, task.activity())
-                candidate = add_compression(copy.deepcopy(structure), plan, task.example_input)
+                candidate = add_compression(
+                    copy.deepcopy(structure), plan, task.example_input, dynamic_matmuls=not int8_static_only(target)
+                )
                 scoring = scorings[kind == BLOCK or ratio > 0]
                 row["metric"] = scoring(candidate, structure, plan)
                 row["drop"], row["scored_on"] = teacher_metric - row["metric"], scoring.last
