@@ -142,7 +142,8 @@ def test_a_structure_is_exported_once_a_study_without_its_weights(tiny_task, fas
     for path in graphs:  # the weights' data left out
         graph = onnx.load(str(path), load_external_data=False).graph
         weights = [init for init in graph.initializer if init.name.endswith(".weight")]
-        assert weights and all(init.data_location == onnx.TensorProto.EXTERNAL and not init.raw_data for init in weights)
+        assert weights
+        assert all(init.data_location == onnx.TensorProto.EXTERNAL and not init.raw_data for init in weights)
     files = {t.user_attrs[Key.RECIPE]: Path(t.user_attrs[Key.ARTIFACTS]) / "model.onnx" for t in study.trials}
     x = tiny_task.example_input
     assert not np.allclose(OnnxModule(files["prune 0.25"])(x), OnnxModule(files["int8 on prune 0.25"])(x), atol=1e-6)
