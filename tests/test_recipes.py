@@ -6,7 +6,6 @@ import dataclasses
 import math
 from pathlib import Path
 
-import numpy as np
 import onnx
 import optuna
 import pytest
@@ -123,8 +122,8 @@ def test_int8_ptq_is_scored_as_calibrated_and_a_plan_that_builds_an_earlier_plan
 
 
 def test_a_structure_is_exported_once_a_study_without_its_weights(tiny_task, fast_profiler, tmp_path, monkeypatch):
-    """prune 0.25 and int8 on prune 0.25 (and the teacher's structure, int8 everywhere): three
-    graphs for seven plans built; each trial's file holds its own weights."""
+    """prune 0.25 and int8 on prune 0.25 share a graph (int8 everywhere is the teacher's
+    structure): three exports in nine trials, each trial's file with its own weights (its score)."""
     from search.artifacts import OnnxModule
     from search.study import _objective
 
@@ -144,9 +143,9 @@ def test_a_structure_is_exported_once_a_study_without_its_weights(tiny_task, fas
         weights = [init for init in graph.initializer if init.name.endswith(".weight")]
         assert weights
         assert all(init.data_location == onnx.TensorProto.EXTERNAL and not init.raw_data for init in weights)
-    files = {t.user_attrs[Key.RECIPE]: Path(t.user_attrs[Key.ARTIFACTS]) / "model.onnx" for t in study.trials}
-    x = tiny_task.example_input
-    assert not np.allclose(OnnxModule(files["prune 0.25"])(x), OnnxModule(files["int8 on prune 0.25"])(x), atol=1e-6)
+    for trial in study.trials:  # each file holds its own trial's weights, written into a shared graph
+        score = tiny_task.score(OnnxModule(Path(trial.user_attrs[Key.ARTIFACTS]) / "model.onnx"))
+        assert score == pytest.approx(trial.user_attrs[Key.METRIC])
 
 
 def test_the_build_digest_tells_plans_apart_by_what_they_build():
