@@ -23,7 +23,7 @@ from search._errors import CandidateError, UsageError
 from search.compress._quant import BinarizeWeight, FakeQuantWeight, WeightMask, add_input_quant
 from search.compress._refit import Activity, by_module, pruned_with_refits
 from search.compress._transformer_pruning import drop_blocks, prune_heads_and_ffn
-from search.model import Inputs, call, compressible_layers, find_blocks, output_layer
+from search.model import Inputs, call, compressible_layers, find_blocks, matmul_layers, output_layer
 from search.plan import ChannelPruning, Depth, HeadPruning, LayerPlan, Plan, Quantization, WeightSparsity
 
 ROUND_CHANNELS_TO = 4  # channel counts stay multiples of 4, so 2:4 groups stay whole
@@ -235,32 +235,11 @@ def add_compression(model: nn.Module, plan: Plan, example_input: Inputs, *, dyna
     statically) takes each call's range too, and needs no calibration."""
     _apply(model, plan.student(), ("sparsity", "quantization"), example_input)
     if dynamic_matmuls:
-        for module in _on_sequences(model, example_input):
-            module.input_quant.per_call = True
+        for name in matmul_layers(model, example_input):
+            quantizer = getattr(model.get_submodule(name), "input_quant", None)
+            if quantizer is not None:
+                quantizer.per_call = True
     return model
-
-
-@torch.no_grad()
-def _on_sequences(model: nn.Module, example_input: Inputs) -> list[nn.Module]:
-    """The Linear layers with an input quantizer that ``model`` applies to more than two
-    dimensions (a sequence) on ``example_input``."""
-    found: list[nn.Module] = []
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and hasattr(m, "input_quant")]
-
-    def note(module: nn.Module, args: tuple) -> None:
-        if args[0].dim() > 2:
-            found.append(module)
-
-    hooks = [module.register_forward_pre_hook(note) for module in linears]
-    was_training = model.training
-    model.eval()
-    try:
-        call(model, example_input)
-    finally:
-        model.train(was_training)
-        for hook in hooks:
-            hook.remove()
-    return found
 
 
 def apply_plan(teacher: nn.Module, plan: Plan, example_input: Inputs, activity: Activity | None = None) -> nn.Module:
