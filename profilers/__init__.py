@@ -24,6 +24,7 @@ from profilers._wire import DEFAULT_PORT, TOKEN_ENV, ServiceLimits
 _LAZY = {
     "profilers._factory": ("get_profiler",),
     "profilers._onnxruntime_cpu": ("OnnxRuntimeCpuProfiler",),
+    "profilers._onnxruntime_fusions": ("disabled_optimizers",),
     "profilers._pytorch": ("PyTorchProfiler",),
     "profilers._remote": ("RemoteProfiler",),
     "profilers._service": ("create_app", "serve"),

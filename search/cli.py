@@ -417,6 +417,15 @@ def _finetune_words(attrs: dict) -> str:
     )
 
 
+def _session_words(frame) -> str:
+    """The graph optimizations ONNX Runtime's sessions ran without: what a deployment sets to run the
+    files as they were measured."""
+    column = f"user_attrs_{Key.DEVICE}"
+    devices = frame[column].dropna() if column in frame else []
+    disabled = sorted({name for device in devices for name in device.get("disabled_optimizers", [])})
+    return f" with disabled_optimizers={disabled}" if disabled else ""
+
+
 def _recipe_words(attrs: dict) -> str:
     return f"  recipe: {attrs[Key.RECIPE]}" if attrs.get(Key.RECIPE) else ""
 
@@ -431,7 +440,8 @@ def _print_front(study: optuna.Study, sort: str | None = None) -> None:
         f"; budget {f'{budget_ms:.4g} ms' if budget_ms else 'none'})"
     )
     runtime = frame[Key.RUNTIME].dropna().iloc[0] if Key.RUNTIME in frame and frame[Key.RUNTIME].notna().any() else "the target"
-    table = Table(title=title, caption=f"latency: median and p90, measured by {runtime}; * estimated, not measured")
+    caption = f"latency: median and p90, measured by {runtime}{_session_words(frame)}; * estimated, not measured"
+    table = Table(title=title, caption=caption)
     for column in ("trial", "metric", "ms", "p90 ms", "speedup", "energy mJ", "KiB", "precision", "steps", "recipe"):
         table.add_column(column, justify="left" if column == "recipe" else "right")
     base_ms = baseline.get(Key.LATENCY_MS)

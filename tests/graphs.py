@@ -17,9 +17,11 @@ def optimized_ops(path, tmp_path) -> collections.Counter:
     """The op types of the graph ONNX Runtime runs (after its fusions), as the CPU profiler loads it."""
     import onnxruntime as ort
 
+    from profilers import disabled_optimizers
+
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(
-        str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=["WeightBiasQuantization"]
+        str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=list(disabled_optimizers())
     )
     return collections.Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)

@@ -103,3 +103,17 @@ def test_the_export_command_re_measures_locally_or_through_a_service(finished, l
                   "--token", TOKEN],
     )  # fmt: skip
     assert wrong.exit_code == 1 and "search serve" in " ".join(wrong.output.split())
+
+
+def test_each_trial_and_the_front_table_say_which_graph_optimizations_the_sessions_ran_without(finished):
+    """A deployment runs the files as measured only with the same ``disabled_optimizers``."""
+    from profilers import disabled_optimizers
+    from search._record import Key
+    from search.cli import _session_words
+
+    study, _ = finished
+    frame = search.load_trials(study)
+    measured = frame[f"user_attrs_{Key.DEVICE}"].dropna()
+    assert len(measured) and all(device["disabled_optimizers"] == list(disabled_optimizers()) for device in measured)
+    assert _session_words(frame) == f" with disabled_optimizers={sorted(disabled_optimizers())}"
+    assert _session_words(frame.drop(columns=[f"user_attrs_{Key.DEVICE}"])) == ""

@@ -19,6 +19,7 @@ pytest.importorskip("transformers", reason="the Transformer plans need transform
 from graphs import initializer_shapes, optimized_ops  # noqa: E402
 from models import text_inputs, tiny_bert  # noqa: E402
 
+from profilers import disabled_optimizers  # noqa: E402
 from search.compress import Finetune, distill  # noqa: E402
 from search._errors import UsageError  # noqa: E402
 from search.artifacts import OnnxModule, export_candidate, weight_name  # noqa: E402
@@ -287,7 +288,8 @@ def test_int8_linears_run_as_integer_matmuls_and_int4_as_matmulnbits(tmp_path, t
     ops = optimized_ops(exported.path, tmp_path)
     assert ops["MatMulNBits"] == len(int4)
     assert ops["DynamicQuantizeMatMul"] + ops["MatMulIntegerToFloat"] == len(int8)
-    assert ops["SkipLayerNormalization"] > 0  # residual add + LayerNorm fused
+    fused = "SkipLayerNormFusion" not in disabled_optimizers()  # unless its kernel is slower on this CPU
+    assert (ops["SkipLayerNormalization"] > 0) is fused  # residual add + LayerNorm fused
     nbits = [n for n in onnx.load(str(exported.path)).graph.node if n.op_type == "MatMulNBits"]
     assert all({a.name: a.i for a in n.attribute}["accuracy_level"] == 4 for n in nbits)
     x = text_inputs(4, seed=5)

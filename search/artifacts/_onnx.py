@@ -32,6 +32,7 @@ import onnxscript.optimizer
 import torch
 from torch import nn
 
+from profilers import disabled_optimizers
 from search._errors import CandidateError
 from search.compress import CALIBRATION_BATCHES
 from search.model import Inputs, Output, compressible_layers, reduced_output, split_batch, tensors
@@ -398,7 +399,8 @@ class OnnxModule(nn.Module):
     """An exported ONNX file behind an ``nn.Module`` forward, so a task's metric scores the deployed model.
 
     It is called as the torch model is: ``module(x)``, ``module(*x)`` or ``module(**x)``, and returns
-    the graph's output, the task's reduced output tensor.
+    the graph's output, the task's reduced output tensor. Its session runs ORT's graph optimizations
+    as the CPU profiler's do (:func:`profilers.disabled_optimizers`).
     """
 
     def __init__(self, path: Path, threads: int | None = None) -> None:
@@ -411,7 +413,7 @@ class OnnxModule(nn.Module):
         try:
             self.session = ort.InferenceSession(
                 str(path), options, providers=["CPUExecutionProvider"],
-                disabled_optimizers=["WeightBiasQuantization"],
+                disabled_optimizers=list(disabled_optimizers()),
             )
         except Exception as exc:
             raise CandidateError(f"ONNX Runtime cannot load {Path(path).name}: {exc}") from exc
