@@ -6,15 +6,15 @@ figures; asserts nothing).
 
 The CPU sessions leave out each fusion measured slower here (``profilers.disabled_optimizers``);
 this script shows the figures behind that choice: the probe's own, the kernel at other shapes,
-and MiniLM's teacher (fp32) and its int8-everywhere file, each session timed in rounds taken in
-turn (one thread; the median of each round, the fastest round kept).
+and MiniLM's teacher (fp32) and its int8-everywhere file, each session timed as the probe times
+(rounds taken in turn, one thread; the median of each round, the fastest round kept).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import statistics
+import functools
 import tempfile
 import time
 import warnings
@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import optuna
-from onnx import TensorProto, helper, numpy_helper
 
 from profilers import cpu_info
 from profilers import _onnxruntime_fusions as fusions
@@ -32,20 +31,10 @@ VARIANTS = {"fused (ORT's default)": [], "without SkipLayerNormFusion": ["SkipLa
 SHAPES = [(1, 8, 384), (1, 32, 384), (1, 128, 768), (8, 128, 768), (1, 512, 1024)]
 
 
-def timed(sessions: dict, feeds: dict, rounds: int, runs: int) -> dict[str, float]:
-    """Each session's fastest round median (ms), rounds taken in turn."""
-    medians: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(rounds):
-        for name, session in sessions.items():
-            for _ in range(max(3, runs // 10)):
-                session.run(None, feeds)
-            samples = []
-            for _ in range(runs):
-                started = time.perf_counter()
-                session.run(None, feeds)
-                samples.append(time.perf_counter() - started)
-            medians[name].append(statistics.median(samples) * 1000)
-    return {name: min(values) for name, values in medians.items()}
+def in_turn(sessions: dict, feeds: dict, rounds: int, runs: int) -> list[float]:
+    """Each session's run of ``feeds`` timed in turn (:func:`profilers._onnxruntime_fusions.timed_in_turn`), in ms."""
+    calls = [functools.partial(session.run, None, feeds) for session in sessions.values()]
+    return [seconds * 1000 for seconds in fusions.timed_in_turn(calls, rounds, runs)]
 
 
 def sessions_of(model) -> dict:
@@ -58,18 +47,9 @@ def sessions_of(model) -> dict:
     }
 
 
-def residual_layer_norm(shape: tuple[int, int, int]) -> bytes:
-    values = [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(shape)) for n in ("x", "skip", "y")]
-    weights = [numpy_helper.from_array(np.ones(shape[-1], np.float32), n) for n in ("gamma", "beta")]
-    nodes = [helper.make_node("Add", ["x", "skip"], ["sum"]),
-             helper.make_node("LayerNormalization", ["sum", "gamma", "beta"], ["y"], axis=-1)]  # fmt: skip
-    graph = helper.make_graph(nodes, "residual_layer_norm", values[:2], values[2:], weights)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
-
-
 def minilm_files(seq_len: int, folder: Path) -> tuple[dict[str, Path], object]:
     """MiniLM's teacher and its int8-everywhere plan (PTQ) as the study writes them, and the task."""
-    from search.artifacts import export_float
+    from search.artifacts import export_float, export_raw
     from search.compress import add_compression, baked_state_dict, build_structure
     from search.model import describe_layers, find_blocks
     from search.plan import SearchSpace, suggest_plan
@@ -86,7 +66,8 @@ def minilm_files(seq_len: int, folder: Path) -> tuple[dict[str, Path], object]:
     structure = build_structure(task.model, plan, task.example_input, task.activity())
     candidate = add_compression(copy.deepcopy(structure), plan, task.example_input, dynamic_matmuls=True)
     structure.load_state_dict(baked_state_dict(candidate))
-    write_file(task, load_target("cpu"), structure, plan, folder / "int8.onnx", folder / "teacher.onnx")
+    export_raw(structure, task.example_input, folder / "graph.onnx", task.output, weights=False)
+    write_file(task, load_target("cpu"), structure, plan, folder / "int8.onnx", folder / "graph.onnx")
     return {"teacher (fp32)": folder / "teacher.onnx", "int8 everywhere": folder / "int8.onnx"}, task
 
 
@@ -107,9 +88,8 @@ def main() -> None:
     for shape in SHAPES:
         rng = np.random.default_rng(0)
         feeds = {name: rng.random(shape, dtype=np.float32) for name in ("x", "skip")}
-        runs = max(20, int(4e6 // np.prod(shape)))
-        times = timed(sessions_of(residual_layer_norm(shape)), feeds, args.rounds, min(runs, 400))
-        fused, unfused = times.values()
+        runs = min(400, max(20, int(4e6 // np.prod(shape))))
+        fused, unfused = in_turn(sessions_of(fusions.residual_layer_norm(shape)), feeds, args.rounds, runs)
         print(f"  {str(list(shape)):16s} fused {fused:.4f}  without the fusion {unfused:.4f}  ratio {fused / unfused:.2f}")
     from search.artifacts._onnx import _feeds
 
@@ -120,8 +100,7 @@ def main() -> None:
             for name, path in files.items():
                 sessions = sessions_of(str(path))
                 feeds = _feeds(task.example_input, [i.name for i in next(iter(sessions.values())).get_inputs()])
-                times = timed(sessions, feeds, args.rounds, 100)
-                fused, unfused = times.values()
+                fused, unfused = in_turn(sessions, feeds, args.rounds, 100)
                 print(f"  {name:18s} fused {fused:.3f}  without the fusion {unfused:.3f}  "
                       f"({1 - unfused / fused:.1%} less time)")  # fmt: skip
 

@@ -20,7 +20,7 @@ def measured(monkeypatch):
     """``measured(fused, unfused)``: the probe's timings, as if measured so."""
 
     def set_times(fused: float, unfused: float) -> None:
-        monkeypatch.setattr(fusions, "_alternating", lambda first, second: (fused, unfused))
+        monkeypatch.setattr(fusions, "timed_in_turn", lambda calls: [fused, unfused])
         fusions.slower_fusions.cache_clear()
 
     yield set_times
@@ -51,7 +51,7 @@ def test_a_fusion_is_left_out_only_where_its_kernel_is_slower(measured):
 
 def test_the_probe_measures_once_a_process(monkeypatch):
     calls = []
-    monkeypatch.setattr(fusions, "_alternating", lambda first, second: calls.append(1) or (1.0, 1.0))
+    monkeypatch.setattr(fusions, "timed_in_turn", lambda timed: calls.append(1) or [1.0, 1.0])
     fusions.slower_fusions.cache_clear()
     try:
         disabled_optimizers(), disabled_optimizers()
