@@ -417,13 +417,18 @@ def _finetune_words(attrs: dict) -> str:
     )
 
 
-def _session_words(frame) -> str:
-    """The graph optimizations ONNX Runtime's sessions ran without: what a deployment sets to run the
-    files as they were measured."""
+def _session_words(lists) -> str:
+    """The graph optimizations ONNX Runtime's sessions ran without (each measurement's
+    ``disabled_optimizers``, None where another runtime measured): what a deployment sets to run
+    the files as they were measured."""
+    disabled = sorted({name for names in lists if isinstance(names, list) for name in names})
+    return f" with disabled_optimizers={disabled}" if disabled else ""
+
+
+def _front_session_words(frame) -> str:
     column = f"user_attrs_{Key.DEVICE}"
     devices = frame[column].dropna() if column in frame else []
-    disabled = sorted({name for device in devices for name in device.get("disabled_optimizers", [])})
-    return f" with disabled_optimizers={disabled}" if disabled else ""
+    return _session_words(device.get("disabled_optimizers") for device in devices)
 
 
 def _recipe_words(attrs: dict) -> str:
@@ -440,7 +445,7 @@ def _print_front(study: optuna.Study, sort: str | None = None) -> None:
         f"; budget {f'{budget_ms:.4g} ms' if budget_ms else 'none'})"
     )
     runtime = frame[Key.RUNTIME].dropna().iloc[0] if Key.RUNTIME in frame and frame[Key.RUNTIME].notna().any() else "the target"
-    caption = f"latency: median and p90, measured by {runtime}{_session_words(frame)}; * estimated, not measured"
+    caption = f"latency: median and p90, measured by {runtime}{_front_session_words(frame)}; * estimated, not measured"
     table = Table(title=title, caption=caption)
     for column in ("trial", "metric", "ms", "p90 ms", "speedup", "energy mJ", "KiB", "precision", "steps", "recipe"):
         table.add_column(column, justify="left" if column == "recipe" else "right")
@@ -752,7 +757,7 @@ def export_command(
         measurer = profilers.get_profiler(spec_of(opened).target, service=profiler, token=token)
         with console.status("exporting and re-measuring the Pareto front…"):
             rows = export(opened, out, profiler=measurer, skip_broken=skip_broken)
-        table = Table(title=f"exported to {out}")
+        table = Table(title=f"exported to {out}", caption=f"re-measured{_session_words(rows['disabled_optimizers'])}")
         for column in ("trial", "metric", "re-scored", "search-time ms", "re-measured ms", "p90 ms", "file"):
             table.add_column(column, justify="right")
         for _, row in rows.iterrows():

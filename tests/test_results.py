@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import search
+from profilers import disabled_optimizers
 from search import Plan, UsageError, build_structure
 from search.artifacts import OnnxModule
 from search.study import plot_front
@@ -68,6 +69,7 @@ def test_export_writes_the_front_and_re_measures_it(finished, tiny_task, tmp_pat
     assert sorted(rows["number"]) == sorted(front["number"])
     for _, row in rows.iterrows():
         assert row["export_latency_ms"] > 0 and row["latency_source"] == "measured:onnxruntime-cpu"
+        assert row["disabled_optimizers"] == list(disabled_optimizers())  # what a deployment sets
         onnx.checker.check_model(row["path"])
         folder = tmp_path / "deploy" / f"trial-{row['number']:05d}"
         checkpoint = torch.load(folder / "checkpoint.pt", weights_only=True)
@@ -89,6 +91,7 @@ def test_the_export_command_re_measures_locally_or_through_a_service(finished, l
     runner = CliRunner()
     local = runner.invoke(cli.app, ["export", str(results / "done"), "--out", str(tmp_path / "a")])
     assert local.exit_code == 0, local.output
+    assert "disabled_optimizers" in local.output  # the sessions' setting, to deploy with
     remote = runner.invoke(
         cli.app,
         ["export", str(results / "done"), "--out", str(tmp_path / "b"), "--profiler", loopback_service,
@@ -107,13 +110,13 @@ def test_the_export_command_re_measures_locally_or_through_a_service(finished, l
 
 def test_each_trial_and_the_front_table_say_which_graph_optimizations_the_sessions_ran_without(finished):
     """A deployment runs the files as measured only with the same ``disabled_optimizers``."""
-    from profilers import disabled_optimizers
     from search._record import Key
-    from search.cli import _session_words
+    from search.cli import _front_session_words, _session_words
 
     study, _ = finished
     frame = search.load_trials(study)
     measured = frame[f"user_attrs_{Key.DEVICE}"].dropna()
     assert len(measured) and all(device["disabled_optimizers"] == list(disabled_optimizers()) for device in measured)
-    assert _session_words(frame) == f" with disabled_optimizers={sorted(disabled_optimizers())}"
-    assert _session_words(frame.drop(columns=[f"user_attrs_{Key.DEVICE}"])) == ""
+    assert _front_session_words(frame) == f" with disabled_optimizers={sorted(disabled_optimizers())}"
+    assert _front_session_words(frame.drop(columns=[f"user_attrs_{Key.DEVICE}"])) == ""
+    assert _session_words([None, None]) == ""  # measured by TensorRT or PyTorch

@@ -149,6 +149,7 @@ def _remeasure(trial: pd.Series, folder: Path, final: Path, profiler: Profiler, 
         Key.LATENCY_SOURCE: f"{measurement.source}:{measurement.runtime}",
         Key.ENERGY_MJ: measurement.energy_mj,
         Key.ENERGY_SOURCE: measurement.energy_source,
+        "disabled_optimizers": measurement.device.get("disabled_optimizers"),  # ONNX Runtime's, to deploy with
     }
 
 
