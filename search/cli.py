@@ -757,7 +757,8 @@ def export_command(
         measurer = profilers.get_profiler(spec_of(opened).target, service=profiler, token=token)
         with console.status("exporting and re-measuring the Pareto front…"):
             rows = export(opened, out, profiler=measurer, skip_broken=skip_broken)
-        table = Table(title=f"exported to {out}", caption=f"re-measured{_session_words(rows['disabled_optimizers'])}")
+        session = _session_words(rows["disabled_optimizers"])
+        table = Table(title=f"exported to {out}", caption=f"re-measured{session}" if session else None)
         for column in ("trial", "metric", "re-scored", "search-time ms", "re-measured ms", "p90 ms", "file"):
             table.add_column(column, justify="right")
         for _, row in rows.iterrows():

@@ -49,7 +49,8 @@ def export(
 
     Returns one row per exported model: search-time and export-time metric and latency side by
     side (``export_metric`` is None where no task could be had: a study started with a Task object,
-    exported without ``task``).
+    exported without ``task``), and the ``disabled_optimizers`` ONNX Runtime's session measured it
+    with (None for another runtime): a deployment's session takes the same.
     The checkpoint holds ``{"plan": json, "state_dict": ...}``; load it with ``weights_only=True``
     into ``search.build_structure(teacher, Plan.from_json(plan), example_input)``.
     ``profiler`` defaults to the study's target's own (a :class:`~profilers.RemoteProfiler` measures
