@@ -38,13 +38,7 @@ def in_turn(sessions: dict, feeds: dict, rounds: int, runs: int) -> list[float]:
 
 
 def sessions_of(model) -> dict:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = 1, 1, 3
-    return {
-        name: ort.InferenceSession(model, options, providers=["CPUExecutionProvider"],
-                                   disabled_optimizers=[*fusions.ALWAYS_DISABLED, *off])  # fmt: skip
-        for name, off in VARIANTS.items()
-    }
+    return {name: fusions.one_thread_session(model, off) for name, off in VARIANTS.items()}
 
 
 def minilm_files(seq_len: int, folder: Path) -> tuple[dict[str, Path], object]:

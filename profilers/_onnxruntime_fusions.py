@@ -57,18 +57,23 @@ def timed_in_turn(calls: Sequence[Callable[[], object]], rounds: int = _ROUNDS, 
 def _skip_layer_norm_session(fused: bool) -> Callable[[], object]:
     """One run of :func:`residual_layer_norm` in a session that fuses it into
     ``SkipLayerNormalization`` (ORT's default), or not."""
+    session = one_thread_session(residual_layer_norm(), [] if fused else ["SkipLayerNormFusion"])
+    rng = np.random.default_rng(0)
+    feeds = {name: rng.random(_PROBE_SHAPE, dtype=np.float32) for name in ("x", "skip")}
+    return functools.partial(session.run, None, feeds)
+
+
+def one_thread_session(model: bytes | str, disabled: Sequence[str]):
+    """An ONNX Runtime CPU session of ``model`` (its bytes, or a path) on one thread, run without
+    :data:`ALWAYS_DISABLED` and the graph optimizations ``disabled``."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
     options.log_severity_level = 3
-    disabled = list(ALWAYS_DISABLED) + ([] if fused else ["SkipLayerNormFusion"])
-    session = ort.InferenceSession(
-        residual_layer_norm(), options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled
+    return ort.InferenceSession(
+        model, options, providers=["CPUExecutionProvider"], disabled_optimizers=[*ALWAYS_DISABLED, *disabled]
     )
-    rng = np.random.default_rng(0)
-    feeds = {name: rng.random(_PROBE_SHAPE, dtype=np.float32) for name in ("x", "skip")}
-    return functools.partial(session.run, None, feeds)
 
 
 def residual_layer_norm(shape: tuple[int, int, int] = _PROBE_SHAPE) -> bytes:

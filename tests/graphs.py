@@ -13,15 +13,15 @@ def initializer_shapes(path) -> dict[str, tuple[int, ...]]:
     return {init.name: tuple(init.dims) for init in onnx.load(str(path)).graph.initializer}
 
 
-def optimized_ops(path, tmp_path) -> collections.Counter:
-    """The op types of the graph ONNX Runtime runs (after its fusions), as the CPU profiler loads it."""
+def optimized_ops(path, tmp_path, disabled=None) -> collections.Counter:
+    """The op types of the graph ONNX Runtime runs (after its fusions), as the CPU profiler loads it,
+    or with the graph optimizations ``disabled`` left out instead."""
     import onnxruntime as ort
 
     from profilers import disabled_optimizers
 
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(
-        str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=list(disabled_optimizers())
-    )
+    disabled = list(disabled_optimizers() if disabled is None else disabled)
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
     return collections.Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
