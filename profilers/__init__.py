@@ -10,7 +10,14 @@ first use (PEP 562), and :func:`get_profiler` loads a runtime only for a target 
 
 import importlib
 
-from profilers._base import TIMING_KNOBS, Measurement, ModuleArtifact, Profiler, random_inputs
+from profilers._base import (
+    TIMING_KNOBS,
+    Measurement,
+    ModuleArtifact,
+    Profiler,
+    measurement_setting,
+    random_inputs,
+)
 from profilers._cpuinfo import cpu_info
 from profilers._errors import (
     MeasurementCancelled,
@@ -49,6 +56,7 @@ __all__ = sorted(
         "TOKEN_ENV",
         "TargetUnavailableError",
         "cpu_info",
+        "measurement_setting",
         "random_inputs",
     ]
 )

@@ -9,6 +9,7 @@ import math
 import optuna
 import pytest
 
+import profilers
 import search
 from profilers import OnnxRuntimeCpuProfiler
 from search import Finetune, UsageError, run
@@ -63,20 +64,73 @@ def test_measurements_are_persisted_per_study_as_plain_json(earlier, tiny_task):
 def test_a_plan_far_over_budget_is_vetoed_before_fine_tuning(earlier, tiny_task, fast_profiler):
     results, earlier_study = earlier
     # Every plan of this tiny model takes microseconds: a 1 µs budget (the least a budget may be) is far out of reach.
-    study = run(tiny_task, budget="1us", trials=3, profiler=fast_profiler, results_dir=results,
+    # The first trial is measured: until then the study's measurement setting is not known.
+    study = run(tiny_task, budget="1us", trials=4, profiler=fast_profiler, results_dir=results,
                 study_name="vetoed", **QUICK)  # fmt: skip
     frame = _trials(study)
     assert study.user_attrs["cost_model_warm_start"] == _measured(earlier_study)
-    assert list(frame["state"]) == ["PRUNED"] * 3
-    assert list(frame["pruned_by"]) == ["cost-model"] * 3
-    assert (frame["predicted_latency_low_ms"] > 0.001).all()
-    assert (frame["predicted_headroom"] < MAX_EXPECTED_HEADROOM).all()
-    assert frame["pruned_reason"].str.contains("over the 0.001 ms budget").all()
-    assert frame["artifacts"].isna().all() and frame["latency_ms"].isna().all()  # nothing exported or measured
-    assert not (results / "vetoed" / "trials").exists()
-    assert frame["predicted_source"].str.startswith("predicted:cost-model").all()
+    assert list(frame["state"]) == ["COMPLETE"] + ["PRUNED"] * 3
+    assert frame["predicted_latency_ms"].iloc[0] != frame["predicted_latency_ms"].iloc[0]  # NaN: no prediction
+    vetoed = frame.iloc[1:]
+    assert list(vetoed["pruned_by"]) == ["cost-model"] * 3
+    assert (vetoed["predicted_latency_low_ms"] > 0.001).all()
+    assert (vetoed["predicted_headroom"] < MAX_EXPECTED_HEADROOM).all()
+    assert vetoed["pruned_reason"].str.contains("over the 0.001 ms budget").all()
+    assert vetoed["artifacts"].isna().all() and vetoed["latency_ms"].isna().all()  # nothing exported or measured
+    assert [path.name for path in (results / "vetoed" / "trials").iterdir()] == ["00000"]
+    # Learned from the earlier study's measurements and its own first one, all under one setting.
+    n = _measured(earlier_study) + 1
+    assert vetoed["predicted_source"].str.startswith(f"predicted:cost-model(n={n}),").all()
     # The sampler sees it as infeasible, as its measurement would have made it, not as a mere prune.
-    assert (frame["system_attrs_constraints:predicted_latency_over_budget_ms"] > 0).all()
+    assert (vetoed["system_attrs_constraints:predicted_latency_over_budget_ms"] > 0).all()
+
+
+def test_measurements_under_another_setting_are_left_out(earlier, tiny_task, tmp_path):
+    """Latencies from another machine, runtime version or runtime options (another results folder
+    copied in, a runtime upgrade) describe another cost function: the gate does not learn from them."""
+    results, study = earlier
+    folder = tmp_path / "costmodel"
+    folder.mkdir()
+    own = json.loads((results / "costmodel" / "cpu" / tiny_task.name / "earlier.json").read_text())
+    assert len(set(own["settings"])) == 1
+    setting = json.loads(own["settings"][0])
+    assert setting["runtime"].startswith("onnxruntime-cpu ") and setting["threads"] == 1 and "isa" in setting
+    assert setting["disabled_optimizers"] == list(profilers.disabled_optimizers())
+    elsewhere = {**own, "latency_ms": [ms * 100 for ms in own["latency_ms"]],
+                 "settings": [json.dumps({**setting, "cpu": "another CPU"})] * len(own["settings"])}  # fmt: skip
+    (folder / "elsewhere.json").write_text(json.dumps(elsewhere))
+    (folder / "before.json").write_text(json.dumps({**own, "settings": [None] * len(own["settings"])}))
+    features = study.trials[0].user_attrs["cost_features"]
+
+    gate = CostGate(folder, "solo", "cpu", tiny_task.name)
+    assert gate.warm_start == 2 * len(own["settings"])
+    assert gate.predict(optuna.create_study(), features) is None  # nothing measured yet: no setting to match
+    prediction = gate.predict(study, features)
+    left_out = 2 * len(own["settings"])
+    assert prediction["predicted_source"].startswith(
+        f"predicted:cost-model(n={_measured(study)}, {left_out} measured under another machine or runtime "
+        "setting left out)"
+    )
+    assert prediction["predicted_latency_ms"] < 2 * max(own["latency_ms"])  # not pulled up by the ×100 ones
+
+    (folder / "elsewhere.json").write_text(json.dumps({**elsewhere, "settings": own["settings"]}))
+    same = CostGate(folder, "solo", "cpu", tiny_task.name).predict(study, features)
+    assert f"n={_measured(study) + len(own['settings'])}," in same["predicted_source"]
+    assert same["predicted_latency_ms"] > 2 * prediction["predicted_latency_ms"]  # the check above can fail
+
+
+def test_a_measurement_setting_is_the_machine_and_runtime_not_the_run():
+    device = {"cpu": "Xeon", "isa": ["avx2"], "threads": 1, "disabled_optimizers": [], "pinned_cpus": [0],
+              "layer_profile_ms": 3.5, "sm_clock_mhz": 1400}  # fmt: skip
+    setting = profilers.measurement_setting("onnxruntime 1.32.0", device)
+    assert json.loads(setting) == {"runtime": "onnxruntime 1.32.0", "cpu": "Xeon", "isa": ["avx2"], "threads": 1,
+                                   "disabled_optimizers": []}  # fmt: skip
+    same_machine = {**device, "isa": ("avx2",), "pinned_cpus": [1], "layer_profile_ms": 2.0, "sm_clock_mhz": 900}
+    assert profilers.measurement_setting("onnxruntime 1.32.0", same_machine) == setting
+    for other in ({**device, "threads": 2}, {**device, "disabled_optimizers": ["SkipLayerNormFusion"]},
+                  {**device, "cpu": "EPYC"}):  # fmt: skip
+        assert profilers.measurement_setting("onnxruntime 1.32.0", other) != setting
+    assert profilers.measurement_setting("onnxruntime 1.33.0", device) != setting
 
 
 def test_the_same_plans_run_with_the_cost_model_off(earlier, tiny_task, fast_profiler):
@@ -90,12 +144,13 @@ def test_the_same_plans_run_with_the_cost_model_off(earlier, tiny_task, fast_pro
 
 def test_a_plan_within_budget_is_predicted_and_run(earlier, tiny_task, fast_profiler):
     results, _ = earlier
-    study = run(tiny_task, budget="1s", trials=2, profiler=fast_profiler, results_dir=results,
+    study = run(tiny_task, budget="1s", trials=3, profiler=fast_profiler, results_dir=results,
                 study_name="within", **QUICK)  # fmt: skip
     frame = _trials(study)
-    assert list(frame["state"]) == ["COMPLETE"] * 2
-    assert (frame["predicted_latency_ms"] > 0).all() and frame["pruned_by"].isna().all()
-    assert (frame["predicted_headroom"] > 0.9).all()  # microseconds against a second
+    assert list(frame["state"]) == ["COMPLETE"] * 3 and frame["pruned_by"].isna().all()
+    predicted = frame.iloc[1:]  # the first trial measures the study's setting
+    assert (predicted["predicted_latency_ms"] > 0).all()
+    assert (predicted["predicted_headroom"] > 0.9).all()  # microseconds against a second
     report = cost_model_report(study)
     assert report["predicted_online"] == 2 and 0 <= report["online"]["within_20pct"] <= 1
 
@@ -104,9 +159,9 @@ def test_energy_is_predicted_from_sensor_measurements(earlier, tiny_task, metere
     results, earlier_study = earlier
     data = json.loads((results / "costmodel" / "cpu" / tiny_task.name / "earlier.json").read_text())
     assert len(data["energy_mj"]) == _measured(earlier_study) and all(mj > 0 for mj in data["energy_mj"])
-    study = run(tiny_task, budget="1s", trials=2, profiler=metered, results_dir=results,
+    study = run(tiny_task, budget="1s", trials=3, profiler=metered, results_dir=results,
                 study_name="energy", **QUICK)  # fmt: skip
-    frame = _trials(study)
+    frame = _trials(study).iloc[1:]  # the first trial measures the study's setting
     assert (frame["predicted_energy_mj"] > 0).all()
     assert frame["predicted_source"].str.contains(r"energy from \d+ sensor measurements").all()
     # Measured energy, so compared. How close depends on microsecond latencies on a loaded machine
@@ -172,8 +227,8 @@ def test_a_trial_that_reused_another_is_not_a_second_measurement():
         if number == 2:
             attrs["duplicate_of"] = 0  # _reuse copies the original's attributes, measurement included
         study.add_trial(optuna.trial.create_trial(values=[0.9, 0.5], user_attrs=attrs))
-    rows, latency, energy = measured_rows(study)
-    assert len(rows) == len(latency) == len(energy) == 2
+    rows, latency, energy, settings = measured_rows(study)
+    assert len(rows) == len(latency) == len(energy) == len(settings) == 2
     assert cost_model_report(study)["measured"] == 2
 
 

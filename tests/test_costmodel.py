@@ -367,13 +367,15 @@ def test_measurements_round_trip(tmp_path, cnn, cnn_input, cpu):
     rows = [_features(cnn, cnn_input, plan, cpu) for plan in (Plan(), _bits(dict.fromkeys(CNN_LAYERS, 8)))]
     path = tmp_path / "costmodel" / "cpu" / "digits.json"
     save_measurements(path, rows, [1.5, 0.5], target="cpu", task="digits")
-    assert load_measurements(path, target="cpu", task="digits") == (rows, [1.5, 0.5], [None, None])
+    assert load_measurements(path, target="cpu", task="digits") == (rows, [1.5, 0.5], [None, None], [None, None])
     document = json.loads(path.read_text())
     assert document["format"] == "compression-search/cost-measurements"
     assert document["feature_version"] == FEATURE_VERSION and document["features"] == list(FEATURE_NAMES)
     assert [p.name for p in path.parent.iterdir()] == ["digits.json"]  # no temp file left
-    save_measurements(path, rows, [2.0, 1.0], target="cpu", task="digits", energy_mj=[None, 3.5])  # overwrites
-    assert load_measurements(path, target="cpu", task="digits") == (rows, [2.0, 1.0], [None, 3.5])
+    settings = ['{"runtime": "onnxruntime 1.32.0"}', None]
+    save_measurements(path, rows, [2.0, 1.0], target="cpu", task="digits", energy_mj=[None, 3.5],
+                      settings=settings)  # overwrites  # fmt: skip
+    assert load_measurements(path, target="cpu", task="digits") == (rows, [2.0, 1.0], [None, 3.5], settings)
     with pytest.raises(ValueError, match="energies must be None or finite and > 0 mJ"):
         save_measurements(path, rows, [2.0, 1.0], target="cpu", task="digits", energy_mj=[0.0, 3.5])
     with pytest.raises(UsageError, match="not of task 'other' on target 'cpu'"):
@@ -381,16 +383,17 @@ def test_measurements_round_trip(tmp_path, cnn, cnn_input, cpu):
 
 
 def test_missing_file_loads_empty(tmp_path):
-    assert load_measurements(tmp_path / "none.json", target="cpu", task="digits") == ([], [], [])
+    assert load_measurements(tmp_path / "none.json", target="cpu", task="digits") == ([], [], [], [])
 
 
-def test_a_file_from_before_energy_was_kept_loads_with_no_energy(tmp_path):
+def test_a_file_from_before_energy_and_settings_were_kept_loads_with_neither(tmp_path):
     row = [1.0] * len(FEATURE_NAMES)
-    older = _stale(tmp_path / "older.json", rows=[row], latency_ms=[0.5])  # no "energy_mj" key
-    assert load_measurements(older, target="cpu", task="digits")[1:] == ([0.5], [None])
-    damaged = _stale(tmp_path / "damaged.json", rows=[row], latency_ms=[0.5], energy_mj=[])
-    with pytest.raises(UsageError, match="damaged: .* as latencies and energies"):
-        load_measurements(damaged, target="cpu", task="digits")
+    older = _stale(tmp_path / "older.json", rows=[row], latency_ms=[0.5])  # no "energy_mj" or "settings" key
+    assert load_measurements(older, target="cpu", task="digits")[1:] == ([0.5], [None], [None])
+    for name, damage in (("energy.json", {"energy_mj": []}), ("settings.json", {"settings": [3]})):
+        damaged = _stale(tmp_path / name, rows=[row], latency_ms=[0.5], **damage)
+        with pytest.raises(UsageError, match="damaged: .* as latencies, energies and settings"):
+            load_measurements(damaged, target="cpu", task="digits")
 
 
 def _stale(path, **changes):

@@ -30,19 +30,22 @@ MAX_EXPECTED_HEADROOM = 0.005
 
 @dataclasses.dataclass
 class _Refitted:
-    """A model refitted only when its measurements grew by a tenth since the last fit: a forest fit
-    costs a fraction of a second, a candidate's fine-tune seconds, but hundreds of fits add up."""
+    """A model refitted only when its measurements grew by a tenth since the last fit, or came from
+    another measurement setting: a forest fit costs a fraction of a second, a candidate's fine-tune
+    seconds, but hundreds of fits add up."""
 
     minimum: int
     model: LatencyModel | None = None
     fitted_on: int = 0
+    setting: str | None = None
 
-    def get(self, rows: list, values: list) -> LatencyModel | None:
+    def get(self, rows: list, values: list, setting: str | None) -> LatencyModel | None:
         if len(values) < self.minimum:
             return None
-        if self.model is None or len(values) - self.fitted_on >= max(1, self.fitted_on // 10):
+        grown = len(values) - self.fitted_on >= max(1, self.fitted_on // 10)
+        if self.model is None or setting != self.setting or grown:
             self.model = LatencyModel().fit(feature_matrix(rows), np.array(values))
-            self.fitted_on = len(values)
+            self.fitted_on, self.setting = len(values), setting
         return self.model
 
 
@@ -66,6 +69,10 @@ class CostGate:
     headroom under it to be worth measuring (:meth:`veto_reason`).
 
     ``folder`` holds one measurements file per study; the other studies' files warm-start this one.
+    It learns only from measurements taken under the setting of the study's latest one (machine,
+    runtime version, threads, runtime options: :func:`profilers.measurement_setting`), so it
+    predicts nothing before the study's first measurement, and a results folder shared by several
+    machines, or kept across a runtime upgrade, does not mix their latencies.
     """
 
     folder: Path
@@ -73,19 +80,17 @@ class CostGate:
     target: str
     task: str
     min_measurements: int = MIN_MEASUREMENTS
-    _warm: tuple[list, list, list] = dataclasses.field(default=([], [], []), init=False)
+    _warm: tuple[list, list, list, list] = dataclasses.field(default=([], [], [], []), init=False)
     _latency: _Refitted = dataclasses.field(init=False)
     _energy: _Refitted = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
-        rows, latency, energy = [], [], []
+        warm = ([], [], [], [])
         for path in sorted(Path(self.folder).glob("*.json")):
             if path.stem != self.study_name:
-                more_rows, more_latency, more_energy = load_measurements(path, target=self.target, task=self.task)
-                rows += more_rows
-                latency += more_latency
-                energy += more_energy
-        self._warm = (rows, latency, energy)
+                for gathered, more in zip(warm, load_measurements(path, target=self.target, task=self.task)):
+                    gathered += more
+        self._warm = warm
         self._latency = _Refitted(self.min_measurements)
         self._energy = _Refitted(self.min_measurements)
 
@@ -93,28 +98,37 @@ class CostGate:
     def warm_start(self) -> int:
         return len(self._warm[1])
 
-    def _measurements(self, study: optuna.Study) -> tuple[list, list, list]:
-        return tuple(warm + own for warm, own in zip(self._warm, measured_rows(study)))
+    def _measurements(self, study: optuna.Study) -> tuple[list, list, list, str | None, int]:
+        """Earlier studies' and this study's features, latencies and energies measured under the
+        setting of the study's latest measurement (none before its first), that setting, and how
+        many measurements under other settings were left out."""
+        own = measured_rows(study)
+        setting = own[3][-1] if own[3] else None
+        together = list(zip(*(warm + mine for warm, mine in zip(self._warm, own))))
+        kept = [(row, ms, mj) for row, ms, mj, where in together if setting is not None and where == setting]
+        rows, latency, energy = (list(column) for column in zip(*kept)) if kept else ([], [], [])
+        return rows, latency, energy, setting, len(together) - len(kept)
 
     def model(self, study: optuna.Study) -> LatencyModel | None:
-        """The latency model fitted on earlier studies' and this study's measurements; None below
-        the minimum."""
-        rows, latency, _ = self._measurements(study)
-        return self._latency.get(rows, latency)
+        """The latency model fitted on earlier studies' and this study's measurements under the
+        setting of its latest one; None below the minimum."""
+        rows, latency, _, setting, _ = self._measurements(study)
+        return self._latency.get(rows, latency, setting)
 
     def predict(self, study: optuna.Study, features: dict[str, float], budget_ms: float | None = None) -> dict | None:
         """The predicted figures, None below the minimum; with ``budget_ms``, the plan's expected
         headroom under it too (``predicted_headroom``, a share of the budget)."""
-        rows, latency, energy = self._measurements(study)
-        model = self._latency.get(rows, latency)
+        rows, latency, energy, setting, left_out = self._measurements(study)
+        model = self._latency.get(rows, latency, setting)
         if model is None:
             return None
         x = feature_matrix([features])
         predicted, spread = (float(value[0]) for value in model.predict(x, return_std=True))
         prediction = latency_figures(model, predicted, spread, budget_ms)
-        prediction[Key.PREDICTED_SOURCE] = f"predicted:cost-model(n={self._latency.fitted_on})"
+        elsewhere = f", {left_out} measured under another machine or runtime setting left out" if left_out else ""
+        prediction[Key.PREDICTED_SOURCE] = f"predicted:cost-model(n={self._latency.fitted_on}{elsewhere})"
         metered = [(row, mj) for row, mj in zip(rows, energy) if mj is not None]
-        energy_model = self._energy.get([row for row, _ in metered], [mj for _, mj in metered])
+        energy_model = self._energy.get([row for row, _ in metered], [mj for _, mj in metered], setting)
         if energy_model is not None:
             prediction[Key.PREDICTED_ENERGY_MJ] = float(energy_model.predict(x)[0])
             prediction[Key.PREDICTED_SOURCE] += f", energy from {self._energy.fitted_on} sensor measurements"
@@ -134,10 +148,10 @@ class CostGate:
         )
 
     def save(self, study: optuna.Study) -> None:
-        rows, latency, energy = measured_rows(study)
+        rows, latency, energy, settings = measured_rows(study)
         if rows:
             self.folder.mkdir(parents=True, exist_ok=True)
             save_measurements(
                 self.folder / f"{self.study_name}.json", rows, latency, target=self.target, task=self.task,
-                energy_mj=energy,
+                energy_mj=energy, settings=settings,
             )  # fmt: skip

@@ -1,11 +1,12 @@
 """A study's measurements as the cost model learns from them: each measured trial's features,
-latency and sensor-measured energy."""
+latency, sensor-measured energy and the setting it was measured under."""
 
 from __future__ import annotations
 
 import optuna
 from optuna.trial import TrialState
 
+from profilers import measurement_setting
 from search._record import Key
 
 
@@ -20,17 +21,20 @@ def measured_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     ]
 
 
-def measured_rows(study: optuna.Study) -> tuple[list[dict[str, float]], list[float], list[float | None]]:
-    """Features, measured latency and sensor-measured energy (None when estimated) of the study's
-    measured trials."""
-    rows, latency, energy = [], [], []
+def measured_rows(
+    study: optuna.Study,
+) -> tuple[list[dict[str, float]], list[float], list[float | None], list[str]]:
+    """Features, measured latency, sensor-measured energy (None when estimated) and measurement
+    setting (:func:`profilers.measurement_setting`) of the study's measured trials."""
+    rows, latency, energy, settings = [], [], [], []
     for trial in measured_trials(study):
         attrs = trial.user_attrs
         if attrs.get(Key.COST_FEATURES) is not None and attrs.get(Key.LATENCY_MS) is not None:
             rows.append(attrs[Key.COST_FEATURES])
             latency.append(attrs[Key.LATENCY_MS])
             energy.append(sensor_energy(attrs))
-    return rows, latency, energy
+            settings.append(measurement_setting(attrs.get(Key.RUNTIME, ""), attrs.get(Key.DEVICE) or {}))
+    return rows, latency, energy, settings
 
 
 def sensor_energy(attrs: dict) -> float | None:

@@ -36,7 +36,7 @@ def cost_model_report(study: optuna.Study, folds: int = 5) -> dict[str, dict[str
     ]
     if online_energy:
         report["online_energy"] = accuracy(*map(np.array, zip(*online_energy)))
-    rows, latency, _ = measured_rows(study)
+    rows, latency, _, _ = measured_rows(study)
     if len(latency) >= 2 * folds:
         x, y = feature_matrix(rows), np.array(latency)
         for name, make in (("held_out", LatencyModel), ("held_out_flops_baseline", FlopsBaseline)):

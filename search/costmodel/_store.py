@@ -24,17 +24,23 @@ def save_measurements(
     target: str,
     task: str,
     energy_mj: Sequence[float | None] | None = None,
+    settings: Sequence[str | None] | None = None,
 ) -> None:
     """Write the measurements to ``path`` as plain JSON, atomically, replacing what was there.
 
     Each row must hold exactly the :data:`FEATURE_NAMES` keys; the caller merges old and new rows.
     ``energy_mj`` holds each row's energy per inference where a sensor measured it, else None
-    (an estimate is not a measurement to learn from).
+    (an estimate is not a measurement to learn from); ``settings`` each row's measurement setting
+    (:func:`profilers.measurement_setting`), None where not known.
     """
     path = Path(path)
     energy_mj = [None] * len(rows) if energy_mj is None else list(energy_mj)
-    if not len(rows) == len(latency_ms) == len(energy_mj):
-        raise ValueError(f"{len(rows)} feature rows but {len(latency_ms)} latencies and {len(energy_mj)} energies")
+    settings = [None] * len(rows) if settings is None else list(settings)
+    if not len(rows) == len(latency_ms) == len(energy_mj) == len(settings):
+        raise ValueError(
+            f"{len(rows)} feature rows but {len(latency_ms)} latencies, {len(energy_mj)} energies "
+            f"and {len(settings)} settings"
+        )
     matrix = []
     for i, row in enumerate(rows):
         if set(row) != set(FEATURE_NAMES):
@@ -50,6 +56,8 @@ def save_measurements(
     energies = [None if v is None else float(v) for v in energy_mj]
     if not all(v is None or (math.isfinite(v) and v > 0) for v in energies):
         raise ValueError(f"energies must be None or finite and > 0 mJ, got {energies}")
+    if not all(v is None or isinstance(v, str) for v in settings):
+        raise ValueError(f"settings must be None or text, got {settings}")
     document = {
         "format": MEASUREMENTS_FORMAT,
         "feature_version": FEATURE_VERSION,
@@ -59,6 +67,7 @@ def save_measurements(
         "rows": matrix,
         "latency_ms": latencies,
         "energy_mj": energies,
+        "settings": settings,
     }
     text = json.dumps(document, allow_nan=False)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -76,9 +85,10 @@ def save_measurements(
 
 def load_measurements(
     path, *, target: str, task: str
-) -> tuple[list[dict[str, float]], list[float], list[float | None]]:
-    """The rows, latencies and measured energies (None where not measured) in ``path``; empty
-    lists when it does not exist.
+) -> tuple[list[dict[str, float]], list[float], list[float | None], list[str | None]]:
+    """The rows, latencies, measured energies (None where not measured) and measurement settings
+    (None in a file written before they were recorded) in ``path``; empty lists when it does not
+    exist.
 
     Raises :class:`~search.UsageError` when the file is not a measurement file, was written with
     another feature layout, or holds another target's or task's measurements.
@@ -88,7 +98,7 @@ def load_measurements(
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        return [], [], []
+        return [], [], [], []
     except OSError as exc:
         raise UsageError(f"cannot read cost measurements {path}: {exc.strerror or exc}") from exc
     try:
@@ -121,23 +131,27 @@ def load_measurements(
         )
 
     rows, latencies = document.get("rows"), document.get("latency_ms")
-    energies = document.get("energy_mj", [None] * len(rows) if isinstance(rows, list) else None)
+    unknown = [None] * len(rows) if isinstance(rows, list) else None
+    energies, settings = document.get("energy_mj", unknown), document.get("settings", unknown)
     if (
         not isinstance(rows, list)
         or not isinstance(latencies, list)
         or not isinstance(energies, list)
-        or not len(rows) == len(latencies) == len(energies)
+        or not isinstance(settings, list)
+        or not len(rows) == len(latencies) == len(energies) == len(settings)
         or not all(isinstance(row, list) and len(row) == len(FEATURE_NAMES) for row in rows)
+        or not all(v is None or isinstance(v, str) for v in settings)
     ):
         raise UsageError(
-            f"{path} is damaged: expected as many rows of {len(FEATURE_NAMES)} numbers as latencies "
-            f"and energies: {afresh}"
+            f"{path} is damaged: expected as many rows of {len(FEATURE_NAMES)} numbers as latencies, "
+            f"energies and settings: {afresh}"
         )
     try:
         return (
             [dict(zip(FEATURE_NAMES, map(float, row))) for row in rows],
             [float(v) for v in latencies],
             [None if v is None else float(v) for v in energies],
+            settings,
         )
     except (TypeError, ValueError) as exc:
         raise UsageError(f"{path} is damaged: {exc}: {afresh}") from exc
