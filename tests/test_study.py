@@ -80,6 +80,25 @@ def test_a_study_refuses_to_mix_settings(tiny_task, fast_profiler, tmp_path, cha
         run(tiny_task, trials=2, **{**kwargs, **change})
 
 
+def test_a_study_measured_elsewhere_is_not_resumed_here(tiny_task, fast_profiler, tmp_path):
+    """Resumed after a runtime upgrade, or joined from another kind of machine, a study would put
+    latencies of another cost function on its front: the first measurement stops the run."""
+    kwargs = dict(profiler=fast_profiler, results_dir=tmp_path, study_name="moved", **FAST)
+    study = run(tiny_task, trials=1, **kwargs)
+    baseline = study.user_attrs["baseline"]
+    device = {**baseline["measurement"]["device"], "cpu": "Another CPU", "pinned_cpus": [7]}
+    study.set_user_attr("baseline", {**baseline, "measurement": {**baseline["measurement"], "device": device}})
+    with pytest.raises(UsageError, match=r"cpu '.+' here, 'Another CPU' for the study\. Its latencies would not"):
+        run(tiny_task, trials=3, **kwargs)
+    frame = search.load_trials(study)
+    assert list(frame["state"]) == ["COMPLETE", "FAIL"]
+    assert frame["fail_reason"].iloc[1].endswith("start a new study (--study-name) (during measure)")
+    assert "pinned_cpus" not in frame["fail_reason"].iloc[1]  # which CPU a run was pinned to is not a setting
+
+    study.set_user_attr("baseline", baseline)  # back where it was measured: it goes on
+    assert list(search.load_trials(run(tiny_task, trials=3, **kwargs))["state"]) == ["COMPLETE", "FAIL", "COMPLETE"]
+
+
 def test_a_budget_no_plan_meets_leaves_the_front_empty(tiny_task, fast_profiler, tmp_path):
     study = run(tiny_task, budget="1us", trials=2, profiler=fast_profiler, results_dir=tmp_path, **FAST)
     frame = search.load_trials(study)

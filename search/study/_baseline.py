@@ -3,10 +3,11 @@ relative to it."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
-from profilers import MeasurementError, Profiler
+from profilers import Measurement, MeasurementError, Profiler, measurement_setting
 from search._errors import CandidateError, UsageError, first_line
 from search._record import Key
 from search.artifacts import OnnxModule, export_float, measure_candidate
@@ -72,3 +73,25 @@ def measure_baseline(task: Task, profiler: Profiler, directory: Path) -> dict:
         "onnx": str(path),
         "measurement": measurement.to_dict(),
     }
+
+
+def check_measured_alike(baseline: dict, measurement: Measurement) -> None:
+    """Raise :class:`UsageError` when ``measurement`` was taken under another machine or runtime
+    setting (:func:`profilers.measurement_setting`) than the study's teacher: a study resumed after
+    a runtime upgrade, or a worker on another kind of machine, would put latencies of another cost
+    function on the study's front and divide them by the teacher's."""
+    recorded = baseline["measurement"]
+    study = json.loads(measurement_setting(f"{recorded['runtime']} {recorded['runtime_version']}", recorded["device"]))
+    here = json.loads(measurement_setting(f"{measurement.runtime} {measurement.runtime_version}", measurement.device))
+    differences = [
+        f"{key} {here.get(key)!r} here, {study.get(key)!r} for the study"
+        for key in sorted(set(study) | set(here))
+        if here.get(key) != study.get(key)
+    ]
+    if differences:
+        raise UsageError(
+            f"this process measures under another setting than the study's teacher was measured: "
+            f"{'; '.join(differences)}. Its latencies would not compare with the study's: go on where the "
+            "study was measured (or through its profiler service, --profiler HOST:PORT), or start a new "
+            "study (--study-name)"
+        )

@@ -30,7 +30,7 @@ import torch
 from optuna.trial import TrialState
 
 from profilers import Measurement, MeasurementError, Profiler
-from search._errors import CandidateError
+from search._errors import CandidateError, UsageError
 from search._record import Key, StudyKey
 from search.artifacts import OnnxModule, export_raw, measure_candidate
 from search.compress import (
@@ -45,6 +45,7 @@ from search.compress import (
 from search.costmodel import CostGate, plan_features
 from search.model import EncoderBlocks, LayerInfo, compressible_layers
 from search.plan import Plan, Quantization, WeightSparsity, suggest_plan
+from search.study._baseline import check_measured_alike
 from search.study._exclude import merged, quantization_measured_slower
 from search.study._optuna import report_and_maybe_prune
 from search.study._scoring import FILE, TORCH, FasterScoring, int8_static_only, write_file
@@ -102,7 +103,7 @@ class Objective:
         seconds: dict = {}
         try:
             return self._evaluate(study, trial, seconds)
-        except CANDIDATE_FAILURES as exc:
+        except (*CANDIDATE_FAILURES, UsageError) as exc:
             trial.set_user_attr(Key.FAIL_REASON, f"{exc} (during {trial.user_attrs.get(Key.STAGE, 'build')})")
             raise
         except OutOfMemory as exc:
@@ -215,6 +216,7 @@ class Objective:
                 exported = self._export(structure, plan, trial_dir, raw)
                 self._stage(trial, "measure", seconds)
                 measurement = self._measure(exported.path, structure, plan)
+                check_measured_alike(study.user_attrs[StudyKey.BASELINE], measurement)
                 over = self._record_measurement(trial, measurement, exported.layer_precision)
             else:
                 over = self._copy_measurement(trial, parent)
