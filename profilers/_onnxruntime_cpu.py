@@ -53,8 +53,9 @@ class OnnxRuntimeCpuProfiler(Profiler):
     """One ``InferenceSession`` on ``CPUExecutionProvider`` with the target's intra-op threads,
     one inter-op thread, sequential execution and every graph optimization but
     ``WeightBiasQuantization``, which would quantize the float layers of a mixed-precision
-    graph, and the fusions measured slower on this CPU (:func:`disabled_optimizers`, recorded as
-    ``device["disabled_optimizers"]``). Energy comes from RAPL when it can be read.
+    graph, and the fusions measured slower on this CPU, or those the target names instead
+    (:func:`disabled_optimizers`, recorded as ``device["disabled_optimizers"]``). Energy comes from
+    RAPL when it can be read.
 
     The first session also profiles itself for the per-layer report (:attr:`Measurement.layers
     <profilers.Measurement.layers>`): ``profile_runs`` runs under ORT's profiler before any timed
@@ -119,7 +120,7 @@ class OnnxRuntimeCpuProfiler(Profiler):
             device={
                 **cpu_info(), "threads": self.target.threads, "pinned_cpus": list(cpus),
                 "layer_profile_runs": self.profile_runs, "layer_profile_ms": profile_ms,
-                "disabled_optimizers": list(disabled_optimizers()),
+                "disabled_optimizers": list(disabled_optimizers(self.target.disabled_optimizers)),
             },
         )  # fmt: skip
         return dataclasses.replace(measurement, layers=scaled_to(layers, measurement.latency_ms))
@@ -154,7 +155,7 @@ class OnnxRuntimeCpuProfiler(Profiler):
                 str(path),
                 options,
                 providers=["CPUExecutionProvider"],
-                disabled_optimizers=list(disabled_optimizers()),
+                disabled_optimizers=list(disabled_optimizers(self.target.disabled_optimizers)),
             )
         except Exception as exc:
             raise MeasurementError(

@@ -24,10 +24,13 @@ _PROBE_SHAPE = (1, 64, 384)  # batch, tokens, hidden: a small encoder's residual
 _ROUNDS, _RUNS = 5, 40
 
 
-def disabled_optimizers() -> tuple[str, ...]:
+def disabled_optimizers(chosen: Sequence[str] | None = None) -> tuple[str, ...]:
     """The ``disabled_optimizers`` of every CPU session: :data:`ALWAYS_DISABLED` and the fusions
-    measured slower on this CPU (:func:`slower_fusions`)."""
-    return ALWAYS_DISABLED + slower_fusions()
+    measured slower on this CPU (:func:`slower_fusions`), or the optimizations ``chosen`` instead
+    (a target's ``disabled_optimizers``: its deployment's, or one list for every machine)."""
+    if chosen is None:
+        return ALWAYS_DISABLED + slower_fusions()
+    return ALWAYS_DISABLED + tuple(name for name in chosen if name not in ALWAYS_DISABLED)
 
 
 @functools.cache

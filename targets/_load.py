@@ -11,7 +11,7 @@ from targets._errors import TargetFileError, UnknownTargetError
 from targets._spec import Target
 
 _REQUIRED = ("description", "runtime", "precisions", "power_sensor", "power_w", "peak", "source")
-_DEFAULTS = {"threads": 1, "service": None, "fallback_runtime": None}
+_DEFAULTS = {"threads": 1, "service": None, "fallback_runtime": None, "disabled_optimizers": None}
 _ACCEPTED = sorted((*_REQUIRED, *_DEFAULTS, "name", "alias"))
 
 
@@ -66,7 +66,7 @@ def _load(file: Traversable | Path) -> Target:
     if missing:
         raise TargetFileError(
             f"{file}: missing field(s) {', '.join(repr(k) for k in missing)}; a target file needs "
-            f"{', '.join(_REQUIRED)} and may set name, threads, service, fallback_runtime"
+            f"{', '.join(_REQUIRED)} and may set name, threads, service, fallback_runtime, disabled_optimizers"
         )
     unknown = sorted(set(data) - set(_ACCEPTED))
     if unknown:

@@ -21,7 +21,10 @@ class Target:
     ``precisions`` lists what the runtime *accelerates* there, not everything it can run.
     ``power_w`` is used only to estimate energy when ``power_sensor`` cannot be read.
     ``fallback_runtime`` measures the target where ``runtime`` cannot run on this machine (the
-    ``gpu`` target: PyTorch CUDA where TensorRT is not installed).
+    ``gpu`` target: PyTorch CUDA where TensorRT is not installed). ``disabled_optimizers`` (ONNX
+    Runtime CPU only) names the graph optimizations its sessions run without, as the deployment's
+    do; absent, the fusions measured slower on the machine are left out
+    (:func:`profilers.disabled_optimizers`).
     """
 
     name: str
@@ -36,6 +39,7 @@ class Target:
     source: str
     path: str
     fallback_runtime: str | None = None
+    disabled_optimizers: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         for key in ("name", "description", "source"):
@@ -61,6 +65,14 @@ class Target:
             self._fail("peak", "a table of figures >= 0, such as { fp32_gflops = 96.0 }")
         peak = MappingProxyType({key: float(value) for key, value in self.peak.items()})
         object.__setattr__(self, "peak", peak)
+        if self.disabled_optimizers is not None:
+            names = self.disabled_optimizers
+            if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) and name for name in names):
+                self._fail("disabled_optimizers", 'a list of ONNX Runtime optimizers, such as ["SkipLayerNormFusion"]')
+            if self.runtime != "onnxruntime-cpu":
+                self._fail("disabled_optimizers", "absent: it sets ONNX Runtime's sessions, and runtime is not "
+                           '"onnxruntime-cpu"')  # fmt: skip
+            object.__setattr__(self, "disabled_optimizers", tuple(names))
         if self.service is not None and not _is_host_port(self.service):
             self._fail("service", 'a "host:port" string such as "192.168.1.20:7777", or absent')
 

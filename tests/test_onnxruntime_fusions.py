@@ -2,6 +2,7 @@
 recorded with each measurement, and the same in the profiler's sessions and the scoring's."""
 
 import collections
+import dataclasses
 
 import onnxruntime
 import pytest
@@ -78,3 +79,18 @@ def test_the_profiler_and_the_scoring_run_the_graph_without_the_slower_fusion(tm
     expected = ["WeightBiasQuantization", *(["SkipLayerNormFusion"] if slower else [])]
     assert measurement.device["disabled_optimizers"] == expected
     assert created and all(disabled == expected for disabled in created)
+
+
+@pytest.mark.parametrize("chosen", [(), ("SkipLayerNormFusion", "WeightBiasQuantization")])
+def test_a_target_that_names_its_disabled_optimizers_is_measured_with_those(tmp_path, monkeypatch, chosen):
+    """Its deployment's session options, or one list for every machine: the probe is not asked."""
+    monkeypatch.setattr(fusions, "slower_fusions", lambda: pytest.fail("the probe ran"))
+    path = tmp_path / "residual.onnx"
+    path.write_bytes(fusions.residual_layer_norm())
+    target = dataclasses.replace(load_target("cpu"), disabled_optimizers=list(chosen))
+    profiler = OnnxRuntimeCpuProfiler(target, **SHORT, sessions=1)
+    _, _, inspected = profiler._session(path, (0,), inspect=tmp_path)
+    ran = collections.Counter(node.op_type for node in inspected.graph.node)
+    assert ran["SkipLayerNormalization"] == (0 if chosen else 1)
+    expected = ["WeightBiasQuantization", *(["SkipLayerNormFusion"] if chosen else [])]  # always, and once
+    assert profiler.measure(path).device["disabled_optimizers"] == expected

@@ -34,6 +34,7 @@ def test_cpu_target_loads():
     assert target.power_sensor == "rapl"
     assert target.power_w > 0
     assert target.service is None
+    assert target.disabled_optimizers is None  # the fusions measured slower here are left out
     assert Path(target.path).name == "cpu.toml"
 
 
@@ -88,6 +89,8 @@ def test_user_file_loads(tmp_path, as_type):
     assert target.power_w == 6.5
     assert target.peak == {"fp32_gflops": 50.0}
     assert target.path == str(path)
+    pinned = write(tmp_path, USER_TARGET.replace("threads = 4", "disabled_optimizers = []"))
+    assert load_target(pinned).disabled_optimizers == ()
 
 
 def test_target_is_frozen():
@@ -109,6 +112,9 @@ def test_target_is_frozen():
         (("threads = 4", "thread = 4"), "'thread'", "accepted:"),
         (("threads = 4", 'service = "no-port"'), "'service'", "host:port"),
         (("fp32_gflops = 50", 'fp32_gflops = "fast"'), "'peak'", "figures >= 0"),
+        (("threads = 4", 'disabled_optimizers = "SkipLayerNormFusion"'), "'disabled_optimizers'", "a list of ONNX"),
+        (('runtime = "onnxruntime-cpu"', 'runtime = "tensorrt"\ndisabled_optimizers = []'), "'disabled_optimizers'",
+         'runtime is not "onnxruntime-cpu"'),
     ],
 )
 def test_bad_field_names_the_file_and_the_field(tmp_path, edit, field, accepted):
