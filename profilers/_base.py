@@ -86,10 +86,12 @@ SETTING_KEYS = ("cpu", "isa", "threads", "gpu", "compute_capability", "compile_m
 
 def measurement_setting(runtime: str, device: Mapping[str, object]) -> str:
     """The machine and runtime settings a measurement was taken under, as one JSON text: ``runtime``
-    (the runtime and its version) and the :data:`SETTING_KEYS` of its ``device`` record. Two
-    latencies are comparable where their settings are equal."""
-    return json.dumps({"runtime": runtime, **{key: device[key] for key in SETTING_KEYS if key in device}},
-                      sort_keys=True, default=list)  # fmt: skip
+    (the runtime and its version, as ``f"{runtime} {runtime_version}"``) and the
+    :data:`SETTING_KEYS` of its ``device`` record. Two latencies are comparable where their
+    settings are equal. The kernel libraries a module ran on beside PyTorch, listed after its
+    version (``"pytorch-cuda torch 2.11.0, torchao 0.10"``), are the plan's, not the setting's."""
+    picked = {key: device[key] for key in SETTING_KEYS if key in device}
+    return json.dumps({"runtime": runtime.split(", ")[0], **picked}, sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -201,6 +203,11 @@ class Profiler(abc.ABC):
     def timing(self) -> dict[str, float]:
         """This profiler's :data:`TIMING_KNOBS`, as its constructor takes them."""
         return {key: getattr(self, key) for key in TIMING_KNOBS}
+
+    def setting(self) -> str | None:
+        """The :func:`measurement_setting` its measurements will carry, where it is known before
+        measuring (a runtime on this machine); None where only a measurement tells (a service's)."""
+        return None
 
     @abc.abstractmethod
     def measure(

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from profilers._base import Measurement, Profiler, random_inputs
+from profilers._base import Measurement, Profiler, measurement_setting, random_inputs
 from profilers._cpuinfo import cpu_info
 from profilers._errors import MeasurementError
 from profilers._onnxruntime_fusions import disabled_optimizers
@@ -118,12 +118,19 @@ class OnnxRuntimeCpuProfiler(Profiler):
             runtime_version=ort.__version__,
             precision=precision,
             device={
-                **cpu_info(), "threads": self.target.threads, "pinned_cpus": list(cpus),
-                "layer_profile_runs": self.profile_runs, "layer_profile_ms": profile_ms,
-                "disabled_optimizers": list(disabled_optimizers(self.target.disabled_optimizers)),
+                **self._machine(), "pinned_cpus": list(cpus), "layer_profile_runs": self.profile_runs,
+                "layer_profile_ms": profile_ms,
             },
         )  # fmt: skip
         return dataclasses.replace(measurement, layers=scaled_to(layers, measurement.latency_ms))
+
+    def _machine(self) -> dict[str, object]:
+        """What a measurement's ``device`` says of the machine and the sessions' settings."""
+        return {**cpu_info(), "threads": self.target.threads,
+                "disabled_optimizers": list(disabled_optimizers(self.target.disabled_optimizers))}  # fmt: skip
+
+    def setting(self) -> str:
+        return measurement_setting(f"{self.target.runtime} {ort.__version__}", self._machine())
 
     def _session(
         self, path: Path, cpus: tuple[int, ...], inspect: Path | None = None

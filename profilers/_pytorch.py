@@ -14,11 +14,13 @@ from pathlib import Path
 
 import torch
 
-from profilers._base import Measurement, ModuleArtifact, Profiler
+from profilers._base import Measurement, ModuleArtifact, Profiler, measurement_setting
 from profilers._cpuinfo import cpu_info
 from profilers._errors import MeasurementError, ProfilerUsageError, TargetUnavailableError
 from profilers.energy import EnergyReader, optional_energy_reader, sensor_device_state
 from targets import Target
+
+TORCH_VERSION = f"torch {torch.__version__}"  # the runtime's version; a module's kernel libraries follow it
 
 RUNTIMES = ("pytorch-cuda", "pytorch-cpu")
 
@@ -94,10 +96,17 @@ class PyTorchProfiler(Profiler):
         return self._summarise(
             timings,
             runtime=self.runtime,
-            runtime_version=", ".join((f"torch {torch.__version__}", *artifact.libraries)),
+            runtime_version=", ".join((TORCH_VERSION, *artifact.libraries)),
             precision=artifact.precision,
-            device={**self._device(), "compile_mode": self.compile_mode, **artifact.details},
+            device={**self._machine(), **artifact.details},
         )
+
+    def _machine(self) -> dict[str, object]:
+        """What a measurement's ``device`` says of the machine and the compile mode."""
+        return {**self._device(), "compile_mode": self.compile_mode}
+
+    def setting(self) -> str:
+        return measurement_setting(f"{self.runtime} {TORCH_VERSION}", self._machine())
 
     def _timed_run(self, forward):
         """One inference: on the GPU timed by CUDA events on the current stream (returns ms);

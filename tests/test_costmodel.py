@@ -376,6 +376,8 @@ def test_measurements_round_trip(tmp_path, cnn, cnn_input, cpu):
     save_measurements(path, rows, [2.0, 1.0], target="cpu", task="digits", energy_mj=[None, 3.5],
                       settings=settings)  # overwrites  # fmt: skip
     assert load_measurements(path, target="cpu", task="digits") == (rows, [2.0, 1.0], [None, 3.5], settings)
+    with pytest.raises(ValueError, match="settings must be None or text"):
+        save_measurements(path, rows, [2.0, 1.0], target="cpu", task="digits", settings=[{"cpu": "x"}, None])
     with pytest.raises(ValueError, match="energies must be None or finite and > 0 mJ"):
         save_measurements(path, rows, [2.0, 1.0], target="cpu", task="digits", energy_mj=[0.0, 3.5])
     with pytest.raises(UsageError, match="not of task 'other' on target 'cpu'"):

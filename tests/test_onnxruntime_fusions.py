@@ -7,7 +7,7 @@ import dataclasses
 import onnxruntime
 import pytest
 
-from profilers import OnnxRuntimeCpuProfiler, disabled_optimizers
+from profilers import OnnxRuntimeCpuProfiler, disabled_optimizers, measurement_setting
 from profilers import _onnxruntime_fusions as fusions
 from search.artifacts import OnnxModule
 from targets import load_target
@@ -93,4 +93,8 @@ def test_a_target_that_names_its_disabled_optimizers_is_measured_with_those(tmp_
     ran = collections.Counter(node.op_type for node in inspected.graph.node)
     assert ran["SkipLayerNormalization"] == (0 if chosen else 1)
     expected = ["WeightBiasQuantization", *(["SkipLayerNormFusion"] if chosen else [])]  # always, and once
-    assert profiler.measure(path).device["disabled_optimizers"] == expected
+    measurement = profiler.measure(path)
+    assert measurement.device["disabled_optimizers"] == expected
+    # What a study checks before any work is what its measurements will say.
+    runtime = f"{measurement.runtime} {measurement.runtime_version}"
+    assert profiler.setting() == measurement_setting(runtime, measurement.device)

@@ -13,6 +13,7 @@ import torch
 from models import Conv1dNet, ResidualNet, TinyText, resnet18, settle, text_task
 
 import search
+from profilers import OnnxRuntimeCpuProfiler
 from search import Finetune, SearchSpace, Task, TargetUnavailableError, UsageError, run
 from search.study import OBJECTIVES
 
@@ -80,16 +81,30 @@ def test_a_study_refuses_to_mix_settings(tiny_task, fast_profiler, tmp_path, cha
         run(tiny_task, trials=2, **{**kwargs, **change})
 
 
+class _SaysNoSetting(OnnxRuntimeCpuProfiler):
+    """A profiler that knows its setting only once it measured, as a profiler service's client."""
+
+    def setting(self):
+        return None
+
+
 def test_a_study_measured_elsewhere_is_not_resumed_here(tiny_task, fast_profiler, tmp_path):
     """Resumed after a runtime upgrade, or joined from another kind of machine, a study would put
-    latencies of another cost function on its front: the first measurement stops the run."""
+    latencies of another cost function on its front: refused before any work where the profiler
+    knows its setting, else at the first measurement, its trial failed with the differences."""
     kwargs = dict(profiler=fast_profiler, results_dir=tmp_path, study_name="moved", **FAST)
     study = run(tiny_task, trials=1, **kwargs)
     baseline = study.user_attrs["baseline"]
     device = {**baseline["measurement"]["device"], "cpu": "Another CPU", "pinned_cpus": [7]}
     study.set_user_attr("baseline", {**baseline, "measurement": {**baseline["measurement"], "device": device}})
-    with pytest.raises(UsageError, match=r"cpu '.+' here, 'Another CPU' for the study\. Its latencies would not"):
+    differences = r"cpu '.+' here, 'Another CPU' for the study\. Its latencies would not"
+    with pytest.raises(UsageError, match=differences):
         run(tiny_task, trials=3, **kwargs)
+    assert list(search.load_trials(study)["state"]) == ["COMPLETE"]  # nothing ran
+
+    remote = _SaysNoSetting(fast_profiler.target, **fast_profiler.timing())
+    with pytest.raises(UsageError, match=differences):
+        run(tiny_task, trials=3, **{**kwargs, "profiler": remote})
     frame = search.load_trials(study)
     assert list(frame["state"]) == ["COMPLETE", "FAIL"]
     assert frame["fail_reason"].iloc[1].endswith("start a new study (--study-name) (during measure)")

@@ -140,6 +140,16 @@ def test_a_worker_with_another_teacher_is_refused(worker_env, tmp_path, monkeypa
         work(tmp_path / study.study_name)
 
 
+def test_a_worker_on_a_machine_that_measures_otherwise_is_refused(worker_env, tmp_path):
+    study = run(worker_env, trials=1, profiler=_tolerant_profiler(), results_dir=tmp_path, **FAST)
+    baseline = study.user_attrs["baseline"]
+    measurement = {**baseline["measurement"], "runtime_version": "0.1"}  # the teacher measured by another ORT
+    study.set_user_attr("baseline", {**baseline, "measurement": measurement})
+    with pytest.raises(UsageError, match=r"runtime 'onnxruntime-cpu .+' here, 'onnxruntime-cpu 0\.1' for the study"):
+        work(tmp_path / study.study_name)
+    assert len(study.trials) == 1  # refused before any trial
+
+
 def test_a_late_worker_uses_the_study_s_baseline_and_its_cost_model_so_far(worker_env, tmp_path):
     kwargs = {**FAST, "cost_model": True}
     study = run(worker_env, trials=1, budget="2x", profiler=_tolerant_profiler(), results_dir=tmp_path, **kwargs)

@@ -69,10 +69,11 @@ class CostGate:
     headroom under it to be worth measuring (:meth:`veto_reason`).
 
     ``folder`` holds one measurements file per study; the other studies' files warm-start this one.
-    It learns only from measurements taken under the setting of the study's latest one (machine,
-    runtime version, threads, runtime options: :func:`profilers.measurement_setting`), so it
-    predicts nothing before the study's first measurement, and a results folder shared by several
-    machines, or kept across a runtime upgrade, does not mix their latencies.
+    It learns only from measurements taken under the setting of the study's latest one, or before
+    the first under ``setting``, the profiler's where known (machine, runtime version, threads,
+    runtime options: :func:`profilers.measurement_setting`; None: it predicts nothing before the
+    study's first measurement), so a results folder shared by several machines, or kept across a
+    runtime upgrade, does not mix their latencies.
     """
 
     folder: Path
@@ -80,6 +81,7 @@ class CostGate:
     target: str
     task: str
     min_measurements: int = MIN_MEASUREMENTS
+    setting: str | None = None
     _warm: tuple[list, list, list, list] = dataclasses.field(default=([], [], [], []), init=False)
     _latency: _Refitted = dataclasses.field(init=False)
     _energy: _Refitted = dataclasses.field(init=False)
@@ -100,10 +102,10 @@ class CostGate:
 
     def _measurements(self, study: optuna.Study) -> tuple[list, list, list, str | None, int]:
         """Earlier studies' and this study's features, latencies and energies measured under the
-        setting of the study's latest measurement (none before its first), that setting, and how
-        many measurements under other settings were left out."""
+        setting of the study's latest measurement (:attr:`setting` before its first), that setting,
+        and how many measurements under other settings were left out."""
         own = measured_rows(study)
-        setting = own[3][-1] if own[3] else None
+        setting = own[3][-1] if own[3] else self.setting
         together = list(zip(*(warm + mine for warm, mine in zip(self._warm, own))))
         kept = [(row, ms, mj) for row, ms, mj, where in together if setting is not None and where == setting]
         rows, latency, energy = (list(column) for column in zip(*kept)) if kept else ([], [], [])

@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from profilers import Measurement, MeasurementError, Profiler, measurement_setting
+from profilers import MeasurementError, Profiler, measurement_setting
 from search._errors import CandidateError, UsageError, first_line
 from search._record import Key
 from search.artifacts import OnnxModule, export_float, measure_candidate
@@ -75,14 +75,17 @@ def measure_baseline(task: Task, profiler: Profiler, directory: Path) -> dict:
     }
 
 
-def check_measured_alike(baseline: dict, measurement: Measurement) -> None:
-    """Raise :class:`UsageError` when ``measurement`` was taken under another machine or runtime
-    setting (:func:`profilers.measurement_setting`) than the study's teacher: a study resumed after
-    a runtime upgrade, or a worker on another kind of machine, would put latencies of another cost
-    function on the study's front and divide them by the teacher's."""
+def check_measured_alike(baseline: dict, setting: str | None) -> None:
+    """Raise :class:`UsageError` when ``setting`` (a measurement's or a profiler's
+    :func:`profilers.measurement_setting`; None: not known yet) is not the one the study's teacher
+    was measured under: a study resumed after a runtime upgrade, or a worker on another kind of
+    machine, would put latencies of another cost function on the study's front and divide them by
+    the teacher's."""
+    if setting is None:
+        return
     recorded = baseline["measurement"]
     study = json.loads(measurement_setting(f"{recorded['runtime']} {recorded['runtime_version']}", recorded["device"]))
-    here = json.loads(measurement_setting(f"{measurement.runtime} {measurement.runtime_version}", measurement.device))
+    here = json.loads(setting)
     differences = [
         f"{key} {here.get(key)!r} here, {study.get(key)!r} for the study"
         for key in sorted(set(study) | set(here))

@@ -19,7 +19,7 @@ from search._record import Key, StudyKey
 from search.compress import Finetune
 from search.costmodel import CostGate
 from search.model import describe_layers, find_blocks
-from search.study._baseline import measure_baseline
+from search.study._baseline import check_measured_alike, measure_baseline
 from search.study._exclude import exclusions
 from search.study._fidelity import resolve_finetune
 from search.study._objective import CANDIDATE_FAILURES, Objective, StageCallback
@@ -99,12 +99,14 @@ def run(
     )  # fmt: skip
     directory = spec.results_dir / spec.study_name
     check_results_dir(spec.results_dir, directory)
-    gate = _gate(spec, task)
+    gate = _gate(spec, task, profiler)
     url = spec.storage or f"sqlite:///{directory / SQLITE_FILE}"
     with Setup(url, spec.study_name, directory) as setup:
         study = setup.existing()
         if study is not None:  # resumed: refused here, before any work, when its settings differ
             _claim_study(study, spec, task)
+            if StudyKey.BASELINE in study.user_attrs:  # or this machine measures otherwise
+                check_measured_alike(study.user_attrs[StudyKey.BASELINE], profiler.setting())
         if study is None or StudyKey.BASELINE not in study.user_attrs:
             # The task's check (it exports, scores to a finite number, measures) before a new study is written.
             baseline = measure_baseline(task, profiler, setup.staging())
@@ -203,6 +205,7 @@ def work(
         if time.monotonic() - waited > BASELINE_WAIT_S:
             raise UsageError(f"study {opened.study_name!r} has no baseline after {BASELINE_WAIT_S} s; is its first process running?")
         time.sleep(1.0)
+    check_measured_alike(opened.user_attrs[StudyKey.BASELINE], profiler.setting())
     spec = spec.replace(
         seed=seed if seed is not None else int.from_bytes(os.urandom(4), "little"), timeout=timeout,
         results_dir=Path(results_dir), workers=1,
@@ -211,7 +214,7 @@ def work(
     opened.pruner = optuna.pruners.NopPruner()
     directory = spec.results_dir / opened.study_name
     check_results_dir(spec.results_dir, directory)
-    gate = _gate(spec, task)
+    gate = _gate(spec, task, profiler)
     directory.mkdir(parents=True, exist_ok=True)
     layers = describe_layers(task.model, task.example_input)
     ends = _deadline(started, timeout)
@@ -353,12 +356,13 @@ def _finetune(study: optuna.Study, spec: RunSpec, task: Task) -> tuple[Finetune,
     return resolve_finetune(finetune, task, spec.timeout)
 
 
-def _gate(spec: RunSpec, task: Task) -> CostGate | None:
+def _gate(spec: RunSpec, task: Task, profiler: Profiler) -> CostGate | None:
     """The cost model's gate; it reads earlier studies' measurements, so a stale file stops the run here."""
     if not spec.cost_model:
         return None
     target = spec.target.name
-    return CostGate(spec.results_dir / "costmodel" / target / task.name, spec.study_name, target, task.name)
+    folder = spec.results_dir / "costmodel" / target / task.name
+    return CostGate(folder, spec.study_name, target, task.name, setting=profiler.setting())
 
 
 def _after_trial(directory: Path, gate: CostGate | None) -> Callable:
