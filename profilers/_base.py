@@ -69,6 +69,11 @@ class Measurement:
         object.__setattr__(self, "session_medians_ms", tuple(self.session_medians_ms))
         object.__setattr__(self, "layers", tuple(_frozen(layer) for layer in self.layers))
 
+    @property
+    def setting(self) -> str:
+        """The machine and runtime settings it was taken under (:func:`measurement_setting`)."""
+        return measurement_setting(f"{self.runtime} {self.runtime_version}", self.device)
+
     def to_dict(self) -> dict[str, object]:
         """A JSON-serialisable summary; the samples are left out to keep it small."""
         summary = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "samples_ms"}

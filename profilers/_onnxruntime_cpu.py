@@ -126,11 +126,14 @@ class OnnxRuntimeCpuProfiler(Profiler):
 
     def _machine(self) -> dict[str, object]:
         """What a measurement's ``device`` says of the machine and the sessions' settings."""
-        return {**cpu_info(), "threads": self.target.threads,
-                "disabled_optimizers": list(disabled_optimizers(self.target.disabled_optimizers))}  # fmt: skip
+        return {**cpu_info(), "threads": self.target.threads, "disabled_optimizers": self._disabled()}
 
     def setting(self) -> str:
         return measurement_setting(f"{self.target.runtime} {ort.__version__}", self._machine())
+
+    def _disabled(self) -> list[str]:
+        """The graph optimizations its sessions run without: the target's list, else the probe's."""
+        return list(disabled_optimizers(self.target.disabled_optimizers))
 
     def _session(
         self, path: Path, cpus: tuple[int, ...], inspect: Path | None = None
@@ -162,7 +165,7 @@ class OnnxRuntimeCpuProfiler(Profiler):
                 str(path),
                 options,
                 providers=["CPUExecutionProvider"],
-                disabled_optimizers=list(disabled_optimizers(self.target.disabled_optimizers)),
+                disabled_optimizers=self._disabled(),
             )
         except Exception as exc:
             raise MeasurementError(

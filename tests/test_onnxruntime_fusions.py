@@ -7,7 +7,7 @@ import dataclasses
 import onnxruntime
 import pytest
 
-from profilers import OnnxRuntimeCpuProfiler, disabled_optimizers, measurement_setting
+from profilers import OnnxRuntimeCpuProfiler, disabled_optimizers
 from profilers import _onnxruntime_fusions as fusions
 from search.artifacts import OnnxModule
 from targets import load_target
@@ -95,6 +95,4 @@ def test_a_target_that_names_its_disabled_optimizers_is_measured_with_those(tmp_
     expected = ["WeightBiasQuantization", *(["SkipLayerNormFusion"] if chosen else [])]  # always, and once
     measurement = profiler.measure(path)
     assert measurement.device["disabled_optimizers"] == expected
-    # What a study checks before any work is what its measurements will say.
-    runtime = f"{measurement.runtime} {measurement.runtime_version}"
-    assert profiler.setting() == measurement_setting(runtime, measurement.device)
+    assert profiler.setting() == measurement.setting  # what a study checks before any work is what it will measure

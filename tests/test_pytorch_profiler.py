@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import search
-from profilers import ProfilerUsageError, PyTorchProfiler, get_profiler, measurement_setting
+from profilers import ProfilerUsageError, PyTorchProfiler, get_profiler
 from search import Finetune, Plan, TargetUnavailableError, UsageError
 from search.artifacts import float_precision, measure_candidate, prepare
 from search.plan import LayerPlan, Quantization, WeightSparsity
@@ -93,8 +93,7 @@ def test_measures_the_module_on_the_cpu(cnn, cnn_input, tmp_path):
     assert len(result.session_medians_ms) == 2
     assert result.energy_source == "estimated:spec-power"
     assert result.device["threads"] == 1 and result.device["compile_mode"] is None
-    # What a study checks before any work is what its measurements will say.
-    assert profiler.setting() == measurement_setting(f"{result.runtime} {result.runtime_version}", result.device)
+    assert profiler.setting() == result.setting  # what a study checks before any work is what it will measure
     layers = {name for name, m in cnn.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
     assert set(result.device["layer_precision"]) == layers
 

@@ -29,7 +29,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from profilers import Measurement, MeasurementError, Profiler, measurement_setting
+from profilers import Measurement, MeasurementError, Profiler
 from search._errors import CandidateError, UsageError
 from search._record import Key, StudyKey
 from search.artifacts import OnnxModule, export_raw, measure_candidate
@@ -216,9 +216,7 @@ class Objective:
                 exported = self._export(structure, plan, trial_dir, raw)
                 self._stage(trial, "measure", seconds)
                 measurement = self._measure(exported.path, structure, plan)
-                runtime = f"{measurement.runtime} {measurement.runtime_version}"
-                setting = measurement_setting(runtime, measurement.device)
-                check_measured_alike(study.user_attrs[StudyKey.BASELINE], setting)
+                check_measured_alike(study.user_attrs[StudyKey.BASELINE], measurement.setting)
                 over = self._record_measurement(trial, measurement, exported.layer_precision)
             else:
                 over = self._copy_measurement(trial, parent)

@@ -99,14 +99,15 @@ def run(
     )  # fmt: skip
     directory = spec.results_dir / spec.study_name
     check_results_dir(spec.results_dir, directory)
-    gate = _gate(spec, task, profiler)
+    setting = profiler.setting()  # None where only a measurement tells
+    gate = _gate(spec, task, setting)
     url = spec.storage or f"sqlite:///{directory / SQLITE_FILE}"
     with Setup(url, spec.study_name, directory) as setup:
         study = setup.existing()
         if study is not None:  # resumed: refused here, before any work, when its settings differ
             _claim_study(study, spec, task)
             if StudyKey.BASELINE in study.user_attrs:  # or this machine measures otherwise
-                check_measured_alike(study.user_attrs[StudyKey.BASELINE], profiler.setting())
+                check_measured_alike(study.user_attrs[StudyKey.BASELINE], setting)
         if study is None or StudyKey.BASELINE not in study.user_attrs:
             # The task's check (it exports, scores to a finite number, measures) before a new study is written.
             baseline = measure_baseline(task, profiler, setup.staging())
@@ -205,7 +206,8 @@ def work(
         if time.monotonic() - waited > BASELINE_WAIT_S:
             raise UsageError(f"study {opened.study_name!r} has no baseline after {BASELINE_WAIT_S} s; is its first process running?")
         time.sleep(1.0)
-    check_measured_alike(opened.user_attrs[StudyKey.BASELINE], profiler.setting())
+    setting = profiler.setting()  # None where only a measurement tells
+    check_measured_alike(opened.user_attrs[StudyKey.BASELINE], setting)
     spec = spec.replace(
         seed=seed if seed is not None else int.from_bytes(os.urandom(4), "little"), timeout=timeout,
         results_dir=Path(results_dir), workers=1,
@@ -214,7 +216,7 @@ def work(
     opened.pruner = optuna.pruners.NopPruner()
     directory = spec.results_dir / opened.study_name
     check_results_dir(spec.results_dir, directory)
-    gate = _gate(spec, task, profiler)
+    gate = _gate(spec, task, setting)
     directory.mkdir(parents=True, exist_ok=True)
     layers = describe_layers(task.model, task.example_input)
     ends = _deadline(started, timeout)
@@ -356,13 +358,14 @@ def _finetune(study: optuna.Study, spec: RunSpec, task: Task) -> tuple[Finetune,
     return resolve_finetune(finetune, task, spec.timeout)
 
 
-def _gate(spec: RunSpec, task: Task, profiler: Profiler) -> CostGate | None:
-    """The cost model's gate; it reads earlier studies' measurements, so a stale file stops the run here."""
+def _gate(spec: RunSpec, task: Task, setting: str | None) -> CostGate | None:
+    """The cost model's gate, predicting under the profiler's ``setting`` until the study's own
+    measurements say; it reads earlier studies' measurements, so a stale file stops the run here."""
     if not spec.cost_model:
         return None
     target = spec.target.name
     folder = spec.results_dir / "costmodel" / target / task.name
-    return CostGate(folder, spec.study_name, target, task.name, setting=profiler.setting())
+    return CostGate(folder, spec.study_name, target, task.name, setting=setting)
 
 
 def _after_trial(directory: Path, gate: CostGate | None) -> Callable:
