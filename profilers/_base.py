@@ -211,7 +211,8 @@ class Profiler(abc.ABC):
 
     def setting(self) -> str | None:
         """The :func:`measurement_setting` its measurements will carry, where it is known before
-        measuring (a runtime on this machine); None where only a measurement tells (a service's)."""
+        measuring (a runtime on this machine, a profiler service); None where only a measurement
+        tells."""
         return None
 
     @abc.abstractmethod

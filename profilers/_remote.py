@@ -113,6 +113,12 @@ class RemoteProfiler(Profiler):
         self._check_limits(answer.get("limits"))
         return answer
 
+    def setting(self) -> str | None:
+        """The setting the service's measurements will carry, as its ``/health`` says (once the
+        address, token, target and limits are checked); None from a service that does not say."""
+        setting = self.check().get("setting")
+        return setting if isinstance(setting, str) else None
+
     def _request(self, method: str, route: str, **kwargs: object) -> httpx.Response:
         timeout = httpx.Timeout(self.timeout_s, connect=min(_CONNECT_TIMEOUT_S, self.timeout_s))
         try:

@@ -6,9 +6,10 @@ Content-Type, a form or JSON, gets 415) and answers the :meth:`~profilers.Measur
 summary plus ``host`` and ``profiler`` (the target name). Query parameters, all optional: ``name``
 (the client's file name, used in error messages) and the :data:`~profilers.TIMING_KNOBS` as finite numbers,
 which override the service's own for that request, within the service's :class:`ServiceLimits`.
-``GET /health`` answers the target, its runtime, the versions, the limits and the queue. Every
-request needs ``Authorization: Bearer <token>``. One measurement runs at a time, so concurrent
-clients never disturb each other's timings.
+``GET /health`` answers the target, its runtime, the versions, the setting its measurements carry
+(:func:`~profilers.measurement_setting`), the limits and the queue. Every request needs
+``Authorization: Bearer <token>``. One measurement runs at a time, so concurrent clients never
+disturb each other's timings.
 
 What a request may cost is set when the service starts, never by a client: the upload is written
 to disk as it arrives and refused (413) once over ``max_bytes``; at most ``max_queue`` requests
@@ -93,6 +94,9 @@ def create_app(profiler: Profiler, token: str, limits: ServiceLimits | None = No
     # About one measurement at the service's own timing: when a refused client may try again.
     retry_after = str(max(1, math.ceil(profiler.sessions * profiler.max_time_s)))
     target = profiler.target
+    # Once, at the start: ONNX Runtime's profiler probes its fusions for it, which must not run beside
+    # a measurement. Clients compare it with their study's before any work (RemoteProfiler.setting).
+    setting = profiler.setting()
     app = FastAPI(title=f"compression-search profiler service ({target.name})", docs_url=None,
                   redoc_url=None, openapi_url=None)  # fmt: skip
     app.state.stopping = stopping
@@ -118,6 +122,7 @@ def create_app(profiler: Profiler, token: str, limits: ServiceLimits | None = No
             "target": target.name,
             "runtime": target.runtime,
             "runtime_version": _version(_RUNTIME_PACKAGES.get(target.runtime, target.runtime)),
+            "setting": setting,
             "version": _version("compression-search"),
             "host": socket.gethostname(),
             "limits": dataclasses.asdict(limits),

@@ -94,6 +94,17 @@ def test_health_names_the_target(address):
     assert health["runtime_version"] and health["version"]
 
 
+def test_says_the_setting_its_measurements_carry_before_measuring(address, model, recording):
+    """So a study measured under another setting refuses a client before any work (test_study)."""
+    remote = client(address)
+    assert remote.setting() == recording.setting() == remote.measure(model).setting
+
+
+def test_a_service_that_does_not_say_its_setting_is_known_by_its_measurements(monkeypatch, address):
+    monkeypatch.setattr(RemoteProfiler, "check", lambda self: {"status": "ok", "target": "cpu"})  # an older service
+    assert client(address).setting() is None
+
+
 def test_listens_on_loopback_only(service):
     server, _ = service
     assert {s.getsockname()[0] for s in server.servers[0].sockets} == {"127.0.0.1"}

@@ -10,10 +10,11 @@ import optuna
 import pandas as pd
 import pytest
 import torch
+from loopback import TOKEN, serving
 from models import Conv1dNet, ResidualNet, TinyText, resnet18, settle, text_task
 
 import search
-from profilers import OnnxRuntimeCpuProfiler
+from profilers import OnnxRuntimeCpuProfiler, RemoteProfiler
 from search import Finetune, SearchSpace, Task, TargetUnavailableError, UsageError, run
 from search.study import OBJECTIVES
 
@@ -82,7 +83,8 @@ def test_a_study_refuses_to_mix_settings(tiny_task, fast_profiler, tmp_path, cha
 
 
 class _SaysNoSetting(OnnxRuntimeCpuProfiler):
-    """A profiler that knows its setting only once it measured, as a profiler service's client."""
+    """A profiler that knows its setting only once it measured, as a client of a service from before
+    services said it."""
 
     def setting(self):
         return None
@@ -91,7 +93,8 @@ class _SaysNoSetting(OnnxRuntimeCpuProfiler):
 def test_a_study_measured_elsewhere_is_not_resumed_here(tiny_task, fast_profiler, tmp_path):
     """Resumed after a runtime upgrade, or joined from another kind of machine, a study would put
     latencies of another cost function on its front: refused before any work where the profiler
-    knows its setting, else at the first measurement, its trial failed with the differences."""
+    knows its setting (a profiler service says it too), else at the first measurement, its trial
+    failed with the differences."""
     kwargs = dict(profiler=fast_profiler, results_dir=tmp_path, study_name="moved", **FAST)
     study = run(tiny_task, trials=1, **kwargs)
     baseline = study.user_attrs["baseline"]
@@ -101,6 +104,11 @@ def test_a_study_measured_elsewhere_is_not_resumed_here(tiny_task, fast_profiler
     with pytest.raises(UsageError, match=differences):
         run(tiny_task, trials=3, **kwargs)
     assert list(search.load_trials(study)["state"]) == ["COMPLETE"]  # nothing ran
+    with serving(fast_profiler) as (_, address):  # a profiler service says its setting up front
+        remote = RemoteProfiler(fast_profiler.target, address, TOKEN, **fast_profiler.timing())
+        with pytest.raises(UsageError, match=differences):
+            run(tiny_task, trials=3, **{**kwargs, "profiler": remote})
+    assert list(search.load_trials(study)["state"]) == ["COMPLETE"]
 
     remote = _SaysNoSetting(fast_profiler.target, **fast_profiler.timing())
     with pytest.raises(UsageError, match=differences):
