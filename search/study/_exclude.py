@@ -6,8 +6,9 @@
   on ONNX Runtime's CPU; all but 2:4 on TensorRT). They stay offered when size is an objective.
 - The bit widths layer sensitivity ruled out (:func:`~search.study.excluded_bits`).
 - Once the study measured its ``int8 everywhere`` recipe no faster than the teacher (a network whose
-  activations ONNX Runtime has no int8 kernel for, such as hard-swish, pays a Q/DQ pair around each),
-  with size not an objective: every bit width that would run at int8
+  activations ONNX Runtime has no int8 kernel for, such as hard-swish, pays a Q/DQ pair around each;
+  a small Transformer's short MatMuls, where quantizing each call's input costs more than it saves),
+  with size not an objective: every bit width below 32, a MatMul's int4 included
   (:func:`quantization_measured_slower`). This one is decided during the study.
 """
 
@@ -72,15 +73,18 @@ def quantization_measured_slower(
     precisions: Sequence[str],
     objectives: Sequence[str],
 ) -> tuple[dict[str, list], str | None]:
-    """Per layer, the bit widths that run at int8, once the study's ``int8 everywhere`` recipe was
-    measured no faster than the teacher (and size is not an objective), and why; otherwise nothing.
+    """Per layer, its bit widths below 32, once the study's ``int8 everywhere`` recipe was measured
+    no faster than the teacher (and size is not an objective), and why; otherwise nothing.
 
     Quantizing some layers leaves float islands, each behind its own Q/DQ: it gains less than
     quantizing all of them (RUNTIME_FACTS: half of ResNet-18's convolutions 1.1–1.6× where all give
     3.3×), so where all gave nothing, a plan with int8 layers only costs the study a measurement.
-    A layer loses all its bit widths below 32 or none (a MatMul keeps int4 ``MatMulNBits``, another
-    kernel): a parameter's choices cannot change within a study, but one left with a single choice
-    is not asked (:func:`~search.plan.suggest_plan`)."""
+    A MatMul loses its int4 ``MatMulNBits`` too: measured, it gains less than int8 wherever int8
+    gains, and more only on a Linear of 4096² at one token (9.0× against 7.3×), not on the short
+    sequences' small MatMuls where int8 loses (RUNTIME_FACTS: 0.96× against 2.84× on an MLP of
+    384→1536 at 64 tokens). A layer loses all its bit widths below 32 or none: a parameter's
+    choices cannot change within a study, but one left with a single choice is not asked
+    (:func:`~search.plan.suggest_plan`)."""
     teacher_ms = study.user_attrs.get(StudyKey.BASELINE, {}).get(Key.LATENCY_MS)
     if "size" in objectives or teacher_ms is None:
         return {}, None
@@ -95,7 +99,7 @@ def quantization_measured_slower(
     excluded = {
         f"{layer.name}.bits": quantized
         for layer in layers
-        if quantized and all(runtime_precision(b, precisions, layer.matmul) == "int8" for b in quantized)
+        if quantized and all(runtime_precision(b, precisions, layer.matmul) != "fp32" for b in quantized)
     }
     note = (
         f"int8 not offered after trial {int8.number}: {INT8} measured {int8.user_attrs[Key.LATENCY_MS]:.4f} ms, "
