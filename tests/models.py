@@ -254,3 +254,23 @@ def tiny_vit(classes: int = 10) -> nn.Module:
     return VisionTransformer(
         image_size=32, patch_size=16, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128, num_classes=classes
     ).eval()
+
+
+class SignalEncoder(nn.Module):
+    """PyTorch's own ``nn.TransformerEncoder`` as a user writes one: a strided Conv1d patch embedding
+    of 2×32 signals (8 tokens), 3 pre-norm blocks (hidden 16, 2 heads, FFN 32), a mean over tokens."""
+
+    input_shape = (1, 2, 32)
+
+    def __init__(self, classes: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Conv1d(2, 16, 4, stride=4)
+        block = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(block, 3, enable_nested_tensor=False)
+        self.head = nn.Linear(16, classes)
+        with torch.no_grad():  # each block its own weights, as training gives them: nn.TransformerEncoder
+            for p in self.encoder.parameters():  # clones one layer, and the exporter shares equal weights
+                p.add_(0.1 * torch.randn_like(p))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x).transpose(1, 2)).mean(1))

@@ -36,7 +36,8 @@ def drop_blocks(model: nn.Module, container: str, keep: Sequence[int]) -> None:
     distillation repairs the rest. ``config.num_hidden_layers`` follows (on the model and on any
     module above the blocks that has a config), and so does a per-layer ``config.layer_types`` list
     (sliding or full attention per block, in newer decoders), so the config describes the model;
-    each kept block's ``layer_idx`` (the key of its KV-cache slot in HF models) is renumbered.
+    each kept block's ``layer_idx`` (the key of its KV-cache slot in HF models) is renumbered; an
+    ``nn.TransformerEncoder``'s ``num_layers`` follows too.
     """
     try:
         blocks = model.get_submodule(container)
@@ -62,7 +63,10 @@ def drop_blocks(model: nn.Module, container: str, keep: Sequence[int]) -> None:
             if getattr(module, "layer_idx", None) is not None:
                 module.layer_idx = index
     parent, _, attr = container.rpartition(".")
-    setattr(model.get_submodule(parent), attr, kept)
+    holder = model.get_submodule(parent)
+    setattr(holder, attr, kept)
+    if getattr(holder, "num_layers", None) == len(blocks):  # an nn.TransformerEncoder's count
+        holder.num_layers = len(keep)
     parts, seen = container.split("."), set()
     for end in range(len(parts)):  # the model, or the wrapped Hugging Face model that holds the blocks
         config = getattr(model.get_submodule(".".join(parts[:end])), "config", None)

@@ -12,10 +12,14 @@ Two families are recognised:
   the projections does not follow). The FFN is the gated MLP, named by ``mlp.up_proj``: removing
   its output channels removes the same rows of ``mlp.gate_proj`` and columns of ``mlp.down_proj``,
   which Torch-Pruning couples through the ``act(gate) * up`` product.
+* PyTorch's own ``nn.TransformerEncoder`` (``encoder.layers.N``, ``nn.TransformerEncoderLayer``
+  blocks): its ``nn.MultiheadAttention`` packs Q/K/V into one parameter, so it locates the blocks
+  but loses no heads, as a Llama's; the FFN is ``linear1``.
 
-Anything else (torchvision's ViT, whose ``nn.MultiheadAttention`` packs Q/K/V into one parameter,
-GPT-2, whose projections are transformers' ``Conv1D``) has no recognised attention module: it is
-searched as a CNN is, layer by layer.
+Anything else (torchvision's ViT, whose ``nn.MultiheadAttention`` blocks sit in an nn.Sequential,
+an encoder-decoder ``nn.Transformer``, whose attention spans two block lists, GPT-2, whose
+projections are transformers' ``Conv1D``) has no recognised attention module: it is searched as a
+CNN is, layer by layer.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ class EncoderBlocks:
 
 _BERT_PROJECTIONS = ("query", "key", "value")
 _LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
-_FFN_SUFFIXES = ("intermediate.dense", "mlp.up_proj")
+_FFN_SUFFIXES = ("intermediate.dense", "mlp.up_proj", "linear1")  # BERT, Llama, nn.TransformerEncoderLayer
 _GATED = ("gate_proj", "down_proj")  # the up_proj's siblings in a Llama-style MLP
 
 
@@ -54,15 +58,23 @@ def _is_attention(module: nn.Module) -> bool:
 
 
 def _any_attention(model: nn.Module) -> dict[str, nn.Module]:
-    """Every recognised attention module, head-prunable or not (Llama-style): they locate the blocks."""
-    return {
-        name: m for name, m in model.named_modules() if _is_attention(m) or _has_linears(m, _LLAMA_PROJECTIONS)
-    }
+    """Every recognised attention module, head-prunable or not (Llama-style, PyTorch's): they locate
+    the blocks. PyTorch's ``nn.MultiheadAttention`` counts where its blocks are one nn.ModuleList and
+    nothing else is recognised."""
+    named = {name: m for name, m in model.named_modules() if _is_attention(m) or _has_linears(m, _LLAMA_PROJECTIONS)}
+    if named:
+        return named
+    pytorch = {name: m for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    containers = {_containing_list(model, name) for name in pytorch}
+    return pytorch if len(containers) == 1 and None not in containers else {}
 
 
-def _ffn_layers(model: nn.Module) -> dict[str, nn.Linear]:
+def _ffn_layers(model: nn.Module, container: str) -> dict[str, nn.Linear]:
+    """The FFN intermediate Linears of the blocks in ``container``."""
     return {
-        name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.endswith(_FFN_SUFFIXES)
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and name.startswith(f"{container}.") and name.endswith(_FFN_SUFFIXES)
     }
 
 
@@ -77,21 +89,23 @@ def _containing_list(model: nn.Module, name: str) -> str | None:
 
 
 def find_blocks(model: nn.Module) -> EncoderBlocks | None:
-    """:func:`describe_blocks` of a BERT-style encoder or Llama-style decoder; None for a model
-    without recognised attention modules (a CNN, or a ViT built on ``nn.MultiheadAttention``)."""
+    """:func:`describe_blocks` of a BERT-style encoder, a Llama-style decoder or an
+    ``nn.TransformerEncoder``; None for a model without recognised attention modules (a CNN,
+    torchvision's ViT)."""
     return describe_blocks(model) if _any_attention(model) else None
 
 
 def describe_blocks(model: nn.Module) -> EncoderBlocks:
-    """The block list, head-prunable attention modules and FFN widths of a BERT-style encoder or a
-    Llama-style decoder (a UsageError if none). A Llama-style model has no entries in ``heads``."""
+    """The block list, head-prunable attention modules and FFN widths of a BERT-style encoder, a
+    Llama-style decoder or an ``nn.TransformerEncoder`` (a UsageError if none). A Llama-style model
+    and an ``nn.TransformerEncoder`` have no entries in ``heads``."""
     attention = _any_attention(model)
     containers = {_containing_list(model, name) for name in attention}
     if not attention or None in containers or len(containers) > 1:
         raise UsageError(
-            f"model {type(model).__name__} is not a BERT-style encoder or Llama-style decoder: expected "
-            "attention modules (with query, key and value Linear layers and num_attention_heads, or "
-            "q_proj, k_proj and v_proj Linear layers) inside one nn.ModuleList of blocks; found "
+            f"model {type(model).__name__} is not a BERT-style encoder, Llama-style decoder or nn.TransformerEncoder: "
+            "expected attention modules (with query, key and value Linear layers and num_attention_heads, "
+            "q_proj, k_proj and v_proj Linear layers, or nn.MultiheadAttention) inside one nn.ModuleList of blocks; found "
             f"{', '.join(attention) or 'no attention module'}"
         )
     (container,) = containers
@@ -99,7 +113,7 @@ def describe_blocks(model: nn.Module) -> EncoderBlocks:
         container=container,
         blocks=len(model.get_submodule(container)),
         heads={name: m.num_attention_heads for name, m in attention.items() if _is_attention(m)},
-        ffn={name: m.out_features for name, m in _ffn_layers(model).items()},
+        ffn={name: m.out_features for name, m in _ffn_layers(model, container).items()},
     )
 
 

@@ -1,0 +1,79 @@
+"""PyTorch's own ``nn.TransformerEncoder`` is searched as a Transformer: its blocks are found, the
+FFN (``linear1``) is pruned and blocks are dropped, and a study's recipes are the Transformer's
+(uniform FFN pruning, fewer blocks), not a CNN's widths."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+import torch
+from models import SignalEncoder, example_input
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import search
+from search import Finetune, Task
+from search.compress import apply_plan
+from search.model import EncoderBlocks, describe_layers, find_blocks
+from search.plan import ChannelPruning, Depth, LayerPlan, Plan, SearchSpace, suggest_plan
+
+FFN = [f"encoder.layers.{i}.linear1" for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    torch.manual_seed(0)
+    return SignalEncoder().eval()
+
+
+def test_its_blocks_and_ffn_are_found_and_no_heads_are_offered(encoder):
+    assert find_blocks(encoder) == EncoderBlocks("encoder.layers", 3, {}, dict.fromkeys(FFN, 32))
+
+
+def test_an_encoder_decoder_and_blocks_outside_a_module_list_are_searched_layer_by_layer():
+    assert find_blocks(nn.Transformer(16, 2, 2, 2, 32, batch_first=True)) is None  # two block lists
+    sequential = SignalEncoder()
+    sequential.encoder.layers = nn.Sequential(*sequential.encoder.layers)  # as torchvision's ViT
+    assert find_blocks(sequential) is None
+
+
+def test_a_plan_prunes_its_ffn_and_drops_blocks(encoder):
+    x = example_input(encoder, batch=2)
+    plan = Plan(layers={FFN[2]: LayerPlan(ChannelPruning(0.5))}, depth=Depth("encoder.layers", (0, 2)))
+    student = apply_plan(encoder, plan, example_input(encoder))
+    blocks = student.encoder.layers
+    assert len(blocks) == 2 and student.encoder.num_layers == 2
+    assert blocks[1].linear1.out_features == 16 and blocks[1].linear2.in_features == 16
+    assert blocks[0].linear1.out_features == 32 and blocks[0].self_attn.embed_dim == 16
+    assert student(x).shape == (2, 4)
+    assert len(encoder.encoder.layers) == 3 and encoder.encoder.num_layers == 3  # the teacher is untouched
+
+
+def test_the_space_samples_depth_and_ffn_pruning_not_a_width(encoder):
+    layers = describe_layers(encoder, example_input(encoder))
+    study = optuna.create_study()
+    plan = suggest_plan(study.ask(), SearchSpace(), layers, find_blocks(encoder))
+    names = study.trials[0].params
+    assert "depth" in names and "width" not in names and plan.width == 1.0
+    assert {n.rpartition(".")[0] for n in names if n.endswith(".pruning")} == set(FFN) & set(plan.layers)
+
+
+def _task(model: nn.Module) -> Task:
+    generator = torch.Generator().manual_seed(0)
+    signals = torch.randn(256, *SignalEncoder.input_shape[1:], generator=generator)
+    labels = signals[:, 0].mean(1).gt(0).long() + 2 * signals[:, 1].mean(1).gt(0).long()
+    data = TensorDataset(signals, labels)
+    return Task(model, DataLoader(data, batch_size=32), DataLoader(data, batch_size=128), signals[:1], name="encoder")
+
+
+def test_a_study_runs_the_transformer_recipes(encoder, fast_profiler, tmp_path):
+    quick = dict(finetune=Finetune(steps=2), pruner="none", cost_model=False, sensitivity=False)
+    study = search.run(_task(encoder), trials=6, profiler=fast_profiler, results_dir=tmp_path, **quick)
+    frame = search.load_trials(study)
+    assert list(frame["recipe"]) == ["int8 everywhere", "prune 0.25", "prune 0.5", "2 of 3 blocks",
+                                     "int8 on prune 0.25", "int8 on prune 0.5"]  # fmt: skip
+    assert (frame["state"] == "COMPLETE").all()
+    plans = {t.user_attrs["recipe"]: Plan.from_dict(t.user_attrs["plan"]) for t in study.trials}
+    assert len(plans["2 of 3 blocks"].depth.keep) == 2
+    pruned = {name for name, entry in plans["prune 0.5"].layers.items() if entry.pruning.ratio}
+    assert pruned == set(FFN)  # the FFN only: a CNN's uniform pruning would shrink the hidden size too
