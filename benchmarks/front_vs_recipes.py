@@ -13,7 +13,9 @@ search's front, the hypervolume share of each (reference point: the teacher's me
 the teacher's latency; the share is the dominated area over 0.1 × the teacher's latency), and
 which recipe points the front dominates (weakly: a front point at least as good on both axes;
 "within noise": at most 3 % slower, the spread of repeated measurements on these VMs; a recipe
-not dominated is measured again together with the front's nearest point, alternating), and where
+not dominated is measured again together with the front's nearest point, alternating), the shares
+again from the teacher's, the recipes' and the front's files all measured in one stretch (the
+recipes are measured minutes before the search's plans, and a shared VM's speed drifts), and where
 the search's trial time went by stage. MiniLM's goal, a front point at cosine >= 0.99 faster than
 int8 everywhere, counts only a point measured together with the int8 file and more than 3 % faster.
 
@@ -100,8 +102,34 @@ def measured_together(profiler, recipe: Path, point: Path, rounds: int = 3) -> t
     return statistics.median(times[recipe]), statistics.median(times[point])
 
 
+def family(recipe: str) -> str:
+    """A recipe's family: ``prune 0.5`` -> ``prune``; ``3 of 6 blocks`` -> ``blocks``."""
+    return recipe.split()[0] if not recipe[0].isdigit() else "blocks"
+
+
+def shares_measured_together(
+    profiler, teacher: tuple[float, Path], recipes: dict, points: dict[tuple[float, float], Path], rounds: int = 3
+) -> tuple[dict[str, float], float, float]:
+    """Each recipe family's hypervolume share and the search's, from latencies all measured in the
+    same stretch: the teacher's file, every recipe's and every front point's, in turn, ``rounds``
+    times (medians). The recipes are measured before the search and the front during it, minutes
+    apart; a shared VM's speed drifts by 10-30 % over such spans. Also the teacher's latency then."""
+    files = {"teacher": teacher[1], **{r: v["path"] for r, v in recipes.items()}, **{p: f for p, f in points.items()}}
+    times: dict = {key: [] for key in files}
+    for _ in range(rounds):
+        for key, path in files.items():
+            times[key].append(profiler.measure(path).latency_ms)
+    median = {key: statistics.median(values) for key, values in times.items()}
+    reference = teacher[0], median["teacher"]
+    families: dict[str, list[tuple[float, float]]] = {}
+    for recipe, r in recipes.items():
+        families.setdefault(family(recipe), []).append((r["metric"], median[recipe]))
+    shares = {name: hypervolume_share(ps, reference) for name, ps in families.items()}
+    return shares, hypervolume_share([(p[0], median[p]) for p in points], reference), median["teacher"]
+
+
 def searched(task, name: str, finetune: Finetune, recipes: dict, teacher: tuple[float, float], best: float,
-             profiler, results: Path, timeout: float, seed: int, study_name: str) -> dict:
+             profiler, results: Path, timeout: float, seed: int, study_name: str, teacher_file: Path) -> dict:
     """One search within ``timeout``, its front against the recipes: printed, and returned as figures.
     ``best``: the best recipe family's hypervolume share."""
     teacher_metric, teacher_ms = teacher
@@ -140,12 +168,19 @@ def searched(task, name: str, finetune: Finetune, recipes: dict, teacher: tuple[
     stages = stage_shares(study)
     overhead = 1.0 - stages.get("fine-tune", 0.0) - stages.get("measure", 0.0)
     print(f"hypervolume share: search {share_search:.3f}; search / best recipe family: {ratio:.2f}x (goal 1.2x)")
+    shares, share_together, teacher_then = shares_measured_together(
+        profiler, (teacher_metric, teacher_file), recipes, {p: files[p] for p in search_front}
+    )
+    ratio_together = share_together / max(shares.values()) if max(shares.values()) > 0 else float("inf")
+    print(f"measured together (teacher {teacher_then:.4f} ms): " + ", ".join(f"{f} {v:.3f}" for f, v in shares.items())
+          + f"; search {share_together:.3f}; search / best recipe family: {ratio_together:.2f}x", flush=True)  # fmt: skip
     print("trial time: " + ", ".join(f"{stage} {share:.1%}" for stage, share in stages.items())
           + f"; outside fine-tune and measurement {overhead:.1%} (goal 10 %)", flush=True)  # fmt: skip
     result = {
         "seed": seed, "search_s": search_s, "trials": len(frame), "front": search_front, "share_search": share_search,
         "ratio": ratio, "dominated": dominated, "measured_together": together, "stage_shares": stages,
-        "overhead": overhead,
+        "overhead": overhead, "shares_together": shares, "share_search_together": share_together,
+        "ratio_together": ratio_together, "teacher_ms_together": teacher_then,
     }  # fmt: skip
     if name == "minilm":  # faster beyond noise when measured together: int8's own file drifts by 10 % in a run
         int8 = recipes.get("int8 everywhere")
@@ -190,9 +225,7 @@ def benchmark(name: str, seq_len: int | None, results: Path, steps: int | None =
     recipes_s = time.perf_counter() - start
     families: dict[str, list[tuple[float, float]]] = {}
     for recipe, r in recipes.items():
-        families.setdefault(recipe.split()[0] if not recipe[0].isdigit() else "blocks", []).append(
-            (r["metric"], r["latency_ms"])
-        )
+        families.setdefault(family(recipe), []).append((r["metric"], r["latency_ms"]))
     shares = {family: hypervolume_share(ps, teacher) for family, ps in families.items()}
     share_all = hypervolume_share([p for ps in families.values() for p in ps], teacher)
     best_family = max(shares, key=shares.get)
@@ -201,7 +234,7 @@ def benchmark(name: str, seq_len: int | None, results: Path, steps: int | None =
           f"best family {best_family}", flush=True)  # fmt: skip
     searches = [
         searched(task, name, finetune, recipes, teacher, shares[best_family], profiler, results, recipes_s, seed,
-                 f"{name}-search" + (f"-{seed}" if runs > 1 else ""))  # fmt: skip
+                 f"{name}-search" + (f"-{seed}" if runs > 1 else ""), Path(baseline["onnx"]))  # fmt: skip
         for seed in range(runs)
     ]
     ratios = [s["ratio"] for s in searches]
