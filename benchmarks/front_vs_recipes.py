@@ -109,11 +109,13 @@ def family(recipe: str) -> str:
 
 def shares_measured_together(
     profiler, teacher: tuple[float, Path], recipes: dict, points: dict[tuple[float, float], Path], rounds: int = 3
-) -> tuple[dict[str, float], float, float]:
+) -> tuple[dict[str, float], float, dict]:
     """Each recipe family's hypervolume share and the search's, from latencies all measured in the
     same stretch: the teacher's file, every recipe's and every front point's, in turn, ``rounds``
     times (medians). The recipes are measured before the search and the front during it, minutes
-    apart; a shared VM's speed drifts by 10-30 % over such spans. Also the teacher's latency then."""
+    apart; a shared VM's speed drifts by 10-30 % over such spans. One stretch takes out the drift,
+    not the noise within it (on a busy host a model's latency moved by 20 % against another's
+    within minutes). Also every file's median latency then, by recipe name or front point."""
     files = {"teacher": teacher[1], **{r: v["path"] for r, v in recipes.items()}, **{p: f for p, f in points.items()}}
     times: dict = {key: [] for key in files}
     for _ in range(rounds):
@@ -125,7 +127,7 @@ def shares_measured_together(
     for recipe, r in recipes.items():
         families.setdefault(family(recipe), []).append((r["metric"], median[recipe]))
     shares = {name: hypervolume_share(ps, reference) for name, ps in families.items()}
-    return shares, hypervolume_share([(p[0], median[p]) for p in points], reference), median["teacher"]
+    return shares, hypervolume_share([(p[0], median[p]) for p in points], reference), median
 
 
 def searched(task, name: str, finetune: Finetune, recipes: dict, teacher: tuple[float, float], best: float,
@@ -168,11 +170,11 @@ def searched(task, name: str, finetune: Finetune, recipes: dict, teacher: tuple[
     stages = stage_shares(study)
     overhead = 1.0 - stages.get("fine-tune", 0.0) - stages.get("measure", 0.0)
     print(f"hypervolume share: search {share_search:.3f}; search / best recipe family: {ratio:.2f}x (goal 1.2x)")
-    shares, share_together, teacher_then = shares_measured_together(
+    shares, share_together, medians = shares_measured_together(
         profiler, (teacher_metric, teacher_file), recipes, {p: files[p] for p in search_front}
     )
     ratio_together = share_together / max(shares.values()) if max(shares.values()) > 0 else float("inf")
-    print(f"measured together (teacher {teacher_then:.4f} ms): " + ", ".join(f"{f} {v:.3f}" for f, v in shares.items())
+    print(f"measured together (teacher {medians['teacher']:.4f} ms): " + ", ".join(f"{f} {v:.3f}" for f, v in shares.items())
           + f"; search {share_together:.3f}; search / best recipe family: {ratio_together:.2f}x", flush=True)  # fmt: skip
     print("trial time: " + ", ".join(f"{stage} {share:.1%}" for stage, share in stages.items())
           + f"; outside fine-tune and measurement {overhead:.1%} (goal 10 %)", flush=True)  # fmt: skip
@@ -180,7 +182,7 @@ def searched(task, name: str, finetune: Finetune, recipes: dict, teacher: tuple[
         "seed": seed, "search_s": search_s, "trials": len(frame), "front": search_front, "share_search": share_search,
         "ratio": ratio, "dominated": dominated, "measured_together": together, "stage_shares": stages,
         "overhead": overhead, "shares_together": shares, "share_search_together": share_together,
-        "ratio_together": ratio_together, "teacher_ms_together": teacher_then,
+        "ratio_together": ratio_together, "latency_ms_together": {str(key): ms for key, ms in medians.items()},
     }  # fmt: skip
     if name == "minilm":  # faster beyond noise when measured together: int8's own file drifts by 10 % in a run
         int8 = recipes.get("int8 everywhere")
