@@ -15,6 +15,7 @@ at 1×1 before the patterns are told apart.)
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -81,11 +82,12 @@ def mobilenet(classes: int = CLASSES) -> nn.Sequential:
     )  # fmt: skip
 
 
-def _train(model: nn.Module, train: DataLoader) -> None:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 4e-3, total_steps=EPOCHS * len(train))
+def train_classifier(model: nn.Module, train: DataLoader, epochs: int, max_lr: float, weight_decay: float) -> None:
+    """Cross-entropy, AdamW with a one-cycle schedule peaking at ``max_lr``."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=max_lr / 2, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr, total_steps=epochs * len(train))
     model.train()
-    for _ in range(EPOCHS):
+    for _ in range(epochs):
         for images, labels in train:
             loss = nn.functional.cross_entropy(model(images), labels)
             optimizer.zero_grad()
@@ -95,18 +97,24 @@ def _train(model: nn.Module, train: DataLoader) -> None:
     model.eval()
 
 
-def make() -> Task:
-    train_set, val_set = pattern_images(TRAIN, seed=1), pattern_images(VAL, seed=2)
-    train = DataLoader(train_set, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
-    val = DataLoader(val_set, batch_size=500)
-    model = mobilenet()
-    cache = Path("results", "teachers", "unseen-mobilenet-v1.pt")
+def cached(model: nn.Module, name: str, train: Callable[[nn.Module], None]) -> nn.Module:
+    """``model`` with the weights of ``results/teachers/<name>``; trained by ``train`` (seeded) and
+    written there on first use."""
+    cache = Path("results", "teachers", name)
     if cache.exists():
         model.load_state_dict(torch.load(cache, weights_only=True))
     else:
         torch.manual_seed(0)
-        _train(model, train)
+        train(model)
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), f"{cache}.{os.getpid()}")
         os.replace(f"{cache}.{os.getpid()}", cache)
-    return Task(model=model.eval(), train=train, val=val, example_input=val_set[0][0][None], name="unseen-mobilenet")
+    return model.eval()
+
+
+def make() -> Task:
+    train_set, val_set = pattern_images(TRAIN, seed=1), pattern_images(VAL, seed=2)
+    train = DataLoader(train_set, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
+    val = DataLoader(val_set, batch_size=500)
+    model = cached(mobilenet(), "unseen-mobilenet-v1.pt", lambda m: train_classifier(m, train, EPOCHS, 4e-3, 1e-4))
+    return Task(model=model, train=train, val=val, example_input=val_set[0][0][None], name="unseen-mobilenet")

@@ -12,13 +12,11 @@ the validation set): about six minutes on 2 cores on first use, cached under ``r
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from benchmarks.unseen_mobilenet import cached, train_classifier
 from search import Task
 from search.tasks import motif_signals
 
@@ -43,32 +41,13 @@ class SignalTransformer(nn.Module):
         return self.head(self.norm(self.encoder(tokens)).mean(1))
 
 
-def _train(model: nn.Module, train: DataLoader) -> None:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, LEARNING_RATE, total_steps=EPOCHS * len(train))
-    model.train()
-    for _ in range(EPOCHS):
-        for signals, labels in train:
-            loss = nn.functional.cross_entropy(model(signals), labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    model.eval()
-
-
 def make() -> Task:
     train_set, val_set = motif_signals(TRAIN, seed=1), motif_signals(VAL, seed=2)
     train = DataLoader(train_set, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
     val = DataLoader(val_set, batch_size=500)
-    cache = Path("results", "teachers", "unseen-signal-transformer-v1.pt")
-    torch.manual_seed(0)
-    model = SignalTransformer()
-    if cache.exists():
-        model.load_state_dict(torch.load(cache, weights_only=True))
-    else:
-        _train(model, train)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), f"{cache}.{os.getpid()}")
-        os.replace(f"{cache}.{os.getpid()}", cache)
-    return Task(model=model.eval(), train=train, val=val, example_input=val_set[0][0][None], name="unseen-transformer")
+    torch.manual_seed(0)  # its initial weights, for a teacher trained anew
+    model = cached(
+        SignalTransformer(), "unseen-signal-transformer-v1.pt",
+        lambda m: train_classifier(m, train, EPOCHS, LEARNING_RATE, weight_decay=0.01),
+    )  # fmt: skip
+    return Task(model=model, train=train, val=val, example_input=val_set[0][0][None], name="unseen-transformer")

@@ -1,7 +1,7 @@
 """A Transformer as the search sees it: its list of blocks, the attention modules whose heads can be
 removed and its FFN layers, by dotted module name (:func:`find_blocks`).
 
-Two families are recognised:
+Three families are recognised:
 
 * BERT-style encoders: an attention module is one with ``query``/``key``/``value`` Linear children
   and a ``num_attention_heads`` attribute (BERT's ``encoder.layer.N.attention.self``); its heads can
@@ -103,10 +103,10 @@ def describe_blocks(model: nn.Module) -> EncoderBlocks:
     containers = {_containing_list(model, name) for name in attention}
     if not attention or None in containers or len(containers) > 1:
         raise UsageError(
-            f"model {type(model).__name__} is not a BERT-style encoder, Llama-style decoder or nn.TransformerEncoder: "
-            "expected attention modules (with query, key and value Linear layers and num_attention_heads, "
-            "q_proj, k_proj and v_proj Linear layers, or nn.MultiheadAttention) inside one nn.ModuleList of blocks; found "
-            f"{', '.join(attention) or 'no attention module'}"
+            f"model {type(model).__name__} is not a BERT-style encoder, Llama-style decoder or "
+            "nn.TransformerEncoder: expected attention modules (with query, key and value Linear layers "
+            "and num_attention_heads, q_proj, k_proj and v_proj Linear layers, or nn.MultiheadAttention) "
+            f"inside one nn.ModuleList of blocks; found {', '.join(attention) or 'no attention module'}"
         )
     (container,) = containers
     return EncoderBlocks(
