@@ -188,7 +188,11 @@ def test_int8_is_no_longer_offered_once_int8_everywhere_measured_no_faster_than_
         _study_with_int8_recipe(1.3), space, [conv, matmul], precisions, ["metric", "latency"]
     )
     assert excluded == {"conv.bits": [8, 4, 1], "ffn.bits": [8, 4, 1]}  # the MatMul's int4 MatMulNBits too
-    assert note == "int8 not offered after trial 0: int8 everywhere measured 1.3000 ms, the teacher 1.0000 ms"
+    assert note == "int4 and int8 not offered after trial 0: int8 everywhere measured 1.3000 ms, the teacher 1.0000 ms"
+    _, conv_only = quantization_measured_slower(
+        _study_with_int8_recipe(1.3), space, [conv], precisions, ["metric", "latency"]
+    )
+    assert conv_only.startswith("int8 not offered after trial 0")
     for study, objectives in (
         (_study_with_int8_recipe(0.8), ["metric", "latency"]),  # int8 pays: offered
         (_study_with_int8_recipe(1.3), ["metric", "latency", "size"]),  # int8 still makes the model smaller

@@ -96,13 +96,14 @@ def quantization_measured_slower(
     if int8 is None or int8.user_attrs[Key.LATENCY_MS] < teacher_ms:
         return {}, None
     quantized = [b for b in space.bits if b < 32]
-    excluded = {
-        f"{layer.name}.bits": quantized
-        for layer in layers
-        if quantized and all(runtime_precision(b, precisions, layer.matmul) != "fp32" for b in quantized)
-    }
+    excluded, lost = {}, set()
+    for layer in layers:
+        kinds = {runtime_precision(b, precisions, layer.matmul) for b in quantized}
+        if quantized and "fp32" not in kinds:
+            excluded[f"{layer.name}.bits"] = quantized
+            lost |= kinds
     note = (
-        f"int8 not offered after trial {int8.number}: {INT8} measured {int8.user_attrs[Key.LATENCY_MS]:.4f} ms, "
-        f"the teacher {teacher_ms:.4f} ms"
+        f"{' and '.join(sorted(lost))} not offered after trial {int8.number}: "
+        f"{INT8} measured {int8.user_attrs[Key.LATENCY_MS]:.4f} ms, the teacher {teacher_ms:.4f} ms"
     )
     return excluded, note if excluded else None
