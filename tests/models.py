@@ -258,13 +258,15 @@ def tiny_vit(classes: int = 10) -> nn.Module:
 
 class SignalEncoder(nn.Module):
     """PyTorch's own ``nn.TransformerEncoder`` as a user writes one: a strided Conv1d patch embedding
-    of 2×32 signals (8 tokens), 3 pre-norm blocks (hidden 16, 2 heads, FFN 32), a mean over tokens."""
+    of 2×32 signals (8 tokens), a learned position table, 3 pre-norm blocks (hidden 16, 2 heads, FFN
+    32), a mean over tokens."""
 
     input_shape = (1, 2, 32)
 
     def __init__(self, classes: int = 4) -> None:
         super().__init__()
         self.embed = nn.Conv1d(2, 16, 4, stride=4)
+        self.position = nn.Parameter(0.1 * torch.randn(1, 8, 16))
         block = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(block, 3, enable_nested_tensor=False)
         self.head = nn.Linear(16, classes)
@@ -273,4 +275,4 @@ class SignalEncoder(nn.Module):
                 p.add_(0.1 * torch.randn_like(p))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(self.embed(x).transpose(1, 2)).mean(1))
+        return self.head(self.encoder(self.embed(x).transpose(1, 2) + self.position).mean(1))

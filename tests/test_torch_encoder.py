@@ -4,6 +4,8 @@ FFN (``linear1``) is pruned and blocks are dropped, and a study's recipes are th
 
 from __future__ import annotations
 
+import warnings
+
 import optuna
 import pytest
 import torch
@@ -47,6 +49,19 @@ def test_a_plan_prunes_its_ffn_and_drops_blocks(encoder):
     assert blocks[0].linear1.out_features == 32 and blocks[0].self_attn.embed_dim == 16
     assert student(x).shape == (2, 4)
     assert len(encoder.encoder.layers) == 3 and encoder.encoder.num_layers == 3  # the teacher is untouched
+
+
+@pytest.mark.parametrize("plan", [Plan(layers={FFN[0]: LayerPlan(ChannelPruning(0.5))}), Plan(width=0.5)])
+def test_a_position_table_prints_no_warning_each_trial(plan):
+    """Torch-Pruning warns of a parameter outside a layer on every trace; it prunes the table along
+    the hidden size, as it should (a width's student), so the search prints nothing of it."""
+    model = SignalEncoder().eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layers = describe_layers(model, example_input(model))
+        student = apply_plan(model, plan, example_input(model))
+    assert layers and not [w for w in caught if "Unwrapped parameters" in str(w.message)]
+    assert student.position.shape[-1] == student.embed.out_channels == 16 * plan.width
 
 
 def test_the_space_samples_depth_and_ffn_pruning_not_a_width(encoder):

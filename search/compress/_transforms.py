@@ -23,7 +23,9 @@ from search._errors import CandidateError, UsageError
 from search.compress._quant import BinarizeWeight, FakeQuantWeight, WeightMask, add_input_quant
 from search.compress._refit import Activity, by_module, pruned_with_refits
 from search.compress._transformer_pruning import drop_blocks, prune_heads_and_ffn
-from search.model import Inputs, call, compressible_layers, find_blocks, matmul_layers, output_layer
+from search.model import (
+    Inputs, call, compressible_layers, find_blocks, matmul_layers, output_layer, unwrapped_quietly,
+)  # fmt: skip
 from search.plan import ChannelPruning, Depth, HeadPruning, LayerPlan, Plan, Quantization, WeightSparsity
 
 ROUND_CHANNELS_TO = 4  # channel counts stay multiples of 4, so 2:4 groups stay whole
@@ -46,15 +48,16 @@ def _prune(model: nn.Module, example_input: Inputs, activity: Activity | None, *
     was_training = model.training
     model.eval()
     try:
-        pruner = tp.pruner.MetaPruner(
-            model,
-            example_input,
-            forward_fn=call,
-            importance=tp.importance.MagnitudeImportance(p=2),
-            ignored_layers=[output_layer(model)],
-            round_to=ROUND_CHANNELS_TO,
-            **kwargs,
-        )
+        with unwrapped_quietly():
+            pruner = tp.pruner.MetaPruner(
+                model,
+                example_input,
+                forward_fn=call,
+                importance=tp.importance.MagnitudeImportance(p=2),
+                ignored_layers=[output_layer(model)],
+                round_to=ROUND_CHANNELS_TO,
+                **kwargs,
+            )
         moments = by_module(model, activity)
         for group in pruner.step(interactive=True):
             pruned_with_refits(group, moments)

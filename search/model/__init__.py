@@ -26,6 +26,7 @@ from search.model._layers import (
     forward_calls,
     matmul_layers,
     output_layer,
+    unwrapped_quietly,
 )
 
 __all__ = [
@@ -54,4 +55,5 @@ __all__ = [
     "reduced_output",
     "split_batch",
     "tensors",
+    "unwrapped_quietly",
 ]

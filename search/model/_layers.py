@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import warnings
+from collections.abc import Iterator
 
 import torch
 import torch_pruning as tp
@@ -40,12 +43,24 @@ def output_layer(model: nn.Module) -> nn.Module:
     return list(layers.values())[-1]
 
 
+@contextlib.contextmanager
+def unwrapped_quietly() -> Iterator[None]:
+    """Torch-Pruning warns of each parameter held outside a layer (a learned position table) every
+    time it traces a model: it prunes such a parameter along its last dimension, the hidden size
+    of the tokens it is added to, which is right for those tables, and nothing a user of a search
+    can act on. Without this, every trial of such a model prints it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Unwrapped parameters detected", category=UserWarning)
+        yield
+
+
 @torch.enable_grad()  # Torch-Pruning traces through autograd, even under a caller's no_grad
 def dependency_graph(model: nn.Module, example_input: Inputs) -> tp.DependencyGraph:
     was_training = model.training
     model.eval()  # tracing runs a forward pass: keep BatchNorm statistics untouched
     try:
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example_input, forward_fn=call)
+        with unwrapped_quietly():
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example_input, forward_fn=call)
     finally:
         model.train(was_training)
 
