@@ -91,20 +91,35 @@ def _recipe_alone(task, plan, finetune: Finetune | None, profiler, folder: Path)
             "seconds": time.perf_counter() - start, "path": exported.path}  # fmt: skip
 
 
-def measured_together(profiler, recipe: Path, point: Path, rounds: int = 3) -> tuple[float, float]:
-    """The recipe's and a front point's files measured back to back, alternating, ``rounds`` times
-    each: their median latencies at the same moment, free of the drift between the recipe's
-    measurement (before the search) and the study's."""
-    times: dict[Path, list[float]] = {recipe: [], point: []}
+def medians_in_turn(profiler, files: dict, rounds: int = 3) -> dict:
+    """Each of ``files``' (by any key) median latency, measured back to back, in turn, ``rounds``
+    times each: at the same moment, free of the drift between measurements minutes apart."""
+    times: dict = {key: [] for key in files}
     for _ in range(rounds):
-        for path in times:
-            times[path].append(profiler.measure(path).latency_ms)
-    return statistics.median(times[recipe]), statistics.median(times[point])
+        for key, path in files.items():
+            times[key].append(profiler.measure(path).latency_ms)
+    return {key: statistics.median(values) for key, values in times.items()}
+
+
+def measured_together(profiler, recipe: Path, point: Path, rounds: int = 3) -> tuple[float, float]:
+    """The recipe's and a front point's files measured in turn (:func:`medians_in_turn`): their
+    median latencies at the same moment, free of the drift between the recipe's measurement (before
+    the search) and the study's."""
+    medians = medians_in_turn(profiler, {"recipe": recipe, "point": point}, rounds)
+    return medians["recipe"], medians["point"]
 
 
 def family(recipe: str) -> str:
     """A recipe's family: ``prune 0.5`` -> ``prune``; ``3 of 6 blocks`` -> ``blocks``."""
     return recipe.split()[0] if not recipe[0].isdigit() else "blocks"
+
+
+def family_points(recipes: dict, latency_ms: dict[str, float]) -> dict[str, list[tuple[float, float]]]:
+    """Each recipe family's (metric, latency) points, at the latencies ``latency_ms`` gives by recipe."""
+    families: dict[str, list[tuple[float, float]]] = {}
+    for recipe, r in recipes.items():
+        families.setdefault(family(recipe), []).append((r["metric"], latency_ms[recipe]))
+    return families
 
 
 def shares_measured_together(
@@ -116,17 +131,10 @@ def shares_measured_together(
     apart; a shared VM's speed drifts by 10-30 % over such spans. One stretch takes out the drift,
     not the noise within it (on a busy host a model's latency moved by 20 % against another's
     within minutes). Also every file's median latency then, by recipe name or front point."""
-    files = {"teacher": teacher[1], **{r: v["path"] for r, v in recipes.items()}, **{p: f for p, f in points.items()}}
-    times: dict = {key: [] for key in files}
-    for _ in range(rounds):
-        for key, path in files.items():
-            times[key].append(profiler.measure(path).latency_ms)
-    median = {key: statistics.median(values) for key, values in times.items()}
+    files = {"teacher": teacher[1], **{r: v["path"] for r, v in recipes.items()}, **points}
+    median = medians_in_turn(profiler, files, rounds)
     reference = teacher[0], median["teacher"]
-    families: dict[str, list[tuple[float, float]]] = {}
-    for recipe, r in recipes.items():
-        families.setdefault(family(recipe), []).append((r["metric"], median[recipe]))
-    shares = {name: hypervolume_share(ps, reference) for name, ps in families.items()}
+    shares = {name: hypervolume_share(ps, reference) for name, ps in family_points(recipes, median).items()}
     return shares, hypervolume_share([(p[0], median[p]) for p in points], reference), median
 
 
@@ -225,9 +233,7 @@ def benchmark(name: str, seq_len: int | None, results: Path, steps: int | None =
         print(f"recipe {recipe:22s} metric {r['metric']:.4f}  {r['latency_ms']:.4f} ms  "
               f"{teacher_ms / r['latency_ms']:.2f}x  {r['steps']} steps  {r['seconds']:.0f} s", flush=True)  # fmt: skip
     recipes_s = time.perf_counter() - start
-    families: dict[str, list[tuple[float, float]]] = {}
-    for recipe, r in recipes.items():
-        families.setdefault(family(recipe), []).append((r["metric"], r["latency_ms"]))
+    families = family_points(recipes, {recipe: r["latency_ms"] for recipe, r in recipes.items()})
     shares = {family: hypervolume_share(ps, teacher) for family, ps in families.items()}
     share_all = hypervolume_share([p for ps in families.values() for p in ps], teacher)
     best_family = max(shares, key=shares.get)
