@@ -48,6 +48,7 @@ from search.plan import Plan, Quantization, WeightSparsity, suggest_plan
 from search.study._baseline import check_measured_alike
 from search.study._exclude import merged, quantization_measured_slower
 from search.study._optuna import report_and_maybe_prune
+from search.study._recipes import combined_rules, enqueue_recipes, recipe_params
 from search.study._scoring import FILE, TORCH, FasterScoring, int8_static_only, write_file
 from search.study._spec import RunSpec
 from search.study._workers import claim_slot, measuring_alone, this_worker
@@ -166,9 +167,21 @@ class Objective:
         slower, note = quantization_measured_slower(
             study, spec.space, self.layers, spec.target.precisions, spec.objectives
         )
+        exclude = merged(self.exclude, slower)
         if note is not None and study.user_attrs.get(StudyKey.NOT_OFFERED) != note:
             study.set_user_attr(StudyKey.NOT_OFFERED, note)
-        return merged(self.exclude, slower)
+            self._queue_combined(study, exclude)
+        return exclude
+
+    def _queue_combined(self, study: optuna.Study, exclude: Mapping[str, Sequence]) -> None:
+        """Where int8 measured no faster than the teacher, queue each pruning on each smaller student
+        (:func:`~search.study._recipes.combined_rules`) in place of the structural recipes at int8,
+        which build their float recipes again; no more than the study has room for."""
+        spec = self.spec
+        rules = combined_rules(spec.space, self.blocks)
+        found = recipe_params(rules, spec.space, self.layers, self.blocks, exclude, self.drops)
+        room = max(0, self.trials() - len(study.get_trials(deepcopy=False)))
+        enqueue_recipes(study, dict(list(found.items())[:room]))
 
     def _evaluate(self, study: optuna.Study, trial: optuna.Trial, seconds: dict) -> tuple[float, ...]:
         """The trial's objective values; the seconds each stage took add up in ``seconds``."""

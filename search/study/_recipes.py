@@ -2,7 +2,8 @@
 channel pruning at each ratio of the space, each student width; for a Transformer, uniform int8,
 uniform FFN pruning, fewer blocks. Each is a plan of the search space, enqueued through Optuna with
 its ``recipe`` name, so the front starts from them and is never worse than the best of them. The
-study's own plans follow them: the sensitivity mixes, and each structural recipe at int8."""
+study's own plans follow them: the sensitivity mixes, and each structural recipe at int8 (or, where
+int8 measured no faster than the teacher, each pruning on each smaller student)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ if TYPE_CHECKING:  # annotations only: search.model imports PyTorch
 Rule = Callable[[str, list], Any]  # (parameter name, its choices) -> the recipe's choice
 INT8 = "int8 everywhere"  # post-training quantization: users run it without a fine-tune, and so does the study
 MIX = "sensitivity mix"  # the study's own recipes, from layer sensitivity: "sensitivity mix (mild)", ...
-STACKED = "int8 on"  # the study's own too: a structural recipe at int8, "int8 on prune 0.25", ...
+ON = " on "  # the study's own recipes stack one on another: "int8 on prune 0.25", "prune 0.25 on width 0.5"
+STACKED = f"int8{ON}"  # a structural recipe at int8
 
 
 class _NotInSpace(Exception):
@@ -61,16 +63,33 @@ def _rule(**overrides: Any) -> Rule:
     return choose
 
 
+def _students(space: SearchSpace, blocks: EncoderBlocks | None) -> dict[str, dict[str, Any]]:
+    """The smaller students of a space, by recipe name: each width below 1 (a CNN), each number of
+    blocks below the teacher's (a Transformer)."""
+    if blocks is None:
+        return {f"width {width:g}": {"width": width} for width in space.width if width < 1}
+    shares = sorted({max(1, round(share * blocks.blocks)) for share in space.depth if share < 1}, reverse=True)
+    return {f"{kept} of {blocks.blocks} blocks": {"depth": kept} for kept in shares}
+
+
 def recipe_rules(space: SearchSpace, blocks: EncoderBlocks | None) -> dict[str, Rule]:
     """The recipes users know for a space, by name."""
     rules = {INT8: _rule(bits=8)}
     rules.update({f"prune {ratio:g}": _rule(pruning=ratio) for ratio in space.pruning if ratio > 0})
-    if blocks is None:
-        rules.update({f"width {width:g}": _rule(width=width) for width in space.width if width < 1})
-    else:
-        shares = sorted({max(1, round(share * blocks.blocks)) for share in space.depth if share < 1}, reverse=True)
-        rules.update({f"{kept} of {blocks.blocks} blocks": _rule(depth=kept) for kept in shares})
+    rules.update({name: _rule(**student) for name, student in _students(space, blocks).items()})
     return rules
+
+
+def combined_rules(space: SearchSpace, blocks: EncoderBlocks | None) -> dict[str, Rule]:
+    """Each uniform pruning of ``space`` on each smaller student, in float: "prune 0.5 on 2 of 3
+    blocks". Where int8 does not pay, these are the plans faster than any structural recipe, as the
+    recipes at int8 are where it does (a Transformer's depth and FFN width are two knobs; the
+    sampler, a few dozen plans in, seldom turns both)."""
+    ratios = [ratio for ratio in space.pruning if ratio > 0]
+    return {
+        f"prune {ratio:g}{ON}{name}": _rule(pruning=ratio, **student)
+        for name, student in _students(space, blocks).items() for ratio in ratios
+    }  # fmt: skip
 
 
 def stacked_rules(rules: Mapping[str, Rule]) -> dict[str, Rule]:
@@ -85,7 +104,7 @@ def stacked_rules(rules: Mapping[str, Rule]) -> dict[str, Rule]:
 
         return choose
 
-    return {f"{STACKED} {name}": at_int8(rule) for name, rule in rules.items() if name != INT8}
+    return {f"{STACKED}{name}": at_int8(rule) for name, rule in rules.items() if name != INT8}
 
 
 def recipe_params(
@@ -114,8 +133,9 @@ def recipe_params(
 
 def users_know(trial: optuna.trial.FrozenTrial) -> bool:
     """Whether ``trial`` runs a recipe users know (not one of the study's own: a sensitivity mix, a
-    recipe stacked on int8, the sampler's plans)."""
-    return not trial.user_attrs.get(Key.RECIPE, MIX).startswith((MIX, STACKED))
+    recipe stacked on another, the sampler's plans)."""
+    name = trial.user_attrs.get(Key.RECIPE, MIX)
+    return not name.startswith(MIX) and ON not in name
 
 
 def enqueue_recipes(study: optuna.Study, recipes: Mapping[str, Mapping[str, Any]]) -> None:
