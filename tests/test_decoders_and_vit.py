@@ -5,8 +5,8 @@ are measured. Each test fails if a technique is silently skipped.
 The causal LM is measured as one forward at a fixed context length (16 tokens, no KV cache): the
 graph's output is the logits (``Task.output = lambda out: out.logits``). Its blocks are found from
 its ``q_proj``/``k_proj``/``v_proj`` attention; only its gated FFN width and depth are structural
-knobs (no head pruning). The ViT has no recognised attention module (``nn.MultiheadAttention``): it
-is searched layer by layer, as a CNN is.
+knobs (no head pruning). The ViT's blocks are found from its ``nn.MultiheadAttention`` in the
+``nn.Sequential`` that names them by index: its knobs are the same (its FFN is ``mlp.0``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import onnx
 import optuna
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 pytest.importorskip("transformers", reason="the causal LM needs transformers")
@@ -27,6 +28,8 @@ pytest.importorskip("transformers", reason="the causal LM needs transformers")
 from graphs import initializer_shapes, optimized_ops  # noqa: E402
 from models import tiny_llama, tiny_vit  # noqa: E402
 
+import search  # noqa: E402
+from search import Finetune, Task  # noqa: E402
 from search._errors import CandidateError, UsageError  # noqa: E402
 from search.model import call  # noqa: E402
 from search.artifacts import OnnxModule, export_candidate, export_float, weight_name  # noqa: E402
@@ -35,7 +38,7 @@ from search.plan import ChannelPruning, Depth, HeadPruning, LayerPlan, Plan, Qua
 from search.compress import bake  # noqa: E402
 from search.plan import SearchSpace, suggest_plan  # noqa: E402
 from search.compress import channel_activity, drop_blocks, prune_heads_and_ffn  # noqa: E402
-from search.model import find_blocks  # noqa: E402
+from search.model import EncoderBlocks, find_blocks  # noqa: E402
 from search.compress import apply_plan  # noqa: E402
 
 CPU = ("fp32", "int8", "int4-weight-only")
@@ -264,11 +267,39 @@ def test_trained_causal_lm_keeps_its_predictions_through_the_int8_export(tmp_pat
 # ---- ViT ---------------------------------------------------------------------------------------
 
 
-def test_vit_is_searched_layer_by_layer(vit):
-    assert find_blocks(vit) is None  # nn.MultiheadAttention is neither BERT- nor Llama-style
-    prunable = {layer.name for layer in describe_layers(vit, images()) if layer.prunable}
-    assert {f"{VIT}0.mlp.0", f"{VIT}1.mlp.0"} <= prunable
-    assert not [name for name in prunable if "self_attention" in name]
+def test_vit_is_searched_as_a_transformer_its_blocks_in_a_sequential_named_by_index(vit):
+    assert find_blocks(vit) == EncoderBlocks("encoder.layers", 2, {}, {f"{VIT}0.mlp.0": 128, f"{VIT}1.mlp.0": 128})
+    space_asks = optuna.create_study().ask()
+    suggest_plan(space_asks, SearchSpace(), describe_layers(vit, images()), find_blocks(vit))
+    assert "depth" in space_asks.params and "width" not in space_asks.params  # its hidden size is fixed
+    assert {name.removesuffix(".pruning") for name in space_asks.params if name.endswith(".pruning")} <= {
+        f"{VIT}0.mlp.0", f"{VIT}1.mlp.0"
+    }
+
+
+def test_vit_drops_a_block_and_prunes_an_ffn_the_kept_blocks_renamed_as_the_plan_renames_them(vit):
+    ffn = f"{VIT}1.mlp.0"
+    plan = _plan(pruning={ffn: 0.5}, depth=Depth("encoder.layers", (1,)))
+    student = apply_plan(vit, plan, images())
+    assert [name for name, _ in student.encoder.layers.named_children()] == ["encoder_layer_0"]
+    kept = student.get_submodule(plan.depth.rename(ffn))  # the teacher's block 1, now the first
+    assert kept.out_features == 64 and student.encoder.layers.encoder_layer_0.mlp[3].in_features == 64
+    assert student(images(2)).shape == (2, 10) and len(vit.encoder.layers) == 2  # the teacher is untouched
+
+
+def test_a_study_of_a_vit_runs_the_transformer_recipes(vit, fast_profiler, tmp_path):
+    """As a CNN, its recipes pruned every layer (and its hidden size: a candidate that fails)."""
+    x = images(128, seed=3)
+    labels = x[:, 0].flatten(1).mean(1).gt(0).long() + 2 * x[:, 1].flatten(1).mean(1).gt(0).long()
+    data = TensorDataset(x, labels)
+    task = Task(vit, DataLoader(data, batch_size=32), DataLoader(data, batch_size=64), x[:1], name="vit")
+    quick = dict(finetune=Finetune(steps=2), pruner="none", cost_model=False, sensitivity=False)
+    study = search.run(task, trials=4, profiler=fast_profiler, results_dir=tmp_path, **quick)
+    frame = search.load_trials(study)
+    assert list(frame["recipe"]) == ["int8 everywhere", "prune 0.25", "prune 0.5", "1 of 2 blocks"]
+    assert (frame["state"] == "COMPLETE").all()
+    pruned = Plan.from_dict(study.trials[2].user_attrs["plan"])
+    assert {name for name, entry in pruned.layers.items() if entry.pruning.ratio} == {f"{VIT}0.mlp.0", f"{VIT}1.mlp.0"}
 
 
 def test_vit_plan_compresses_exports_and_is_measured(tmp_path, vit, fast_profiler):
@@ -299,21 +330,18 @@ def test_vit_plan_compresses_exports_and_is_measured(tmp_path, vit, fast_profile
     _measured(fast_profiler, exported.path)
 
 
-def test_vit_attention_projection_pruning_is_a_clear_error(vit):
-    with pytest.raises(CandidateError, match=f"Torch-Pruning left {VIT}0.self_attention.out_proj unpruned"):
-        apply_plan(vit, _plan(pruning={f"{VIT}0.self_attention.out_proj": 0.5}), images())
+@pytest.mark.parametrize("layer", [f"{VIT}0.self_attention.out_proj", "conv_proj", f"{VIT}1.mlp.3"])
+def test_vit_pruning_outside_its_ffn_is_a_clear_error(vit, layer):
+    with pytest.raises(UsageError, match=f"applies to FFN intermediate layers only.*the plan prunes {layer}: "):
+        apply_plan(vit, _plan(pruning={layer: 0.5}), images())
 
 
-@pytest.mark.parametrize(
-    "plan",
-    [Plan(width=0.75), _plan(pruning={"conv_proj": 0.25}), _plan(pruning={f"{VIT}1.mlp.3": 0.25})],
-    ids=["width", "conv_proj", "last-mlp.3"],
-)
-def test_vit_hidden_size_pruning_fails_the_candidate_at_build(vit, plan):
-    """torchvision's ViT reshapes to a fixed hidden_dim: a plan that shrinks it fails as a candidate
-    (the trial records why, the study goes on), not later with a RuntimeError inside a fine-tune."""
+def test_vit_hidden_size_pruning_fails_the_candidate_at_build(vit):
+    """torchvision's ViT reshapes to a fixed hidden_dim: a plan that shrinks it (a width, which a
+    Transformer's space does not ask) fails as a candidate (the trial records why, the study goes
+    on), not later with a RuntimeError inside a fine-tune."""
     with pytest.raises(CandidateError, match="the pruned model no longer runs.*RuntimeError"):
-        apply_plan(vit, plan, images())
+        apply_plan(vit, Plan(width=0.75), images())
 
 
 

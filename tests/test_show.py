@@ -268,3 +268,20 @@ def test_a_transformers_rows_are_its_blocks_attention_and_ffn(capsys):
     assert lines[:3] == ["encoder.layer.0", "attention", "attention.self.query"]
     assert lines[3:5] == ["attention.self.key", "attention.self.value"]
     assert "ffn" in lines and "intermediate.dense" in lines and lines[-1] == "pooler.dense"
+
+
+@pytest.mark.parametrize(
+    "block, parts",
+    [
+        ("encoder.layers.encoder_layer_1", {"self_attention.out_proj": "attention", "mlp.0": "ffn", "mlp.3": "ffn"}),
+        ("encoder.layers.1", {"self_attn.out_proj": "attention", "linear1": "ffn", "linear2": "ffn"}),
+    ],
+    ids=["torchvision-vit", "nn.TransformerEncoder"],
+)
+def test_a_vit_s_and_pytorch_s_encoder_rows_name_their_blocks_and_parts(block, parts):
+    layers = [f"{block}.{part}" for part in parts] + ["head"]
+    teacher = {name: {"ms": 0.1, "kernel": "MatMul", "precision": "fp32"} for name in layers}
+    rows = layer_frame(Plan(), teacher, teacher, layers=layers, runtime="onnxruntime-cpu").set_index("layer")
+    assert {part: rows.loc[f"{block}.{part}", "part"] for part in parts} == parts
+    assert set(rows.loc[[f"{block}.{part}" for part in parts], "block"]) == {block}
+    assert pd.isna(rows.loc["head", "block"])

@@ -1,10 +1,11 @@
 """PyTorch's own ``nn.TransformerEncoder`` is searched as a Transformer: its blocks are found, the
 FFN (``linear1``) is pruned and blocks are dropped, and a study's recipes are the Transformer's
-(uniform FFN pruning, fewer blocks), not a CNN's widths."""
+(uniform FFN pruning, fewer blocks), not a CNN's widths. (torchvision's ViT: test_decoders_and_vit.py.)"""
 
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 
 import optuna
 import pytest
@@ -15,7 +16,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import search
 from search import Finetune, Task
-from search.compress import apply_plan
+from search._errors import UsageError
+from search.compress import apply_plan, drop_blocks
 from search.model import EncoderBlocks, describe_layers, find_blocks
 from search.plan import ChannelPruning, Depth, LayerPlan, Plan, SearchSpace, suggest_plan
 
@@ -32,11 +34,13 @@ def test_its_blocks_and_ffn_are_found_and_no_heads_are_offered(encoder):
     assert find_blocks(encoder) == EncoderBlocks("encoder.layers", 3, {}, dict.fromkeys(FFN, 32))
 
 
-def test_an_encoder_decoder_and_blocks_outside_a_module_list_are_searched_layer_by_layer():
+def test_an_encoder_decoder_and_blocks_not_named_by_index_are_searched_layer_by_layer():
     assert find_blocks(nn.Transformer(16, 2, 2, 2, 32, batch_first=True)) is None  # two block lists
-    sequential = SignalEncoder()
-    sequential.encoder.layers = nn.Sequential(*sequential.encoder.layers)  # as torchvision's ViT
-    assert find_blocks(sequential) is None
+    named = SignalEncoder()
+    named.encoder.layers = nn.Sequential(OrderedDict(zip("abc", named.encoder.layers)))  # a plan could not rename them
+    assert find_blocks(named) is None
+    with pytest.raises(UsageError, match="'encoder.layers' is not an nn.ModuleList of blocks"):
+        drop_blocks(named, "encoder.layers", [0, 2])
 
 
 def test_a_plan_prunes_its_ffn_and_drops_blocks(encoder):
@@ -92,3 +96,4 @@ def test_a_study_runs_the_transformer_recipes(encoder, fast_profiler, tmp_path):
     assert len(plans["2 of 3 blocks"].depth.keep) == 2
     pruned = {name for name, entry in plans["prune 0.5"].layers.items() if entry.pruning.ratio}
     assert pruned == set(FFN)  # the FFN only: a CNN's uniform pruning would shrink the hidden size too
+

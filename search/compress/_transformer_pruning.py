@@ -15,6 +15,7 @@ says which a model has.
 from __future__ import annotations
 
 import numbers
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -23,14 +24,16 @@ from torch import nn
 
 from search._errors import CandidateError, UsageError
 from search.compress._refit import Activity, by_module, mean_squares, pruned_with_refits, reader_moments
-from search.model import Inputs, dependency_graph, describe_blocks, is_gated_mlp
+from search.model import Inputs, dependency_graph, describe_blocks, is_block_list, is_gated_mlp
+from search.plan import Depth
 
 # Without activity: L2 magnitude, as for CNN channels. Torch-Pruning scores every channel of a group
 # over all of its members: for heads, the rows of Q, K, V and the columns of attention.output.dense.
 _IMPORTANCE = tp.importance.MagnitudeImportance(p=2)
 
 def drop_blocks(model: nn.Module, container: str, keep: Sequence[int]) -> None:
-    """Keep only the blocks ``keep`` (increasing indices) of the nn.ModuleList ``container``.
+    """Keep only the blocks ``keep`` (increasing indices) of the nn.ModuleList ``container`` (or
+    the nn.Sequential of blocks named by index, as torchvision's ViT has them).
 
     The student-depth knob: MiniLM 6 → 3 layers keeps three of the teacher's blocks as they are, and
     distillation repairs the rest. ``config.num_hidden_layers`` follows (on the model and on any
@@ -43,10 +46,10 @@ def drop_blocks(model: nn.Module, container: str, keep: Sequence[int]) -> None:
         blocks = model.get_submodule(container)
     except AttributeError:
         blocks = None
-    if not isinstance(blocks, nn.ModuleList):
+    if blocks is None or not is_block_list(blocks):
         raise UsageError(
-            f"{container!r} is not an nn.ModuleList of blocks in {type(model).__name__}; "
-            f"expected a dotted name such as 'encoder.layer'"
+            f"{container!r} is not an nn.ModuleList of blocks (or an nn.Sequential of blocks named by index) "
+            f"in {type(model).__name__}; expected a dotted name such as 'encoder.layer'"
         )
     keep = list(keep)
     bad = [i for i in keep if not isinstance(i, numbers.Integral) or not 0 <= i < len(blocks)]
@@ -57,7 +60,12 @@ def drop_blocks(model: nn.Module, container: str, keep: Sequence[int]) -> None:
         )
     if not keep or keep != sorted(set(keep)):
         raise UsageError(f"blocks to keep must be increasing indices without repeats, at least one; got {keep}")
-    kept = nn.ModuleList(blocks[i] for i in keep)
+    if isinstance(blocks, nn.ModuleList):
+        kept = nn.ModuleList(blocks[i] for i in keep)
+    else:  # torchvision's ViT: blocks named by index ("encoder_layer_3"), renamed as the plan's Depth renames them
+        depth, named = Depth(container, tuple(keep)), list(blocks.named_children())
+        renamed = (depth.rename(f"{container}.{named[i][0]}").rpartition(".")[2] for i in keep)
+        kept = nn.Sequential(OrderedDict((name, named[i][1]) for name, i in zip(renamed, keep)))
     for index, block in enumerate(kept):
         for module in block.modules():
             if getattr(module, "layer_idx", None) is not None:

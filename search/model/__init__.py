@@ -1,7 +1,7 @@
 """A task's model as the search reaches into it: how it is called on its inputs and what its output
 reduces to, which of its layers a plan can address, and a Transformer's blocks."""
 
-from search.model._blocks import EncoderBlocks, describe_blocks, find_blocks, is_gated_mlp
+from search.model._blocks import EncoderBlocks, describe_blocks, find_blocks, is_block_list, is_gated_mlp
 from search.model._inputs import (
     FORMS,
     Inputs,
@@ -48,6 +48,7 @@ __all__ = [
     "describe_layers",
     "forward_calls",
     "find_blocks",
+    "is_block_list",
     "is_gated_mlp",
     "matmul_layers",
     "output_layer",

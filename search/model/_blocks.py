@@ -13,18 +13,19 @@ Three families are recognised:
   its output channels removes the same rows of ``mlp.gate_proj`` and columns of ``mlp.down_proj``,
   which Torch-Pruning couples through the ``act(gate) * up`` product.
 * PyTorch's own ``nn.TransformerEncoder`` (``encoder.layers.N``, ``nn.TransformerEncoderLayer``
-  blocks): its ``nn.MultiheadAttention`` packs Q/K/V into one parameter, so it locates the blocks
-  but loses no heads, as a Llama's; the FFN is ``linear1``.
+  blocks) and torchvision's ViT (``encoder.layers.encoder_layer_N``, in an ``nn.Sequential``): their
+  ``nn.MultiheadAttention`` packs Q/K/V into one parameter, so it locates the blocks but loses no
+  heads, as a Llama's; the FFN is ``linear1`` (``mlp.0`` in torchvision's ``MLPBlock``).
 
-Anything else (torchvision's ViT, whose ``nn.MultiheadAttention`` blocks sit in an nn.Sequential,
-an encoder-decoder ``nn.Transformer``, whose attention spans two block lists, GPT-2, whose
-projections are transformers' ``Conv1D``) has no recognised attention module: it is searched as a
-CNN is, layer by layer.
+Anything else (an encoder-decoder ``nn.Transformer``, whose attention spans two block lists, GPT-2,
+whose projections are transformers' ``Conv1D``) has no recognised attention module: it is searched
+as a CNN is, layer by layer.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 
 from torch import nn
@@ -36,7 +37,7 @@ from search._errors import UsageError
 class EncoderBlocks:
     """What a Transformer search can change in a model, by dotted module name."""
 
-    container: str  # the nn.ModuleList of blocks, e.g. "encoder.layer" or "model.layers"
+    container: str  # the list of blocks, e.g. "encoder.layer", "model.layers" or torchvision's "encoder.layers"
     blocks: int
     heads: Mapping[str, int]  # head-prunable (BERT-style) attention module -> number of heads
     ffn: Mapping[str, int]  # FFN intermediate Linear -> its width (out_features)
@@ -44,7 +45,7 @@ class EncoderBlocks:
 
 _BERT_PROJECTIONS = ("query", "key", "value")
 _LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
-_FFN_SUFFIXES = ("intermediate.dense", "mlp.up_proj", "linear1")  # BERT, Llama, nn.TransformerEncoderLayer
+_FFN_SUFFIXES = ("intermediate.dense", "mlp.up_proj", "linear1", "mlp.0")  # BERT, Llama, PyTorch's, torchvision's
 _GATED = ("gate_proj", "down_proj")  # the up_proj's siblings in a Llama-style MLP
 
 
@@ -59,8 +60,8 @@ def _is_attention(module: nn.Module) -> bool:
 
 def _any_attention(model: nn.Module) -> dict[str, nn.Module]:
     """Every recognised attention module, head-prunable or not (Llama-style, PyTorch's): they locate
-    the blocks. PyTorch's ``nn.MultiheadAttention`` counts where its blocks are one nn.ModuleList and
-    nothing else is recognised."""
+    the blocks. PyTorch's ``nn.MultiheadAttention`` counts where its blocks are one list of blocks
+    and nothing else is recognised."""
     named = {name: m for name, m in model.named_modules() if _is_attention(m) or _has_linears(m, _LLAMA_PROJECTIONS)}
     if named:
         return named
@@ -78,35 +79,45 @@ def _ffn_layers(model: nn.Module, container: str) -> dict[str, nn.Linear]:
     }
 
 
+def is_block_list(module: nn.Module) -> bool:
+    """An nn.ModuleList, or an nn.Sequential whose children's names end with their index
+    (torchvision's ``encoder_layer_0``, ``encoder_layer_1``, …), as :class:`~search.plan.Depth` renames them."""
+    if isinstance(module, nn.ModuleList):
+        return True
+    names = [name for name, _ in module.named_children()] if isinstance(module, nn.Sequential) else []
+    return bool(names) and all(re.fullmatch(rf"(.*\D)?{i}", name) for i, name in enumerate(names))
+
+
 def _containing_list(model: nn.Module, name: str) -> str | None:
-    """The dotted name of the innermost nn.ModuleList that ``name`` sits in, if any."""
+    """The dotted name of the innermost list of blocks (:func:`is_block_list`) that ``name`` sits in, if any."""
     parts = name.split(".")
     for end in range(len(parts) - 1, 0, -1):
         prefix = ".".join(parts[:end])
-        if isinstance(model.get_submodule(prefix), nn.ModuleList):
+        if is_block_list(model.get_submodule(prefix)):
             return prefix
     return None
 
 
 def find_blocks(model: nn.Module) -> EncoderBlocks | None:
-    """:func:`describe_blocks` of a BERT-style encoder, a Llama-style decoder or an
-    ``nn.TransformerEncoder``; None for a model without recognised attention modules (a CNN,
-    torchvision's ViT)."""
+    """:func:`describe_blocks` of a BERT-style encoder, a Llama-style decoder, an
+    ``nn.TransformerEncoder`` or torchvision's ViT; None for a model without recognised attention
+    modules (a CNN)."""
     return describe_blocks(model) if _any_attention(model) else None
 
 
 def describe_blocks(model: nn.Module) -> EncoderBlocks:
     """The block list, head-prunable attention modules and FFN widths of a BERT-style encoder, a
-    Llama-style decoder or an ``nn.TransformerEncoder`` (a UsageError if none). A Llama-style model
-    and an ``nn.TransformerEncoder`` have no entries in ``heads``."""
+    Llama-style decoder, an ``nn.TransformerEncoder`` or torchvision's ViT (a UsageError if none).
+    Only a BERT-style encoder has entries in ``heads``."""
     attention = _any_attention(model)
     containers = {_containing_list(model, name) for name in attention}
     if not attention or None in containers or len(containers) > 1:
         raise UsageError(
-            f"model {type(model).__name__} is not a BERT-style encoder, Llama-style decoder or "
-            "nn.TransformerEncoder: expected attention modules (with query, key and value Linear layers "
-            "and num_attention_heads, q_proj, k_proj and v_proj Linear layers, or nn.MultiheadAttention) "
-            f"inside one nn.ModuleList of blocks; found {', '.join(attention) or 'no attention module'}"
+            f"model {type(model).__name__} is not a BERT-style encoder, Llama-style decoder, "
+            "nn.TransformerEncoder or torchvision ViT: expected attention modules (with query, key and value "
+            "Linear layers and num_attention_heads, q_proj, k_proj and v_proj Linear layers, or nn.MultiheadAttention) "
+            "inside one nn.ModuleList (or nn.Sequential named by index) of blocks; found "
+            f"{', '.join(attention) or 'no attention module'}"
         )
     (container,) = containers
     return EncoderBlocks(

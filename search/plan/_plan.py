@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -76,7 +77,8 @@ class HeadPruning:
 
 @dataclasses.dataclass(frozen=True)
 class Depth:
-    """Keep only the blocks ``keep`` (increasing indices) of the ``nn.ModuleList`` named ``container``."""
+    """Keep only the blocks ``keep`` (increasing indices) of the ``nn.ModuleList`` named ``container`` (or
+    an ``nn.Sequential`` of blocks named by index, as torchvision's ViT has them)."""
 
     container: str
     keep: tuple[int, ...]
@@ -92,10 +94,16 @@ class Depth:
         prefix = f"{self.container}."
         if not name.startswith(prefix):
             return name
-        index, dot, rest = name[len(prefix) :].partition(".")
+        child, dot, rest = name[len(prefix) :].partition(".")
+        # A block's name ends with its index: "3" in an nn.ModuleList, "encoder_layer_3" in torchvision's
+        # nn.Sequential; a kept block is named by its new index.
+        stem, index = _NUMBERED.fullmatch(child).groups()
         if int(index) not in self.keep:
             return None
-        return f"{prefix}{self.keep.index(int(index))}{dot}{rest}"
+        return f"{prefix}{stem}{self.keep.index(int(index))}{dot}{rest}"
+
+
+_NUMBERED = re.compile(r"(.*?)(\d+)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,7 +29,7 @@ COLUMNS = (
     "precision", "tactic", "ms", "share", "teacher_kernel", "teacher_ms", "speedup", "unaccelerated", "flag", "note",
 )  # fmt: skip
 _ATTENTION = re.compile(r"attention|attn|q_proj|k_proj|v_proj|o_proj")
-_FFN = re.compile(r"intermediate|mlp|ffn|^output\.|fc\d*$|up_proj|down_proj|gate_proj")
+_FFN = re.compile(r"intermediate|mlp|ffn|^output\.|fc\d*$|up_proj|down_proj|gate_proj|^linear[12]$")
 
 
 def layer_times(
@@ -73,9 +73,10 @@ def unaccelerated(entry: LayerPlan, precision: str | None, tactic: str | None, r
 
 
 def _block_and_part(name: str) -> tuple[str | None, str | None]:
-    """A Transformer layer's block (its name up to the block index) and part of it."""
+    """A Transformer layer's block (its name up to the block index: ``3``, or torchvision's
+    ``encoder_layer_3``) and part of it."""
     parts = name.split(".")
-    index = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+    index = next((i for i, part in enumerate(parts) if part[-1:].isdigit()), None)
     if index is None:
         return None, None
     rest = ".".join(parts[index + 1 :])
