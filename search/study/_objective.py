@@ -176,8 +176,11 @@ class Objective:
     def _queue_combined(self, study: optuna.Study, exclude: Mapping[str, Sequence]) -> None:
         """Where int8 measured no faster than the teacher, queue each pruning on each smaller student
         (:func:`~search.study._recipes.combined_rules`) in place of the structural recipes at int8,
-        which build their float recipes again; no more than the study has room for."""
+        which build their float recipes again; no more than the study has room for (none with
+        ``recipes`` off)."""
         spec = self.spec
+        if not spec.recipes:
+            return
         rules = combined_rules(spec.space, self.blocks)
         found = recipe_params(rules, spec.space, self.layers, self.blocks, exclude, self.drops)
         room = max(0, self.trials() - len(study.get_trials(deepcopy=False)))
