@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 
 import onnx
 import optuna
 import pytest
+from graphs import int8_slower
 from typer.testing import CliRunner
 
 import search
@@ -17,7 +17,7 @@ from search.compress import Finetune
 from search.model import LayerInfo, describe_layers
 from search.plan import Plan, SearchSpace, suggest_plan
 from search.study import recipe_params, recipe_rules
-from search.study._recipes import stacked_rules, users_know
+from search.study._recipes import stacked_rules
 from search.study._exclude import quantization_measured_slower
 
 QUICK = dict(finetune=Finetune(steps=2), pruner="none", cost_model=False, sensitivity=False)
@@ -79,9 +79,8 @@ def test_a_transformer_s_recipes_are_int8_ffn_pruning_and_fewer_blocks():
 
 
 def test_the_recipes_are_the_first_trials_and_marked_in_the_dataframe_and_the_front_table(
-    tiny_task, fast_profiler, tmp_path, monkeypatch
+    tiny_task, fast_profiler, tmp_path
 ):
-    _int8_slower(fast_profiler, monkeypatch, factor=0.5)  # int8 pays: no pruning on a smaller student
     study = search.run(tiny_task, trials=11, profiler=fast_profiler, results_dir=tmp_path, **QUICK)
     frame = search.load_trials(study)
     assert list(frame[Key.RECIPE][:5]) == CNN_RECIPES
@@ -96,8 +95,7 @@ def test_the_recipes_are_the_first_trials_and_marked_in_the_dataframe_and_the_fr
         assert recipe in output
 
 
-def test_no_recipes_and_no_more_recipes_than_trials(tiny_task, fast_profiler, tmp_path, monkeypatch):
-    _int8_slower(fast_profiler, monkeypatch)  # nor a pruning on a smaller student queued for later
+def test_no_recipes_and_no_more_recipes_than_trials(tiny_task, fast_profiler, tmp_path):
     off = search.run(tiny_task, trials=2, profiler=fast_profiler, results_dir=tmp_path, study_name="off",
                      **{**QUICK, "recipes": False})  # fmt: skip
     assert all(Key.RECIPE not in t.user_attrs for t in off.trials)
@@ -203,42 +201,18 @@ def test_int8_is_no_longer_offered_once_int8_everywhere_measured_no_faster_than_
         assert quantization_measured_slower(study, space, [conv, matmul], precisions, objectives) == ({}, None)
 
 
-def _int8_slower(profiler, monkeypatch, factor: float = 3.0) -> None:
-    """``profiler`` reports a graph with int8 layers ``factor`` times slower, as ONNX Runtime runs a
-    hard-swish MobileNet (a Q/DQ pair around every activation). The tiny CNN's int8 file measures
-    within a few percent of its teacher: a test that needs int8 to pay says so with a factor below 1."""
-    measure = profiler.measure
-
-    def int8_slower(path, *args, **kwargs):
-        measured = measure(path, *args, **kwargs)
-        if any(node.op_type == "QuantizeLinear" for node in onnx.load(str(path)).graph.node):
-            return dataclasses.replace(measured, latency_ms=factor * measured.latency_ms)
-        return measured
-
-    monkeypatch.setattr(profiler, "measure", int8_slower)
-
-
-def test_after_a_slower_int8_recipe_prunings_run_on_smaller_students_and_sampled_plans_stay_float(
+def test_after_a_slower_int8_recipe_the_sampler_s_plans_keep_every_layer_float(
     tiny_task, fast_profiler, tmp_path, monkeypatch
 ):
-    _int8_slower(fast_profiler, monkeypatch)
-    study = search.run(tiny_task, trials=17, profiler=fast_profiler, results_dir=tmp_path, **QUICK)
-    combined = {t.user_attrs[Key.RECIPE]: t for t in study.trials[9:13]}  # after the recipes and them at int8
-    assert list(combined) == [f"prune {r} on width {w}" for w in (0.75, 0.5) for r in (0.25, 0.5)]
-    prunable = {layer.name for layer in describe_layers(tiny_task.model, tiny_task.example_input) if layer.prunable}
-    for name, trial in combined.items():
-        ratio, width = float(name.split()[1]), float(name.split()[-1])
-        plan = Plan.from_dict(trial.user_attrs[Key.PLAN])
-        assert plan.width == width and {entry.quantization.bits for entry in plan.layers.values()} == {32}
-        assert {n for n, e in plan.layers.items() if e.pruning.ratio == ratio} == prunable
-        assert trial.state == optuna.trial.TrialState.COMPLETE and not users_know(trial)  # the study's own
+    int8_slower(fast_profiler, monkeypatch)
+    study = search.run(tiny_task, trials=13, profiler=fast_profiler, results_dir=tmp_path, **QUICK)
     stacked = [t for t in study.trials if t.user_attrs.get(Key.RECIPE, "").startswith("int8 on")]
     for trial in stacked:  # queued before int8 was measured slower: built float, their recipe's very model
         plan = Plan.from_dict(trial.user_attrs[Key.PLAN])
         assert {entry.quantization.bits for entry in plan.layers.values()} == {32}
         assert Key.DUPLICATE_OF in trial.user_attrs
     sampled = [t for t in study.trials if Key.RECIPE not in t.user_attrs]
-    assert len(stacked) == 4 and len(sampled) == 4
+    assert len(stacked) == 4 and len(sampled) == 4  # a CNN's pruning is queued on no width
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in sampled)
     for trial in sampled:  # at random, each of the four would be all-float one time in 16
         plan = Plan.from_dict(trial.user_attrs[Key.PLAN])
@@ -256,7 +230,7 @@ def test_the_sensitivity_mixes_queued_before_int8_was_measured_slower_keep_their
 ):
     """The mixes are 8 bits wherever 8 is offered, queued with the recipes before ``int8 everywhere``
     is measured: once it runs slower than the teacher they are built float, with their pruning."""
-    _int8_slower(fast_profiler, monkeypatch)
+    int8_slower(fast_profiler, monkeypatch)
     options = {**QUICK, "sensitivity": True}
     study = search.run(tiny_task, trials=8, profiler=fast_profiler, results_dir=tmp_path, **options)
     mixes = [t for t in study.trials if t.user_attrs.get(Key.RECIPE, "").startswith("sensitivity mix")]
@@ -271,7 +245,7 @@ def test_a_promotion_of_a_plan_not_asked_its_bits_continues_the_very_same_plan(
 ):
     """A promotion is queued with its parent's parameters, which lack the bit widths the parent was
     not asked: it must not sample them afresh (it would load its parent's state into another model)."""
-    _int8_slower(fast_profiler, monkeypatch)
+    int8_slower(fast_profiler, monkeypatch)
 
     def latest_sampled(study, finetune, teacher):
         trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
@@ -281,7 +255,7 @@ def test_a_promotion_of_a_plan_not_asked_its_bits_continues_the_very_same_plan(
 
     monkeypatch.setattr("search.study._promote.next_promotion", latest_sampled)
     study = search.run(
-        tiny_task, trials=16, budget="10x", profiler=fast_profiler, results_dir=tmp_path, sensitivity=False,
+        tiny_task, trials=12, budget="10x", profiler=fast_profiler, results_dir=tmp_path, sensitivity=False,
         cost_model=False, finetune=Finetune(steps=4, eval_every=2, rungs=2, reduction=2),
     )  # fmt: skip
     trials = study.get_trials(deepcopy=False)

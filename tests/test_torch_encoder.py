@@ -10,12 +10,14 @@ from collections import OrderedDict
 import optuna
 import pytest
 import torch
+from graphs import int8_slower
 from models import SignalEncoder, example_input
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import search
 from search import Finetune, Task
+from search.study._recipes import users_know
 from search._errors import UsageError
 from search.compress import apply_plan, drop_blocks
 from search.model import EncoderBlocks, describe_layers, find_blocks
@@ -97,3 +99,23 @@ def test_a_study_runs_the_transformer_recipes(encoder, fast_profiler, tmp_path):
     pruned = {name for name, entry in plans["prune 0.5"].layers.items() if entry.pruning.ratio}
     assert pruned == set(FFN)  # the FFN only: a CNN's uniform pruning would shrink the hidden size too
 
+
+def test_after_a_slower_int8_recipe_each_ffn_pruning_runs_on_the_smaller_student(
+    encoder, fast_profiler, tmp_path, monkeypatch
+):
+    """In place of the structural recipes at int8, which then build their float recipes again."""
+    int8_slower(fast_profiler, monkeypatch)
+    quick = dict(finetune=Finetune(steps=2), pruner="none", cost_model=False, sensitivity=False)
+    study = search.run(_task(encoder), trials=10, profiler=fast_profiler, results_dir=tmp_path, **quick)
+    names = [t.user_attrs.get("recipe") for t in study.trials]
+    assert names[4:9] == ["int8 on prune 0.25", "int8 on prune 0.5", "int8 on 2 of 3 blocks",
+                          "prune 0.25 on 2 of 3 blocks", "prune 0.5 on 2 of 3 blocks"]  # fmt: skip
+    assert names[9] is None and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    for trial in study.trials[7:9]:
+        plan = Plan.from_dict(trial.user_attrs["plan"])
+        ratio = float(trial.user_attrs["recipe"].split()[1])
+        assert len(plan.depth.keep) == 2 and {e.quantization.bits for e in plan.layers.values()} == {32}
+        kept = {name for name in FFN if plan.depth.rename(name) is not None}
+        assert {n for n, e in plan.layers.items() if e.pruning.ratio} == kept
+        assert {e.pruning.ratio for n, e in plan.layers.items() if n in kept} == {ratio}
+        assert not users_know(trial) and "duplicate_of" not in trial.user_attrs  # the study's own, each run

@@ -174,10 +174,10 @@ class Objective:
         return exclude
 
     def _queue_combined(self, study: optuna.Study, exclude: Mapping[str, Sequence]) -> None:
-        """Where int8 measured no faster than the teacher, queue each pruning on each smaller student
-        (:func:`~search.study._recipes.combined_rules`) in place of the structural recipes at int8,
-        which build their float recipes again; no more than the study has room for (none with
-        ``recipes`` off)."""
+        """Where int8 measured no faster than the teacher, queue a Transformer's each FFN pruning on
+        each student of fewer blocks (:func:`~search.study._recipes.combined_rules`) in place of the
+        structural recipes at int8, which build their float recipes again; no more than the study
+        has room for (none with ``recipes`` off)."""
         spec = self.spec
         if not spec.recipes:
             return

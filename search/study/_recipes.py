@@ -2,8 +2,8 @@
 channel pruning at each ratio of the space, each student width; for a Transformer, uniform int8,
 uniform FFN pruning, fewer blocks. Each is a plan of the search space, enqueued through Optuna with
 its ``recipe`` name, so the front starts from them and is never worse than the best of them. The
-study's own plans follow them: the sensitivity mixes, and each structural recipe at int8 (or, where
-int8 measured no faster than the teacher, each pruning on each smaller student)."""
+study's own plans follow them: the sensitivity mixes, and each structural recipe at int8 (or, for a
+Transformer where int8 measured no faster than the teacher, each FFN pruning on each smaller student)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # annotations only: search.model imports PyTorch
 Rule = Callable[[str, list], Any]  # (parameter name, its choices) -> the recipe's choice
 INT8 = "int8 everywhere"  # post-training quantization: users run it without a fine-tune, and so does the study
 MIX = "sensitivity mix"  # the study's own recipes, from layer sensitivity: "sensitivity mix (mild)", ...
-ON = " on "  # the study's own recipes stack one on another: "int8 on prune 0.25", "prune 0.25 on width 0.5"
+ON = " on "  # the study's own recipes stack one on another: "int8 on prune 0.25", "prune 0.25 on 2 of 3 blocks"
 STACKED = f"int8{ON}"  # a structural recipe at int8
 
 
@@ -81,10 +81,14 @@ def recipe_rules(space: SearchSpace, blocks: EncoderBlocks | None) -> dict[str, 
 
 
 def combined_rules(space: SearchSpace, blocks: EncoderBlocks | None) -> dict[str, Rule]:
-    """Each uniform pruning of ``space`` on each smaller student, in float: "prune 0.5 on 2 of 3
-    blocks". Where int8 does not pay, these are the plans faster than any structural recipe, as the
-    recipes at int8 are where it does (a Transformer's depth and FFN width are two knobs; the
-    sampler, a few dozen plans in, seldom turns both)."""
+    """A Transformer's each uniform FFN pruning of ``space`` on each student of fewer ``blocks``,
+    in float: "prune 0.5 on 2 of 3 blocks". Where int8 does not pay, these are the plans faster than
+    any structural recipe, as the recipes at int8 are where it does: depth and FFN width are two
+    knobs, and the sampler, a few dozen plans into a study, seldom turns both. None for a CNN,
+    whose width and pruning thin the same channels (on a hard-swish MobileNet, where int8 runs
+    slower, the four pruned widths all screened far below the recipes: benchmarks/RESULTS.md)."""
+    if blocks is None:
+        return {}
     ratios = [ratio for ratio in space.pruning if ratio > 0]
     return {
         f"prune {ratio:g}{ON}{name}": _rule(pruning=ratio, **student)
