@@ -293,10 +293,12 @@ def test_a_study_of_a_vit_runs_the_transformer_recipes(vit, fast_profiler, tmp_p
     labels = x[:, 0].flatten(1).mean(1).gt(0).long() + 2 * x[:, 1].flatten(1).mean(1).gt(0).long()
     data = TensorDataset(x, labels)
     task = Task(vit, DataLoader(data, batch_size=32), DataLoader(data, batch_size=64), x[:1], name="vit")
-    quick = dict(finetune=Finetune(steps=2), pruner="none", cost_model=False, sensitivity=False)
+    quick = dict(finetune=Finetune(steps=2), pruner="none", cost_model=False)
     study = search.run(task, trials=4, profiler=fast_profiler, results_dir=tmp_path, **quick)
     frame = search.load_trials(study)
     assert list(frame["recipe"]) == ["int8 everywhere", "prune 0.25", "prune 0.5", "1 of 2 blocks"]
+    rows = study.user_attrs["sensitivity"]
+    assert [row["layer"] for row in rows if row["kind"] == "block"] == [f"{VIT}0", f"{VIT}1"]  # its modules' names
     assert (frame["state"] == "COMPLETE").all()
     pruned = Plan.from_dict(study.trials[2].user_attrs["plan"])
     assert {name for name, entry in pruned.layers.items() if entry.pruning.ratio} == {f"{VIT}0.mlp.0", f"{VIT}1.mlp.0"}

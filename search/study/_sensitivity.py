@@ -36,6 +36,8 @@ from search.study._recipes import MIX, Rule, uncompressed
 from search.study._scoring import FILE, TORCH, FasterScoring, int8_static_only, write_file
 
 if TYPE_CHECKING:  # annotations only: these import PyTorch, which reading a study's sensitivity does not need
+    from torch import nn
+
     from search.model import EncoderBlocks, LayerInfo
     from search.tasks import Task
     from targets import Target
@@ -46,8 +48,9 @@ MIX_LEVELS = {"mild": 0.25, "medium": 0.5, "strong": 0.75}  # quantile of the pr
 BLOCK = "block"  # the kind of a row that removes a whole block
 
 
-def _block_names(blocks: EncoderBlocks) -> list[str]:
-    return [f"{blocks.container}.{index}" for index in range(blocks.blocks)]
+def _block_names(model: nn.Module, blocks: EncoderBlocks) -> list[str]:
+    """The blocks' module names, in order: ``encoder.layer.0``, torchvision's ``encoder.layers.encoder_layer_0``."""
+    return [f"{blocks.container}.{name}" for name, _ in model.get_submodule(blocks.container).named_children()]
 
 
 def _fewer_blocks(space: SearchSpace, blocks: EncoderBlocks | None) -> bool:
@@ -101,7 +104,7 @@ def layer_sensitivity(
         ],
         key=lambda option: (option[3] == 0, option[3], -option[2]),
     )
-    names = _block_names(blocks) if _fewer_blocks(space, blocks) else []
+    names = _block_names(task.model, blocks) if _fewer_blocks(space, blocks) else []
     options = [(name, BLOCK, 32, 0.0) for name in names] + options
     rows = []
     with tempfile.TemporaryDirectory(prefix="search-sensitivity-") as tmp:
@@ -171,13 +174,9 @@ def block_drops(rows: Sequence[Mapping], blocks: EncoderBlocks | None) -> tuple[
     None unless every block was scored (a CNN, a study without sensitivity, a pass cut short)."""
     if blocks is None:
         return None
-    drops = {
-        row["layer"]: row["drop"]
-        for row in rows
-        if row["kind"] == BLOCK and row["error"] is None and math.isfinite(row["drop"])
-    }
-    names = _block_names(blocks)
-    return tuple(drops[name] for name in names) if all(name in drops for name in names) else None
+    drops = [row["drop"] for row in rows if row["kind"] == BLOCK]  # written in the blocks' order
+    scored = len(drops) == blocks.blocks and all(row["error"] is None for row in rows if row["kind"] == BLOCK)
+    return tuple(drops) if scored and all(math.isfinite(drop) for drop in drops) else None
 
 
 def mixed_rules(rows: Sequence[Mapping]) -> dict[str, Rule]:
