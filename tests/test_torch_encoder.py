@@ -17,11 +17,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import search
 from search import Finetune, Task
-from search.study._recipes import users_know
 from search._errors import UsageError
 from search.compress import apply_plan, drop_blocks
 from search.model import EncoderBlocks, describe_layers, find_blocks
 from search.plan import ChannelPruning, Depth, LayerPlan, Plan, SearchSpace, suggest_plan
+from search.study._recipes import users_know
 
 FFN = [f"encoder.layers.{i}.linear1" for i in range(3)]
 
