@@ -155,7 +155,9 @@ class Objective:
         study's, and what its measurements ruled out since (:func:`quantization_measured_slower`; a
         sensitivity mix queued before int8 was measured slower keeps its pruning, in float). A
         promotion: its parent's plan, whose parameters it was queued with; a bit width its parent was
-        not asked (one choice left) stays the one it had."""
+        not asked (one choice left) stays the one it had. The first time int8 is found measured
+        slower, this also records the study's note of it and queues the combined plans
+        (:meth:`_queue_combined`): every new plan passes here, so it happens before the next one."""
         spec = self.spec
         if Key.CONTINUE_FROM in trial.user_attrs:
             parent = study.get_trials(deepcopy=False)[trial.user_attrs[Key.CONTINUE_FROM]]
