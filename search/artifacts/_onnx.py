@@ -3,7 +3,8 @@
 Conv and Gemm layers at 8 bits or fewer become int8 Q/DQ in the form ONNX Runtime accelerates on
 CPUs: uint8 activations, int8 symmetric per-channel weights, Q/DQ around every op that can take it
 (see RUNTIME_FACTS: int8 activations, or Q/DQ only at conv inputs, are slower or no faster than
-fp32). Linear layers on sequences export as MatMul: at int8 they are quantized dynamically
+fp32); in a Transformer around those layers only. Linear layers on sequences (and an attention's
+packed Q/K/V projection) export as MatMul: at int8 they are quantized dynamically
 (``DynamicQuantizeMatMul``/``MatMulIntegerToFloat`` kernels; static Q/DQ there also quantizes the
 attention products and costs accuracy), at 4 bits they become int4 weight-only ``MatMulNBits``
 (``accuracy_level=4``, its only fast form) where the target lists ``int4-weight-only``.
@@ -35,7 +36,9 @@ from torch import nn
 from profilers import disabled_optimizers
 from search._errors import CandidateError
 from search.compress import CALIBRATION_BATCHES
-from search.model import Inputs, Output, compressible_layers, reduced_output, split_batch, tensors
+from search.model import (
+    Inputs, Output, layer_weights, packed_projections, planned_with, reduced_output, split_batch, tensors,
+)  # fmt: skip
 from search.plan import Plan
 
 INT4_BLOCK = 32  # MatMulNBits block size along the input dimension
@@ -199,16 +202,17 @@ def export_float(model: nn.Module, example_input: Inputs, path: Path, output: Ou
 
 def _name_weights(path: Path, model: nn.Module) -> None:
     """Give every layer's weight a name the plan can find: ``<layer>.weight``, as the exporter names
-    Conv and Gemm weights, or ``<layer>.weight.T`` for a Linear on a sequence, which exports as a
-    MatMul by the transposed weight under an opaque name (``val_12``). Found by value."""
+    Conv and Gemm weights, or ``<layer>.weight.T`` for a Linear on a sequence (or an attention's
+    packed projection, ``<attention>.in_proj.weight.T``), which exports as a MatMul by the
+    transposed weight under an opaque name (``val_12``). Found by value."""
     graph_model = onnx.load(str(path))
     graph = graph_model.graph
     named = {init.name for init in graph.initializer}
     renamed: dict[str, str] = {}
-    for name, module in compressible_layers(model).items():
-        if f"{name}.weight" in named or module.weight.dim() != 2:
+    for name, weight in layer_weights(model).items():
+        if f"{name}.weight" in named or weight.dim() != 2:
             continue
-        transposed = module.weight.detach().cpu().numpy().T
+        transposed = weight.detach().cpu().numpy().T
         for init in graph.initializer:
             if init.name not in renamed and tuple(init.dims) == transposed.shape:
                 if np.array_equal(onnx.numpy_helper.to_array(init), transposed):
@@ -301,19 +305,24 @@ def export_candidate(
             export_float(model, example_input, current, output)
         else:
             with_weights(raw, model, current)
-        nodes = _layer_nodes(onnx.load(str(current)), compressible_layers(model))
+        nodes = _layer_nodes(onnx.load(str(current)), layer_weights(model))
+        projections = packed_projections(model)
         wanted = {
-            name: runtime_precision(plan.layer(name).quantization.bits, precisions, node.op_type == "MatMul")
+            name: runtime_precision(plan.layer(planned_with(name) if name in projections else name).quantization.bits,
+                                    precisions, node.op_type == "MatMul")
             for name, node in nodes.items()
-        }
+        }  # fmt: skip
         dynamic = {n for n, p in wanted.items() if p == "int8" and nodes[n].op_type == "MatMul" and not symmetric}
         static = {n for n, p in wanted.items() if p == "int8"} - dynamic
         int4 = {n for n, p in wanted.items() if p == "int4"}
+        sequences = any(node.op_type == "MatMul" for node in nodes.values())
         try:
             with _quiet():
                 if static:
                     keep_float = set(nodes) - static
-                    current = _quantize_static(current, Path(tmp, "static.onnx"), calibration, symmetric, keep_float)
+                    current = _quantize_static(
+                        current, Path(tmp, "static.onnx"), calibration, symmetric, static, keep_float, sequences
+                    )
                 if int4:
                     current = _quantize_int4(current, Path(tmp, "int4.onnx"), int4)
                 if dynamic:
@@ -331,9 +340,13 @@ def _layer_nodes(model: onnx.ModelProto, layers: Iterable[str]) -> dict[str, onn
 
 
 def _quantize_static(
-    source: Path, target: Path, calibration: Iterable, symmetric: bool, keep_float: set[str]
+    source: Path, target: Path, calibration: Iterable, symmetric: bool, layers: set[str], keep_float: set[str],
+    sequences: bool,
 ) -> Path:
-    """Q/DQ around every op but the layers in ``keep_float`` (and the other precisions' layers)."""
+    """Q/DQ around every op but the layers in ``keep_float`` (and the other precisions' layers); in a
+    model of ``sequences`` (a layer exports as a MatMul: a Transformer) around the ``layers`` only,
+    as the candidate was fine-tuned: Q/DQ there would also quantize the attention products, the
+    softmax and the norms, slower than fp32 on ONNX Runtime's CPU kernels and not what PyTorch ran."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     pre_path = target.with_suffix(".pre.onnx")
@@ -348,6 +361,7 @@ def _quantize_static(
         weight_type=QuantType.QInt8,
         per_channel=True,
         nodes_to_exclude=[node.name for node in _layer_nodes(pre, keep_float).values()],
+        nodes_to_quantize=[node.name for node in _layer_nodes(pre, layers).values()] if sequences else None,
         calibrate_method=CalibrationMethod.MinMax,
         extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
     )
@@ -384,12 +398,12 @@ def _quantize_dynamic(source: Path, target: Path, layers: set[str]) -> Path:
 def layer_precision(path: Path, model: nn.Module) -> dict[str, str]:
     """Read back from the file what each of ``model``'s layers runs at: ``int4`` (its weight packed
     into a MatMulNBits), ``int8`` (its weight quantized, behind a DequantizeLinear or inside an
-    integer MatMul) or ``fp32``."""
+    integer MatMul) or ``fp32``; an attention's packed projection too (``<attention>.in_proj``)."""
     graph = onnx.load(str(path), load_external_data=False).graph
     quantized = {init.name.removesuffix("_quantized") for init in graph.initializer if init.name.endswith("_quantized")}
     packed = {node.input[1].rsplit("_Q", 1)[0] for node in graph.node if node.op_type == "MatMulNBits"}
     precision = {}
-    for name in compressible_layers(model):
+    for name in layer_weights(model):
         weights = {f"{name}.weight", f"{name}.weight.T"}
         precision[name] = "int4" if weights & packed else "int8" if weights & quantized else "fp32"
     return precision

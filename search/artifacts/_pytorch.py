@@ -6,7 +6,8 @@ TensorRT runs float layers in fp16 when the target lists it), its int8 Linear la
 torchao's int8 kernels (dynamic per-token activations, per-channel weights), its 2:4 Linear
 layers as semi-structured sparse tensors (cuSPARSELt / CUTLASS, CUDA only). A compression with no
 PyTorch kernel (int4 and binarized layers, int8 convolutions, 2:4 where the shape or device does
-not allow it) runs in the float precision, and the notes say so: it gets no speedup.
+not allow it, an attention's packed Q/K/V projection) runs in the float precision, and the notes
+say so: it gets no speedup.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from profilers import ModuleArtifact
-from search.model import Inputs, arguments, compressible_layers
+from search.model import Inputs, arguments, compressible_layers, packed_projections, planned_with
 from search.plan import Plan
 
 _FLOAT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -84,6 +85,12 @@ def prepare(model: nn.Module, plan: Plan, precisions: tuple[str, ...], device: t
             else:
                 notes.append(f"{name}: 2:4 planned, runs dense ({why})")
         layer_precision[name] = runs_as
+    for name in packed_projections(model):
+        layer_precision[name] = dtype
+        bits = plan.layer(planned_with(name)).quantization.bits
+        if bits != 32:
+            why = "torchao quantizes Linear layers only"
+            notes.append(f"{name}: {bits}-bit planned (its out_proj's), runs as {dtype} ({why})")
     if int8:
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 

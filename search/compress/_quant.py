@@ -95,7 +95,10 @@ class InputFakeQuant(nn.Module):
 
 
 def _quantize_input(module: nn.Module, args: tuple) -> tuple:
-    return (module.input_quant(args[0]), *args[1:])
+    """The first argument quantized, and every argument that is that same tensor: a self-attention's
+    query, key and value stay one tensor, so its packed projection stays one MatMul."""
+    quantized = module.input_quant(args[0])
+    return tuple(quantized if arg is args[0] else arg for arg in args)
 
 
 def add_input_quant(module: nn.Module) -> None:
@@ -133,9 +136,14 @@ def baked_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if ".parametrizations." not in f".{key}" and ".input_quant." not in f".{key}"
     }
     for name, module in model.named_modules():
-        if parametrize.is_parametrized(module, "weight"):
-            state[f"{name}.weight" if name else "weight"] = module.weight.detach().clone()
+        for tensor in _parametrized(module):
+            state[f"{name}.{tensor}" if name else tensor] = getattr(module, tensor).detach().clone()
     return state
+
+
+def _parametrized(module: nn.Module) -> list[str]:
+    """The names of ``module``'s parametrized tensors: a layer's ``weight``, an attention's ``in_proj_weight``."""
+    return list(module.parametrizations) if parametrize.is_parametrized(module) else []
 
 
 def bake(model: nn.Module) -> nn.Module:
@@ -145,8 +153,8 @@ def bake(model: nn.Module) -> nn.Module:
     Bake in place, never a deepcopy: a parametrized module's class is shared with its copies.
     """
     for module in model.modules():
-        if parametrize.is_parametrized(module, "weight"):
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        for tensor in _parametrized(module):
+            parametrize.remove_parametrizations(module, tensor, leave_parametrized=True)
         if hasattr(module, "input_quant"):
             for key, hook in list(module._forward_pre_hooks.items()):
                 if hook is _quantize_input:

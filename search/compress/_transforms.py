@@ -24,7 +24,8 @@ from search.compress._quant import BinarizeWeight, FakeQuantWeight, WeightMask, 
 from search.compress._refit import Activity, by_module, pruned_with_refits
 from search.compress._transformer_pruning import drop_blocks, prune_heads_and_ffn
 from search.model import (
-    Inputs, call, compressible_layers, find_blocks, matmul_layers, output_layer, unwrapped_quietly,
+    Inputs, call, compressible_layers, find_blocks, matmul_layers, output_layer, packed_projections, planned_with,
+    unwrapped_quietly,
 )  # fmt: skip
 from search.plan import ChannelPruning, Depth, HeadPruning, LayerPlan, Plan, Quantization, WeightSparsity
 
@@ -153,13 +154,19 @@ def _sparsity_transform(model, configs: Mapping[str, WeightSparsity], example_in
 
 @register_transform(Quantization)
 def _quantization_transform(model, configs: Mapping[str, Quantization], example_input) -> None:
+    """Each layer's weight on its grid, its input on uint8; an attention's packed Q/K/V projection
+    at its ``out_proj``'s bits (:func:`~search.model.packed_projections`)."""
+    projections = {planned_with(name): attention for name, attention in packed_projections(model).items()}
     for name, config in configs.items():
         if config.bits == 32:
             continue
-        module = model.get_submodule(name)
-        quantizer = BinarizeWeight() if config.bits == 1 else FakeQuantWeight(config.bits)
-        parametrize.register_parametrization(module, "weight", quantizer)
-        add_input_quant(module)
+        targets = [(model.get_submodule(name), "weight")]
+        if name in projections:
+            targets.append((projections[name], "in_proj_weight"))
+        for module, tensor in targets:
+            quantizer = BinarizeWeight() if config.bits == 1 else FakeQuantWeight(config.bits)
+            parametrize.register_parametrization(module, tensor, quantizer)
+            add_input_quant(module)
 
 
 def _transform_for(config_type: type) -> Transform:
@@ -234,12 +241,14 @@ def add_compression(model: nn.Module, plan: Plan, example_input: Inputs, *, dyna
 
     ``dynamic_matmuls``: the target quantizes a MatMul's input per call (ONNX Runtime's dynamic
     int8, ``MatMulNBits``' int8 compute), so the input quantizer of each Linear applied to a
-    sequence (exported as a MatMul; a Linear on a batch of vectors exports as a Gemm, quantized
-    statically) takes each call's range too, and needs no calibration."""
+    sequence and of each attention's packed projection (exported as a MatMul; a Linear on a batch
+    of vectors exports as a Gemm, quantized statically) takes each call's range too, and needs no
+    calibration."""
     _apply(model, plan.student(), ("sparsity", "quantization"), example_input)
     if dynamic_matmuls:
-        for name in matmul_layers(model, example_input):
-            quantizer = getattr(model.get_submodule(name), "input_quant", None)
+        sequences = [model.get_submodule(name) for name in matmul_layers(model, example_input)]
+        for module in [*sequences, *packed_projections(model).values()]:
+            quantizer = getattr(module, "input_quant", None)
             if quantizer is not None:
                 quantizer.per_call = True
     return model

@@ -24,8 +24,11 @@ from search.model._layers import (
     dependency_graph,
     describe_layers,
     forward_calls,
+    layer_weights,
     matmul_layers,
     output_layer,
+    packed_projections,
+    planned_with,
     unwrapped_quietly,
 )
 
@@ -50,8 +53,11 @@ __all__ = [
     "find_blocks",
     "is_block_list",
     "is_gated_mlp",
+    "layer_weights",
     "matmul_layers",
     "output_layer",
+    "packed_projections",
+    "planned_with",
     "reduce_output",
     "reduced_output",
     "split_batch",

@@ -33,6 +33,32 @@ def compressible_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, COMPRESSIBLE)}
 
 
+def packed_projections(model: nn.Module) -> dict[str, nn.MultiheadAttention]:
+    """Each ``nn.MultiheadAttention``'s packed Q/K/V projection, by the name ``<attention>.in_proj``.
+
+    Its weight (``in_proj_weight``) belongs to no Linear, so it is no layer of a plan: it takes the
+    precision the plan gives the attention's ``out_proj`` (:func:`planned_with`), and runs as a
+    MatMul like any Linear on a sequence. Without it int8 would leave a quarter of a block's
+    Linear work in float."""
+    return {
+        f"{name}.in_proj" if name else "in_proj": module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None
+    }
+
+
+def planned_with(projection: str) -> str:
+    """The planned layer whose precision the packed projection ``projection`` takes: its attention's
+    ``out_proj``."""
+    return projection.removesuffix("in_proj") + "out_proj"
+
+
+def layer_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weight of every compressible layer and of every packed projection, by layer name."""
+    weights = {name: module.weight for name, module in compressible_layers(model).items()}
+    return weights | {name: attention.in_proj_weight for name, attention in packed_projections(model).items()}
+
+
 def output_layer(model: nn.Module) -> nn.Module:
     """The last compressible layer: its outputs are the model's, so its channels are never pruned."""
     layers = compressible_layers(model)
