@@ -25,11 +25,11 @@ as a CNN is, layer by layer.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping, Sequence
 
 from torch import nn
 
+from search._block_names import split_index
 from search._errors import UsageError
 
 
@@ -84,8 +84,8 @@ def is_block_list(module: nn.Module) -> bool:
     (torchvision's ``encoder_layer_0``, ``encoder_layer_1``, …), as :class:`~search.plan.Depth` renames them."""
     if isinstance(module, nn.ModuleList):
         return True
-    names = [name for name, _ in module.named_children()] if isinstance(module, nn.Sequential) else []
-    return bool(names) and all(re.fullmatch(rf"(.*\D)?{i}", name) for i, name in enumerate(names))
+    found = [split_index(name) for name, _ in module.named_children()] if isinstance(module, nn.Sequential) else []
+    return bool(found) and all(split is not None and split[1] == i for i, split in enumerate(found))
 
 
 def _containing_list(model: nn.Module, name: str) -> str | None:

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from collections.abc import Mapping
 from typing import Any
+
+from search._block_names import split_index
 
 PLAN_VERSION = 1
 BITS = (32, 8, 4, 1)
@@ -95,15 +96,10 @@ class Depth:
         if not name.startswith(prefix):
             return name
         child, dot, rest = name[len(prefix) :].partition(".")
-        # A block's name ends with its index: "3" in an nn.ModuleList, "encoder_layer_3" in torchvision's
-        # nn.Sequential; a kept block is named by its new index.
-        stem, index = _NUMBERED.fullmatch(child).groups()
-        if int(index) not in self.keep:
+        stem, index = split_index(child)  # a kept block is named by its new index
+        if index not in self.keep:
             return None
-        return f"{prefix}{stem}{self.keep.index(int(index))}{dot}{rest}"
-
-
-_NUMBERED = re.compile(r"(.*?)(\d+)")
+        return f"{prefix}{stem}{self.keep.index(index)}{dot}{rest}"
 
 
 @dataclasses.dataclass(frozen=True)
