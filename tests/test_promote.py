@@ -19,7 +19,7 @@ from profilers import OnnxRuntimeCpuProfiler
 from search._record import Key
 from search.compress import Finetune
 from search.study import next_promotion
-from search.study._promote import without_promise
+from search.study._promote import promote, without_promise
 
 FINETUNE = Finetune(steps=9, rungs=3, reduction=3)  # rungs end at steps 1, 3, 9
 
@@ -67,6 +67,20 @@ def test_the_plan_that_could_add_most_to_the_front_is_promoted_and_one_in_reduct
     for metric in (0.91, 0.905, 0.902):
         _trial(study, metric, 3.5)
     assert next_promotion(study, FINETUNE, TEACHER) is not None  # six at rung 0: a second slot
+
+
+def test_no_promotion_is_queued_past_the_study_s_trials():
+    """Queued when the study's trials are all run or queued, a promotion would be left waiting when
+    the study ends: a resumed study with more trials queues it then."""
+    study = _study()
+    _trial(study, 0.97, 3.0)
+    fast = _trial(study, 0.92, 0.5)
+    _trial(study, 0.91, 2.0)
+    study.enqueue_trial({"x": 0.0}, user_attrs={Key.RECIPE: "int8 on prune 0.5"})  # a queued recipe: it counts
+    assert promote(study, FINETUNE, TEACHER, trials=4) is None
+    assert promote(study, FINETUNE, TEACHER, trials=5) == fast
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    assert [t.user_attrs.get(Key.CONTINUE_FROM) for t in waiting] == [None, fast]
 
 
 def test_a_plan_that_cannot_reach_the_front_at_its_latency_is_not_promoted():
@@ -162,7 +176,8 @@ def test_a_plan_that_gave_up_its_saved_state_is_promoted_from_the_start(tiny_tas
     from search.study import _run
 
     def every_screened(study, finetune, teacher):
-        return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.user_attrs[Key.RUNG] == 0]
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        return [t for t in complete if t.user_attrs[Key.RUNG] == 0]
 
     monkeypatch.setattr(_run, "without_promise", every_screened)
     study = search.run(tiny_task, trials=4, profiler=sized, results_dir=tmp_path, **ASHA)
@@ -349,7 +364,8 @@ def test_a_promoted_trial_killed_mid_fine_tune_is_retried_from_its_parent_s_stat
     retry = next(t for t in trials if t.system_attrs.get("failed_trial") == killed)
     parent = trials[trials[killed].user_attrs[Key.CONTINUE_FROM]]
     assert retry.state == TrialState.COMPLETE and retry.user_attrs[Key.CONTINUE_FROM] == parent.number
-    assert retry.user_attrs[Key.RUNG] == 1 and retry.user_attrs[Key.FINETUNE_STEPS] == 9 > parent.user_attrs[Key.FINETUNE_STEPS]
+    assert retry.user_attrs[Key.RUNG] == 1
+    assert retry.user_attrs[Key.FINETUNE_STEPS] == 9 > parent.user_attrs[Key.FINETUNE_STEPS]
     assert retry.user_attrs[Key.FINETUNE_CURVE].items() >= parent.user_attrs[Key.FINETUNE_CURVE].items()
     assert retry.user_attrs[Key.FINETUNE_FROM] == f"trial {parent.number}'s state at step 3"  # no restart
 

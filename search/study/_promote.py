@@ -33,6 +33,7 @@ from search._record import Key
 from search.compress import Finetune
 from search.study._front import METRIC_WINDOW, hypervolume
 from search.study._recipes import users_know
+from search.study._workers import counted
 
 RECOVERY_QUANTILE = 0.75
 MIN_RECOVERIES = 2
@@ -110,7 +111,8 @@ def _waiting(
         reached = reachable(metric, rung, last, recoveries, teacher_metric)
         if any(m >= reached and l <= latency for m, l in others):
             return None
-        gain = hypervolume([*others, (reached, latency)], reference) - hypervolume([*others, (metric, latency)], reference)
+        before = hypervolume([*others, (metric, latency)], reference)
+        gain = hypervolume([*others, (reached, latency)], reference) - before
         return gain, reached
 
     found = []
@@ -148,14 +150,18 @@ def without_promise(
     """The trials waiting at a rung whose plans could not reach the front as it stands: the state
     each saved for a promotion to go on from is kept for nothing, unless later promotions recover
     more than those seen so far (then such a plan's promotion starts its fine-tune over)."""
-    return [trial for _, waiting in _waiting(study, finetune, teacher, window) for trial, p in waiting.values() if p is None]
+    found = _waiting(study, finetune, teacher, window)
+    return [trial for _, waiting in found for trial, p in waiting.values() if p is None]
 
 
-def promote(study: optuna.Study, finetune: Finetune, teacher: tuple[float, float]) -> int | None:
-    """Enqueue the next promotion (:func:`next_promotion`), unless one waits already; the number
-    of the trial it continues, or None."""
-    waiting = [t for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))]
-    if any(Key.CONTINUE_FROM in t.user_attrs for t in waiting):
+def promote(study: optuna.Study, finetune: Finetune, teacher: tuple[float, float], trials: int) -> int | None:
+    """Enqueue the next promotion (:func:`next_promotion`), unless one waits already or the study's
+    ``trials`` are all run or queued (a promotion past them would be left waiting when the study
+    ends; a resumed study with more trials queues it then); the number of the trial it continues,
+    or None."""
+    everything = study.get_trials(deepcopy=False)
+    waiting = [t for t in everything if t.state == TrialState.WAITING]
+    if any(Key.CONTINUE_FROM in t.user_attrs for t in waiting) or len(counted(everything)) >= trials:
         return None
     parent = next_promotion(study, finetune, teacher)
     if parent is None:

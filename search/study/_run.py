@@ -303,7 +303,7 @@ def _work(study: optuna.Study, objective: Objective, callbacks: Sequence[Callabl
 
     def run_one() -> None:
         if objective.spec.pruner == "asha":
-            promote(study, objective.finetune, teacher)
+            promote(study, objective.finetune, teacher, objective.trials())
             objective.drop_saved_states(without_promise(study, objective.finetune, teacher))
         study.optimize(
             lambda trial: objective(study, trial), n_trials=1, catch=(*CANDIDATE_FAILURES, Surplus),
