@@ -361,13 +361,16 @@ def test_export_keeps_a_dynamic_batch(tmp_path, llama, vit, which):
 
 
 def test_vit_static_and_dynamic_int8_mix(tmp_path, vit):
-    """heads.head runs on the class token (a Gemm: static Q/DQ), mlp.0 on the sequence (a MatMul:
-    dynamic): one file holds both, each layer int8 as planned."""
-    int8 = [f"{VIT}0.mlp.0", "heads.head"]
+    """heads.head runs on the class token and an attention's out_proj on the flattened tokens (Gemms:
+    static Q/DQ, around those two only), mlp.0 and the attention's packed Q/K/V projection on the
+    sequence (MatMuls: dynamic): one file holds both, each layer int8 as planned."""
+    int8 = [f"{VIT}0.mlp.0", f"{VIT}1.self_attention.out_proj", "heads.head"]
     plan = _plan(int8)
     student = _calibrate_and_bake(apply_plan(vit, plan, images()), images(8, seed=1))
     exported = export_candidate(
         student, images(), tmp_path / "vit.onnx", plan=plan, precisions=CPU,
         calibration=[(images(4, seed=s), None) for s in range(4)],
     )  # fmt: skip
-    assert {n for n, p in exported.layer_precision.items() if p == "int8"} == set(int8)
+    assert {n for n, p in exported.layer_precision.items() if p == "int8"} == {*int8, f"{VIT}1.self_attention.in_proj"}
+    ops = [node.op_type for node in onnx.load(str(exported.path)).graph.node]
+    assert ops.count("QuantizeLinear") <= 2 * 2 and ops.count("MatMulInteger") == 2  # attention products stay float
