@@ -13,7 +13,8 @@ class Key:
     WORKER = "worker"  # which process runs the trial: host, pid, start time
     STAGE = "stage"  # what the trial is doing (build, fine-tune, export, evaluate, measure)
     PLAN = "plan"  # the plan as JSON data (Plan.to_dict)
-    CHANNELS = "channels"  # output channels per compressible layer of the built candidate
+    CHANNELS = "channels"  # output channels per compressible layer (and packed projection) of the built candidate
+    PACKED = "packed_projections"  # the teacher's: each attention's packed Q/K/V projection -> its planned out_proj
     COST_FEATURES = "cost_features"  # the cost model's features of the built candidate
     FINETUNE_CURVE = "finetune_curve"  # {step: metric} reported to the pruner during the fine-tune
     FINETUNE_LOSS = "finetune_loss_first_last"

@@ -18,7 +18,7 @@ from search import UsageError, cli
 from search._record import Key, StudyKey
 from search.artifacts import export_candidate, export_float
 from search.compress import add_compression, baked_state_dict, build_structure
-from search.plan import LayerPlan, Plan, Quantization, WeightSparsity
+from search.plan import ChannelPruning, LayerPlan, Plan, Quantization, WeightSparsity
 from search.report import OTHER, layer_frame, layer_times, plot_layers
 
 runner = CliRunner()
@@ -285,3 +285,16 @@ def test_a_vit_s_and_pytorch_s_encoder_rows_name_their_blocks_and_parts(block, p
     assert {part: rows.loc[f"{block}.{part}", "part"] for part in parts} == parts
     assert set(rows.loc[[f"{block}.{part}" for part in parts], "block"]) == {block}
     assert pd.isna(rows.loc["head", "block"])
+
+
+def test_a_packed_projection_row_takes_its_out_proj_bits_and_nothing_else():
+    attention = "encoder.layers.0.self_attn"
+    layers = [f"{attention}.in_proj", f"{attention}.out_proj", "head"]
+    out_proj = LayerPlan(ChannelPruning(0.0), WeightSparsity(0.5), Quantization(4))
+    plan = Plan(layers={f"{attention}.out_proj": out_proj})
+    times = {name: {"ms": 0.1, "kernel": "MatMul", "precision": "fp32"} for name in layers}
+    rows = layer_frame(
+        plan, times, times, layers=layers, runtime="onnxruntime-cpu", packed={layers[0]: layers[1]}
+    ).set_index("layer")
+    assert rows.loc[layers[0], ["bits", "sparsity", "part"]].tolist() == [4, 0.0, "attention"]
+    assert rows.loc[layers[1], ["bits", "sparsity"]].tolist() == [4, 0.5]

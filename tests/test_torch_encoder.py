@@ -119,3 +119,17 @@ def test_after_a_slower_int8_recipe_each_ffn_pruning_runs_on_the_smaller_student
         assert {n for n, e in plan.layers.items() if e.pruning.ratio} == kept
         assert {e.pruning.ratio for n, e in plan.layers.items() if n in kept} == {ratio}
         assert not users_know(trial) and "duplicate_of" not in trial.user_attrs  # the study's own, each run
+
+
+def test_search_show_has_a_row_for_each_packed_projection_at_its_out_proj_bits(encoder, fast_profiler, tmp_path):
+    quick = dict(finetune=Finetune(steps=2), pruner="none", cost_model=False, sensitivity=False)
+    study = search.run(_task(encoder), trials=1, profiler=fast_profiler, results_dir=tmp_path, **quick)
+    baseline = study.user_attrs["baseline"]
+    in_proj = [f"encoder.layers.{i}.self_attn.in_proj" for i in range(3)]
+    assert baseline["packed_projections"] == {name: name.replace("in_proj", "out_proj") for name in in_proj}
+    channels = list(baseline["channels"])
+    assert channels.index(in_proj[0]) + 1 == channels.index("encoder.layers.0.self_attn.out_proj")  # in its block
+    rows = search.load_layers(study, 0).set_index("layer")  # int8 everywhere
+    assert study.trials[0].user_attrs["recipe"] == "int8 everywhere"
+    assert list(rows.loc[in_proj, "bits"]) == [8] * 3 and list(rows.loc[in_proj, "precision"]) == ["int8"] * 3
+    assert set(rows.loc[in_proj, "part"]) == {"attention"} and list(rows.loc[in_proj, "channels_before"]) == [48] * 3

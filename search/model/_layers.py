@@ -54,9 +54,16 @@ def planned_with(projection: str) -> str:
 
 
 def layer_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The weight of every compressible layer and of every packed projection, by layer name."""
-    weights = {name: module.weight for name, module in compressible_layers(model).items()}
-    return weights | {name: attention.in_proj_weight for name, attention in packed_projections(model).items()}
+    """The weight of every compressible layer and of every packed projection, by layer name, in
+    the model's order (a packed projection before its ``out_proj``)."""
+    projections = {attention: name for name, attention in packed_projections(model).items()}
+    weights = {}
+    for name, module in model.named_modules():
+        if module in projections:
+            weights[projections[module]] = module.in_proj_weight
+        elif isinstance(module, COMPRESSIBLE):
+            weights[name] = module.weight
+    return weights
 
 
 def output_layer(model: nn.Module) -> nn.Module:

@@ -99,11 +99,13 @@ def layer_frame(
     channels_after: Mapping[str, int] | None = None,
     layer_precision: Mapping[str, str] | None = None,
     latency_ms: float | None = None,
+    packed: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
     """One row per teacher layer (``layers``), then ``OTHER``: see :func:`load_layers`.
     ``trial_times`` is keyed by the candidate's own layer names (``plan.student()``'s), the rest
-    by the teacher's."""
-    channels_before, channels_after = channels_before or {}, channels_after or {}
+    by the teacher's. ``packed``: each attention's packed Q/K/V projection among ``layers``, with
+    the planned layer whose bits it takes (nothing else of that layer's entry)."""
+    channels_before, channels_after, packed = channels_before or {}, channels_after or {}, packed or {}
     layer_precision = layer_precision or {}
     total = latency_ms or sum(float(row["ms"]) for row in trial_times.values()) or None
     transformer = any(_ATTENTION.search(name) for name in layers)
@@ -112,7 +114,7 @@ def layer_frame(
         student = name if plan.depth is None or name == OTHER else plan.depth.rename(name)
         times = trial_times.get(student or "", {})
         teacher = teacher_times.get(name, {})
-        entry = plan.layer(name)
+        entry = LayerPlan(quantization=plan.layer(packed[name]).quantization) if name in packed else plan.layer(name)
         precision = times.get("precision") or layer_precision.get(student or "")
         ms = times.get("ms") if times else (None if name == OTHER else (0.0 if student is None else None))
         block, part = _block_and_part(name) if transformer and name != OTHER else (None, None)
@@ -174,8 +176,9 @@ def _figures(attrs: Mapping, baseline: Mapping) -> list[dict[str, object]]:
 
 
 def load_layers(study: str | Path | optuna.Study, trial: int, study_name: str | None = None) -> pd.DataFrame:
-    """Why trial ``trial``'s plan is (not) faster, one row per layer of the teacher, then
-    ``(other)`` for the time no plan layer accounts for:
+    """Why trial ``trial``'s plan is (not) faster, one row per layer of the teacher (an
+    ``nn.MultiheadAttention``'s packed Q/K/V projection too, ``<attention>.in_proj``, at its
+    ``out_proj``'s bits), then ``(other)`` for the time no plan layer accounts for:
 
     - the plan's entry: ``pruning`` ratio, ``sparsity`` (ratio or ``"2:4"``), ``bits``;
     - ``channels_before`` (the teacher's output channels) and ``channels_after`` (the candidate's);
@@ -223,6 +226,7 @@ def load_layers(study: str | Path | optuna.Study, trial: int, study_name: str | 
         layer_times(baseline.get("measurement", {}).get("layers") or [], teacher_file, layers),
         layers=layers, runtime=runtime, channels_before=channels_before, channels_after=attrs.get(Key.CHANNELS),
         layer_precision=attrs.get(Key.LAYER_PRECISION), latency_ms=attrs.get(Key.LATENCY_MS),
+        packed=baseline.get(Key.PACKED),
     )  # fmt: skip
     frame.attrs.update(
         trial=trial, state=frozen.state.name, runtime=attrs.get(Key.RUNTIME), study=opened.study_name,
