@@ -307,11 +307,11 @@ def export_candidate(
             with_weights(raw, model, current)
         nodes = _layer_nodes(onnx.load(str(current)), layer_weights(model))
         projections = packed_projections(model)
+        planned = {name: planned_with(name) if name in projections else name for name in nodes}
         wanted = {
-            name: runtime_precision(plan.layer(planned_with(name) if name in projections else name).quantization.bits,
-                                    precisions, node.op_type == "MatMul")
+            name: runtime_precision(plan.layer(planned[name]).quantization.bits, precisions, node.op_type == "MatMul")
             for name, node in nodes.items()
-        }  # fmt: skip
+        }
         dynamic = {n for n, p in wanted.items() if p == "int8" and nodes[n].op_type == "MatMul" and not symmetric}
         static = {n for n, p in wanted.items() if p == "int8"} - dynamic
         int4 = {n for n, p in wanted.items() if p == "int4"}
