@@ -95,6 +95,13 @@ def example_input(model: nn.Module, batch: int = 1, seed: int = 0) -> torch.Tens
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
+def sign_classes(inputs: torch.Tensor) -> torch.Tensor:
+    """Four classes a small model can learn from ``inputs`` (signals or images): the signs of the
+    means of their first two channels."""
+    means = inputs[:, :2].flatten(2).mean(2)
+    return means[:, 0].gt(0).long() + 2 * means[:, 1].gt(0).long()
+
+
 def settle(model: nn.Module, steps: int = 3, batch: int = 16, seed: int = 0) -> nn.Module:
     """Run a few training-mode forwards so BatchNorm has non-trivial statistics, then eval mode."""
     model.train()

@@ -26,7 +26,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 pytest.importorskip("transformers", reason="the causal LM needs transformers")
 
 from graphs import initializer_shapes, optimized_ops  # noqa: E402
-from models import tiny_llama, tiny_vit  # noqa: E402
+from models import sign_classes, tiny_llama, tiny_vit  # noqa: E402
 
 import search  # noqa: E402
 from search import Finetune, Task  # noqa: E402
@@ -290,7 +290,7 @@ def test_vit_drops_a_block_and_prunes_an_ffn_the_kept_blocks_renamed_as_the_plan
 def test_a_study_of_a_vit_runs_the_transformer_recipes(vit, fast_profiler, tmp_path):
     """As a CNN, its recipes pruned every layer (and its hidden size: a candidate that fails)."""
     x = images(128, seed=3)
-    labels = x[:, 0].flatten(1).mean(1).gt(0).long() + 2 * x[:, 1].flatten(1).mean(1).gt(0).long()
+    labels = sign_classes(x)
     data = TensorDataset(x, labels)
     task = Task(vit, DataLoader(data, batch_size=32), DataLoader(data, batch_size=64), x[:1], name="vit")
     quick = dict(finetune=Finetune(steps=2), pruner="none", cost_model=False)

@@ -11,7 +11,7 @@ import optuna
 import pytest
 import torch
 from graphs import int8_slower
-from models import SignalEncoder, example_input
+from models import SignalEncoder, example_input, sign_classes
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -82,7 +82,7 @@ def test_the_space_samples_depth_and_ffn_pruning_not_a_width(encoder):
 def _task(model: nn.Module) -> Task:
     generator = torch.Generator().manual_seed(0)
     signals = torch.randn(256, *SignalEncoder.input_shape[1:], generator=generator)
-    labels = signals[:, 0].mean(1).gt(0).long() + 2 * signals[:, 1].mean(1).gt(0).long()
+    labels = sign_classes(signals)
     data = TensorDataset(signals, labels)
     return Task(model, DataLoader(data, batch_size=32), DataLoader(data, batch_size=128), signals[:1], name="encoder")
 
