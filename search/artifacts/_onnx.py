@@ -3,8 +3,9 @@
 Conv and Gemm layers at 8 bits or fewer become int8 Q/DQ in the form ONNX Runtime accelerates on
 CPUs: uint8 activations, int8 symmetric per-channel weights, Q/DQ around every op that can take it
 (see RUNTIME_FACTS: int8 activations, or Q/DQ only at conv inputs, are slower or no faster than
-fp32); in a Transformer around those layers only. Linear layers on sequences (and an attention's
-packed Q/K/V projection) export as MatMul: at int8 they are quantized dynamically
+fp32); in a model with layers that export as MatMuls (a Transformer, a ConvNeXt) around those
+layers only. Linear layers on sequences (and an attention's packed Q/K/V projection) export as
+MatMul: at int8 they are quantized dynamically
 (``DynamicQuantizeMatMul``/``MatMulIntegerToFloat`` kernels; static Q/DQ there also quantizes the
 attention products and costs accuracy), at 4 bits they become int4 weight-only ``MatMulNBits``
 (``accuracy_level=4``, its only fast form) where the target lists ``int4-weight-only``.
@@ -344,9 +345,10 @@ def _quantize_static(
     sequences: bool,
 ) -> Path:
     """Q/DQ around every op but the layers in ``keep_float`` (and the other precisions' layers); in a
-    model of ``sequences`` (a layer exports as a MatMul: a Transformer) around the ``layers`` only,
-    as the candidate was fine-tuned: Q/DQ there would also quantize the attention products, the
-    softmax and the norms, slower than fp32 on ONNX Runtime's CPU kernels and not what PyTorch ran."""
+    model of ``sequences`` (a layer exports as a MatMul: a Transformer, a ConvNeXt) around the
+    ``layers`` only, as the candidate was fine-tuned: Q/DQ there would also quantize the attention
+    products, the softmax and the norms, slower on ONNX Runtime's CPU kernels than Q/DQ at the
+    layers alone, and not what PyTorch ran."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     pre_path = target.with_suffix(".pre.onnx")

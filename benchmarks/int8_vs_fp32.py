@@ -1,10 +1,12 @@
-"""A ViT's int8-everywhere file against its float file, as a study writes them (prints figures;
+"""A model's int8-everywhere file against its float file, as a study writes them (prints figures;
 asserts nothing).
 
-    python benchmarks/vit_int8.py [--rounds 40]
+    python benchmarks/int8_vs_fp32.py [--model vit-ti|convnext] [--rounds 40]
 
-ViT-Ti/16 (torchvision's ``VisionTransformer``: 224×224 images, 12 blocks, hidden 192, 3 heads, MLP
-768; random weights, the classifier too, which torchvision starts at zero) is exported as a
+``vit-ti``: ViT-Ti/16 (torchvision's ``VisionTransformer``: 224×224 images, 12 blocks, hidden 192,
+3 heads, MLP 768). ``convnext``: a small torchvision ``ConvNeXt`` (96×96 images, stages of 48, 96,
+192 and 384 channels, 2/2/4/2 blocks), whose pointwise Linear layers run on 4-D tensors (MatMuls).
+Random weights (ViT's classifier too, which torchvision starts at zero). Each is exported as a
 candidate with every layer planned at int8, through the same code a trial runs. It prints what the
 file holds (Q/DQ, integer MatMuls), how close its logits are to PyTorch's float model on a random
 image (cosine), and both files' median latency on ONNX Runtime's CPU provider, one thread, the two
@@ -24,6 +26,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 from torchvision.models.vision_transformer import VisionTransformer
 
 from profilers import cpu_info, disabled_optimizers
@@ -41,8 +44,20 @@ def _session(path: Path) -> ort.InferenceSession:
     )
 
 
+def _model(name: str) -> tuple[torch.nn.Module, int]:
+    """The model and its image size."""
+    if name == "convnext":
+        widths, depths = (48, 96, 192, 384), (2, 2, 4, 2)
+        stages = [CNBlockConfig(c, n, d) for c, n, d in zip(widths, (*widths[1:], None), depths)]
+        return ConvNeXt(stages, num_classes=100).eval(), 96
+    model = VisionTransformer(224, 16, 12, 3, 192, 768, num_classes=1000).eval()
+    torch.nn.init.normal_(model.heads.head.weight, std=0.02)
+    return model, 224
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=("vit-ti", "convnext"), default="vit-ti")
     parser.add_argument("--rounds", type=int, default=40, help="Runs of each file, taken in turn.")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -50,11 +65,10 @@ def main() -> None:
     isa = ", ".join(info["isa"]) or "none listed"
     print(f"machine: {info['cpu']}, ISA {isa}; ONNX Runtime {ort.__version__}, 1 thread")
     torch.manual_seed(0)
-    model = VisionTransformer(224, 16, 12, 3, 192, 768, num_classes=1000).eval()
-    torch.nn.init.normal_(model.heads.head.weight, std=0.02)
-    image = torch.randn(1, 3, 224, 224)
+    model, size = _model(args.model)
+    image = torch.randn(1, 3, size, size)
     plan = Plan(layers={name: LayerPlan(quantization=Quantization(8)) for name in compressible_layers(model)})
-    calibration = [(torch.randn(1, 3, 224, 224), None) for _ in range(4)]
+    calibration = [(torch.randn(1, 3, size, size), None) for _ in range(4)]
     with tempfile.TemporaryDirectory() as tmp:
         files = {"fp32": Path(tmp, "fp32.onnx"), "int8": Path(tmp, "int8.onnx")}
         export_float(model, image, files["fp32"])
