@@ -66,6 +66,11 @@ def layer_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return weights
 
 
+def output_channels(model: nn.Module) -> dict[str, int]:
+    """The output channels of every compressible layer and packed projection (:func:`layer_weights`)."""
+    return {name: int(weight.shape[0]) for name, weight in layer_weights(model).items()}
+
+
 def output_layer(model: nn.Module) -> nn.Module:
     """The last compressible layer: its outputs are the model's, so its channels are never pruned."""
     layers = compressible_layers(model)

@@ -12,7 +12,7 @@ from search._errors import CandidateError, UsageError, first_line
 from search._record import Key
 from search.artifacts import OnnxModule, export_float, measure_candidate
 from search.compress import packed_size_bytes
-from search.model import layer_weights, packed_projections, planned_with
+from search.model import output_channels, packed_projections, planned_with
 from search.plan import Plan
 from search.study._workers import measuring_alone
 from search.tasks import Task
@@ -70,7 +70,7 @@ def measure_baseline(task: Task, profiler: Profiler, directory: Path) -> dict:
         Key.SIZE_BYTES: packed_size_bytes(task.model, Plan()),
         # Every layer a plan can address (and every packed projection), with its output channels:
         # the rows of `search show`.
-        Key.CHANNELS: {name: int(weight.shape[0]) for name, weight in layer_weights(task.model).items()},
+        Key.CHANNELS: output_channels(task.model),
         Key.PACKED: {name: planned_with(name) for name in packed_projections(task.model)},
         "onnx": str(path),
         "measurement": measurement.to_dict(),

@@ -43,7 +43,7 @@ from search.compress import (
     packed_size_bytes,
 )
 from search.costmodel import CostGate, plan_features
-from search.model import EncoderBlocks, LayerInfo, layer_weights
+from search.model import EncoderBlocks, LayerInfo, output_channels
 from search.plan import Plan, Quantization, WeightSparsity, suggest_plan
 from search.study._baseline import check_measured_alike
 from search.study._exclude import merged, quantization_measured_slower
@@ -217,8 +217,7 @@ class Objective:
             same = _same_build(study, trial, digest)
             if same is not None:  # another plan that builds this very model (prune 0.5 and width 0.5)
                 return self._reuse(study, trial, same)
-            channels = {name: int(weight.shape[0]) for name, weight in layer_weights(candidate).items()}
-            trial.set_user_attr(Key.CHANNELS, channels)
+            trial.set_user_attr(Key.CHANNELS, output_channels(candidate))
             features = plan_features(candidate, plan, task.example_input, target)
             trial.set_user_attr(Key.COST_FEATURES, features)
             if self.gate is not None:

@@ -174,9 +174,9 @@ def block_drops(rows: Sequence[Mapping], blocks: EncoderBlocks | None) -> tuple[
     None unless every block was scored (a CNN, a study without sensitivity, a pass cut short)."""
     if blocks is None:
         return None
-    drops = [row["drop"] for row in rows if row["kind"] == BLOCK]  # written in the blocks' order
-    scored = len(drops) == blocks.blocks and all(row["error"] is None for row in rows if row["kind"] == BLOCK)
-    return tuple(drops) if scored and all(math.isfinite(drop) for drop in drops) else None
+    found = [row for row in rows if row["kind"] == BLOCK]  # written in the blocks' order
+    scored = all(row["error"] is None and math.isfinite(row["drop"]) for row in found)
+    return tuple(row["drop"] for row in found) if len(found) == blocks.blocks and scored else None
 
 
 def mixed_rules(rows: Sequence[Mapping]) -> dict[str, Rule]:
