@@ -123,21 +123,21 @@ def test_int8_ptq_is_scored_as_calibrated_and_a_plan_that_builds_an_earlier_plan
 
 def test_a_structure_is_exported_once_a_study_without_its_weights(tiny_task, fast_profiler, tmp_path, monkeypatch):
     """prune 0.25 and int8 on prune 0.25 share a graph (int8 everywhere is the teacher's
-    structure): three exports in nine trials, each trial's file with its own weights (its score)."""
-    from search.artifacts import OnnxModule
-    from search.study import _objective
+    structure): three graphs in nine trials, one traced, the others reshaped from it (one form); each
+    trial's file with its own weights (its score)."""
+    from search.artifacts import OnnxModule, _graphs
 
-    exported, export = [], _objective.export_raw
+    exported, export = [], _graphs.export_raw
 
     def export_raw(model, *args, **kwargs):
         exported.append(kwargs.get("weights"))
         return export(model, *args, **kwargs)
 
-    monkeypatch.setattr(_objective, "export_raw", export_raw)
+    monkeypatch.setattr(_graphs, "export_raw", export_raw)
     study = search.run(tiny_task, trials=9, profiler=fast_profiler, results_dir=tmp_path, **QUICK)
-    assert exported == [False] * 3
-    graphs = sorted((tmp_path / study.study_name / "graphs").iterdir())
-    assert len(graphs) == 3 and all(path.suffix == ".onnx" for path in graphs)
+    assert exported == [False]
+    graphs = sorted((tmp_path / study.study_name / "graphs").glob("*.onnx"))
+    assert len(graphs) == 3 and len(list((tmp_path / study.study_name / "graphs" / "forms").iterdir())) == 1
     for path in graphs:  # the weights' data left out
         graph = onnx.load(str(path), load_external_data=False).graph
         weights = [init for init in graph.initializer if init.name.endswith(".weight")]

@@ -3,6 +3,7 @@
 (:class:`OnnxModule`), or, on a runtime that runs PyTorch modules, the module itself made ready
 for the target (:func:`module_artifact`); :func:`measure_candidate` hands either to the profiler."""
 
+from search.artifacts._graphs import StructureGraphs
 from search.artifacts._measure import measure_candidate
 from search.artifacts._onnx import (
     INT4_BLOCK,
@@ -23,6 +24,7 @@ __all__ = [
     "ExportedModel",
     "OnnxModule",
     "Prepared",
+    "StructureGraphs",
     "export_candidate",
     "export_float",
     "export_raw",

@@ -3,11 +3,12 @@ distillation (only if it fits the budget), exported again with its fine-tuned we
 
 Latency, energy and size depend on the plan's structure and precisions, not on the fine-tuned
 weights, so they are measured first: a plan over the budget costs no fine-tune. The graph is
-exported once per structure in a study (:func:`~search.artifacts.export_raw`, without weights);
-each trial's weights are written into it (:func:`~search.artifacts.with_weights`), and a state the
-fine-tune scored on such a file and kept is not written again. The fine-tune keeps its best state,
-scored before the first step too, so it never ends worse than it started; it runs to the end of the
-plan's rung, and a promotion (``continue_from``) goes on from the state its parent trial saved.
+made once per structure in a study, without weights, and traced only where another structure's of
+its form does not fit (:class:`~search.artifacts.StructureGraphs`); each trial's weights are written
+into it (:func:`~search.artifacts.with_weights`), and a state the fine-tune scored on such a file
+and kept is not written again. The fine-tune keeps its best state, scored before the first step
+too, so it never ends worse than it started; it runs to the end of the plan's rung, and a promotion
+(``continue_from``) goes on from the state its parent trial saved.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import shutil
 import socket
 import tempfile
@@ -32,7 +32,7 @@ from optuna.trial import TrialState
 from profilers import Measurement, MeasurementError, Profiler
 from search._errors import CandidateError, UsageError
 from search._record import Key, StudyKey
-from search.artifacts import OnnxModule, export_raw, measure_candidate
+from search.artifacts import OnnxModule, StructureGraphs, measure_candidate
 from search.compress import (
     Distillation,
     Finetune,
@@ -59,7 +59,7 @@ OutOfMemory = (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfM
 # What fails one candidate's trial and lets the study go on.
 CANDIDATE_FAILURES = (CandidateError, MeasurementError)
 FINETUNE_STATE = "finetune.pt"  # a trial's fine-tune as it stopped, for a promotion to go on with
-GRAPHS = "graphs"  # each structure's graph as exported, without its weights (Objective._graph)
+GRAPHS = "graphs"  # each structure's graph without its weights (Objective._graph)
 # What a promotion copies from the trial it continues: the measured record of the same plan.
 MEASURED = (
     Key.LATENCY_MS, Key.LATENCY_P90_MS, Key.LATENCY_RUNS, Key.LATENCY_SPREAD,
@@ -289,17 +289,11 @@ class Objective:
             (self._trial_dir(trial.number) / FINETUNE_STATE).unlink(missing_ok=True)
 
     def _graph(self, structure: torch.nn.Module) -> Path:
-        """The graph of ``structure`` as exported, without its weights (``export_raw(weights=False)``),
-        for its weights to be written into: exported once per structure in a study (``graphs/``), so
-        that a plan and the same structure at other bit widths ("prune 0.25" and "int8 on prune
-        0.25"), or a promotion and its parent, share one export."""
-        path = self.directory / GRAPHS / f"{structure_digest(structure)}.onnx"
-        if not path.exists():
-            path.parent.mkdir(exist_ok=True)
-            written = path.with_name(f"{path.stem}.{os.getpid()}.tmp")  # whole or not at all, whoever reads it
-            export_raw(structure, self.task.example_input, written, self.task.output, weights=False)
-            os.replace(written, path)
-        return path
+        """The graph of ``structure`` without its weights, for its weights to be written into: one
+        per structure in a study (``graphs/``), so that a plan and the same structure at other bit
+        widths ("prune 0.25" and "int8 on prune 0.25"), or a promotion and its parent, share it;
+        most often reshaped from another structure's rather than traced (:class:`StructureGraphs`)."""
+        return StructureGraphs(self.directory / GRAPHS, self.task.example_input, self.task.output)(structure)
 
     def _export(self, structure: torch.nn.Module, plan: Plan, trial_dir: Path, raw: Path):
         """The trial's ONNX file with ``structure``'s weights, and its plan and checkpoint beside it."""
@@ -509,15 +503,6 @@ def _same_build(study: optuna.Study, trial: optuna.Trial, digest: str) -> optuna
         ):  # fmt: skip
             return other
     return None
-
-
-def structure_digest(structure: torch.nn.Module) -> str:
-    """sha256 of a model's structure: its modules as printed, and each state-dict entry's name, shape
-    and dtype. Two models with one digest export to the same graph but for its weights."""
-    digest = hashlib.sha256(repr(structure).encode())
-    for name, tensor in structure.state_dict().items():
-        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-    return digest.hexdigest()
 
 
 def build_digest(candidate: torch.nn.Module, plan: Plan) -> str:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -91,7 +91,7 @@ def layer_sensitivity(
     the mixed recipes still rank every layer by its mildest pruning."""
     import copy
 
-    from search.artifacts import OnnxModule, export_raw  # PyTorch: measuring needs it, reading rows not
+    from search.artifacts import OnnxModule, StructureGraphs  # PyTorch: measuring needs it, reading rows not
     from search.compress import add_compression, baked_state_dict, build_structure, calibrate_input_quant
 
     calibration = task.calibration_batches()
@@ -113,21 +113,16 @@ def layer_sensitivity(
             calibrate_input_quant(candidate, calibration, count=SENSITIVITY_CALIBRATION_BATCHES)
             return task.score(candidate)
 
-        def on_file(pruned: bool) -> Callable[..., float]:
-            """Scoring an option of one kind on its file: a structure's graph (a pruned layer's, a
-            removed block's) is exported for each option, a bit width's is the teacher's, exported once."""
-            raw = Path(tmp, "pruned.onnx" if pruned else "teacher.onnx")
+        graphs = StructureGraphs(Path(tmp, "graphs"), task.example_input, task.output)
 
-            def score(candidate, structure, plan: Plan) -> float:
-                structure.load_state_dict(baked_state_dict(candidate))
-                if pruned or not raw.exists():
-                    export_raw(structure, task.example_input, raw, task.output)
-                written = write_file(task, target, structure, plan, Path(tmp, "option.onnx"), raw)
-                return task.score(OnnxModule(written.path))
+        def on_file(candidate, structure, plan: Plan) -> float:
+            """An option scored on its file: its structure's graph (the teacher's for a bit width; for
+            a pruning, most often another pruning's reshaped; traced for a removed block) with its weights."""
+            structure.load_state_dict(baked_state_dict(candidate))
+            written = write_file(task, target, structure, plan, Path(tmp, "option.onnx"), graphs(structure))
+            return task.score(OnnxModule(written.path))
 
-            return score
-
-        scorings = {pruned: FasterScoring({FILE: on_file(pruned), TORCH: in_torch}) for pruned in (True, False)}
+        scorings = {pruned: FasterScoring({FILE: on_file, TORCH: in_torch}) for pruned in (True, False)}
         for name, kind, bits, ratio in options:
             if deadline is not None and time.monotonic() > deadline:
                 break
