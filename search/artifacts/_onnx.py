@@ -188,8 +188,8 @@ def with_weights(raw: Path, model: nn.Module, path: Path) -> None:
             onnxscript.optimizer.optimize(graph)
     except Exception as exc:
         raise CandidateError(f"ONNX optimisation failed: {type(exc).__name__}: {exc}".strip()) from exc
+    _name_weights(graph.graph, model)
     ir.save(graph, str(path))
-    _name_weights(path, model)
 
 
 def export_float(model: nn.Module, example_input: Inputs, path: Path, output: Output | None = None) -> None:
@@ -201,33 +201,25 @@ def export_float(model: nn.Module, example_input: Inputs, path: Path, output: Ou
         with_weights(raw, model, path)
 
 
-def _name_weights(path: Path, model: nn.Module) -> None:
-    """Give every layer's weight a name the plan can find: ``<layer>.weight``, as the exporter names
-    Conv and Gemm weights, or ``<layer>.weight.T`` for a Linear on a sequence (or an attention's
+def _name_weights(graph: ir.Graph, model: nn.Module) -> None:
+    """In place: give every layer's weight a name the plan can find: ``<layer>.weight``, as the exporter
+    names Conv and Gemm weights, or ``<layer>.weight.T`` for a Linear on a sequence (or an attention's
     packed projection, ``<attention>.in_proj.weight.T``), which exports as a MatMul by the
     transposed weight under an opaque name (``val_12``). Found by value."""
-    graph_model = onnx.load(str(path))
-    graph = graph_model.graph
-    named = {init.name for init in graph.initializer}
-    renamed: dict[str, str] = {}
+    initializers = graph.initializers
+    renamed: set[int] = set()
     for name, weight in layer_weights(model).items():
-        if f"{name}.weight" in named or weight.dim() != 2:
+        if f"{name}.weight" in initializers or weight.dim() != 2:
             continue
         transposed = weight.detach().cpu().numpy().T
-        for init in graph.initializer:
-            if init.name not in renamed and tuple(init.dims) == transposed.shape:
-                if np.array_equal(onnx.numpy_helper.to_array(init), transposed):
-                    renamed[init.name] = f"{name}.weight.T"
-                    break
-    if not renamed:
-        return
-    for init in graph.initializer:
-        init.name = renamed.get(init.name, init.name)
-    for node in graph.node:
-        node.input[:] = [renamed.get(i, i) for i in node.input]
-    for value in graph.input:
-        value.name = renamed.get(value.name, value.name)
-    onnx.save(graph_model, str(path))
+        for value in list(initializers.values()):
+            tensor = value.const_value
+            if id(value) in renamed or tensor is None or tuple(tensor.shape) != transposed.shape:
+                continue
+            if np.array_equal(tensor.numpy(), transposed):
+                value.name = f"{name}.weight.T"  # its uses and the initializers' key follow
+                renamed.add(id(value))
+                break
 
 
 def weight_name(initializers: Iterable[str], layer: str) -> str | None:
