@@ -70,31 +70,29 @@ def test_a_pruned_structure_takes_the_graph_traced_for_its_form_and_writes_the_f
     assert weights[0].data_location == onnx.TensorProto.EXTERNAL and list(weights[0].dims) == [16, 8, 3, 3]
 
 
-def test_a_depthwise_convolution_takes_the_groups_of_its_pruned_channels(tmp_path):
-    model = Depthwise().eval()
+def _second_file(tmp_path, model, layers, ratios):
+    """Two pruned structures of ``model`` given graphs in turn; the second's file computes as it does."""
     graphs = StructureGraphs(tmp_path, example_input(model))
-    structures = [_pruned(model, ratio, ["stem", "pointwise"]) for ratio in (0.25, 0.5)]
-    assert structures[0].depthwise.groups != structures[1].depthwise.groups
+    structures = [_pruned(model, ratio, layers) for ratio in ratios]
     path = [graphs(structure) for structure in structures][1]
-    assert graphs.traced == 1
     with_weights(path, structures[1], tmp_path / "file.onnx")
     x = example_input(model, batch=2, seed=3)
     with torch.no_grad():
         torch.testing.assert_close(OnnxModule(tmp_path / "file.onnx")(x), structures[1](x), rtol=1e-4, atol=1e-4)
+    return graphs, structures
+
+
+def test_a_depthwise_convolution_takes_the_groups_of_its_pruned_channels(tmp_path):
+    graphs, structures = _second_file(tmp_path, Depthwise().eval(), ["stem", "pointwise"], (0.25, 0.5))
+    assert structures[0].depthwise.groups != structures[1].depthwise.groups
+    assert graphs.traced == 1
 
 
 def test_a_graph_that_computes_otherwise_for_the_structure_is_traced_anew(tmp_path):
     """The other width's graph runs on this structure (its reshape divides evenly) but averages other
     channels: the check on the example finds it, and the structure is traced."""
-    model = ChannelsBaked().eval()
-    graphs = StructureGraphs(tmp_path, example_input(model))
-    structures = [_pruned(model, ratio, ["conv1", "conv2", "conv3"]) for ratio in (0.5, 0.75)]
-    path = [graphs(structure) for structure in structures][1]
+    graphs, _ = _second_file(tmp_path, ChannelsBaked().eval(), ["conv1", "conv2", "conv3"], (0.5, 0.75))
     assert graphs.traced == 2
-    with_weights(path, structures[1], tmp_path / "file.onnx")
-    x = example_input(model, batch=2, seed=3)
-    with torch.no_grad():
-        torch.testing.assert_close(OnnxModule(tmp_path / "file.onnx")(x), structures[1](x), rtol=1e-4, atol=1e-4)
 
 
 def test_a_transformer_with_fewer_ffn_channels_takes_its_forms_graph_fewer_heads_or_blocks_do_not(tmp_path):
