@@ -25,7 +25,7 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-from search.artifacts._onnx import Inputs, Output, _feeds, _leave_out, _twice, export_raw
+from search.artifacts._onnx import Inputs, Output, _feeds, _leave_out, _twice, _write_state, export_raw
 from search.model import call, reduce_output
 
 FORMS = "forms"  # within a graphs folder: the graph traced last for each form
@@ -89,10 +89,7 @@ def _reshaped(template: Path, model: nn.Module, path: Path, example_input: Input
     (:func:`with_weights`) folds the graph by them, as it folds a traced graph."""
     graph = ir.load(str(template))
     state = model.state_dict()
-    for name, value in graph.graph.initializers.items():
-        if name in state:
-            array = state[name].detach().cpu().contiguous().numpy()
-            value.const_value, value.shape = ir.tensor(array), ir.Shape(array.shape)
+    _write_state(graph.graph, state)
     groups = {f"{name}.weight": m.groups for name, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)}
     for node in graph.graph:
         if node.op_type in ("Conv", "ConvTranspose") and len(node.inputs) > 1 and node.inputs[1].name in groups:

@@ -174,15 +174,20 @@ def _leave_out(graph: ir.Graph, state: Mapping[str, torch.Tensor]) -> None:
             )
 
 
+def _write_state(graph: ir.Graph, state: Mapping[str, torch.Tensor]) -> None:
+    """In place: the initializers of ``graph`` named in ``state`` hold its tensors, data and shape."""
+    for name, value in graph.initializers.items():
+        if name in state:
+            array = state[name].detach().cpu().contiguous().numpy()
+            value.const_value, value.shape = ir.tensor(array), ir.Shape(array.shape)
+
+
 def with_weights(raw: Path, model: nn.Module, path: Path) -> None:
     """Write to ``path`` the graph of ``raw`` (:func:`export_raw` of a model of ``model``'s
     structure) holding ``model``'s state dict, optimised as the exporter optimises (BatchNorm
     folded, constants folded): the file :func:`export_float` writes for ``model``."""
     graph = ir.load(str(raw))
-    state = model.state_dict()
-    for name, value in graph.graph.initializers.items():
-        if name in state:
-            value.const_value = ir.tensor(state[name].detach().cpu().contiguous().numpy())
+    _write_state(graph.graph, model.state_dict())
     try:
         with _quiet():
             onnxscript.optimizer.optimize(graph)
