@@ -3,7 +3,7 @@
 (:class:`OnnxModule`), or, on a runtime that runs PyTorch modules, the module itself made ready
 for the target (:func:`module_artifact`); :func:`measure_candidate` hands either to the profiler."""
 
-from search.artifacts._graphs import StructureGraphs
+from search.artifacts._graphs import QUANTIZED, StructureGraphs
 from search.artifacts._measure import measure_candidate
 from search.artifacts._onnx import (
     INT4_BLOCK,
@@ -21,6 +21,7 @@ from search.artifacts._pytorch import Prepared, float_precision, module_artifact
 
 __all__ = [
     "INT4_BLOCK",
+    "QUANTIZED",
     "ExportedModel",
     "OnnxModule",
     "Prepared",

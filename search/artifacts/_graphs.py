@@ -29,6 +29,7 @@ from search.artifacts._onnx import Inputs, Output, _feeds, _leave_out, _twice, _
 from search.model import call, reduce_output
 
 FORMS = "forms"  # within a graphs folder: the graph traced last for each form
+QUANTIZED = "quantized"  # within a graphs folder: the dynamically quantized graphs kept (see _dynamic)
 
 
 def structure_digest(structure: nn.Module) -> str:

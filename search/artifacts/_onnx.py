@@ -36,6 +36,7 @@ from torch import nn
 
 from profilers import disabled_optimizers
 from search._errors import CandidateError
+from search.artifacts._dynamic import quantize_dynamic
 from search.compress import CALIBRATION_BATCHES
 from search.model import (
     Inputs, Output, layer_weights, packed_projections, planned_with, reduced_output, split_batch, tensors,
@@ -285,6 +286,7 @@ def export_candidate(
     symmetric: bool = False,
     output: Output | None = None,
     raw: Path | None = None,
+    quantized_graphs: Path | None = None,
 ) -> ExportedModel:
     """Write ``path``: float ONNX (see :func:`export_float`; from ``raw``, an :func:`export_raw` of
     the model's structure, when given: no second export), then the plan's int8 and int4 layers, as
@@ -293,7 +295,8 @@ def export_candidate(
 
     Activations are uint8 with a zero point, the only form ONNX Runtime's CPU kernels run fast;
     ``symmetric``: int8 activations with zero point 0 and static Q/DQ on every layer (MatMuls too),
-    the only form TensorRT takes.
+    the only form TensorRT takes. ``quantized_graphs``: a folder where the dynamically quantized
+    graphs are kept for other files of the same graph (:mod:`search.artifacts._dynamic`).
     """
     plan = plan.student()
     precisions, path = tuple(precisions), Path(path)
@@ -324,7 +327,7 @@ def export_candidate(
                 if int4:
                     current = _quantize_int4(current, Path(tmp, "int4.onnx"), int4)
                 if dynamic:
-                    current = _quantize_dynamic(current, Path(tmp, "dynamic.onnx"), dynamic)
+                    current = _quantize_dynamic(current, Path(tmp, "dynamic.onnx"), dynamic, quantized_graphs)
         except Exception as exc:
             raise CandidateError(f"quantization failed: {type(exc).__name__}: {exc}") from exc
         shutil.move(current, path)
@@ -382,15 +385,10 @@ def _quantize_int4(source: Path, target: Path, layers: set[str]) -> Path:
     return target
 
 
-def _quantize_dynamic(source: Path, target: Path, layers: set[str]) -> Path:
+def _quantize_dynamic(source: Path, target: Path, layers: set[str], kept: Path | None) -> Path:
     """int8 weights per output channel, activations quantized per call (uint8) inside the kernel."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(
-        str(source), str(target), op_types_to_quantize=["MatMul"],
-        nodes_to_quantize=[node.name for node in _layer_nodes(onnx.load(str(source)), layers).values()],
-        per_channel=True, weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True},
-    )  # fmt: skip
+    model = onnx.load(str(source))
+    quantize_dynamic(model, source, target, [node.name for node in _layer_nodes(model, layers).values()], kept)
     return target
 
 

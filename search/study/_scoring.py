@@ -36,14 +36,15 @@ def int8_static_only(target: Target) -> bool:
 
 
 def write_file(task: Task, target: Target, structure: nn.Module, plan: Plan, path: Path, raw: Path) -> ExportedModel:
-    """``path``: the plan's ONNX file for ``target``, ``raw`` (the plan's exported graph) with
-    ``structure``'s weights."""
-    from search.artifacts import export_candidate  # ONNX and PyTorch: reading a study's rows needs neither
+    """``path``: the plan's ONNX file for ``target``, ``raw`` (the plan's exported graph, in a
+    folder of :class:`~search.artifacts.StructureGraphs`) with ``structure``'s weights; the
+    quantized graphs are kept in that folder too."""
+    from search.artifacts import QUANTIZED, export_candidate  # ONNX and PyTorch: reading a study's rows needs neither
 
     return export_candidate(
         structure, task.example_input, path,
         plan=plan, precisions=target.precisions, calibration=task.calibration_batches(),
-        symmetric=int8_static_only(target), output=task.output, raw=raw,
+        symmetric=int8_static_only(target), output=task.output, raw=raw, quantized_graphs=raw.parent / QUANTIZED,
     )  # fmt: skip
 
 
