@@ -65,8 +65,12 @@ def _ort_quantize_dynamic(source: Path, target: Path, nodes: Sequence[str]) -> N
 
 def _digest(source: onnx.ModelProto, nodes: Sequence[str]) -> str:
     """sha256 of what ``quantize_dynamic``'s graph depends on: the source's graph (its nodes, inputs,
-    outputs, opsets; each initializer's name, type and rank, not its sizes or values) and ``nodes``."""
-    digest = hashlib.sha256(f"{source.ir_version};{sorted(nodes)};".encode())
+    outputs, opsets; each initializer's name, type and rank, not its sizes or values), ``nodes``,
+    and the versions of ONNX Runtime and ONNX."""
+    import onnxruntime
+
+    versions = f"onnxruntime {onnxruntime.__version__}, onnx {onnx.__version__}"  # what writes it, what infers
+    digest = hashlib.sha256(f"{versions};{source.ir_version};{sorted(nodes)};".encode())
     for part in (*source.opset_import, *source.graph.input, *source.graph.output, *source.graph.node):
         digest.update(part.SerializeToString())
     for tensor in source.graph.initializer:

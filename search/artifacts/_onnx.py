@@ -386,7 +386,7 @@ def _quantize_int4(source: Path, target: Path, layers: set[str]) -> Path:
 
 
 def _quantize_dynamic(source: Path, target: Path, layers: set[str], kept: Path | None) -> Path:
-    """int8 weights per output channel, activations quantized per call (uint8) inside the kernel."""
+    """The MatMuls of ``layers`` quantized dynamically (:func:`~search.artifacts._dynamic.quantize_dynamic`)."""
     model = onnx.load(str(source))
     quantize_dynamic(model, source, target, [node.name for node in _layer_nodes(model, layers).values()], kept)
     return target
