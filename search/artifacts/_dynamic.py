@@ -49,7 +49,8 @@ def quantize_dynamic(
     if alike:
         kept_path.parent.mkdir(parents=True, exist_ok=True)
         partial = kept_path.with_name(f"{kept_path.stem}.{os.getpid()}-{threading.get_ident()}.tmp")
-        onnx.save(_without_tensors(written), str(partial))
+        _leave_out_data(written)
+        onnx.save(written, str(partial))
         os.replace(partial, kept_path)
 
 
@@ -78,14 +79,11 @@ def _digest(source: onnx.ModelProto, nodes: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
-def _without_tensors(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` with its initializers' data left out (their names, types and shapes kept)."""
-    light = onnx.ModelProto()
-    light.CopyFrom(model)
-    for tensor in light.graph.initializer:
+def _leave_out_data(model: onnx.ModelProto) -> None:
+    """In place: ``model``'s initializers without their data (their names, types and shapes kept)."""
+    for tensor in model.graph.initializer:
         for field in _DATA_FIELDS:
             tensor.ClearField(field)
-    return light
 
 
 def _with_tensors(graph: onnx.ModelProto, source: onnx.ModelProto) -> onnx.ModelProto:

@@ -306,7 +306,8 @@ def export_candidate(
             export_float(model, example_input, current, output)
         else:
             with_weights(raw, model, current)
-        nodes = _layer_nodes(onnx.load(str(current)), layer_weights(model))
+        float_graph = onnx.load(str(current))
+        nodes = _layer_nodes(float_graph, layer_weights(model))
         projections = packed_projections(model)
         planned = {name: planned_with(name) if name in projections else name for name in nodes}
         wanted = {
@@ -327,7 +328,8 @@ def export_candidate(
                 if int4:
                     current = _quantize_int4(current, Path(tmp, "int4.onnx"), int4)
                 if dynamic:
-                    current = _quantize_dynamic(current, Path(tmp, "dynamic.onnx"), dynamic, quantized_graphs)
+                    source = onnx.load(str(current)) if static or int4 else float_graph
+                    current = _quantize_dynamic(current, source, Path(tmp, "dynamic.onnx"), dynamic, quantized_graphs)
         except Exception as exc:
             raise CandidateError(f"quantization failed: {type(exc).__name__}: {exc}") from exc
         shutil.move(current, path)
@@ -385,9 +387,11 @@ def _quantize_int4(source: Path, target: Path, layers: set[str]) -> Path:
     return target
 
 
-def _quantize_dynamic(source: Path, target: Path, layers: set[str], kept: Path | None) -> Path:
-    """The MatMuls of ``layers`` quantized dynamically (:func:`~search.artifacts._dynamic.quantize_dynamic`)."""
-    model = onnx.load(str(source))
+def _quantize_dynamic(
+    source: Path, model: onnx.ModelProto, target: Path, layers: set[str], kept: Path | None
+) -> Path:
+    """The MatMuls of ``layers`` in ``source`` (whose model is ``model``) quantized dynamically
+    (:func:`~search.artifacts._dynamic.quantize_dynamic`)."""
     quantize_dynamic(model, source, target, [node.name for node in _layer_nodes(model, layers).values()], kept)
     return target
 
