@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import statistics
 import tempfile
@@ -41,7 +42,7 @@ import optuna
 import torch
 
 import search
-from profilers import cpu_info, get_profiler
+from profilers import cpu_info, get_profiler, measure_in_turn
 from search.artifacts import OnnxModule, export_candidate, measure_candidate
 from search.compress import Distillation, Finetune, apply_plan, bake, calibrate_input_quant
 from search.model import describe_layers, find_blocks
@@ -93,12 +94,13 @@ def _recipe_alone(task, plan, finetune: Finetune | None, profiler, folder: Path)
 
 def medians_in_turn(profiler, files: dict, rounds: int = 3) -> dict:
     """Each of ``files``' (by any key) median latency, measured back to back, in turn, ``rounds``
-    times each: at the same moment, free of the drift between measurements minutes apart."""
-    times: dict = {key: [] for key in files}
-    for _ in range(rounds):
-        for key, path in files.items():
-            times[key].append(profiler.measure(path).latency_ms)
-    return {key: statistics.median(values) for key, values in times.items()}
+    times each (:func:`profilers.measure_in_turn`): at the same moment, free of the drift between
+    measurements minutes apart."""
+    measures = {key: functools.partial(profiler.measure, path) for key, path in files.items()}
+    measured, failed = measure_in_turn(measures, rounds)
+    if failed:
+        raise next(iter(failed.values()))
+    return {key: m.latency_ms for key, m in measured.items()}
 
 
 def measured_together(profiler, recipe: Path, point: Path, rounds: int = 3) -> tuple[float, float]:

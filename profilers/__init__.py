@@ -26,6 +26,7 @@ from profilers._errors import (
     ProfilerUsageError,
     TargetUnavailableError,
 )
+from profilers._in_turn import measure_in_turn
 from profilers._wire import DEFAULT_PORT, TOKEN_ENV, ServiceLimits
 
 _LAZY = {
@@ -56,6 +57,7 @@ __all__ = sorted(
         "TOKEN_ENV",
         "TargetUnavailableError",
         "cpu_info",
+        "measure_in_turn",
         "measurement_setting",
         "random_inputs",
     ]

@@ -747,28 +747,42 @@ def export_command(
     skip_broken: Annotated[
         bool, typer.Option(help="Export the trials whose files are sound and list the others, instead of stopping.")
     ] = False,
+    rounds: Annotated[
+        int, typer.Option(min=1, help="Times each model and the teacher are measured, in turn (the median is kept).")
+    ] = 3,
 ) -> None:
-    """Write every Pareto-optimal model (ONNX, plan JSON, checkpoint) and re-measure it on the target.
-    Each file is checked first; nothing is left half-written in --out."""
+    """Write every Pareto-optimal model (ONNX, plan JSON, checkpoint) and re-measure it on the target,
+    in turn with the teacher. Each file is checked first; nothing is left half-written in --out."""
     from search.study import export
 
     with _user_errors():
         opened = open_study(study, study_name)
         measurer = profilers.get_profiler(spec_of(opened).target, service=profiler, token=token)
         with console.status("exporting and re-measuring the Pareto front…"):
-            rows = export(opened, out, profiler=measurer, skip_broken=skip_broken)
-        session = _session_words(rows["disabled_optimizers"])
-        table = Table(title=f"exported to {out}", caption=f"re-measured{session}" if session else None)
-        for column in ("trial", "metric", "re-scored", "search-time ms", "re-measured ms", "p90 ms", "file"):
+            rows = export(opened, out, profiler=measurer, skip_broken=skip_broken, rounds=rounds)
+        teacher = rows["teacher_latency_ms"].dropna()
+        caption = f"re-measured in turn with the teacher, median of {rounds}{_session_words(rows['disabled_optimizers'])}"
+        if len(teacher):
+            caption += f"; the teacher {teacher.iloc[0]:.4f} ms then"
+        table = Table(title=f"exported to {out}", caption=caption)
+        columns = ("trial", "metric", "re-scored", "search-time ms", "re-measured ms", "p90 ms", "speed-up", "file")
+        for column in columns:
             table.add_column(column, justify="right")
         for _, row in rows.iterrows():
-            rescored = row["export_metric"]
+            rescored, speedup = row["export_metric"], _number(row["speedup"])
             table.add_row(
                 str(row["number"]), f"{row[Key.METRIC]:.4f}", "" if rescored is None else f"{rescored:.4f}",
                 f"{row['search_latency_ms']:.4f}", f"{row['export_latency_ms']:.4f}",
-                f"{row['export_latency_p90_ms']:.4f}", row["path"],
+                f"{row['export_latency_p90_ms']:.4f}", "" if speedup is None else f"{speedup:.2f}x", row["path"],
             )  # fmt: skip
         _print_table(table)
+        differences = sorted({d for found in rows["setting_differences"] for d in found})
+        if differences:
+            Console(stderr=True).print(
+                f"re-measured under another setting than the study's ({'; '.join(differences)}): the search-time "
+                "latencies are of another cost function; compare the re-measured ones and the speed-ups",
+                highlight=False, soft_wrap=True,
+            )  # fmt: skip
         for skipped in rows.attrs.get("skipped", []):
             Console(stderr=True).print(f"skipped {skipped}", highlight=False, soft_wrap=True)
 

@@ -77,22 +77,28 @@ def measure_baseline(task: Task, profiler: Profiler, directory: Path) -> dict:
     }
 
 
-def check_measured_alike(baseline: dict, setting: str | None) -> None:
-    """Raise :class:`UsageError` when ``setting`` (a measurement's or a profiler's
-    :func:`profilers.measurement_setting`; None: not known yet) is not the one the study's teacher
-    was measured under: a study resumed after a runtime upgrade, or a worker on another kind of
-    machine, would put latencies of another cost function on the study's front and divide them by
-    the teacher's."""
-    if setting is None:
-        return
+def setting_differences(baseline: dict, setting: str) -> list[str]:
+    """How ``setting`` (a measurement's or a profiler's :func:`profilers.measurement_setting`)
+    differs from the one the study's teacher (its ``baseline`` record) was measured under, one
+    phrase per key: none where their latencies compare."""
     recorded = baseline["measurement"]
     study = json.loads(measurement_setting(f"{recorded['runtime']} {recorded['runtime_version']}", recorded["device"]))
     here = json.loads(setting)
-    differences = [
+    return [
         f"{key} {here.get(key)!r} here, {study.get(key)!r} for the study"
         for key in sorted(set(study) | set(here))
         if here.get(key) != study.get(key)
     ]
+
+
+def check_measured_alike(baseline: dict, setting: str | None) -> None:
+    """Raise :class:`UsageError` when ``setting`` (None: not known yet) is not the one the study's
+    teacher was measured under (:func:`setting_differences`): a study resumed after a runtime
+    upgrade, or a worker on another kind of machine, would put latencies of another cost function on
+    the study's front and divide them by the teacher's."""
+    if setting is None:
+        return
+    differences = setting_differences(baseline, setting)
     if differences:
         raise UsageError(
             f"this process measures under another setting than the study's teacher was measured: "

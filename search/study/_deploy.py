@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import onnxruntime
@@ -12,18 +14,21 @@ import optuna
 import pandas as pd
 import torch
 
-from profilers import Measurement, MeasurementError, Profiler, get_profiler
+from profilers import Measurement, Profiler, get_profiler, measure_in_turn
 from search._errors import UsageError, first_line
-from search._record import Key
+from search._record import Key, StudyKey
 from search.artifacts import OnnxModule, measure_candidate
 from search.compress import build_structure
 from search.plan import Plan
+from search.study._baseline import setting_differences
 from search.study._results import load_trials, open_study, pareto_front
 from search.study._setup import writable_folder
 from search.study._spec import spec_of, task_of_study
 from search.tasks import Task
 
 FILES = ("model.onnx", "plan.json", "checkpoint.pt")
+ROUNDS = 3  # each model measured this many times, in turn with the others and the teacher
+TEACHER = "teacher"
 
 
 def export(
@@ -33,11 +38,20 @@ def export(
     profiler: Profiler | None = None,
     task: Task | None = None,
     skip_broken: bool = False,
+    rounds: int = ROUNDS,
 ) -> pd.DataFrame:
     """Copy each Pareto-optimal trial's ONNX file, plan JSON and PyTorch checkpoint to
     ``out/trial-<number>/``, score the copied ONNX file on the task's data and re-measure it on the
     study's target. Each front plan is its longest fine-tune (a plan promoted to a longer one is
     represented by that promotion, see :func:`search.load_trials`).
+
+    The exported models and the study's teacher are measured in turn, ``rounds`` times each
+    (:func:`profilers.measure_in_turn`): each row's ``export_latency_ms`` is its median measurement,
+    ``teacher_latency_ms`` the teacher's, taken in the same stretch, and ``speedup`` their ratio.
+    These compare with each other; the search-time latencies, measured minutes or days apart, carry
+    the machine's drift between them. ``setting_differences`` lists how the export's measurement
+    setting differs from the study's (a runtime upgraded since, another machine); empty where the
+    search-time latency is of the same cost function.
 
     Each file is checked before it is copied (:func:`broken`): the plan parses, the checkpoint loads
     with ``weights_only=True`` and ONNX Runtime loads the model. A broken trial stops the export
@@ -49,14 +63,15 @@ def export(
 
     Returns one row per exported model: search-time and export-time metric and latency side by
     side (``export_metric`` is None where no task could be had: a study started with a Task object,
-    exported without ``task``), and the ``disabled_optimizers`` ONNX Runtime's session measured it
-    with (None for another runtime): a deployment's session takes the same.
+    exported without ``task``; the teacher's columns are None where its file is gone), and the
+    ``disabled_optimizers`` ONNX Runtime's session measured it with (None for another runtime): a
+    deployment's session takes the same.
     The checkpoint holds ``{"plan": json, "state_dict": ...}``; load it with ``weights_only=True``
     into ``search.build_structure(teacher, Plan.from_json(plan), example_input)``.
     ``profiler`` defaults to the study's target's own (a :class:`~profilers.RemoteProfiler` measures
     on the device). A profiler that runs PyTorch modules (the ``gpu`` target on PyTorch CUDA)
     measures the checkpoint instead, rebuilt on the study's task (``task``, or the one the study
-    was started with by ``module:function``).
+    was started with by ``module:function``), and the teacher's module.
     """
     if not isinstance(study, optuna.Study):
         study = open_study(study, study_name)
@@ -73,29 +88,46 @@ def export(
             "it is measured on PyTorch, which re-measures the checkpoint rebuilt on the teacher: pass the task "
             "(search.export(..., task=...))",
         )  # fmt: skip
+    baseline = study.user_attrs.get(StudyKey.BASELINE, {})
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     rows, skipped = [], []
+
+    def left_out(number: int, problem: str) -> None:
+        if not skip_broken:
+            raise UsageError(f"trial {number}: {problem}; pass --skip-broken to export the other trials")
+        skipped.append(f"trial {number}: {problem}")
+
     try:
+        copied = {}
         for _, trial in front.iterrows():
             number, source = trial["number"], Path(str(trial[Key.ARTIFACTS]))
             problem = broken(source)
-            if problem is None:
-                folder = staging / f"trial-{number:05d}"
-                folder.mkdir()
-                for name in FILES:
-                    shutil.copy2(source / name, folder / name)
-                try:
-                    row = _remeasure(trial, folder, out / folder.name, profiler, task)
-                except MeasurementError as exc:
-                    problem = f"model.onnx cannot be measured on {spec.target.name} ({first_line(str(exc))})"
-                    shutil.rmtree(folder)
-            if problem is None:
-                rows.append(row)
-            elif skip_broken:
-                skipped.append(f"trial {number}: {problem}")
-            else:
-                raise UsageError(f"trial {number}: {problem}; pass --skip-broken to export the other trials")
+            if problem is not None:
+                left_out(number, problem)
+                continue
+            folder = copied[number] = staging / f"trial-{number:05d}"
+            folder.mkdir()
+            for name in FILES:
+                shutil.copy2(source / name, folder / name)
+        measures = {number: _measurer(profiler, task, folder) for number, folder in copied.items()}
+        teacher = _teacher_measurer(baseline, profiler, task)
+        measured, failed = measure_in_turn({TEACHER: teacher, **measures} if teacher else measures, rounds)
+        if TEACHER in failed:
+            raise UsageError(
+                f"the study's teacher cannot be measured on {spec.target.name} now "
+                f"({first_line(str(failed[TEACHER]))}): the exported models' speed-ups are measured against it"
+            )
+        for _, trial in front.iterrows():
+            number = trial["number"]
+            if number in failed:
+                shutil.rmtree(copied[number])
+                problem = first_line(str(failed[number]))
+                left_out(number, f"model.onnx cannot be measured on {spec.target.name} ({problem})")
+            elif number in measured:
+                folder = copied[number]
+                teacher_measured = measured.get(TEACHER)
+                rows.append(_row(trial, folder, out / folder.name, measured[number], teacher_measured, task, baseline))
         if not rows:
             raise UsageError(f"no trial of the front could be exported: {'; '.join(skipped)}")
         _move_into_place(staging, out)
@@ -131,13 +163,33 @@ def broken(folder: Path) -> str | None:
     return None
 
 
-def _remeasure(trial: pd.Series, folder: Path, final: Path, profiler: Profiler, task: Task | None) -> dict:
-    """One exported trial's row: its copied files in ``folder`` scored and measured; its path
-    where it will be (``final``)."""
+def _measurer(profiler: Profiler, task: Task | None, folder: Path) -> Callable[[], Measurement]:
+    """What measures an exported trial's model: its ONNX file, or for a profiler of PyTorch modules
+    its checkpoint rebuilt on ``task``'s teacher (weights only), built once."""
     if profiler.measures_onnx:
-        measurement = profiler.measure(folder / "model.onnx")
-    else:
-        measurement = _measure_checkpoint(profiler, task, folder)
+        return functools.partial(profiler.measure, folder / "model.onnx")
+    checkpoint = torch.load(folder / "checkpoint.pt", weights_only=True, map_location="cpu")
+    plan = Plan.from_json(checkpoint["plan"])
+    model = build_structure(task.model, plan, task.example_input)  # the shapes; the checkpoint has the weights
+    model.load_state_dict(checkpoint["state_dict"])
+    return functools.partial(measure_candidate, profiler, folder / "model.onnx", model, task.example_input, plan)
+
+
+def _teacher_measurer(baseline: dict, profiler: Profiler, task: Task | None) -> Callable[[], Measurement] | None:
+    """What measures the study's teacher (its file, or ``task``'s model for a profiler of PyTorch
+    modules); None where its file is gone (a study folder copied without ``baseline/``)."""
+    path = Path(baseline.get("onnx", ""))
+    if profiler.measures_onnx:
+        return functools.partial(profiler.measure, path) if path.is_file() else None
+    return functools.partial(measure_candidate, profiler, path, task.model, task.example_input)
+
+
+def _row(
+    trial: pd.Series, folder: Path, final: Path, measurement: Measurement, teacher: Measurement | None,
+    task: Task | None, baseline: dict,
+) -> dict:  # fmt: skip
+    """One exported trial's row: its copied files in ``folder`` scored, its measurement and the
+    teacher's taken in turn with it; its path where it will be (``final``)."""
     return {
         "number": trial["number"],
         "path": str(final / "model.onnx"),
@@ -147,6 +199,11 @@ def _remeasure(trial: pd.Series, folder: Path, final: Path, profiler: Profiler, 
         "search_latency_ms": trial[Key.LATENCY_MS],
         "export_latency_ms": measurement.latency_ms,
         "export_latency_p90_ms": measurement.latency_p90_ms,
+        "teacher_latency_ms": teacher.latency_ms if teacher else None,
+        "speedup": teacher.latency_ms / measurement.latency_ms if teacher else None,
+        # Where the setting differs (ONNX Runtime upgraded since the search), the search-time latency
+        # is of another cost function: only the export's own columns compare.
+        "setting_differences": setting_differences(baseline, measurement.setting) if baseline else [],
         Key.LATENCY_SOURCE: f"{measurement.source}:{measurement.runtime}",
         Key.ENERGY_MJ: measurement.energy_mj,
         Key.ENERGY_SOURCE: measurement.energy_source,
@@ -175,12 +232,3 @@ def _move_into_place(staging: Path, out: Path) -> None:
         finally:
             if aside is not None:
                 shutil.rmtree(aside, ignore_errors=True)
-
-
-def _measure_checkpoint(profiler: Profiler, task: Task, folder: Path) -> Measurement:
-    """The exported checkpoint rebuilt on ``task``'s teacher (weights only) and measured."""
-    checkpoint = torch.load(folder / "checkpoint.pt", weights_only=True, map_location="cpu")
-    plan = Plan.from_json(checkpoint["plan"])
-    model = build_structure(task.model, plan, task.example_input)  # the shapes; the checkpoint has the weights
-    model.load_state_dict(checkpoint["state_dict"])
-    return measure_candidate(profiler, folder / "model.onnx", model, task.example_input, plan)
