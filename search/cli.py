@@ -765,7 +765,7 @@ def export_command(
         if len(teacher):
             caption += f"; the teacher {teacher.iloc[0]:.4f} ms then"
         table = Table(title=f"exported to {out}", caption=caption)
-        columns = ("trial", "metric", "re-scored", "search-time ms", "re-measured ms", "p90 ms", "speed-up", "file")
+        columns = ("trial", "metric", "re-scored", "search-time ms", "re-measured ms", "p90 ms", "speedup", "file")
         for column in columns:
             table.add_column(column, justify="right")
         for _, row in rows.iterrows():
@@ -773,7 +773,7 @@ def export_command(
             table.add_row(
                 str(row["number"]), f"{row[Key.METRIC]:.4f}", "" if rescored is None else f"{rescored:.4f}",
                 f"{row['search_latency_ms']:.4f}", f"{row['export_latency_ms']:.4f}",
-                f"{row['export_latency_p90_ms']:.4f}", "" if speedup is None else f"{speedup:.2f}x", row["path"],
+                f"{row['export_latency_p90_ms']:.4f}", "" if speedup is None else f"{speedup:.2f}×", row["path"],
             )  # fmt: skip
         _print_table(table)
         differences = sorted({d for found in rows["setting_differences"] for d in found})

@@ -112,4 +112,4 @@ def test_export_says_where_its_measurement_setting_is_not_the_studys(finished, t
     words = " ".join(result.output.split())
     assert result.exit_code == 0, result.output
     assert f"re-measured under another setting than the study's ({expected})" in words
-    assert "speed-up" in words and "re-measured in turn with the teacher, median of 3" in words
+    assert "speedup" in words and "re-measured in turn with the teacher, median of 3" in words
