@@ -10,7 +10,8 @@ int8 recipe without a fine-tune: post-training quantization; export, score the O
 it), timed; then the search, with the same longest fine-tune and a timeout of the recipes' total
 wall-clock (set-up included), budget 1x. Printed: each recipe's metric, latency and speed-up, the
 search's front, the hypervolume share of each (reference point: the teacher's metric minus 0.1,
-the teacher's latency; the share is the dominated area over 0.1 × the teacher's latency), and
+the teacher's latency; the share is the dominated area over 0.1 × the teacher's latency; a task's
+own ``metric_window`` in place of 0.1 where it sets one), and
 which recipe points the front dominates (weakly: a front point at least as good on both axes;
 "within noise": at most 3 % slower, the spread of repeated measurements on these VMs; a recipe
 not dominated is measured again together with the front's nearest point, alternating), the shares
@@ -125,7 +126,8 @@ def family_points(recipes: dict, latency_ms: dict[str, float]) -> dict[str, list
 
 
 def shares_measured_together(
-    profiler, teacher: tuple[float, Path], recipes: dict, points: dict[tuple[float, float], Path], rounds: int = 3
+    profiler, teacher: tuple[float, Path], recipes: dict, points: dict[tuple[float, float], Path], window: float,
+    rounds: int = 3,
 ) -> tuple[dict[str, float], float, dict]:
     """Each recipe family's hypervolume share and the search's, from latencies all measured in the
     same stretch: the teacher's file, every recipe's and every front point's, in turn, ``rounds``
@@ -136,8 +138,8 @@ def shares_measured_together(
     files = {"teacher": teacher[1], **{r: v["path"] for r, v in recipes.items()}, **points}
     median = medians_in_turn(profiler, files, rounds)
     reference = teacher[0], median["teacher"]
-    shares = {name: hypervolume_share(ps, reference) for name, ps in family_points(recipes, median).items()}
-    return shares, hypervolume_share([(p[0], median[p]) for p in points], reference), median
+    shares = {name: hypervolume_share(ps, reference, window) for name, ps in family_points(recipes, median).items()}
+    return shares, hypervolume_share([(p[0], median[p]) for p in points], reference, window), median
 
 
 def searched(task, name: str, finetune: Finetune, recipes: dict, teacher: tuple[float, float], best: float,
@@ -156,7 +158,7 @@ def searched(task, name: str, finetune: Finetune, recipes: dict, teacher: tuple[
     points = list(zip(done["metric"], done["latency_ms"]))
     files = {p: Path(folder, "model.onnx") for p, folder in zip(points, done["artifacts"])}
     search_front = front(points)
-    share_search = hypervolume_share(points, teacher)
+    share_search = hypervolume_share(points, teacher, task.window)
     print(f"search (seed {seed}): {len(frame)} trials ({(frame['state'] == 'COMPLETE').sum()} complete) in "
           f"{search_s:.0f} s (timeout {timeout:.0f} s)")  # fmt: skip
     for m, ms in search_front:
@@ -181,7 +183,7 @@ def searched(task, name: str, finetune: Finetune, recipes: dict, teacher: tuple[
     overhead = 1.0 - stages.get("fine-tune", 0.0) - stages.get("measure", 0.0)
     print(f"hypervolume share: search {share_search:.3f}; search / best recipe family: {ratio:.2f}x (goal 1.2x)")
     shares, share_together, medians = shares_measured_together(
-        profiler, (teacher_metric, teacher_file), recipes, {p: files[p] for p in search_front}
+        profiler, (teacher_metric, teacher_file), recipes, {p: files[p] for p in search_front}, task.window
     )
     ratio_together = share_together / max(shares.values()) if max(shares.values()) > 0 else float("inf")
     print(f"measured together (teacher {medians['teacher']:.4f} ms): " + ", ".join(f"{f} {v:.3f}" for f, v in shares.items())
@@ -236,8 +238,8 @@ def benchmark(name: str, seq_len: int | None, results: Path, steps: int | None =
               f"{teacher_ms / r['latency_ms']:.2f}x  {r['steps']} steps  {r['seconds']:.0f} s", flush=True)  # fmt: skip
     recipes_s = time.perf_counter() - start
     families = family_points(recipes, {recipe: r["latency_ms"] for recipe, r in recipes.items()})
-    shares = {family: hypervolume_share(ps, teacher) for family, ps in families.items()}
-    share_all = hypervolume_share([p for ps in families.values() for p in ps], teacher)
+    shares = {family: hypervolume_share(ps, teacher, task.window) for family, ps in families.items()}
+    share_all = hypervolume_share([p for ps in families.values() for p in ps], teacher, task.window)
     best_family = max(shares, key=shares.get)
     print(f"recipes, teacher included: {recipes_s:.0f} s; hypervolume share: "
           + ", ".join(f"{f} {v:.3f}" for f, v in shares.items()) + f"; all recipes together {share_all:.3f}; "

@@ -101,6 +101,7 @@ class StudyKey:
     TEACHER_SHA256 = "teacher_sha256"  # and the same teacher weights
     BASELINE = "baseline"  # the uncompressed teacher, scored and measured once
     BUDGET_MS = "budget_ms"  # the budget in ms, resolved once against the baseline
+    METRIC_WINDOW = "metric_window"  # the metric span the front is judged over: the task's (Task.window)
     COST_MODEL_WARM_START = "cost_model_warm_start"  # measurements from earlier studies
     FINETUNE_NOTE = "finetune_note"  # how the longest fine-tune was chosen
     SENSITIVITY = "sensitivity"  # each layer's metric with only it compressed, per option

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import json
 import math
 import os
@@ -32,7 +33,6 @@ from search.plan import SearchSpace
 from search.study import (
     BLOCK,
     FINISHED,
-    METRIC_WINDOW,
     OBJECTIVES,
     SAMPLERS,
     RunSpec,
@@ -44,6 +44,7 @@ from search.study import (
     pareto_front,
     plot_front,
     spec_of,
+    study_window,
 )
 from search.tasks import DEFAULT_TASK
 
@@ -91,6 +92,16 @@ _debug = {"on": False}
 @app.callback()
 def _main(debug: Annotated[bool, typer.Option(help="Show tracebacks for errors.")] = False) -> None:
     _debug["on"] = debug
+    warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
+
+
+def _show_warning(shown_otherwise, message, category, filename, lineno, file=None, line=None) -> None:
+    """This package's warnings as one line on stderr, as its errors are; others as Python shows them."""
+    if Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent):
+        line = Text.assemble(("warning: ", "bold yellow"), str(message))
+        Console(stderr=True).print(line, highlight=False, soft_wrap=True)
+    else:
+        shown_otherwise(message, category, filename, lineno, file, line)
 
 
 @contextlib.contextmanager
@@ -723,7 +734,8 @@ def _print_sensitivity(study: optuna.Study) -> None:
     table = Table(
         title=f"{study.study_name}: the metric with one layer compressed or one block removed, no fine-tune "
         "(most sensitive first)",
-        caption=f"excluded: a bit width not offered to that layer (alone it drops the metric by more than {METRIC_WINDOW:g})"
+        caption="excluded: a bit width not offered to that layer (alone it drops the metric by more than "
+        f"{study_window(study):g})"
         + ("; a student keeps the blocks whose removal costs most" if (frame["kind"] == BLOCK).any() else "")
         + (f"; teacher's metric on its ONNX file {teacher:.4f}" if teacher is not None else ""),
     )  # fmt: skip
@@ -761,7 +773,8 @@ def export_command(
         with console.status("exporting and re-measuring the Pareto front…"):
             rows = export(opened, out, profiler=measurer, skip_broken=skip_broken, rounds=rounds)
         teacher = rows["teacher_latency_ms"].dropna()
-        caption = f"re-measured in turn with the teacher, median of {rounds}{_session_words(rows['disabled_optimizers'])}"
+        session = _session_words(rows["disabled_optimizers"])
+        caption = f"re-measured in turn with the teacher, median of {rounds}{session}"
         if len(teacher):
             caption += f"; the teacher {teacher.iloc[0]:.4f} ms then"
         table = Table(title=f"exported to {out}", caption=caption)

@@ -175,7 +175,7 @@ def test_a_plan_that_gave_up_its_saved_state_is_promoted_from_the_start(tiny_tas
     fine-tunes from step 0 to the rung's end, and completes."""
     from search.study import _run
 
-    def every_screened(study, finetune, teacher):
+    def every_screened(study, finetune, teacher, window):
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         return [t for t in complete if t.user_attrs[Key.RUNG] == 0]
 

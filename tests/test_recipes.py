@@ -247,7 +247,7 @@ def test_a_promotion_of_a_plan_not_asked_its_bits_continues_the_very_same_plan(
     not asked: it must not sample them afresh (it would load its parent's state into another model)."""
     int8_slower(fast_profiler, monkeypatch)
 
-    def latest_sampled(study, finetune, teacher):
+    def latest_sampled(study, finetune, teacher, window):
         trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         screened = [t for t in trials if not {Key.RECIPE, Key.CONTINUE_FROM, Key.DUPLICATE_OF} & t.user_attrs.keys()]
         promoted = {t.user_attrs.get(Key.CONTINUE_FROM) for t in trials}

@@ -16,7 +16,7 @@ __getattr__, __dir__, __all__ = lazy_names(
         "search.study._deploy": ("export",),
         "search.study._exclude": ("exclusions", "unhelpful_options"),
         "search.study._fidelity": ("resolve_finetune",),
-        "search.study._front": ("METRIC_WINDOW", "hypervolume", "hypervolume_share"),
+        "search.study._front": ("METRIC_WINDOW", "hypervolume", "hypervolume_share", "study_window"),
         "search.study._objective": ("CANDIDATE_FAILURES", "Objective"),
         "search.study._optuna": ("PRUNERS", "SAMPLERS", "make_sampler", "rung_ends"),
         "search.study._promote": ("next_promotion",),

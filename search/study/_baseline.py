@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 from profilers import MeasurementError, Profiler, measurement_setting
@@ -15,7 +16,7 @@ from search.compress import packed_size_bytes
 from search.model import output_channels, packed_projections, planned_with
 from search.plan import Plan
 from search.study._workers import measuring_alone
-from search.tasks import Task
+from search.tasks import METRIC_WINDOW, Task
 
 BASELINE_TRIES = 3  # measurements of the teacher before an unsettled one stops the run
 
@@ -75,6 +76,21 @@ def measure_baseline(task: Task, profiler: Profiler, directory: Path) -> dict:
         "onnx": str(path),
         "measurement": measurement.to_dict(),
     }
+
+
+def warn_of_metric_scale(task: Task, metric: float) -> None:
+    """Warn where the teacher's ``metric`` lies outside [-1, 1] and the task sets no
+    ``metric_window``: the default window is then likely a sliver of the metric's scale (a tenth of
+    a point of a percentage), and the study would judge its front, and rule bit widths out, by it."""
+    if task.metric_window is None and abs(metric) > 1:
+        warnings.warn(
+            f"the teacher's metric is {metric:.4g}, outside [-1, 1], and the task sets no metric_window: the "
+            f"front is judged within {METRIC_WINDOW:g} of the teacher's metric, and a bit width that alone drops "
+            "it by more is not offered to that layer. For a metric in percent set Task(metric_window=10); in "
+            "other units, the drop worth judging in them",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 def setting_differences(baseline: dict, setting: str) -> list[str]:

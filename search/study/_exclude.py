@@ -25,6 +25,7 @@ from search.model import LayerInfo
 from search.plan import TWO_FOUR, SearchSpace
 from search.study._recipes import INT8
 from search.study._sensitivity import excluded_bits
+from search.tasks import METRIC_WINDOW
 
 
 def unhelpful_options(
@@ -52,9 +53,11 @@ def exclusions(
     precisions: Sequence[str],
     objectives: Sequence[str],
     sensitivity: Sequence[Mapping],
+    window: float = METRIC_WINDOW,
 ) -> dict[str, list]:
-    """Everything the study does not offer, per parameter (see the module's doc)."""
-    return merged(unhelpful_options(space, layers, precisions, objectives), excluded_bits(sensitivity))
+    """Everything the study does not offer, per parameter (see the module's doc); ``window``: the
+    metric span its front is judged over."""
+    return merged(unhelpful_options(space, layers, precisions, objectives), excluded_bits(sensitivity, window))
 
 
 def merged(*exclusions: Mapping[str, Sequence]) -> dict[str, list]:

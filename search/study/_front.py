@@ -1,11 +1,20 @@
-"""The front as the study judges it: the box from the teacher's metric minus :data:`METRIC_WINDOW`
-at the teacher's latency, and the hypervolume a set of (metric, latency) points dominates in it."""
+"""The front as the study judges it: the box from the teacher's metric minus the task's metric
+window (:data:`METRIC_WINDOW` by default) at the teacher's latency, and the hypervolume a set of
+(metric, latency) points dominates in it."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-METRIC_WINDOW = 0.1  # the box's metric span: 10 points of accuracy, 0.1 of cosine similarity
+import optuna
+
+from search._record import StudyKey
+from search.tasks import METRIC_WINDOW  # the box's metric span by default; a task may set its own
+
+
+def study_window(study: optuna.Study) -> float:
+    """The metric span ``study`` judges its front over: its task's, recorded when it was made."""
+    return study.user_attrs.get(StudyKey.METRIC_WINDOW, METRIC_WINDOW)
 
 
 def hypervolume(points: Sequence[tuple[float, float]], reference: tuple[float, float]) -> float:
@@ -21,8 +30,10 @@ def hypervolume(points: Sequence[tuple[float, float]], reference: tuple[float, f
     return area
 
 
-def hypervolume_share(points: Sequence[tuple[float, float]], teacher: tuple[float, float]) -> float:
+def hypervolume_share(
+    points: Sequence[tuple[float, float]], teacher: tuple[float, float], window: float = METRIC_WINDOW
+) -> float:
     """The hypervolume of ``points`` over the whole box's, with the box at the ``teacher``'s
-    (metric, latency): 1 for a plan at the teacher's metric that takes no time at all."""
+    (metric, latency), ``window`` deep: 1 for a plan at the teacher's metric that takes no time at all."""
     metric, latency = teacher
-    return hypervolume(points, (metric - METRIC_WINDOW, latency)) / (METRIC_WINDOW * latency)
+    return hypervolume(points, (metric - window, latency)) / (window * latency)

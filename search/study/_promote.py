@@ -17,7 +17,7 @@ fine-tunes could still give it (its metric at rung ``r`` plus the share of its g
 that earlier promotions from each rung closed: their upper quartile, half of it until two were
 seen) would not be matched by another plan at least as fast. Of those, the promotion goes to the
 plan that would add most to the front's hypervolume (metric × latency, the box from the teacher's
-metric minus :data:`~search.study.METRIC_WINDOW` at the teacher's latency), then to the one that
+metric minus the task's metric window at the teacher's latency), then to the one that
 would reach the highest metric.
 """
 
@@ -154,16 +154,18 @@ def without_promise(
     return [trial for _, waiting in found for trial, p in waiting.values() if p is None]
 
 
-def promote(study: optuna.Study, finetune: Finetune, teacher: tuple[float, float], trials: int) -> int | None:
-    """Enqueue the next promotion (:func:`next_promotion`), unless one waits already or the study's
-    ``trials`` are all run or queued (a promotion past them would be left waiting when the study
-    ends; a resumed study with more trials queues it then); the number of the trial it continues,
-    or None."""
+def promote(
+    study: optuna.Study, finetune: Finetune, teacher: tuple[float, float], trials: int, window: float = METRIC_WINDOW
+) -> int | None:
+    """Enqueue the next promotion (:func:`next_promotion`, the box ``window`` deep), unless one waits
+    already or the study's ``trials`` are all run or queued (a promotion past them would be left
+    waiting when the study ends; a resumed study with more trials queues it then); the number of
+    the trial it continues, or None."""
     everything = study.get_trials(deepcopy=False)
     waiting = [t for t in everything if t.state == TrialState.WAITING]
     if any(Key.CONTINUE_FROM in t.user_attrs for t in waiting) or len(counted(everything)) >= trials:
         return None
-    parent = next_promotion(study, finetune, teacher)
+    parent = next_promotion(study, finetune, teacher, window)
     if parent is None:
         return None
     attrs = {Key.CONTINUE_FROM: parent.number, Key.RUNG: parent.user_attrs[Key.RUNG] + 1}

@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 from search._errors import UsageError
 from search._record import COLUMNS, Key, StudyKey
 from search.study._storage import damaged, make_storage, storage_url
+from search.study._front import study_window
 from search.study._sensitivity import excluded_bits, sensitivity_frame
 from search.study._workers import retried
 
@@ -177,7 +178,7 @@ def load_sensitivity(study: str | Path | optuna.Study, study_name: str | None = 
         study = open_study(study, study_name)
     rows = study.user_attrs.get(StudyKey.SENSITIVITY, [])
     frame = sensitivity_frame(rows)
-    excluded = excluded_bits(rows)
+    excluded = excluded_bits(rows, study_window(study))
     frame["excluded"] = [
         row.pruning == 0 and row.bits in excluded.get(f"{row.layer}.bits", ()) for row in frame.itertuples()
     ]

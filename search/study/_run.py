@@ -19,9 +19,10 @@ from search._record import Key, StudyKey
 from search.compress import Finetune
 from search.costmodel import CostGate
 from search.model import describe_layers, find_blocks
-from search.study._baseline import check_measured_alike, measure_baseline
+from search.study._baseline import check_measured_alike, measure_baseline, warn_of_metric_scale
 from search.study._exclude import exclusions
 from search.study._fidelity import resolve_finetune
+from search.study._front import study_window
 from search.study._objective import CANDIDATE_FAILURES, Objective, StageCallback
 from search.study._optuna import make_sampler, rung_ends
 from search.study._promote import promote, without_promise
@@ -111,6 +112,7 @@ def run(
         if study is None or StudyKey.BASELINE not in study.user_attrs:
             # The task's check (it exports, scores to a finite number, measures) before a new study is written.
             baseline = measure_baseline(task, profiler, setup.staging())
+            warn_of_metric_scale(task, baseline[Key.METRIC])
             if study is None:
                 study = setup.create(spec.directions)
                 _claim_study(study, spec, task)
@@ -251,6 +253,10 @@ def _claim_study(study: optuna.Study, spec: RunSpec, task: Task) -> None:
     _claim(study, StudyKey.TASK, task.name)
     _claim_settings(study, spec)
     _claim_teacher(study, task)
+    _claim(
+        study, StudyKey.METRIC_WINDOW, task.window,
+        "the task's metric_window sets the span its front is judged over: resume it with the same one",
+    )  # fmt: skip
     if [d.name for d in study.directions] != [d.name for d in spec.directions]:
         raise UsageError(
             f"study {study.study_name!r} was made with {len(study.directions)} objectives, not "
@@ -299,12 +305,12 @@ def _work(study: optuna.Study, objective: Objective, callbacks: Sequence[Callabl
     queued first (:func:`promote`), and the plans that could not reach the front as it stands give
     up the state they saved for a promotion (disk: a MiniLM plan's is 330 MB)."""
     baseline = study.user_attrs[StudyKey.BASELINE]
-    teacher = (baseline[Key.METRIC], baseline[Key.LATENCY_MS])
+    teacher, window = (baseline[Key.METRIC], baseline[Key.LATENCY_MS]), study_window(study)
 
     def run_one() -> None:
         if objective.spec.pruner == "asha":
-            promote(study, objective.finetune, teacher, objective.trials())
-            objective.drop_saved_states(without_promise(study, objective.finetune, teacher))
+            promote(study, objective.finetune, teacher, objective.trials(), window)
+            objective.drop_saved_states(without_promise(study, objective.finetune, teacher, window))
         study.optimize(
             lambda trial: objective(study, trial), n_trials=1, catch=(*CANDIDATE_FAILURES, Surplus),
             callbacks=list(callbacks),
@@ -344,7 +350,7 @@ def _objective(
 def _exclusions(study: optuna.Study, spec: RunSpec, layers: list) -> dict[str, list]:
     """What the study does not offer of its space (:func:`exclusions`): the same for every worker."""
     sensitivity = study.user_attrs.get(StudyKey.SENSITIVITY, [])
-    return exclusions(spec.space, layers, spec.target.precisions, spec.objectives, sensitivity)
+    return exclusions(spec.space, layers, spec.target.precisions, spec.objectives, sensitivity, study_window(study))
 
 
 def _finetune(study: optuna.Study, spec: RunSpec, task: Task) -> tuple[Finetune, str]:

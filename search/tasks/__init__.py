@@ -5,10 +5,10 @@ classifier whose teacher is not over-sized for its task (a half-width student lo
 ``minilm`` compresses the pretrained all-MiniLM-L6-v2 sentence encoder on sentence corpora that
 ship with this package.
 
-Names load on first use (PEP 562): :data:`DEFAULT_TASK` without PyTorch."""
+Names load on first use (PEP 562): :data:`DEFAULT_TASK` and :data:`METRIC_WINDOW` without PyTorch."""
 
 from search._lazy import lazy_names
-from search.tasks._default import DEFAULT_TASK
+from search.tasks._default import DEFAULT_TASK, METRIC_WINDOW
 
 __getattr__, __dir__, _LAZY_NAMES = lazy_names(
     __name__,
@@ -21,4 +21,4 @@ __getattr__, __dir__, _LAZY_NAMES = lazy_names(
         "search.tasks._task": ("Metric", "Task", "load_task", "top1_accuracy"),
     },
 )  # fmt: skip
-__all__ = sorted([*_LAZY_NAMES, "DEFAULT_TASK"])
+__all__ = sorted([*_LAZY_NAMES, "DEFAULT_TASK", "METRIC_WINDOW"])

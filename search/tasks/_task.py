@@ -25,7 +25,7 @@ from search.compress import (
 from search.model import (
     Inputs, Output, call, check_example_input, find_blocks, reduce_output, reduced_output, split_batch,
 )  # fmt: skip
-from search.tasks._default import DEFAULT_TASK
+from search.tasks._default import DEFAULT_TASK, METRIC_WINDOW
 
 Metric = Callable[[nn.Module, Iterable], float]
 
@@ -64,6 +64,10 @@ class Task:
     int8 calibration, when ``train``'s batches have another (e.g. trimmed padding); default ``train``.
     ``spec`` is the ``module:function`` that made the task and ``options`` the keywords it was
     called with (set by :func:`load_task`): worker processes load the task by them.
+    ``metric_window``: the metric span, below the teacher's, a study judges its front over, in the
+    metric's own units (:attr:`window`; None: :data:`METRIC_WINDOW`, for a metric in [0, 1]): a
+    plan is promoted to a longer fine-tune for what it could add there, and a bit width that alone
+    drops the metric by more is not offered to that layer. A metric in percent wants 10.
     """
 
     model: nn.Module
@@ -77,6 +81,7 @@ class Task:
     distill_loss: DistillLoss = "kl"
     finetune: Finetune | None = None
     calibration: Iterable | None = None
+    metric_window: float | None = None
     options: dict = dataclasses.field(default_factory=dict)
     _calibration_batches: list | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
     _activity: dict | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
@@ -91,9 +96,21 @@ class Task:
         check_distill_loss(self.distill_loss)
         if self.finetune is not None and not isinstance(self.finetune, Finetune):
             raise UsageError(f"Task.finetune must be a search.Finetune or None, got {type(self.finetune).__name__}")
+        window = self.metric_window
+        if window is not None and not (isinstance(window, numbers.Real) and not isinstance(window, bool)
+                                       and 0 < window < float("inf")):  # fmt: skip
+            raise UsageError(
+                f"Task.metric_window {window!r}: expected None or a positive number in the metric's units "
+                "(0.1 for an accuracy in [0, 1], 10 for one in percent)"
+            )
         self._check_forward()
         if self.metric is None:
             self.metric = top1_accuracy
+
+    @property
+    def window(self) -> float:
+        """The metric span a study judges its front over: ``metric_window``, or :data:`METRIC_WINDOW`."""
+        return METRIC_WINDOW if self.metric_window is None else float(self.metric_window)
 
     def _check_forward(self) -> None:
         """The teacher runs on ``example_input`` and its output reduces to one tensor."""
