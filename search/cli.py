@@ -789,6 +789,7 @@ def export_command(
                 f"{row['export_latency_p90_ms']:.4f}", "" if speedup is None else f"{speedup:.2f}×", row["path"],
             )  # fmt: skip
         _print_table(table)
+        console.print(f"these rows, each file's path relative to {out}: {out / 'front.csv'}", highlight=False)
         differences = sorted({d for found in rows["setting_differences"] for d in found})
         if differences:
             Console(stderr=True).print(

@@ -292,5 +292,5 @@ def test_export_skip_broken_exports_the_rest_and_lists_what_it_skipped(study_cop
     skipped = [line for line in result.stderr.splitlines() if line.startswith("skipped ")]
     assert len(skipped) == 1 and skipped[0].startswith("skipped trial 1: ") and "checkpoint.pt" in skipped[0]
     assert files_under(tmp_path / "deploy") == {
-        "trial-00000", "trial-00000/model.onnx", "trial-00000/plan.json", "trial-00000/checkpoint.pt"
+        "trial-00000", "trial-00000/model.onnx", "trial-00000/plan.json", "trial-00000/checkpoint.pt", "front.csv",
     }  # fmt: skip

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import onnx
 import optuna
+import pandas as pd
 import pytest
 import torch
 
@@ -79,6 +81,10 @@ def test_export_writes_the_front_and_re_measures_it(finished, tiny_task, tmp_pat
         inputs = next(iter(tiny_task.val))[0]
         agree = (model.eval()(inputs).argmax(1) == OnnxModule(row["path"])(inputs).argmax(1)).float().mean()
         assert agree > 0.9  # the ONNX file adds uint8 activations; the checkpoint is its float twin
+    table = pd.read_csv(tmp_path / "deploy" / "front.csv")  # the rows, beside the models
+    assert list(table["number"]) == list(rows["number"]) and list(table["speedup"]) == pytest.approx(rows["speedup"])
+    assert all((tmp_path / "deploy" / path).is_file() for path in table["path"])  # relative: the folder moves whole
+    assert [json.loads(cell) for cell in table["disabled_optimizers"]] == list(rows["disabled_optimizers"])
 
 
 def test_the_export_command_re_measures_locally_or_through_a_service(finished, loopback_service, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import tempfile
@@ -27,6 +28,7 @@ from search.study._spec import spec_of, task_of_study
 from search.tasks import Task
 
 FILES = ("model.onnx", "plan.json", "checkpoint.pt")
+TABLE = "front.csv"  # the exported rows, beside the models
 ROUNDS = 3  # each model measured this many times, in turn with the others and the teacher
 TEACHER = "teacher"
 
@@ -58,8 +60,9 @@ def export(
     (:class:`UsageError`), or with ``skip_broken`` is left out and listed in the result's
     ``attrs["skipped"]`` (``"trial 7: checkpoint.pt …"``). Everything is written into a hidden
     sibling folder of ``out`` first and moved into place at the end: a failure leaves ``out`` as it
-    was. A new ``out`` appears whole; in an existing one each ``trial-<number>`` folder is replaced
-    whole and nothing else is touched.
+    was. A new ``out`` appears whole; in an existing one each ``trial-<number>`` folder and
+    ``front.csv`` (this export's rows, each file's path relative to ``out``) are replaced whole and
+    nothing else is touched.
 
     Returns one row per exported model: search-time and export-time metric and latency side by
     side (``export_metric`` is None where no task could be had: a study started with a Task object,
@@ -130,12 +133,22 @@ def export(
                 rows.append(_row(trial, folder, out / folder.name, measured[number], teacher_measured, task, baseline))
         if not rows:
             raise UsageError(f"no trial of the front could be exported: {'; '.join(skipped)}")
+        frame = pd.DataFrame(rows)
+        _write_table(frame, out, staging / TABLE)
         _move_into_place(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    frame = pd.DataFrame(rows)
     frame.attrs["skipped"] = skipped
     return frame
+
+
+def _write_table(frame: pd.DataFrame, out: Path, path: Path) -> None:
+    """The export's rows as CSV beside the models: each file's path relative to ``out`` (the folder
+    moves whole), lists as JSON."""
+    table = frame.assign(path=[str(Path(p).relative_to(out)) for p in frame["path"]])
+    for column in ("setting_differences", "disabled_optimizers"):
+        table[column] = [json.dumps(value) for value in table[column]]
+    table.to_csv(path, index=False)
 
 
 def broken(folder: Path) -> str | None:
@@ -212,8 +225,9 @@ def _row(
 
 
 def _move_into_place(staging: Path, out: Path) -> None:
-    """``staging`` becomes ``out`` in one rename; into an existing ``out`` each of its folders is
-    renamed in, the one it replaces set aside first and put back if the rename fails."""
+    """``staging`` becomes ``out`` in one rename; into an existing ``out`` each of its entries (the
+    trials' folders, the table) is renamed in, the one it replaces set aside first and put back if
+    the rename fails."""
     if not out.exists():
         os.rename(staging, out)
         return
