@@ -790,6 +790,10 @@ def export_command(
             )  # fmt: skip
         _print_table(table)
         console.print(f"these rows, each file's path relative to {out}: {out / 'front.csv'}", highlight=False)
+        for _, row in rows[rows["trtexec"].notna()].iterrows():  # a TensorRT target's
+            folder = Path(row["path"]).parent
+            line = f"trial {row['number']}'s engine, as measured: cd {folder} && {row['trtexec']}"
+            console.print(line, highlight=False, soft_wrap=True)
         differences = sorted({d for found in rows["setting_differences"] for d in found})
         if differences:
             Console(stderr=True).print(

@@ -44,6 +44,7 @@ from profilers.tensorrt import (
     qdq_hint,
     summarise_graph,
     tensorrt_unavailable_reason,
+    trtexec_command,
 )
 from targets import load_target
 
@@ -1087,3 +1088,40 @@ def test_public_names():
     assert profilers.TensorRTProfiler is TensorRTProfiler
     assert "TensorRTProfiler" in profilers.__all__
     assert EngineLayer(name="a").onnx_nodes == ()
+
+
+def test_the_trtexec_command_builds_the_engine_a_measurement_built():
+    weak = {"network_flags": [], "builder_flags": ["FP16", "INT8", "SPARSE_WEIGHTS"], "workspace_bytes": 2**30}
+    assert trtexec_command("model.onnx", weak) == (
+        "trtexec --onnx=model.onnx --saveEngine=model.engine --fp16 --int8 --sparsity=enable "
+        "--memPoolSize=workspace:1024M"
+    )
+    typed = {"network_flags": ["STRONGLY_TYPED"], "builder_flags": [], "workspace_bytes": None}
+    assert trtexec_command("m.onnx", typed) == "trtexec --onnx=m.onnx --saveEngine=m.engine --stronglyTyped"
+    assert trtexec_command("model.onnx", {"threads": 1, "disabled_optimizers": []}) is None  # ONNX Runtime's
+
+
+def test_export_to_a_tensorrt_target_says_how_to_build_each_engine_as_measured(finished, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import search
+    from search import cli
+
+    study, results = finished
+    profiler = fake_profiler(tmp_path, workspace_bytes=2**29)
+    rows = search.export(study, tmp_path / "deploy", profiler=profiler, rounds=1)
+    assert len(profiler.backend.builds) == 1 + len(rows)  # each exported file, and the teacher's
+    builds = profiler.backend.builds
+    flags = {b["path"].parent.name: [f"--{f.lower()}" for f in b["plan"].builder_flags] for b in builds}
+    for _, row in rows.iterrows():  # the gpu target lists fp16; a file with Q/DQ builds with INT8 too
+        built = flags["trial-%05d" % row["number"]]
+        expected = ["trtexec", "--onnx=model.onnx", "--saveEngine=model.engine", *built, "--memPoolSize=workspace:512M"]
+        assert row["trtexec"].split() == expected
+    assert any("--int8" in command for command in rows["trtexec"])
+    monkeypatch.setattr(profilers, "get_profiler", lambda *args, **kwargs: profiler)
+    arguments = ["export", str(results / "done"), "--out", str(tmp_path / "cli"), "--rounds", "1"]
+    result = CliRunner().invoke(cli.app, arguments)
+    assert result.exit_code == 0, result.output
+    number = rows["number"].iloc[0]
+    folder = tmp_path / "cli" / f"trial-{number:05d}"
+    assert f"trial {number}'s engine, as measured: cd {folder} && trtexec --onnx=model.onnx" in result.output

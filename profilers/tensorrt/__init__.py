@@ -11,13 +11,21 @@ function, tested without one:
 - :func:`build_plan`: the network and builder flags, from the target's precisions, the graph and
   the TensorRT version; :func:`build_serialized_engine`: the build itself, against a
   ``tensorrt`` module passed in;
+- :func:`trtexec_command`: the ``trtexec`` line that builds the engine a measurement built;
 - :func:`engine_cache_key`: the engine cache key, so a repeated plan never rebuilds;
 - :func:`parse_engine_information` and :func:`layer_report`: the per-layer report from the engine
   inspector's JSON and the ``IProfiler`` callbacks;
 - :func:`default_timing`: trtexec-like timing knobs for the target.
 """
 
-from profilers.tensorrt._build import BuildPlan, build_plan, build_serialized_engine, profile_shapes, tensorrt_major
+from profilers.tensorrt._build import (
+    BuildPlan,
+    build_plan,
+    build_serialized_engine,
+    profile_shapes,
+    tensorrt_major,
+    trtexec_command,
+)
 from profilers.tensorrt._cache import DEFAULT_ENGINE_DIR, engine_cache_key, engine_path
 from profilers.tensorrt._cuda import (
     CudaError,
@@ -65,4 +73,5 @@ __all__ = [
     "summarise_graph",
     "tensorrt_major",
     "tensorrt_unavailable_reason",
+    "trtexec_command",
 ]

@@ -105,6 +105,27 @@ def build_plan(
     )
 
 
+# trtexec's spelling of each flag a BuildPlan sets
+_TRTEXEC_FLAGS = {
+    "STRONGLY_TYPED": "--stronglyTyped", "FP16": "--fp16", "INT8": "--int8", "SPARSE_WEIGHTS": "--sparsity=enable",
+}  # fmt: skip
+
+
+def trtexec_command(onnx_file: str, device: Mapping[str, object]) -> str | None:
+    """The ``trtexec`` command that builds, from ``onnx_file``, the engine a TensorRT measurement
+    built: its ``device`` record's network and builder flags and workspace cap, the engine saved
+    beside the file. None for a measurement by another runtime (no builder flags recorded). The
+    files this project exports have static shapes, so no ``--shapes`` is needed."""
+    if "builder_flags" not in device:
+        return None
+    engine = f"{onnx_file.removesuffix('.onnx')}.engine"
+    words = ["trtexec", f"--onnx={onnx_file}", f"--saveEngine={engine}"]
+    words += [_TRTEXEC_FLAGS[flag] for flag in (*device.get("network_flags", ()), *device["builder_flags"])]
+    if device.get("workspace_bytes"):
+        words.append(f"--memPoolSize=workspace:{max(1, int(device['workspace_bytes']) // 2**20)}M")
+    return " ".join(words)
+
+
 # --- Building an engine -------------------------------------------------------------------------
 
 

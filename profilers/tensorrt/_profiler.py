@@ -168,6 +168,7 @@ class TensorRTProfiler(Profiler):
                 **device,
                 "network_flags": list(plan.network_flags),
                 "builder_flags": list(plan.builder_flags),
+                "workspace_bytes": self.workspace_bytes,
                 "tensorrt_notes": list(plan.notes),
                 "engine": source,
                 "engine_build_s": build_s,

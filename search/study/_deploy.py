@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 
 from profilers import Measurement, Profiler, get_profiler, measure_in_turn
+from profilers.tensorrt import trtexec_command
 from search._errors import UsageError, first_line
 from search._record import Key, StudyKey
 from search.artifacts import OnnxModule, measure_candidate
@@ -68,7 +69,8 @@ def export(
     side (``export_metric`` is None where no task could be had: a study started with a Task object,
     exported without ``task``; the teacher's columns are None where its file is gone), and the
     ``disabled_optimizers`` ONNX Runtime's session measured it with (None for another runtime): a
-    deployment's session takes the same.
+    deployment's session takes the same; for a TensorRT measurement, ``trtexec``: the command that
+    builds, in the model's folder, the engine it measured (None for another runtime).
     The checkpoint holds ``{"plan": json, "state_dict": ...}``; load it with ``weights_only=True``
     into ``search.build_structure(teacher, Plan.from_json(plan), example_input)``.
     ``profiler`` defaults to the study's target's own (a :class:`~profilers.RemoteProfiler` measures
@@ -221,6 +223,7 @@ def _row(
         Key.ENERGY_MJ: measurement.energy_mj,
         Key.ENERGY_SOURCE: measurement.energy_source,
         "disabled_optimizers": measurement.device.get("disabled_optimizers"),  # ONNX Runtime's, to deploy with
+        "trtexec": trtexec_command("model.onnx", measurement.device),  # TensorRT's engine, built as measured
     }
 
 
