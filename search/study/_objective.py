@@ -58,12 +58,17 @@ LAYER_TIMES_KEPT = 100  # slowest layers recorded on a trial: a Transformer bloc
 OutOfMemory = (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
 # What fails one candidate's trial and lets the study go on.
 CANDIDATE_FAILURES = (CandidateError, MeasurementError)
+# A plan measured over the budget by at most this share is measured once more, the faster kept: a
+# shared machine slows a whole measurement by as much (interference never makes runs faster), and a
+# plan left over the budget is never fine-tuned.
+RECHECK_OVER_BUDGET = 0.1
 FINETUNE_STATE = "finetune.pt"  # a trial's fine-tune as it stopped, for a promotion to go on with
 GRAPHS = "graphs"  # each structure's graph without its weights (Objective._graph)
 # What a promotion copies from the trial it continues: the measured record of the same plan.
 MEASURED = (
     Key.LATENCY_MS, Key.LATENCY_P90_MS, Key.LATENCY_RUNS, Key.LATENCY_SPREAD,
-    Key.LATENCY_STABLE, Key.LATENCY_SESSION_MEDIANS_MS, Key.LATENCY_QUIET_SHARE, Key.LATENCY_SOURCE, Key.ENERGY_MJ,
+    Key.LATENCY_STABLE, Key.LATENCY_SESSION_MEDIANS_MS, Key.LATENCY_QUIET_SHARE, Key.LATENCY_MEASUREMENTS,
+    Key.LATENCY_SOURCE, Key.ENERGY_MJ,
     Key.ENERGY_SOURCE, Key.PRECISION, Key.LAYER_PRECISION, Key.RUNTIME, Key.MEASURED_ON, Key.DEVICE, Key.LAYER_TIMES,
 )  # fmt: skip
 
@@ -232,9 +237,9 @@ class Objective:
                 structure.load_state_dict(baked_state_dict(candidate))
                 exported = self._export(structure, plan, trial_dir, raw)
                 self._stage(trial, "measure", seconds)
-                measurement = self._measure(exported.path, structure, plan)
+                measurement, count = self._measure(exported.path, structure, plan)
                 check_measured_alike(study.user_attrs[StudyKey.BASELINE], measurement.setting)
-                over = self._record_measurement(trial, measurement, exported.layer_precision)
+                over = self._record_measurement(trial, measurement, count, exported.layer_precision)
             else:
                 over = self._copy_measurement(trial, parent)
             skipped = "measured over the budget" if over else None
@@ -306,19 +311,28 @@ class Objective:
         (trial_dir / "plan.json").write_text(plan.to_json())
         torch.save({"plan": plan.to_json(), "state_dict": structure.state_dict()}, trial_dir / "checkpoint.pt")
 
-    def _measure(self, path: Path, structure: torch.nn.Module, plan: Plan) -> Measurement:
+    def _measure(self, path: Path, structure: torch.nn.Module, plan: Plan) -> tuple[Measurement, int]:
+        """The plan's measurement, and how many were taken: where the first is over the budget by at
+        most :data:`RECHECK_OVER_BUDGET`, the faster of it and a second one."""
         with measuring_alone(self.spec.target.name):
-            measurement = measure_candidate(self.profiler, path, structure, self.task.example_input, plan)
+            taken = [measure_candidate(self.profiler, path, structure, self.task.example_input, plan)]
+            budget = self.budget_ms
+            if budget is not None and budget < taken[0].latency_ms <= budget * (1 + RECHECK_OVER_BUDGET):
+                taken.append(measure_candidate(self.profiler, path, structure, self.task.example_input, plan))
+        measurement = min(taken, key=lambda m: m.latency_ms)
         if not measurement.stable:
             raise CandidateError(
                 f"latency did not stabilise: in the fastest of {len(measurement.session_medians_ms) or 1} "
                 f"sessions the median still moved after {self.profiler.max_time_s:g} s (spread "
                 f"{measurement.spread:.1%}); is the machine busy?"
             )
-        return measurement
+        return measurement, len(taken)
 
-    def _record_measurement(self, trial: optuna.Trial, measurement: Measurement, layer_precision: Mapping) -> bool:
-        """Record what was measured, with the budget as a constraint; whether it is over the budget."""
+    def _record_measurement(
+        self, trial: optuna.Trial, measurement: Measurement, count: int, layer_precision: Mapping
+    ) -> bool:
+        """Record what was measured (the fastest of ``count`` measurements), with the budget as a
+        constraint; whether it is over the budget."""
         summary = measurement.to_dict()
         record = {
             Key.LATENCY_MS: measurement.latency_ms,
@@ -328,6 +342,7 @@ class Objective:
             Key.LATENCY_STABLE: measurement.stable,
             Key.LATENCY_SESSION_MEDIANS_MS: list(measurement.session_medians_ms),
             Key.LATENCY_QUIET_SHARE: measurement.quiet_share,
+            Key.LATENCY_MEASUREMENTS: count,
             Key.LATENCY_SOURCE: f"{measurement.source}:{measurement.runtime}",
             Key.ENERGY_MJ: measurement.energy_mj,
             Key.ENERGY_SOURCE: measurement.energy_source,
