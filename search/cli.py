@@ -92,14 +92,16 @@ _debug = {"on": False}
 @app.callback()
 def _main(debug: Annotated[bool, typer.Option(help="Show tracebacks for errors.")] = False) -> None:
     _debug["on"] = debug
-    warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
+    shown = warnings.showwarning
+    if getattr(shown, "func", None) is not _show_warning:  # once, however many commands a process runs
+        warnings.showwarning = functools.partial(_show_warning, shown)
 
 
 def _show_warning(shown_otherwise, message, category, filename, lineno, file=None, line=None) -> None:
     """This package's warnings as one line on stderr, as its errors are; others as Python shows them."""
     if Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent):
-        line = Text.assemble(("warning: ", "bold yellow"), str(message))
-        Console(stderr=True).print(line, highlight=False, soft_wrap=True)
+        text = Text.assemble(("warning: ", "bold yellow"), str(message))
+        Console(stderr=True).print(text, highlight=False, soft_wrap=True)
     else:
         shown_otherwise(message, category, filename, lineno, file, line)
 
