@@ -14,19 +14,24 @@ K = TypeVar("K", bound=Hashable)
 
 
 def measure_in_turn(
-    measures: Mapping[K, Callable[[], Measurement]], rounds: int = 3
+    measures: Mapping[K, Callable[[], Measurement]],
+    rounds: int = 3,
+    before_each: Callable[[K, int], None] | None = None,
 ) -> tuple[dict[K, Measurement], dict[K, MeasurementError]]:
     """Call each of ``measures`` (by any key) once a round, in their order, for ``rounds`` rounds
-    (a, b, c, a, b, c, …). Returns each one's measurement of median latency (of an even count, the
-    slower middle one: a measurement taken, not an average of two), and the
-    :class:`~profilers.MeasurementError` of each one that raised (it is measured no more)."""
+    (a, b, c, a, b, c, …), ``before_each(key, round)`` first where given (progress). Returns each
+    one's measurement of median latency (of an even count, the slower middle one: a measurement
+    taken, not an average of two), and the :class:`~profilers.MeasurementError` of each one that
+    raised (it is measured no more)."""
     if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
         raise ValueError(f"rounds {rounds!r}: expected a whole number of at least 1")
     taken: dict[K, list[Measurement]] = {key: [] for key in measures}
     failed: dict[K, MeasurementError] = {}
-    for _ in range(rounds):
+    for round_ in range(rounds):
         for key, measure in measures.items():
             if key not in failed:
+                if before_each is not None:
+                    before_each(key, round_)
                 try:
                     taken[key].append(measure())
                 except MeasurementError as exc:

@@ -772,8 +772,11 @@ def export_command(
     with _user_errors():
         opened = open_study(study, study_name)
         measurer = profilers.get_profiler(spec_of(opened).target, service=profiler, token=token)
-        with console.status("exporting and re-measuring the Pareto front…"):
-            rows = export(opened, out, profiler=measurer, skip_broken=skip_broken, rounds=rounds)
+        with console.status("exporting and re-measuring the Pareto front…") as status:
+            rows = export(
+                opened, out, profiler=measurer, skip_broken=skip_broken, rounds=rounds,
+                progress=lambda text: status.update(f"exporting the Pareto front: {text}…"),
+            )  # fmt: skip
         teacher = rows["teacher_latency_ms"].dropna()
         session = _session_words(rows["disabled_optimizers"])
         caption = f"re-measured in turn with the teacher, median of {rounds}{session}"

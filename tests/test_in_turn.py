@@ -32,8 +32,10 @@ def test_each_model_is_measured_once_a_round_in_turn_and_its_median_measurement_
 
         return measure
 
-    measured, failed = measure_in_turn({"a": measurer("a"), "b": measurer("b")}, rounds=3)
+    heard = []
+    measured, failed = measure_in_turn({"a": measurer("a"), "b": measurer("b")}, 3, lambda *said: heard.append(said))
     assert calls == ["a", "b", "a", "b", "a", "b"] and not failed
+    assert heard == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2)]
     assert measured["a"].latency_ms == 2.0 and measured["b"].latency_ms == 6.0
     assert measured["a"].latency_p90_ms == pytest.approx(2.2)  # the median measurement whole, not a mix
     readings = {"a": iter([3.0, 1.0]), "b": iter([5.0, 7.0])}
@@ -82,8 +84,12 @@ class _Drifting:
 def test_export_measures_the_front_in_turn_with_the_teacher_and_says_their_speedup(finished, tmp_path):
     study, _ = finished
     profiler = _Drifting(study.user_attrs[StudyKey.BASELINE])
-    rows = search.export(study, tmp_path / "deploy", profiler=profiler, rounds=3)
+    heard = []
+    rows = search.export(study, tmp_path / "deploy", profiler=profiler, rounds=3, progress=heard.append)
     files = 1 + len(rows)
+    first = rows["number"].iloc[0]
+    assert heard[:2] == ["measuring the teacher, round 1 of 3", f"measuring trial {first}, round 1 of 3"]
+    assert len(heard) == 3 * files and heard[-1].endswith("round 3 of 3")
     assert len(profiler.paths) == 3 * files
     assert profiler.paths[:files] == profiler.paths[files : 2 * files] == profiler.paths[2 * files :]
     assert profiler.paths[0] == profiler.teacher  # then each exported model, in the front's order

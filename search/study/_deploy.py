@@ -42,6 +42,7 @@ def export(
     task: Task | None = None,
     skip_broken: bool = False,
     rounds: int = ROUNDS,
+    progress: Callable[[str], None] | None = None,
 ) -> pd.DataFrame:
     """Copy each Pareto-optimal trial's ONNX file, plan JSON and PyTorch checkpoint to
     ``out/trial-<number>/``, score the copied ONNX file on the task's data and re-measure it on the
@@ -76,7 +77,8 @@ def export(
     ``profiler`` defaults to the study's target's own (a :class:`~profilers.RemoteProfiler` measures
     on the device). A profiler that runs PyTorch modules (the ``gpu`` target on PyTorch CUDA)
     measures the checkpoint instead, rebuilt on the study's task (``task``, or the one the study
-    was started with by ``module:function``), and the teacher's module.
+    was started with by ``module:function``), and the teacher's module. ``progress(text)``, where
+    given, hears what is being measured or scored.
     """
     if not isinstance(study, optuna.Study):
         study = open_study(study, study_name)
@@ -117,7 +119,12 @@ def export(
                 shutil.copy2(source / name, folder / name)
         measures = {number: _measurer(profiler, task, folder) for number, folder in copied.items()}
         teacher = _teacher_measurer(baseline, profiler, task)
-        measured, failed = measure_in_turn({TEACHER: teacher, **measures} if teacher else measures, rounds)
+        def measuring(key, round_: int) -> None:
+            if progress is not None:
+                which = "the teacher" if key == TEACHER else f"trial {key}"
+                progress(f"measuring {which}, round {round_ + 1} of {rounds}")
+
+        measured, failed = measure_in_turn({TEACHER: teacher, **measures} if teacher else measures, rounds, measuring)
         if TEACHER in failed:
             raise UsageError(
                 f"the study's teacher cannot be measured on {spec.target.name} now "
@@ -130,6 +137,8 @@ def export(
                 problem = first_line(str(failed[number]))
                 left_out(number, f"model.onnx cannot be measured on {spec.target.name} ({problem})")
             elif number in measured:
+                if progress is not None and task is not None:
+                    progress(f"scoring trial {number}")
                 folder = copied[number]
                 teacher_measured = measured.get(TEACHER)
                 rows.append(_row(trial, folder, out / folder.name, measured[number], teacher_measured, task, baseline))
