@@ -794,7 +794,7 @@ def export_command(
                 f"{row['export_latency_p90_ms']:.4f}", "" if speedup is None else f"{speedup:.2f}×", row["path"],
             )  # fmt: skip
         _print_table(table)
-        console.print(f"these rows, each file's path relative to {out}: {out / 'front.csv'}", highlight=False)
+        console.print(f"the rows above, paths relative to the folder: {out / 'front.csv'}", highlight=False)
         for _, row in rows[rows["trtexec"].notna()].iterrows():  # a TensorRT target's
             folder = Path(row["path"]).parent
             line = f"trial {row['number']}'s engine, as measured: cd {folder} && {row['trtexec']}"
