@@ -7,6 +7,7 @@ wait for them."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import functools
 import json
@@ -58,6 +59,7 @@ MAX_EPOCHS = 10_000.0
 MAX_STEPS = 10_000_000
 MAX_SEQ_LEN = 65_536
 MAX_WORKERS = 256
+MIN_METRIC_WINDOW, MAX_METRIC_WINDOW = 1e-9, 1e9  # in the task's metric's units, whatever they are
 
 
 def within(low: float, high: float) -> dict:
@@ -228,6 +230,15 @@ def run_command(
         Optional[int],
         typer.Option(**within(1, MAX_SEQ_LEN), help="Sequence length latency is measured at, for tasks that take one."),
     ] = None,
+    metric_window: Annotated[
+        Optional[float],
+        typer.Option(
+            **within(MIN_METRIC_WINDOW, MAX_METRIC_WINDOW),
+            help="The drop below the teacher's metric the front is judged within, in the metric's units: plans are "
+            "fine-tuned longer for what they could add there, and a bit width that alone drops the metric by more is "
+            "not offered \\[default: the task's, else 0.1: 10 points of an accuracy in 0 to 1].",
+        ),
+    ] = None,
     prune_trials: Annotated[
         bool,
         typer.Option("--pruner/--no-pruner", help="Successive halving: screen every plan with a short fine-tune and "
@@ -293,6 +304,8 @@ def run_command(
                 measurer.check()
         with console.status(f"loading task {task}…"):
             task_obj = load_task(task, **spec.task_options)
+            if metric_window is not None:
+                task_obj = dataclasses.replace(task_obj, metric_window=metric_window)
         if workers > 1 and not isinstance(measurer, profilers.RemoteProfiler):
             console.print(
                 f"note: {workers} workers fine-tune on this machine while it measures; measurements take "

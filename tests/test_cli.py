@@ -60,6 +60,19 @@ def test_seq_len_goes_to_the_task_and_the_tasks_finetune_is_the_default(captured
     assert captured["kwargs"]["finetune"] == Finetune(steps=7, lr=1e-4, schedule="cosine")
 
 
+def test_metric_window_sets_the_tasks_and_the_task_keeps_its_own_without_it(captured, tiny_task, tmp_path):
+    captured["task_to_load"] = dataclasses.replace(tiny_task, metric_window=5)
+    args = ["run", "--task", "mine:make", "--results-dir", str(tmp_path), "--cost-model", "off"]
+    result = runner.invoke(cli.app, [*args, "--metric-window", "10"])
+    assert result.exit_code == 0, result.output
+    assert captured["task"].metric_window == 10 and captured["task"].window == 10.0
+    result = runner.invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    assert captured["task"].metric_window == 5
+    result = runner.invoke(cli.app, [*args, "--metric-window", "0"])
+    assert result.exit_code == 2 and "0.0 is not in the range" in " ".join(result.output.replace("│", " ").split())
+
+
 @pytest.mark.parametrize(
     ("flag", "status", "message"),
     [
