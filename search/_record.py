@@ -101,6 +101,7 @@ class StudyKey:
     TASK = "task"  # the task's name: a resumed or joined study must compress the same task
     TEACHER_SHA256 = "teacher_sha256"  # and the same teacher weights
     BASELINE = "baseline"  # the uncompressed teacher, scored and measured once
+    TEACHER_AT_END = "teacher_at_end"  # the teacher measured again as the latest run ended: the host's drift
     BUDGET_MS = "budget_ms"  # the budget in ms, resolved once against the baseline
     METRIC_WINDOW = "metric_window"  # the metric span the front is judged over: the task's (Task.window)
     COST_MODEL_WARM_START = "cost_model_warm_start"  # measurements from earlier studies

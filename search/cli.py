@@ -472,6 +472,12 @@ def _print_front(study: optuna.Study, sort: str | None = None) -> None:
     )
     runtime = frame[Key.RUNTIME].dropna().iloc[0] if Key.RUNTIME in frame and frame[Key.RUNTIME].notna().any() else "the target"
     caption = f"latency: median and p90, measured by {runtime}{_front_session_words(frame)}; * estimated, not measured"
+    again = study.user_attrs.get(StudyKey.TEACHER_AT_END)
+    if again:
+        caption += (
+            f"; the teacher measured {again[Key.LATENCY_MS]:.4f} ms as the latest run ended ({again['change']:+.1%}): "
+            "the host's drift, which the trials' latencies carry too (search export measures the front with the teacher)"
+        )
     table = Table(title=title, caption=caption)
     for column in ("trial", "metric", "ms", "p90 ms", "speedup", "energy mJ", "KiB", "precision", "steps", "recipe"):
         table.add_column(column, justify="left" if column == "recipe" else "right")

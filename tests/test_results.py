@@ -126,3 +126,20 @@ def test_each_trial_and_the_front_table_say_which_graph_optimizations_the_sessio
     assert _front_session_words(frame) == f" with disabled_optimizers={sorted(disabled_optimizers())}"
     assert _front_session_words(frame.drop(columns=[f"user_attrs_{Key.DEVICE}"])) == ""
     assert _session_words([None, None]) == ""  # measured by TensorRT or PyTorch
+
+
+def test_the_teacher_is_measured_again_as_a_run_ends_and_the_front_table_says_by_how_much_it_moved(finished):
+    """The host's drift over the run, which the trials' latencies carry too: one more measurement."""
+    from typer.testing import CliRunner
+
+    from search import cli
+    from search._record import Key, StudyKey
+
+    study, results = finished
+    again, baseline = study.user_attrs[StudyKey.TEACHER_AT_END], study.user_attrs[StudyKey.BASELINE]
+    assert again[Key.LATENCY_MS] > 0
+    assert again["change"] == pytest.approx(again[Key.LATENCY_MS] / baseline[Key.LATENCY_MS] - 1)
+    shown = CliRunner().invoke(cli.app, ["results", str(results / "done")], terminal_width=400)
+    assert shown.exit_code == 0, shown.output
+    words = " ".join(shown.output.split())
+    assert f"the teacher measured {again[Key.LATENCY_MS]:.4f} ms as the latest run ended ({again['change']:+.1%})" in words

@@ -78,6 +78,18 @@ def measure_baseline(task: Task, profiler: Profiler, directory: Path) -> dict:
     }
 
 
+def teacher_again(task: Task, profiler: Profiler, baseline: dict) -> dict | None:
+    """The study's teacher measured once more, as a run ends: its latency, and its change since the
+    baseline's (the host's drift over the run, which the trials' latencies carry too); None where
+    it cannot be measured now (the run's results stand without it)."""
+    try:
+        with measuring_alone(profiler.target.name):
+            measurement = measure_candidate(profiler, Path(baseline["onnx"]), task.model, task.example_input)
+    except (MeasurementError, CandidateError, OSError):
+        return None
+    return {Key.LATENCY_MS: measurement.latency_ms, "change": measurement.latency_ms / baseline[Key.LATENCY_MS] - 1}
+
+
 def warn_of_metric_scale(task: Task, metric: float) -> None:
     """Warn where the teacher's ``metric`` lies outside [-1, 1] and the task sets no
     ``metric_window``: the default window is then likely a sliver of the metric's scale (a tenth of

@@ -19,7 +19,7 @@ from search._record import Key, StudyKey
 from search.compress import Finetune
 from search.costmodel import CostGate
 from search.model import describe_layers, find_blocks
-from search.study._baseline import check_measured_alike, measure_baseline, warn_of_metric_scale
+from search.study._baseline import check_measured_alike, measure_baseline, teacher_again, warn_of_metric_scale
 from search.study._exclude import exclusions
 from search.study._fidelity import resolve_finetune
 from search.study._front import study_window
@@ -170,6 +170,7 @@ def run(
             f"{len(failed)} of {spec.workers - 1} worker processes failed (exit codes {failed}); "
             f"see {directory / 'workers'}/*.log"
         )
+    study.set_user_attr(StudyKey.TEACHER_AT_END, teacher_again(task, profiler, study.user_attrs[StudyKey.BASELINE]))
     return study
 
 
