@@ -72,7 +72,8 @@ def run(
     the budget and not worth measuring are skipped (:meth:`CostGate.veto_reason`). With
     ``workers`` > 1 this process plus ``workers - 1`` ``search worker`` processes on this machine
     share the study (the task must come from :func:`search.load_task`, so that they can load it
-    too); other machines join with :func:`work` on the same ``storage``.
+    too); other machines join with :func:`work` on the same ``storage``. As the run ends the teacher
+    is measured once more (the study's ``teacher_at_end``: how far the machine drifted over it).
     """
     started = time.monotonic()  # the timeout counts from here: setup (baseline, sensitivity) included
     if spec is None:
