@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import optuna
 import pytest
 
 import profilers
@@ -119,3 +120,19 @@ def test_export_says_where_its_measurement_setting_is_not_the_studys(finished, t
     assert result.exit_code == 0, result.output
     assert f"re-measured under another setting than the study's ({expected})" in words
     assert "speedup" in words and "re-measured in turn with the teacher, median of 3" in words
+
+
+def test_a_study_without_its_teachers_measurement_or_file_exports_without_them(finished, fast_profiler, tmp_path):
+    """A study from before the teacher's measurement was recorded, its folder copied without
+    ``baseline/``: the front is exported and measured, the teacher's columns empty."""
+    study, results = finished
+    storage = optuna.storages.InMemoryStorage()
+    source = f"sqlite:///{results / 'done' / 'study.db'}"
+    optuna.copy_study(from_study_name=study.study_name, from_storage=source, to_storage=storage)
+    old = optuna.load_study(study_name=study.study_name, storage=storage)
+    baseline = {k: v for k, v in old.user_attrs[StudyKey.BASELINE].items() if k != "measurement"}
+    old.set_user_attr(StudyKey.BASELINE, {**baseline, "onnx": str(tmp_path / "gone" / "model.onnx")})
+    rows = search.export(old, tmp_path / "deploy", profiler=fast_profiler, rounds=1)
+    assert len(rows) and all(row == [] for row in rows["setting_differences"])
+    assert rows["teacher_latency_ms"].isna().all() and rows["speedup"].isna().all()
+    assert (rows["export_latency_ms"] > 0).all()

@@ -226,8 +226,9 @@ def _row(
         "teacher_latency_ms": teacher.latency_ms if teacher else None,
         "speedup": teacher.latency_ms / measurement.latency_ms if teacher else None,
         # Where the setting differs (ONNX Runtime upgraded since the search), the search-time latency
-        # is of another cost function: only the export's own columns compare.
-        "setting_differences": setting_differences(baseline, measurement.setting) if baseline else [],
+        # is of another cost function: only the export's own columns compare. (A study from before
+        # the teacher's measurement was recorded says nothing.)
+        "setting_differences": setting_differences(baseline, measurement.setting) if "measurement" in baseline else [],
         Key.LATENCY_SOURCE: f"{measurement.source}:{measurement.runtime}",
         Key.ENERGY_MJ: measurement.energy_mj,
         Key.ENERGY_SOURCE: measurement.energy_source,
