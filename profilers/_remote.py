@@ -58,6 +58,7 @@ class RemoteProfiler(Profiler):
         self.timeout_s = timeout_s
         self._url = f"http://{address}"
         self._headers = {"Authorization": f"Bearer {token}"}
+        self._health: dict[str, object] | None = None  # the last check's answer
 
     def measure(
         self, onnx_path: str | Path, inputs: Mapping[str, np.ndarray] | None = None
@@ -111,12 +112,14 @@ class RemoteProfiler(Profiler):
         answer = self._json(self._request("GET", "/health"))
         self._check_target(answer.get("target"))
         self._check_limits(answer.get("limits"))
+        self._health = answer
         return answer
 
     def setting(self) -> str | None:
         """The setting the service's measurements will carry, as its ``/health`` says (once the
-        address, token, target and limits are checked); None from a service that does not say."""
-        setting = self.check().get("setting")
+        address, token, target and limits are checked: by this profiler's last :meth:`check`, else
+        now); None from a service that does not say."""
+        setting = (self._health or self.check()).get("setting")
         return setting if isinstance(setting, str) else None
 
     def _request(self, method: str, route: str, **kwargs: object) -> httpx.Response:

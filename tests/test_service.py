@@ -88,6 +88,25 @@ def test_measures_over_loopback(address, model):
     assert result.runtime == "onnxruntime-cpu" and result.source == "measured"
 
 
+def test_the_setting_comes_from_the_check_already_made(address, monkeypatch):
+    """The command line checks the service before the task loads; the run then asks its setting:
+    one round trip to ``/health``, not two."""
+    asked = []
+
+    def counted():
+        profiler = client(address)
+        request = profiler._request
+        monkeypatch.setattr(
+            profiler, "_request", lambda method, route, **kw: asked.append(route) or request(method, route, **kw)
+        )
+        return profiler
+
+    profiler = counted()
+    health = profiler.check()
+    assert profiler.setting() == health["setting"] and asked == ["/health"]
+    assert counted().setting() == health["setting"] and asked == ["/health", "/health"]  # unchecked: asked now
+
+
 def test_health_names_the_target(address):
     health = client(address).check()
     assert health["target"] == "cpu" and health["runtime"] == "onnxruntime-cpu"
