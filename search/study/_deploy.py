@@ -99,11 +99,16 @@ def export(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     rows, skipped = [], []
+    say = progress or (lambda text: None)
 
     def left_out(number: int, problem: str) -> None:
         if not skip_broken:
             raise UsageError(f"trial {number}: {problem}; pass --skip-broken to export the other trials")
         skipped.append(f"trial {number}: {problem}")
+
+    def measuring(key, round_: int) -> None:
+        which = "the teacher" if key == TEACHER else f"trial {key}"
+        say(f"measuring {which}, round {round_ + 1} of {rounds}")
 
     try:
         copied = {}
@@ -119,17 +124,13 @@ def export(
                 shutil.copy2(source / name, folder / name)
         measures = {number: _measurer(profiler, task, folder) for number, folder in copied.items()}
         teacher = _teacher_measurer(baseline, profiler, task)
-        def measuring(key, round_: int) -> None:
-            if progress is not None:
-                which = "the teacher" if key == TEACHER else f"trial {key}"
-                progress(f"measuring {which}, round {round_ + 1} of {rounds}")
-
         measured, failed = measure_in_turn({TEACHER: teacher, **measures} if teacher else measures, rounds, measuring)
         if TEACHER in failed:
             raise UsageError(
                 f"the study's teacher cannot be measured on {spec.target.name} now "
                 f"({first_line(str(failed[TEACHER]))}): the exported models' speed-ups are measured against it"
             )
+        teacher_measured = measured.get(TEACHER)
         for _, trial in front.iterrows():
             number = trial["number"]
             if number in failed:
@@ -137,10 +138,9 @@ def export(
                 problem = first_line(str(failed[number]))
                 left_out(number, f"model.onnx cannot be measured on {spec.target.name} ({problem})")
             elif number in measured:
-                if progress is not None and task is not None:
-                    progress(f"scoring trial {number}")
+                if task is not None:
+                    say(f"scoring trial {number}")
                 folder = copied[number]
-                teacher_measured = measured.get(TEACHER)
                 rows.append(_row(trial, folder, out / folder.name, measured[number], teacher_measured, task, baseline))
         if not rows:
             raise UsageError(f"no trial of the front could be exported: {'; '.join(skipped)}")
