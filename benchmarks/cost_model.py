@@ -1,13 +1,16 @@
 """Benchmark the learned cost model (prints figures; asserts nothing).
 
-    python benchmarks/cost_model.py accuracy [--task digits|resnet18] [--held-out 32]
+    python benchmarks/cost_model.py accuracy [--task digits|resnet18|signal-transformer] [--held-out 32] [--cache F]
     python benchmarks/cost_model.py search [--trials 40] [--budget 0.15x] [--seeds 0,1,2] [--equal-time]
         [--warm-start N]
     python benchmarks/cost_model.py replay [--trials 40] [--budget 0.15x] [--seeds 0,1,2,3] [--cache FILE]
 
 ``accuracy``: random plans are built (no fine-tuning: weights do not change latency), exported and
 measured on the cpu target; the cost model and a FLOPs-only linear baseline are trained on the first
-16, 32 and 64 and scored on the held-out rest. ``search``: the default study with the cost model on
+16, 32 and 64 and scored on the held-out rest; ``--cache`` keeps the plans and their latencies, and a
+later run computes their features again from the plans: a new feature layout is compared on the
+same measurements. ``signal-transformer``: the unseen Transformer's network (``nn.MultiheadAttention``),
+untrained (weights do not change latency). ``search``: the default study with the cost model on
 and off, same seed and number of trials: work skipped, wall-clock, and the hypervolume of each front
 (metric × latency, reference point: metric 0 at the budget); then every plan the study did not
 measure (vetoed, or stopped by the pruner) is built and measured (no fine-tune) to count the
@@ -42,7 +45,7 @@ from profilers import cpu_info, get_profiler
 from search.artifacts import export_candidate
 from search.compress import apply_plan, bake
 from search.costmodel import (
-    FEATURE_NAMES,
+    FEATURE_VERSION,
     MAX_EXPECTED_HEADROOM,
     MIN_MEASUREMENTS,
     CostGate,
@@ -53,7 +56,7 @@ from search.costmodel import (
     latency_figures,
     plan_features,
 )
-from search.model import describe_layers
+from search.model import describe_layers, find_blocks
 from search.plan import SearchSpace, parse_budget, suggest_plan
 from search.tasks import digits
 from targets import load_target
@@ -102,41 +105,66 @@ def _latencies(task: search.Task, frame) -> tuple[np.ndarray, np.ndarray]:
     return latency, afterwards
 
 
-def _measure_random_plans(task: search.Task, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    target = load_target("cpu")
-    profiler = get_profiler(target)
+def _accuracy_task(name: str) -> search.Task:
+    if name == "digits":
+        return digits()
+    if name == "resnet18":
+        return _resnet18_task()
+    from benchmarks.unseen_transformer import SignalTransformer
+
+    torch.manual_seed(0)
+    signals = torch.randn(8, 4, 128, generator=torch.Generator().manual_seed(0))
+    batches = [(signals[i : i + 1], torch.zeros(1, dtype=torch.long)) for i in range(8)]
+    return search.Task(SignalTransformer().eval(), batches, batches, signals[:1], name="signal-transformer")
+
+
+def _random_plans(task: search.Task, count: int, seed: int):
+    """``count`` random plans of the default space (a Transformer's with its blocks) and each one's
+    built candidate; a plan Torch-Pruning cannot build is left out."""
     layers = describe_layers(task.model, task.example_input)
-    space = SearchSpace()
+    blocks = find_blocks(task.model)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-    features, latency = [], []
+    for _ in range(count):
+        trial = study.ask()
+        plan = suggest_plan(trial, SearchSpace(), layers, blocks)
+        study.tell(trial, 0.0)
+        try:
+            yield plan, apply_plan(task.model, plan, task.example_input)
+        except search.CandidateError:
+            continue
+
+
+def _measured_plans(task: search.Task, count: int, seed: int, cache: Path | None) -> tuple[list, list[float]]:
+    """Random plans and their latencies measured on the cpu target (from ``cache`` if it holds them)."""
+    if cache is not None and cache.exists():
+        stored = json.loads(cache.read_text())
+        if stored["task"] != task.name:
+            raise SystemExit(f"{cache} holds plans of {stored['task']!r}, not of {task.name!r}")
+        return [search.Plan.from_dict(plan) for plan in stored["plans"]], stored["latency_ms"]
+    profiler = get_profiler(load_target("cpu"))
+    plans, latency = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for i in range(count):
-            trial = study.ask()
-            plan = suggest_plan(trial, space, layers)
-            try:
-                candidate = apply_plan(task.model, plan, task.example_input)
-            except search.CandidateError:
-                continue  # a plan Torch-Pruning cannot build
-            row = plan_features(candidate, plan, task.example_input, target)
-            features.append([row[name] for name in FEATURE_NAMES])
+        for i, (plan, candidate) in enumerate(_random_plans(task, count, seed)):
+            plans.append(plan)
             latency.append(_measure(task, candidate, plan, profiler, Path(tmp, f"{i}.onnx")))
-            study.tell(trial, 0.0)
             print(f"  plan {i + 1}/{count}: {latency[-1]:.4f} ms", flush=True)
-    return np.array(features), np.array(latency)
+    if cache is not None:
+        cache.write_text(json.dumps({"task": task.name, "plans": [p.to_dict() for p in plans], "latency_ms": latency}))
+    return plans, latency
 
 
 def accuracy_benchmark(task_name: str, held_out: int, seed: int, cache: Path | None) -> None:
     start = time.perf_counter()
-    if cache is not None and cache.exists():
-        data = np.load(cache)
-        x, y = data["x"], data["y"]
-    else:
-        task = digits() if task_name == "digits" else _resnet18_task()
-        x, y = _measure_random_plans(task, max(SIZES) + held_out, seed)
-        if cache is not None:
-            np.savez(cache, x=x, y=y)
-    print(f"{task_name}: {len(y)} plans, measured in {time.perf_counter() - start:.0f} s (0: from --cache); "
-          f"latency {y.min():.4f}–{y.max():.4f} ms; held out: the last {held_out}")  # fmt: skip
+    task = _accuracy_task(task_name)
+    plans, measured = _measured_plans(task, max(SIZES) + held_out, seed, cache)
+    target = load_target("cpu")
+    x = feature_matrix(
+        [plan_features(apply_plan(task.model, plan, task.example_input), plan, task.example_input, target)
+         for plan in plans]
+    )  # fmt: skip
+    y = np.array(measured)
+    print(f"{task_name}: {len(y)} plans, measured (or read from --cache) in {time.perf_counter() - start:.0f} s; "
+          f"latency {y.min():.4f}–{y.max():.4f} ms; held out: the last {held_out}; features v{FEATURE_VERSION}")  # fmt: skip
     x_test, y_test = x[-held_out:], y[-held_out:]
     for size in SIZES:
         for name, model in (("cost model", LatencyModel()), ("FLOPs-only linear", FlopsBaseline())):
@@ -363,7 +391,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     acc = sub.add_parser("accuracy")
-    acc.add_argument("--task", choices=("digits", "resnet18"), default="digits")
+    acc.add_argument("--task", choices=("digits", "resnet18", "signal-transformer"), default="digits")
     acc.add_argument("--held-out", type=int, default=32)
     acc.add_argument("--seed", type=int, default=0)
     acc.add_argument("--cache", type=Path, help="Save the measured plans here, or reuse them if present.")
