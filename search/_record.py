@@ -16,6 +16,7 @@ class Key:
     CHANNELS = "channels"  # output channels per compressible layer (and packed projection) of the built candidate
     PACKED = "packed_projections"  # the teacher's: each attention's packed Q/K/V projection -> its planned out_proj
     COST_FEATURES = "cost_features"  # the cost model's features of the built candidate
+    COST_FEATURE_VERSION = "cost_feature_version"  # their layout (FEATURE_VERSION): another's are not learned from
     FINETUNE_CURVE = "finetune_curve"  # {step: metric} reported to the pruner during the fine-tune
     FINETUNE_LOSS = "finetune_loss_first_last"
     SCORED_ON_FILE = "scored_on_file"  # the curve's steps scored on the trial's file (ONNX Runtime), not in PyTorch

@@ -14,7 +14,8 @@ import search
 from profilers import OnnxRuntimeCpuProfiler
 from search import Finetune, UsageError, run
 from search.costmodel import MAX_EXPECTED_HEADROOM, CostGate, cost_model_report, measured_rows
-from search.costmodel import FEATURE_NAMES, expected_headroom
+from search.costmodel._measured import measured_trials
+from search.costmodel import FEATURE_NAMES, FEATURE_VERSION, expected_headroom
 from targets import load_target
 
 QUICK = dict(finetune=Finetune(steps=1), pruner=optuna.pruners.NopPruner(), recipes=False, sensitivity=False)
@@ -120,6 +121,31 @@ def test_measurements_under_another_setting_are_left_out(earlier, tiny_task, tmp
     )
 
 
+def test_measurements_of_another_feature_layout_are_left_out_with_a_warning(earlier, tiny_task, tmp_path):
+    """After an upgrade that changed the features, an earlier study's file is left out of a new study's
+    warm start (a warning says so) rather than stopping the run; its resumed trials are not learned from."""
+    results, study = earlier
+    folder = tmp_path / "costmodel"
+    folder.mkdir()
+    own = json.loads((results / "costmodel" / "cpu" / tiny_task.name / "earlier.json").read_text())
+    (folder / "current.json").write_text(json.dumps(own))
+    (folder / "older.json").write_text(json.dumps({**own, "feature_version": FEATURE_VERSION - 1}))
+    with pytest.warns(UserWarning, match=rf"older.json was written with feature layout v{FEATURE_VERSION - 1} .*"
+                                         "the cost model starts without its measurements"):  # fmt: skip
+        gate = CostGate(folder, "solo", "cpu", tiny_task.name)
+    assert gate.warm_start == len(own["latency_ms"])
+
+    resumed = optuna.create_study(directions=study.directions)
+    for i, trial in enumerate(measured_trials(study)):
+        attrs = dict(trial.user_attrs)
+        if i % 2:  # recorded by an earlier version: its features of another layout
+            del attrs["cost_feature_version"]
+        resumed.add_trial(optuna.trial.create_trial(values=trial.values, user_attrs=attrs))
+    rows, latency, _, _ = measured_rows(resumed)
+    assert 0 < len(latency) == len(rows) == (len(measured_trials(study)) + 1) // 2
+    assert all(trial.user_attrs["cost_feature_version"] == FEATURE_VERSION for trial in measured_trials(study))
+
+
 def test_a_measurement_setting_is_the_machine_and_runtime_not_the_run():
     device = {"cpu": "Xeon", "isa": ["avx2"], "threads": 1, "disabled_optimizers": [], "pinned_cpus": [0],
               "layer_profile_ms": 3.5, "sm_clock_mhz": 1400}  # fmt: skip
@@ -184,16 +210,21 @@ def test_with_too_few_measurements_nothing_is_vetoed(tiny_task, fast_profiler, t
     assert frame["predicted_latency_ms"].isna().all()
 
 
-def test_a_stale_measurements_file_is_refused_before_any_work(earlier, tiny_task, tmp_path):
+def test_a_stale_measurements_file_warns_and_a_damaged_one_is_refused_before_any_work(earlier, tiny_task, tmp_path):
     results, _ = earlier
     folder = tmp_path / "costmodel" / "cpu" / tiny_task.name
     folder.mkdir(parents=True)
     stale = json.loads((results / "costmodel" / "cpu" / tiny_task.name / "earlier.json").read_text())
     stale["feature_version"] = 0
     (folder / "old.json").write_text(json.dumps(stale))
-    with pytest.raises(UsageError, match="old.json.*delete it or move it away"):
-        run(tiny_task, trials=1, results_dir=tmp_path, study_name="new")
-    assert not (tmp_path / "new").exists()
+    with pytest.warns(UserWarning, match="old.json was written with feature layout v0"):
+        study = run(tiny_task, trials=1, results_dir=tmp_path, study_name="new", **QUICK)
+    assert study.user_attrs["cost_model_warm_start"] == 0 and len(study.trials) == 1
+
+    (folder / "old.json").write_text("{not json")
+    with pytest.raises(UsageError, match="old.json is not valid JSON.*delete it or move it away"):
+        run(tiny_task, trials=1, results_dir=tmp_path, study_name="newer")
+    assert not (tmp_path / "newer").exists()
 
 
 def test_the_held_out_report_compares_with_the_flops_baseline(earlier):
@@ -228,7 +259,8 @@ def test_a_trial_that_reused_another_is_not_a_second_measurement():
     study = optuna.create_study(directions=["maximize", "minimize"])
     features = dict.fromkeys(FEATURE_NAMES, 1.0)
     for number in range(3):
-        attrs = {"cost_features": features, "latency_ms": 0.5, "energy_mj": 1.0, "energy_source": "measured:x"}
+        attrs = {"cost_features": features, "cost_feature_version": FEATURE_VERSION, "latency_ms": 0.5,
+                 "energy_mj": 1.0, "energy_source": "measured:x"}  # fmt: skip
         if number == 2:
             attrs["duplicate_of"] = 0  # _reuse copies the original's attributes, measurement included
         study.add_trial(optuna.trial.create_trial(values=[0.9, 0.5], user_attrs=attrs))

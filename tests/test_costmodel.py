@@ -19,6 +19,7 @@ from search.costmodel import (
     FEATURE_NAMES,
     FEATURE_VERSION,
     MACS_FEATURES,
+    FeatureLayoutError,
     FlopsBaseline,
     LatencyModel,
     accuracy,
@@ -105,6 +106,30 @@ def test_dict_input_macs_count_every_token_per_sample(cpu):
     features = plan_features(TinyText(), Plan(), text_inputs(batch=3), cpu)
     assert features["macs_fp32"] == 2 * 16 * 32 * 32  # two 32×32 Linear layers on 16 tokens
     assert features["layers_linear"] == 2
+
+
+def test_an_attention_counts_its_packed_projection_and_out_proj(cpu):
+    """PyTorch's attention computes Q/K/V and out_proj from their weights without calling a module: a
+    third of a block's work, counted from the attention's call (a MatMul and a Gemm in the graph)."""
+    from models import SignalEncoder
+
+    model = SignalEncoder().eval()
+    x = example_input(model, batch=2)  # counts are per sample: 8 tokens of 16
+    features = plan_features(model, Plan(), x, cpu)
+    block = 8 * 48 * 16 + 8 * 16 * 16 + 8 * 32 * 16 + 8 * 16 * 32  # in_proj, out_proj, linear1, linear2
+    assert features["macs_fp32"] == 16 * 8 * (2 * 4) + 3 * block + 4 * 16
+    parameters = sum(p.numel() for name, p in model.named_parameters() if "norm" not in name and name != "position")
+    assert features["param_bytes_fp32"] == 4 * parameters
+    assert features["layers_linear"] == 3 * 3 + 1  # the plan's layers: out_proj, linear1, linear2; the head
+
+    attention = "encoder.layers.0.self_attn"
+    int4 = _bits({f"{attention}.out_proj": 4})  # the packed projection takes out_proj's bits
+    low = plan_features(apply_plan(model, int4, x), int4, x, cpu)
+    assert low["macs_int4"] == 8 * 48 * 16  # a MatMul: int4 weight-only
+    assert low["macs_int8"] == 8 * 16 * 16  # a Gemm: int4 runs as int8
+    assert low["macs_fp32"] == features["macs_fp32"] - 8 * 48 * 16 - 8 * 16 * 16
+    assert low["param_bytes_int4"] == 48 * 16 / 2 + 48 * 4
+    assert not any(m._forward_hooks for m in model.modules())
 
 
 def test_int8_plan_moves_macs_from_fp32_to_int8(cnn, cnn_input, cpu):
@@ -415,16 +440,17 @@ def _stale(path, **changes):
 def test_stale_layout_is_refused(tmp_path):
     n = len(FEATURE_NAMES)
     old = _stale(tmp_path / "old.json", feature_version=0, features=list(FEATURE_NAMES[:12]))
-    with pytest.raises(UsageError) as error:
+    with pytest.raises(FeatureLayoutError) as error:
         load_measurements(old, target="cpu", task="digits")
     message = str(error.value)
+    assert isinstance(error.value, UsageError)
     assert str(old) in message
     assert "v0 (12 features)" in message and f"v{FEATURE_VERSION} ({n} features)" in message
     assert "delete it or move it away" in message
 
     renamed = _stale(tmp_path / "renamed.json", features=["flops", *FEATURE_NAMES[1:]])
     with pytest.raises(
-        UsageError, match=rf"v{FEATURE_VERSION} \({n} features\).*'flops', expected 'macs_fp32'"
+        FeatureLayoutError, match=rf"v{FEATURE_VERSION} \({n} features\).*'flops', expected 'macs_fp32'"
     ):
         load_measurements(renamed, target="cpu", task="digits")
 

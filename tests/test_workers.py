@@ -162,7 +162,8 @@ def test_a_late_worker_uses_the_study_s_baseline_and_its_cost_model_so_far(worke
             optuna.create_trial(
                 state=TrialState.COMPLETE, values=[measured.values[0], latency],
                 user_attrs={"cost_features": features, "latency_ms": latency,
-                            **{key: measured.user_attrs[key] for key in ("runtime", "device")}},  # the same machine
+                            # the same machine and feature layout
+                            **{key: measured.user_attrs[key] for key in ("runtime", "device", "cost_feature_version")}},
             )
         )  # fmt: skip
     study.set_user_attr("run_spec", {**study.user_attrs["run_spec"], "trials": 13})

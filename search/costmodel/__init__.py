@@ -22,7 +22,7 @@ from search.costmodel._features import (
 from search.costmodel._gate import MAX_EXPECTED_HEADROOM, MIN_MEASUREMENTS, CostGate, latency_figures
 from search.costmodel._measured import measured_rows
 from search.costmodel._report import cost_model_report
-from search.costmodel._store import MEASUREMENTS_FORMAT, load_measurements, save_measurements
+from search.costmodel._store import MEASUREMENTS_FORMAT, FeatureLayoutError, load_measurements, save_measurements
 
 __all__ = [
     "BASE_FEATURES",
@@ -34,6 +34,7 @@ __all__ = [
     "MIN_MEASUREMENTS",
     "RUNTIME_PRECISIONS",
     "CostGate",
+    "FeatureLayoutError",
     "FlopsBaseline",
     "LatencyModel",
     "accuracy",

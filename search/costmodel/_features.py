@@ -17,13 +17,18 @@ import torch
 from torch import nn
 
 from search.artifacts import runtime_precision
-from search.model import Inputs, applied_as_matmul, batch_size, compressible_layers, forward_calls
+from search.model import (
+    Inputs, applied_as_matmul, batch_size, compressible_layers, forward_calls, layer_weights, packed_projections,
+    planned_with,
+)  # fmt: skip
 from search.plan import Plan
 
 if TYPE_CHECKING:
     from targets import Target
 
-FEATURE_VERSION: int = 3  # 2: int4 (weight-only MatMul) joined the runtime precisions; 3: padded MACs
+# 2: int4 (weight-only MatMul) joined the runtime precisions; 3: padded MACs; 4: an nn.MultiheadAttention's
+# packed Q/K/V projection and out_proj count their MACs and bytes (before, only out_proj's weights)
+FEATURE_VERSION: int = 4
 
 # What `runtime_precision` can return: a layer runs at one of these. A new one changes the layout.
 RUNTIME_PRECISIONS = ("fp32", "int8", "int4")
@@ -82,10 +87,15 @@ def plan_features(
     Each layer runs at ``runtime_precision(bits, target.precisions, matmul)``: int4 and 1-bit layers
     count as int8 on a target that accelerates int8, since that is what its runtime runs, except a
     Linear on a sequence (a MatMul), which runs int4 weight-only where the target lists it. Weights count
-    at that precision's width; biases at 4 bytes (fp32, or the int32 bias of an int8 layer).
+    at that precision's width; biases at 4 bytes (fp32, or the int32 bias of an int8 layer). An
+    ``nn.MultiheadAttention``'s packed Q/K/V projection counts like a layer at its ``out_proj``'s bits
+    in the work and bytes (:func:`~search.model.forward_calls`); the counts of layers, channels and
+    sparsity are of the plan's layers.
     """
     plan = plan.student()
     layers = compressible_layers(model)
+    projections = packed_projections(model)
+    modules = {**layers, **projections}
     calls: list[tuple[str, int, int]] = []  # (name, input elements, output elements) per call
     matmul: set[str] = set()  # Linear layers applied to sequences: MatMul nodes in the graph
 
@@ -98,22 +108,23 @@ def plan_features(
 
     batch = batch_size(example_input)
     precision = {}
-    for name in layers:
-        p = runtime_precision(plan.layer(name).quantization.bits, target.precisions, name in matmul)
+    for name in modules:
+        planned = planned_with(name) if name in projections else name
+        p = runtime_precision(plan.layer(planned).quantization.bits, target.precisions, name in matmul)
         if p not in RUNTIME_PRECISIONS:  # a new runtime precision needs a new feature layout
             raise ValueError(f"runtime precision {p!r} has no features; known: {RUNTIME_PRECISIONS}")
         precision[name] = p
 
     with torch.no_grad():
-        shapes = {name: tuple(module.weight.shape) for name, module in layers.items()}
+        shapes = {name: tuple(weight.shape) for name, weight in layer_weights(model).items()}
     zeros = dict.fromkeys(RUNTIME_PRECISIONS, 0.0)
     macs, param_bytes, act_bytes = dict(zeros), dict(zeros), dict(zeros)
     padded_macs = {m: dict(zeros) for m in PADDED_TO}
 
-    for name, module in layers.items():
+    for name, module in modules.items():
         p = precision[name]
         weight_numel = math.prod(shapes[name])
-        bias = getattr(module, "bias", None)
+        bias = module.in_proj_bias if name in projections else getattr(module, "bias", None)
         bias_numel = bias.numel() if isinstance(bias, torch.Tensor) else 0
         param_bytes[p] += weight_numel * _BYTES[p] + bias_numel * 4
 
@@ -125,7 +136,7 @@ def plan_features(
         macs[p] += out_numel / batch * math.prod(shapes[name][1:])
         act_bytes[p] += (in_numel + out_numel) / batch * _BYTES[p]
         for m, padded in padded_macs.items():
-            padded[p] += out_numel / batch * _padded_macs_per_output(shapes[name], layers[name], m)
+            padded[p] += out_numel / batch * _padded_macs_per_output(shapes[name], modules[name], m)
         if following is not None and precision[following[0]] != p:
             transition_elements += out_numel / batch
         if name not in order:
@@ -164,7 +175,7 @@ def plan_features(
         share = sum(c % m == 0 for c in channels) / len(channels) if channels else 0.0
         features[f"channels_mult{m}_share"] = float(share)
 
-    weights = {name: math.prod(shape) for name, shape in shapes.items()}
+    weights = {name: math.prod(shapes[name]) for name in layers}
     total_weights = sum(weights.values())
     features["sparsity_mean"] = (
         sum(plan.layer(name).sparsity.ratio * n for name, n in weights.items()) / total_weights

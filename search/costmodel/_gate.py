@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from search._record import Key
 from search.costmodel._estimator import LatencyModel, expected_headroom
 from search.costmodel._features import feature_matrix
 from search.costmodel._measured import measured_rows
-from search.costmodel._store import load_measurements, save_measurements
+from search.costmodel._store import FeatureLayoutError, load_measurements, save_measurements
 
 MIN_MEASUREMENTS = 5  # below this the model vetoes nothing
 # A plan predicted over the budget is vetoed when its expected headroom under the budget is below
@@ -68,7 +69,8 @@ class CostGate:
     fine-tuned; vetoes it when its latency is predicted over budget with too little expected
     headroom under it to be worth measuring (:meth:`veto_reason`).
 
-    ``folder`` holds one measurements file per study; the other studies' files warm-start this one.
+    ``folder`` holds one measurements file per study; the other studies' files warm-start this one
+    (a file of another feature layout, an earlier version's, with a warning that it is left out).
     It learns only from measurements taken under the setting of the study's latest one, or before
     the first under ``setting``, the profiler's where known (machine, runtime version, threads,
     runtime options: :func:`profilers.measurement_setting`; None: it predicts nothing before the
@@ -90,7 +92,12 @@ class CostGate:
         warm = ([], [], [], [])
         for path in sorted(Path(self.folder).glob("*.json")):
             if path.stem != self.study_name:
-                for gathered, more in zip(warm, load_measurements(path, target=self.target, task=self.task)):
+                try:
+                    measured = load_measurements(path, target=self.target, task=self.task)
+                except FeatureLayoutError as exc:  # an earlier version's study: the others still warm-start this one
+                    warnings.warn(f"{exc}; until then the cost model starts without its measurements", stacklevel=2)
+                    continue
+                for gathered, more in zip(warm, measured):
                     gathered += more
         self._warm = warm
         self._latency = _Refitted(self.min_measurements)

@@ -1,5 +1,6 @@
 """A study's measurements as the cost model learns from them: each measured trial's features,
-latency, sensor-measured energy and the setting it was measured under."""
+latency, sensor-measured energy and the setting it was measured under. A trial whose features are
+of another layout (a study resumed after an upgrade that changed them) is not learned from."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from optuna.trial import TrialState
 
 from profilers import measurement_setting
 from search._record import Key
+from search.costmodel._features import FEATURE_VERSION
 
 
 def measured_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -25,11 +27,14 @@ def measured_rows(
     study: optuna.Study,
 ) -> tuple[list[dict[str, float]], list[float], list[float | None], list[str]]:
     """Features, measured latency, sensor-measured energy (None when estimated) and measurement
-    setting (:func:`profilers.measurement_setting`) of the study's measured trials."""
+    setting (:func:`profilers.measurement_setting`) of the study's measured trials whose features
+    are of this version's layout (:data:`~search.costmodel.FEATURE_VERSION`; a trial recorded before
+    the layout was, of an older one)."""
     rows, latency, energy, settings = [], [], [], []
     for trial in measured_trials(study):
         attrs = trial.user_attrs
-        if attrs.get(Key.COST_FEATURES) is not None and attrs.get(Key.LATENCY_MS) is not None:
+        current = attrs.get(Key.COST_FEATURE_VERSION) == FEATURE_VERSION and attrs.get(Key.COST_FEATURES) is not None
+        if current and attrs.get(Key.LATENCY_MS) is not None:
             rows.append(attrs[Key.COST_FEATURES])
             latency.append(attrs[Key.LATENCY_MS])
             energy.append(sensor_energy(attrs))

@@ -16,6 +16,10 @@ from search.costmodel._features import FEATURE_NAMES, FEATURE_VERSION
 MEASUREMENTS_FORMAT = "compression-search/cost-measurements"
 
 
+class FeatureLayoutError(UsageError):
+    """A measurements file written under another feature layout than this version's."""
+
+
 def save_measurements(
     path,
     rows: Sequence[Mapping[str, float]],
@@ -90,8 +94,9 @@ def load_measurements(
     (None in a file written before they were recorded) in ``path``; empty lists when it does not
     exist.
 
-    Raises :class:`~search.UsageError` when the file is not a measurement file, was written with
-    another feature layout, or holds another target's or task's measurements.
+    Raises :class:`~search.UsageError` when the file is not a measurement file or holds another
+    target's or task's measurements, :class:`FeatureLayoutError` (a kind of it) when it was written
+    with another feature layout.
     """
     path = Path(path)
     afresh = "delete it or move it away to start afresh"
@@ -120,7 +125,7 @@ def load_measurements(
             stored = names[difference] if difference < len(names) else "(end)"
             expected = FEATURE_NAMES[difference] if difference < len(FEATURE_NAMES) else "(end)"
             detail = f" (feature {difference} is {stored!r}, expected {expected!r})"
-        raise UsageError(
+        raise FeatureLayoutError(
             f"{path} was written with feature layout v{version} ({count} features); this version "
             f"uses v{FEATURE_VERSION} ({len(FEATURE_NAMES)} features){detail}: {afresh}"
         )

@@ -105,13 +105,18 @@ def dependency_graph(model: nn.Module, example_input: Inputs) -> tp.DependencyGr
 
 def applied_as_matmul(module: nn.Module, layer_input: torch.Tensor) -> bool:
     """A Linear applied to a sequence (an input of more than two dimensions) exports as a MatMul
-    node, not a Gemm: int4 weight-only (``MatMulNBits``) can run it."""
-    return isinstance(module, nn.Linear) and layer_input.dim() > 2
+    node, not a Gemm: int4 weight-only (``MatMulNBits``) can run it. So does an attention's packed
+    projection (``module`` the attention) on a sequence."""
+    return isinstance(module, (nn.Linear, nn.MultiheadAttention)) and layer_input.dim() > 2
 
 
 def forward_calls(model: nn.Module, example_input: Inputs, observe) -> None:
     """Run one no-grad, eval-mode forward pass of ``example_input`` and call
-    ``observe(name, module, args, output)`` for every call of a compressible layer."""
+    ``observe(name, module, args, output)`` for every call of a compressible layer, and of each
+    packed projection (:func:`packed_projections`) and its attention's ``out_proj``: PyTorch's
+    attention computes those two from their weights without calling a module, so they are observed
+    at the attention's call with the shapes they compute on (for the packed projection ``module``
+    is the attention and ``output`` a ``meta`` tensor of its output's shape)."""
 
     def hook(name: str):
         def record(module: nn.Module, args: tuple, output: object) -> None:
@@ -119,7 +124,22 @@ def forward_calls(model: nn.Module, example_input: Inputs, observe) -> None:
 
         return record
 
+    def attention_hook(projection: str):
+        def record(attention: nn.MultiheadAttention, args: tuple, kwargs: dict, output: tuple) -> None:
+            query, attended = args[0] if args else kwargs["query"], output[0]
+            packed = torch.empty((*query.shape[:-1], attention.in_proj_weight.shape[0]), device="meta")
+            observe(projection, attention, (query,), packed)
+            # out_proj runs on the attention's output flattened to one row per token: a Gemm
+            rows = attended.reshape(-1, attended.shape[-1])
+            observe(planned_with(projection), attention.out_proj, (rows,), rows)
+
+        return record
+
     handles = [module.register_forward_hook(hook(name)) for name, module in compressible_layers(model).items()]
+    handles += [
+        attention.register_forward_hook(attention_hook(projection), with_kwargs=True)
+        for projection, attention in packed_projections(model).items()
+    ]
     was_training = model.training
     model.eval()
     try:
@@ -137,7 +157,7 @@ def matmul_layers(model: nn.Module, example_input: Inputs) -> set[str]:
     found: set[str] = set()
 
     def observe(name: str, module: nn.Module, args: tuple, output: object) -> None:
-        if applied_as_matmul(module, args[0]):
+        if isinstance(module, nn.Linear) and applied_as_matmul(module, args[0]):
             found.add(name)
 
     forward_calls(model, example_input, observe)

@@ -42,7 +42,7 @@ from search.compress import (
     calibrate_input_quant,
     packed_size_bytes,
 )
-from search.costmodel import CostGate, plan_features
+from search.costmodel import FEATURE_VERSION, CostGate, plan_features
 from search.model import EncoderBlocks, LayerInfo, output_channels
 from search.plan import Plan, Quantization, WeightSparsity, suggest_plan
 from search.study._baseline import check_measured_alike
@@ -225,6 +225,7 @@ class Objective:
             trial.set_user_attr(Key.CHANNELS, output_channels(candidate))
             features = plan_features(candidate, plan, task.example_input, target)
             trial.set_user_attr(Key.COST_FEATURES, features)
+            trial.set_user_attr(Key.COST_FEATURE_VERSION, FEATURE_VERSION)
             if self.gate is not None:
                 self._veto_if_over_budget(study, trial, features)
 
