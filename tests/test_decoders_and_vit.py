@@ -135,13 +135,35 @@ def test_ranked_by_activity_a_llama_loses_the_channels_its_down_proj_barely_read
         mlp.down_proj.weight[:, :64] *= 1e-4
     up, down = mlp.up_proj.weight.detach().clone(), mlp.down_proj.weight.detach().clone()
     activity = channel_activity(model, [(tokens(4), None)])
-    assert set(activity) >= {_block(1, ".mlp.down_proj"), _block(1, ".self_attn.o_proj")}
+    # its heads stay whole: only the layers that read the FFN's channels are recorded
+    assert set(activity) == {_block(i, ".mlp.down_proj") for i in range(len(model.model.layers))}
     by_magnitude = copy.deepcopy(model)
     prune_heads_and_ffn(model, tokens(), heads={}, ffn={_block(1, ".mlp.up_proj"): 0.5}, activity=activity)
     assert torch.equal(mlp.up_proj.weight, up[64:]) and mlp.down_proj.weight.shape == down[:, 64:].shape
     assert not torch.equal(mlp.down_proj.weight, down[:, 64:])  # refitted to what is left
     prune_heads_and_ffn(by_magnitude, tokens(), heads={}, ffn={_block(1, ".mlp.up_proj"): 0.5})
     assert torch.equal(by_magnitude.model.layers[1].mlp.up_proj.weight, up[:64])
+
+
+def test_a_reader_too_wide_for_its_moments_is_ranked_by_its_mean_squares_and_not_refitted(llama, monkeypatch):
+    """A down_proj wider than the bound (a large decoder's) keeps its inputs' mean squares alone: its
+    channels are ranked as before, and it is not refitted (no moments to solve with)."""
+    model = copy.deepcopy(llama)
+    mlp = model.model.layers[1].mlp
+    with torch.no_grad():
+        mlp.up_proj.weight[:64] *= 10
+        mlp.gate_proj.weight[:64] *= 10
+        mlp.down_proj.weight[:, :64] *= 1e-4
+    up, down = mlp.up_proj.weight.detach().clone(), mlp.down_proj.weight.detach().clone()
+    full = channel_activity(model, [(tokens(4), None)])[_block(1, ".mlp.down_proj")]
+    monkeypatch.setattr("search.compress._refit.MAX_BLOCK_REFIT_INPUTS", mlp.down_proj.in_features - 1)
+    activity = channel_activity(model, [(tokens(4), None)])
+    diagonal = activity[_block(1, ".mlp.down_proj")]
+    assert diagonal.shape == (mlp.down_proj.in_features + 1,)
+    torch.testing.assert_close(diagonal, full.diagonal())
+    prune_heads_and_ffn(model, tokens(), heads={}, ffn={_block(1, ".mlp.up_proj"): 0.5}, activity=activity)
+    assert torch.equal(mlp.up_proj.weight, up[64:])  # ranked by activity, as with the moments
+    assert torch.equal(mlp.down_proj.weight, down[:, 64:])  # its columns for what is left, as they were
 
 
 def test_drop_blocks_keeps_a_llama_working_and_its_config_in_step(llama):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-from search.model import Inputs, call, find_blocks, split_batch
+from search.model import Inputs, call, dependency_graph, find_blocks, split_batch
 
 # Batches of a Transformer task's calibration data its activity is measured on: a refit solves for
 # every input of the layer it narrows (1,536 in a MiniLM FFN), and needs some ten real tokens each.
@@ -26,6 +26,10 @@ from search.model import Inputs, call, find_blocks, split_batch
 ACTIVITY_BATCHES = 48
 # A layer whose unfolded input is wider is not refitted: its moments would take over 30 MB.
 MAX_REFIT_INPUTS = 2048
+# A Transformer's layer whose input is wider keeps only its inputs' mean squares, which rank its
+# channels, and is not refitted: BERT-large's FFN (4,096) takes 134 MB a block, a Llama's 8,192-wide
+# down_proj would take 537 MB a block and minutes of the pass.
+MAX_BLOCK_REFIT_INPUTS = 4096
 # Rows a batch gives each layer's moments, at most (evenly strided): a CNN's early layers have many.
 _ROWS_PER_BATCH = 4096
 # The refit's ridge, relative to the mean of its second moments: keeps the solve well posed where
@@ -36,14 +40,15 @@ Activity = Mapping[str, torch.Tensor]
 """Per layer that reads prunable channels, by the teacher's dotted name: the second moments of its
 input with a constant 1 appended, ``E[x̃ x̃ᵀ]`` for ``x̃ = [x; 1]`` over calibration data, ``x`` a
 Linear's input row or a convolution's unfolded patch (:func:`channel_activity`). The diagonal's
-first entries are each input's mean square."""
+first entries are each input's mean square. A Transformer's layer wider than
+:data:`MAX_BLOCK_REFIT_INPUTS` has the diagonal alone (a vector): ranked by it, never refitted."""
 
 _READERS = (tp.prune_linear_in_channels, tp.prune_conv_in_channels)
 
 
 def mean_squares(moments: torch.Tensor) -> torch.Tensor:
     """Each input's mean square, from its layer's :data:`Activity` entry."""
-    return moments.diagonal()[:-1]
+    return (moments.diagonal() if moments.dim() == 2 else moments)[:-1]
 
 
 def _inputs_per_row(module: nn.Module) -> int:
@@ -51,14 +56,23 @@ def _inputs_per_row(module: nn.Module) -> int:
     return module.weight[0].numel()
 
 
-def _readers(model: nn.Module) -> dict[str, nn.Module]:
-    """The layers whose moments are recorded: every Linear in a Transformer's blocks; in another
-    model (a CNN) every Linear and ungrouped convolution whose input row is at most
-    :data:`MAX_REFIT_INPUTS` wide."""
+def _readers(model: nn.Module, example_input: Inputs) -> dict[str, nn.Module]:
+    """The layers whose moments are recorded: in a Transformer, the layers that read the channels a
+    plan can remove (its heads' and FFN's: BERT's attention output and FFN output projections, a
+    Llama's ``down_proj``), found by Torch-Pruning on ``example_input``; in another model (a CNN)
+    every Linear and ungrouped convolution whose input row is at most :data:`MAX_REFIT_INPUTS` wide."""
     blocks = find_blocks(model)
     if blocks is not None:
-        prefix = f"{blocks.container}."
-        return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(prefix)}
+        graph = dependency_graph(model, example_input)
+        pruned = [model.get_submodule(name) for name in blocks.ffn]
+        pruned += [model.get_submodule(name).query for name in blocks.heads]  # as a head's removal prunes
+        readers = {
+            dep.target.module
+            for layer in pruned
+            for dep, _ in graph.get_pruning_group(layer, tp.prune_linear_out_channels, [0])
+            if dep.handler in _READERS
+        }
+        return {name: module for name, module in model.named_modules() if module in readers}
     return {
         name: module
         for name, module in model.named_modules()
@@ -101,7 +115,6 @@ def channel_activity(model: nn.Module, batches: Iterable) -> dict[str, torch.Ten
     (:func:`pruned_with_refits`). Measured with no fine-tune (benchmarks/RESULTS.md): MiniLM
     without a quarter of its FFN width keeps cosine 0.85 ranked by weight magnitude, 0.91 by
     activity, 0.98 refitted."""
-    layers = _readers(model)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     tokens: torch.Tensor | None = None
@@ -113,21 +126,25 @@ def channel_activity(model: nn.Module, batches: Iterable) -> dict[str, torch.Ten
                 rows = rows[tokens]
             rows = rows[:: max(1, len(rows) // _ROWS_PER_BATCH)].double()
             rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], 1)
-            sums[name] = sums.get(name, 0) + rows.T @ rows
+            wide = _inputs_per_row(module) > MAX_BLOCK_REFIT_INPUTS
+            sums[name] = sums.get(name, 0) + (rows.square().sum(0) if wide else rows.T @ rows)
             counts[name] = counts.get(name, 0) + rows.shape[0]
 
         return hook
 
-    handles = [module.register_forward_pre_hook(record(name)) for name, module in layers.items()]
+    handles: list | None = None
     was_training = model.training
     model.eval()
     try:
         for batch in batches:
             inputs = split_batch(batch)[0]
+            if handles is None:  # the first batch finds the readers
+                readers = _readers(model, inputs).items()
+                handles = [module.register_forward_pre_hook(record(name)) for name, module in readers]
             tokens = _token_rows(inputs)
             call(model, inputs)
     finally:
-        for handle in handles:
+        for handle in handles or ():
             handle.remove()
         model.train(was_training)
     return {name: sums[name] / counts[name] for name in sums}
@@ -156,7 +173,7 @@ def pruned_with_refits(group, activity: Mapping[nn.Module, torch.Tensor]) -> Non
     teacher's ``activity`` (by module) to the inputs it keeps (:func:`_refit`)."""
     refits = []
     for dep, idxs in group:
-        if (moments := reader_moments(dep, activity)) is not None:
+        if (moments := reader_moments(dep, activity)) is not None and moments.dim() == 2:
             reader = dep.target.module
             bias = None if reader.bias is None else reader.bias.detach().clone()
             refits.append((reader, reader.weight.detach().clone(), bias, set(idxs), moments))
