@@ -9,6 +9,7 @@ import forestci
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from sklearn.exceptions import NotFittedError
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
@@ -130,6 +131,21 @@ def test_an_attention_counts_its_packed_projection_and_out_proj(cpu):
     assert low["macs_fp32"] == features["macs_fp32"] - 8 * 48 * 16 - 8 * 16 * 16
     assert low["param_bytes_int4"] == 48 * 16 / 2 + 48 * 4
     assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_an_attention_called_by_keyword_counts_alike(cpu):
+    class Attend(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.attention(query=x, key=x, value=x, need_weights=False)[0].mean(1))
+
+    x = torch.randn(2, 5, 8)  # a batch of 2, 5 tokens
+    features = plan_features(Attend().eval(), Plan(), x, cpu)
+    assert features["macs_fp32"] == 5 * 24 * 8 + 5 * 8 * 8 + 3 * 8  # per sample: in_proj, out_proj, head
 
 
 def test_int8_plan_moves_macs_from_fp32_to_int8(cnn, cnn_input, cpu):
