@@ -314,14 +314,12 @@ def run_command(
                 highlight=False,
             )
         progress = _Progress(trials)
-        with _resumable("the same command"), console.status(
-            f"measuring the uncompressed teacher on {target_spec.name}"
-            + (" and each layer's sensitivity…" if sensitivity else "…")
-        ) as status:
+        with _resumable("the same command"), console.status("starting the study…") as status:
             progress.status = status
             study = run(
-                task_obj, spec=spec, profiler=measurer, on_stage=progress.stage, callbacks=[progress.trial_done]
-            )
+                task_obj, spec=spec, profiler=measurer, on_stage=progress.stage, on_setup=progress.setup,
+                callbacks=[progress.trial_done],
+            )  # fmt: skip
         progress.trial_done(study)  # the other workers' last trials
         _print_front(study)
         folder = _folder(study)
@@ -391,6 +389,9 @@ class _Progress:
         self.done = "?"
         self.started = time.monotonic()
         self.printed: set[int] = set()
+
+    def setup(self, text: str) -> None:
+        self.status.update(f"{text}… · {time.monotonic() - self.started:.0f}s")
 
     def stage(self, number: int, stage: str) -> None:
         step = STAGES.index(stage) + 1

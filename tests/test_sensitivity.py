@@ -152,12 +152,18 @@ def test_the_mixed_recipes_spend_bits_and_pruning_where_they_cost_least():
 
 
 def test_a_study_records_the_sensitivity_prints_it_and_seeds_a_recipe(tiny_task, fast_profiler, tmp_path):
+    told = []
     study = search.run(
         tiny_task, trials=6, profiler=fast_profiler, results_dir=tmp_path, finetune=Finetune(steps=2),
-        pruner="none", cost_model=False,
+        pruner="none", cost_model=False, on_setup=told.append,
     )  # fmt: skip
     frame = search.load_sensitivity(tmp_path / study.study_name)
     assert sorted(zip(frame["layer"], frame["option"])) == sorted(_expected(tiny_task, SearchSpace()))
+    # what the run prepared before its first trial, in order: a command line's status shows it
+    rows = study.user_attrs["sensitivity"]  # in the pass's order
+    assert told[0] == "measuring the uncompressed teacher on cpu" and told[1].startswith("measuring the teacher's activity")
+    assert told[2:] == [f"layer sensitivity: option {n} of {len(rows)}, {row['layer']} {row['option']}"
+                        for n, row in enumerate(rows, 1)]  # fmt: skip
     assert "excluded" in frame and all(math.isfinite(v) for v in frame["metric"])
     assert study.trials[5].user_attrs.get("recipe", "").startswith("sensitivity mix")
     from search import cli

@@ -55,6 +55,7 @@ def run(
     profiler: Profiler | None = None,
     pruner: optuna.pruners.BasePruner | str | None = None,
     on_stage: StageCallback | None = None,
+    on_setup: Callable[[str], None] | None = None,
     callbacks: Sequence[Callable] = (),
     **settings: Any,
 ) -> optuna.Study:
@@ -69,7 +70,10 @@ def run(
     ``profiler`` defaults to the target's own (:func:`profilers.get_profiler`). ``pruner``: an Optuna
     pruner object for the fine-tunes (``NopPruner()`` for none), else the spec's. With the cost
     model on, each plan's latency is predicted before it is fine-tuned, and plans predicted over
-    the budget and not worth measuring are skipped (:meth:`CostGate.veto_reason`). With
+    the budget and not worth measuring are skipped (:meth:`CostGate.veto_reason`).
+    ``on_setup(text)`` is told what the run prepares before its first trial (the teacher's
+    measurement, its activity, each layer-sensitivity option); ``on_stage(number, stage)`` then
+    what each trial does. With
     ``workers`` > 1 this process plus ``workers - 1`` ``search worker`` processes on this machine
     share the study (the task must come from :func:`search.load_task`, so that they can load it
     too); other machines join with :func:`work` on the same ``storage``. As the run ends the teacher
@@ -110,8 +114,10 @@ def run(
             _claim_study(study, spec, task)
             if StudyKey.BASELINE in study.user_attrs:  # or this machine measures otherwise
                 check_measured_alike(study.user_attrs[StudyKey.BASELINE], setting)
+        setting_up = on_setup or (lambda text: None)
         if study is None or StudyKey.BASELINE not in study.user_attrs:
             # The task's check (it exports, scores to a finite number, measures) before a new study is written.
+            setting_up(f"measuring the uncompressed teacher on {spec.target.name}")
             baseline = measure_baseline(task, profiler, setup.staging())
             warn_of_metric_scale(task, baseline[Key.METRIC])
             if study is None:
@@ -130,10 +136,11 @@ def run(
         study.set_user_attr(StudyKey.BUDGET_MS, budget_ms)
         blocks = find_blocks(task.model)
         if spec.sensitivity and StudyKey.SENSITIVITY not in study.user_attrs:
+            setting_up("measuring the teacher's activity (its channels' ranking and the refits after pruning)")
             task.activity()  # measured once for every plan's build, not out of the pass's share
             deadline = _deadline(time.monotonic(), spec.timeout and SENSITIVITY_SHARE * spec.timeout)
             teacher = study.user_attrs[StudyKey.BASELINE][Key.METRIC]
-            rows = layer_sensitivity(task, layers, spec.space, blocks, spec.target, teacher, deadline)
+            rows = layer_sensitivity(task, layers, spec.space, blocks, spec.target, teacher, deadline, setting_up)
             study.set_user_attr(StudyKey.SENSITIVITY, rows)
         sensitivity = study.user_attrs.get(StudyKey.SENSITIVITY, [])
         if spec.recipes and not study.trials:
@@ -368,7 +375,8 @@ def _finetune(study: optuna.Study, spec: RunSpec, task: Task) -> tuple[Finetune,
 
 def _gate(spec: RunSpec, task: Task, setting: str | None) -> CostGate | None:
     """The cost model's gate, predicting under the profiler's ``setting`` until the study's own
-    measurements say; it reads earlier studies' measurements, so a stale file stops the run here."""
+    measurements say; it reads earlier studies' measurements, so a damaged file stops the run here
+    (one of another feature layout is left out, with a warning)."""
     if not spec.cost_model:
         return None
     target = spec.target.name

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -76,6 +76,7 @@ def layer_sensitivity(
     target: Target,
     teacher_metric: float,
     deadline: float | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """One row per layer and option: the metric of the teacher with only that layer compressed and
     its drop from ``teacher_metric`` (the teacher's, on its exported file); for a Transformer whose
@@ -88,7 +89,8 @@ def layer_sensitivity(
     first: the blocks, every layer's smallest pruning ratio, then the next, then every layer's 8
     bits, 4, 1. With a ``deadline`` (``time.monotonic()``), options not reached by then are left
     out: a run's time is not spent on its preparation (a Transformer has hundreds of options), and
-    the mixed recipes still rank every layer by its mildest pruning."""
+    the mixed recipes still rank every layer by its mildest pruning. ``progress(text)`` is told of
+    each option before it is scored."""
     import copy
 
     from search.artifacts import OnnxModule, StructureGraphs  # PyTorch: measuring needs it, reading rows not
@@ -123,7 +125,7 @@ def layer_sensitivity(
             return task.score(OnnxModule(written.path))
 
         scorings = {pruned: FasterScoring({FILE: on_file, TORCH: in_torch}) for pruned in (True, False)}
-        for name, kind, bits, ratio in options:
+        for number, (name, kind, bits, ratio) in enumerate(options, 1):
             if deadline is not None and time.monotonic() > deadline:
                 break
             if kind == BLOCK:
@@ -132,6 +134,8 @@ def layer_sensitivity(
             else:
                 plan = Plan(layers={name: LayerPlan(pruning=ChannelPruning(ratio), quantization=Quantization(bits))})
                 option = f"bits={bits}" if ratio == 0 else f"pruning={ratio:g}"
+            if progress is not None:
+                progress(f"layer sensitivity: option {number} of {len(options)}, {name} {option}")
             row = {"layer": name, "kind": kind, "option": option, "bits": bits, "pruning": ratio,
                    "metric": math.nan, "drop": math.nan, "scored_on": None, "error": None}  # fmt: skip
             try:
