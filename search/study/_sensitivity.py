@@ -135,7 +135,7 @@ def layer_sensitivity(
                 plan = Plan(layers={name: LayerPlan(pruning=ChannelPruning(ratio), quantization=Quantization(bits))})
                 option = f"bits={bits}" if ratio == 0 else f"pruning={ratio:g}"
             if progress is not None:
-                progress(f"layer sensitivity: option {number} of {len(options)}, {name} {option}")
+                progress(f"layer sensitivity: option {number} of {len(options)}, {name}: {option}")
             row = {"layer": name, "kind": kind, "option": option, "bits": bits, "pruning": ratio,
                    "metric": math.nan, "drop": math.nan, "scored_on": None, "error": None}  # fmt: skip
             try:
