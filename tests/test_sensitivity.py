@@ -161,8 +161,9 @@ def test_a_study_records_the_sensitivity_prints_it_and_seeds_a_recipe(tiny_task,
     assert sorted(zip(frame["layer"], frame["option"])) == sorted(_expected(tiny_task, SearchSpace()))
     # what the run prepared before its first trial, in order: a command line's status shows it
     rows = study.user_attrs["sensitivity"]  # in the pass's order
-    assert told[0] == "measuring the uncompressed teacher on cpu" and told[1].startswith("measuring the teacher's activity")
-    assert told[2:] == [f"layer sensitivity: option {n} of {len(rows)}, {row['layer']}: {row['option']}"
+    assert told[0] == "measuring the uncompressed teacher on cpu" and told[1].startswith("choosing the fine-tune's")
+    assert told[2].startswith("measuring the teacher's activity")
+    assert told[3:] == [f"layer sensitivity: option {n} of {len(rows)}, {row['layer']}: {row['option']}"
                         for n, row in enumerate(rows, 1)]  # fmt: skip
     assert "excluded" in frame and all(math.isfinite(v) for v in frame["metric"])
     assert study.trials[5].user_attrs.get("recipe", "").startswith("sensitivity mix")

@@ -72,7 +72,8 @@ def run(
     model on, each plan's latency is predicted before it is fine-tuned, and plans predicted over
     the budget and not worth measuring are skipped (:meth:`CostGate.veto_reason`).
     ``on_setup(text)`` is told what the run prepares before its first trial (the teacher's
-    measurement, its activity, each layer-sensitivity option); ``on_stage(number, stage)`` then
+    measurement, the fine-tune's length, the teacher's activity, each layer-sensitivity option);
+    ``on_stage(number, stage)`` then
     what each trial does. With
     ``workers`` > 1 this process plus ``workers - 1`` ``search worker`` processes on this machine
     share the study (the task must come from :func:`search.load_task`, so that they can load it
@@ -128,6 +129,7 @@ def run(
         study.set_metric_names(spec.metric_names)
         # A resumed study must not replay the first session's random start-up plans.
         study.sampler = make_sampler(spec.sampler, spec.seed + len(study.trials))
+        setting_up("choosing the fine-tune's length (a few distillation steps timed)")
         finetune, note = _finetune(study, spec, task)
         spec = spec.replace(finetune=finetune)
         study.set_user_attr(StudyKey.RUN_SPEC, spec.to_dict())
