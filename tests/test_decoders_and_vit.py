@@ -124,16 +124,23 @@ def test_up_proj_pruning_removes_the_same_channels_of_gate_and_down_proj(llama):
         assert model(**tokens(2)).logits.shape == (2, CONTEXT, 100)
 
 
-def test_ranked_by_activity_a_llama_loses_the_channels_its_down_proj_barely_reads(llama):
-    """Channels 0..63 of block 1's gated MLP are its largest (magnitude would keep them), but
-    down_proj's columns that read them are near zero: ranked by the teacher's activity, they go."""
+def _barely_read(llama):
+    """A copy of ``llama`` whose block 1's gated MLP has its largest channels 0..63 (magnitude would
+    keep them) read by near-zero down_proj columns; the copy, that MLP, and its up_proj and
+    down_proj weights as they were."""
     model = copy.deepcopy(llama)
     mlp = model.model.layers[1].mlp
     with torch.no_grad():
         mlp.up_proj.weight[:64] *= 10
         mlp.gate_proj.weight[:64] *= 10
         mlp.down_proj.weight[:, :64] *= 1e-4
-    up, down = mlp.up_proj.weight.detach().clone(), mlp.down_proj.weight.detach().clone()
+    return model, mlp, mlp.up_proj.weight.detach().clone(), mlp.down_proj.weight.detach().clone()
+
+
+def test_ranked_by_activity_a_llama_loses_the_channels_its_down_proj_barely_reads(llama):
+    """Channels 0..63 of block 1's gated MLP are its largest (magnitude would keep them), but
+    down_proj's columns that read them are near zero: ranked by the teacher's activity, they go."""
+    model, mlp, up, down = _barely_read(llama)
     activity = channel_activity(model, [(tokens(4), None)])
     # its heads stay whole: only the layers that read the FFN's channels are recorded
     assert set(activity) == {_block(i, ".mlp.down_proj") for i in range(len(model.model.layers))}
@@ -148,13 +155,7 @@ def test_ranked_by_activity_a_llama_loses_the_channels_its_down_proj_barely_read
 def test_a_reader_too_wide_for_its_moments_is_ranked_by_its_mean_squares_and_not_refitted(llama, monkeypatch):
     """A down_proj wider than the bound (a large decoder's) keeps its inputs' mean squares alone: its
     channels are ranked as before, and it is not refitted (no moments to solve with)."""
-    model = copy.deepcopy(llama)
-    mlp = model.model.layers[1].mlp
-    with torch.no_grad():
-        mlp.up_proj.weight[:64] *= 10
-        mlp.gate_proj.weight[:64] *= 10
-        mlp.down_proj.weight[:, :64] *= 1e-4
-    up, down = mlp.up_proj.weight.detach().clone(), mlp.down_proj.weight.detach().clone()
+    model, mlp, up, down = _barely_read(llama)
     full = channel_activity(model, [(tokens(4), None)])[_block(1, ".mlp.down_proj")]
     monkeypatch.setattr("search.compress._refit.MAX_BLOCK_REFIT_INPUTS", mlp.down_proj.in_features - 1)
     activity = channel_activity(model, [(tokens(4), None)])
