@@ -72,13 +72,12 @@ def run(
     model on, each plan's latency is predicted before it is fine-tuned, and plans predicted over
     the budget and not worth measuring are skipped (:meth:`CostGate.veto_reason`).
     ``on_setup(text)`` is told what the run prepares before its first trial (the teacher's
-    measurement, the fine-tune's length, the teacher's activity, each layer-sensitivity option);
-    ``on_stage(number, stage)`` then
-    what each trial does. With
-    ``workers`` > 1 this process plus ``workers - 1`` ``search worker`` processes on this machine
-    share the study (the task must come from :func:`search.load_task`, so that they can load it
-    too); other machines join with :func:`work` on the same ``storage``. As the run ends the teacher
-    is measured once more (the study's ``teacher_at_end``: how far the machine drifted over it).
+    measurement, the fine-tune's length, the teacher's activity, each layer-sensitivity option),
+    ``on_stage(number, stage)`` then what each trial does. With ``workers`` > 1 this process plus
+    ``workers - 1`` ``search worker`` processes on this machine share the study (the task must come
+    from :func:`search.load_task`, so that they can load it too); other machines join with
+    :func:`work` on the same ``storage``. As the run ends the teacher is measured once more (the
+    study's ``teacher_at_end``: how far the machine drifted over it).
     """
     started = time.monotonic()  # the timeout counts from here: setup (baseline, sensitivity) included
     if spec is None:
