@@ -854,7 +854,14 @@ def costmodel_command(study: StudyArg, study_name: StudyName = None) -> None:
             energy = {"online_energy": "during the search (sensor-measured energy)"}
             _print_table(_error_table("energy prediction error (predicted vs measured)", energy, report))
         if "held_out" not in report:
-            console.print("too few measured trials for a held-out estimate (10 needed)")
+            older = report["measured"] - report["current_layout"]
+            recorded = f"; {older} recorded with an older feature layout" if older else ""
+            console.print(
+                f"too few measured trials for a held-out estimate (10 needed, {report['current_layout']} with "
+                f"this version's features{recorded})",
+                highlight=False,
+                soft_wrap=True,
+            )
 
 
 def _error_table(title: str, labels: dict[str, str], report: dict) -> Table:

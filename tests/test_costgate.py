@@ -135,7 +135,8 @@ def test_measurements_of_another_feature_layout_are_left_out_with_a_warning(earl
         gate = CostGate(folder, "solo", "cpu", tiny_task.name)
     assert gate.warm_start == len(own["latency_ms"])
 
-    resumed = optuna.create_study(directions=study.directions)
+    storage = f"sqlite:///{tmp_path / 'resumed.db'}"
+    resumed = optuna.create_study(storage=storage, study_name="resumed", directions=study.directions)
     for i, trial in enumerate(measured_trials(study)):
         attrs = dict(trial.user_attrs)
         if i % 2:  # recorded by an earlier version: its features of another layout
@@ -144,6 +145,15 @@ def test_measurements_of_another_feature_layout_are_left_out_with_a_warning(earl
     rows, latency, _, _ = measured_rows(resumed)
     assert 0 < len(latency) == len(rows) == (len(measured_trials(study)) + 1) // 2
     assert all(trial.user_attrs["cost_feature_version"] == FEATURE_VERSION for trial in measured_trials(study))
+    report = cost_model_report(resumed)
+    assert (report["measured"], report["current_layout"]) == (len(measured_trials(study)), len(latency))
+    from typer.testing import CliRunner
+
+    from search import cli
+
+    output = CliRunner().invoke(cli.app, ["costmodel", storage, "--study-name", "resumed"]).output
+    older = len(measured_trials(study)) - len(latency)
+    assert f"(10 needed, {len(latency)} with this version's features; {older} recorded with an older" in output
 
 
 def test_a_measurement_setting_is_the_machine_and_runtime_not_the_run():

@@ -17,8 +17,8 @@ def cost_model_report(study: optuna.Study, folds: int = 5) -> dict[str, dict[str
 
     ``online``: what the search saw, the prediction made before each trial against its measurement
     (``online_energy``: the same for energy, where a sensor measured it). ``held_out``: k-fold
-    cross-validation on the study's measured trials, for the forest and for the FLOPs-only linear
-    baseline.
+    cross-validation on the study's measured trials whose features are of this version's layout
+    (``current_layout`` of them), for the forest and for the FLOPs-only linear baseline.
     """
     measured = measured_trials(study)
     online = [
@@ -37,6 +37,7 @@ def cost_model_report(study: optuna.Study, folds: int = 5) -> dict[str, dict[str
     if online_energy:
         report["online_energy"] = accuracy(*map(np.array, zip(*online_energy)))
     rows, latency, _, _ = measured_rows(study)
+    report["current_layout"] = len(latency)
     if len(latency) >= 2 * folds:
         x, y = feature_matrix(rows), np.array(latency)
         for name, make in (("held_out", LatencyModel), ("held_out_flops_baseline", FlopsBaseline)):
