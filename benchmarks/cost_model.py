@@ -164,7 +164,8 @@ def accuracy_benchmark(task_name: str, held_out: int, seed: int, cache: Path | N
     )  # fmt: skip
     y = np.array(measured)
     print(f"{task_name}: {len(y)} plans, measured (or read from --cache) in {time.perf_counter() - start:.0f} s; "
-          f"latency {y.min():.4f}–{y.max():.4f} ms; held out: the last {held_out}; features v{FEATURE_VERSION}")  # fmt: skip
+          f"latency {y.min():.4f}–{y.max():.4f} ms; held out: the last {held_out}; "
+          f"features v{FEATURE_VERSION}")  # fmt: skip
     x_test, y_test = x[-held_out:], y[-held_out:]
     for size in SIZES:
         for name, model in (("cost model", LatencyModel()), ("FLOPs-only linear", FlopsBaseline())):
