@@ -3,12 +3,14 @@ relative to it."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
-from profilers import MeasurementError, Profiler, measurement_setting
+from profilers import Measurement, MeasurementError, Profiler, measurement_setting
 from search._errors import CandidateError, UsageError, first_line
 from search._record import Key
 from search.artifacts import OnnxModule, export_float, measure_candidate
@@ -78,13 +80,25 @@ def measure_baseline(task: Task, profiler: Profiler, directory: Path) -> dict:
     }
 
 
+def teacher_measurer(baseline: dict, profiler: Profiler, task: Task | None) -> Callable[[], Measurement] | None:
+    """What measures the study's teacher (its file, or ``task``'s model for a profiler of PyTorch
+    modules); None where its file is gone (a study folder copied without ``baseline/``)."""
+    path = Path(baseline.get("onnx", ""))
+    if profiler.measures_onnx:
+        return functools.partial(profiler.measure, path) if path.is_file() else None
+    return functools.partial(measure_candidate, profiler, path, task.model, task.example_input)
+
+
 def teacher_again(task: Task, profiler: Profiler, baseline: dict) -> dict | None:
     """The study's teacher measured once more, as a run ends: its latency, and its change since the
     baseline's (the host's drift over the run, which the trials' latencies carry too); None where
     it cannot be measured now (the run's results stand without it)."""
+    measure = teacher_measurer(baseline, profiler, task)
+    if measure is None:
+        return None
     try:
         with measuring_alone(profiler.target.name):
-            measurement = measure_candidate(profiler, Path(baseline["onnx"]), task.model, task.example_input)
+            measurement = measure()
     except (MeasurementError, CandidateError, OSError):
         return None
     return {Key.LATENCY_MS: measurement.latency_ms, "change": measurement.latency_ms / baseline[Key.LATENCY_MS] - 1}

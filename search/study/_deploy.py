@@ -22,7 +22,7 @@ from search._record import Key, StudyKey
 from search.artifacts import OnnxModule, measure_candidate
 from search.compress import build_structure
 from search.plan import Plan
-from search.study._baseline import setting_differences
+from search.study._baseline import setting_differences, teacher_measurer
 from search.study._results import load_trials, open_study, pareto_front
 from search.study._setup import writable_folder
 from search.study._spec import spec_of, task_of_study
@@ -123,7 +123,7 @@ def export(
             for name in FILES:
                 shutil.copy2(source / name, folder / name)
         measures = {number: _measurer(profiler, task, folder) for number, folder in copied.items()}
-        teacher = _teacher_measurer(baseline, profiler, task)
+        teacher = teacher_measurer(baseline, profiler, task)
         measured, failed = measure_in_turn({TEACHER: teacher, **measures} if teacher else measures, rounds, measuring)
         if TEACHER in failed:
             raise UsageError(
@@ -197,15 +197,6 @@ def _measurer(profiler: Profiler, task: Task | None, folder: Path) -> Callable[[
     model = build_structure(task.model, plan, task.example_input)  # the shapes; the checkpoint has the weights
     model.load_state_dict(checkpoint["state_dict"])
     return functools.partial(measure_candidate, profiler, folder / "model.onnx", model, task.example_input, plan)
-
-
-def _teacher_measurer(baseline: dict, profiler: Profiler, task: Task | None) -> Callable[[], Measurement] | None:
-    """What measures the study's teacher (its file, or ``task``'s model for a profiler of PyTorch
-    modules); None where its file is gone (a study folder copied without ``baseline/``)."""
-    path = Path(baseline.get("onnx", ""))
-    if profiler.measures_onnx:
-        return functools.partial(profiler.measure, path) if path.is_file() else None
-    return functools.partial(measure_candidate, profiler, path, task.model, task.example_input)
 
 
 def _row(
